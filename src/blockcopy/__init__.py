@@ -1,0 +1,24 @@
+"""blockcopy: live block copy of running QEMU VM disks with a journaled, crash-safe pivot."""
+
+from blockcopy.driver import Until
+from blockcopy.errors import (
+                              BlockcopyError,
+                              DomainBusy,
+                              JournalError,
+                              MonitorBusy,
+                              MonitorError,
+                              NotReady,
+                              OperationFailed,
+                              QemuGone,
+                              UsageError,
+)
+from blockcopy.manager import CopyRequest, Manager
+from blockcopy.records import Authority, Goal, Operation, Outcome, Phase
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Authority", "BlockcopyError", "CopyRequest", "DomainBusy", "Goal", "JournalError", "Manager",
+    "MonitorBusy", "MonitorError", "NotReady", "Operation", "OperationFailed", "Outcome", "Phase",
+    "QemuGone", "Until", "UsageError", "__version__",
+]

@@ -1,0 +1,296 @@
+"""The ``blockcopy`` command: a thin shell over :class:`blockcopy.manager.Manager`.
+
+Text output is for people; ``--json`` output is for programs (fields in :mod:`blockcopy.views`).
+Errors go to stderr with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from blockcopy import __version__, views
+from blockcopy.driver import Interrupted, ProgressCallback, Until
+from blockcopy.errors import BlockcopyError, UsageError
+from blockcopy.manager import FORMATS, MODES, CopyRequest, Manager
+from blockcopy.records import Goal, Operation, Outcome
+
+EPILOG = """\
+Give blockcopy its own QMP socket on each VM, e.g. add to the QEMU command line:
+    -qmp unix:/run/blockcopy/NAME.qmp,server=on,wait=off
+then `blockcopy attach NAME --qmp /run/blockcopy/NAME.qmp`.
+"""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB/s") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"bandwidth must be a positive number of MiB/s, not {text}")
+    return value
+
+
+def _disk_pair(text: str) -> tuple[str, str]:
+    disk, sep, dest = text.partition("=")
+    if not sep or not disk or not dest:
+        raise argparse.ArgumentTypeError(f"expected DISK=DEST, got {text!r}")
+    return disk, dest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    common.add_argument("--state-dir", help="journal directory (env BLOCKCOPY_STATE_DIR; default "
+                        "/var/lib/blockcopy for root, else $XDG_STATE_HOME/blockcopy)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log protocol steps to stderr")
+
+    parser = argparse.ArgumentParser(
+        prog="blockcopy", description="Live block copy of running QEMU VM disks, with a crash-safe pivot.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
+    parser.add_argument("--version", action="version", version=f"blockcopy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("attach", parents=[common], help="register a running QEMU by its QMP socket")
+    p.add_argument("domain")
+    p.add_argument("--qmp", required=True, metavar="SOCKET", help="QMP unix socket reserved for blockcopy")
+    p = sub.add_parser("detach", parents=[common], help="forget a domain (it must have no unfinished job)")
+    p.add_argument("domain")
+    sub.add_parser("domains", parents=[common], help="list attached domains")
+    p = sub.add_parser("disks", parents=[common], help="list a domain's disks")
+    p.add_argument("domain")
+
+    p = sub.add_parser("copy", parents=[common], help="start a live copy of one or more disks",
+                       description="Mirror disks of a running domain to new images. All disks of one "
+                       "copy pivot together.")
+    p.add_argument("domain")
+    p.add_argument("pair", nargs="*", metavar="DISK DEST", help="one disk and its destination "
+                   "(or use --disk)")
+    p.add_argument("--disk", action="append", type=_disk_pair, default=[], metavar="DISK=DEST",
+                   help="disk (qdev id, drive id or node name) and absolute destination path; repeatable")
+    p.add_argument("--format", choices=FORMATS, help="destination format (default: the source's)")
+    p.add_argument("--shallow", action="store_true",
+                   help="copy only the top image; the destination gets the source's backing file")
+    p.add_argument("--reuse-external", action="store_true",
+                   help="DEST exists already (same format and virtual size) and is used as is")
+    p.add_argument("--bandwidth", type=_positive_float, metavar="MiB/s", help="copy speed limit")
+    p.add_argument("--mode", choices=MODES, default="write-blocking",
+                   help="write-blocking (default): guest writes reach both images once ready, so the "
+                   "copy always converges; background: faster guest writes, may never converge")
+    end = p.add_mutually_exclusive_group()
+    end.add_argument("--wait", action="store_true", help="wait until the copy is ready (progress bar)")
+    end.add_argument("--pivot", action="store_true", help="wait, then switch the guest to DEST")
+    end.add_argument("--finish", action="store_true",
+                     help="wait, then end the mirror: DEST is a consistent copy, the guest stays on the source")
+
+    p = sub.add_parser("jobs", parents=[common], help="list jobs")
+    p.add_argument("--domain")
+    p = sub.add_parser("status", parents=[common], help="show one job")
+    p.add_argument("job")
+    p.add_argument("--log", action="store_true", help="also print the journaled steps")
+    for name, text in (("pivot", "switch the guest to the destination (all disks together)"),
+                       ("finish", "end the mirror leaving a consistent copy; the guest stays on the source")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("job")
+        p.add_argument("--wait", action="store_true", help="wait for the copy to be ready first")
+    p = sub.add_parser("abort", parents=[common], help="cancel a job; the guest stays on the source")
+    p.add_argument("job")
+    p = sub.add_parser("recover", parents=[common],
+                       help="reconcile every unfinished job with QEMU and carry out journaled pivots")
+    p.add_argument("--domain")
+    p.add_argument("--no-wait", action="store_true",
+                   help="do not wait for copies that are not ready yet")
+    p = sub.add_parser("demo", parents=[common], help="self-contained run of the main job in a scratch VM")
+    p.add_argument("--size", type=int, default=256, metavar="MiB", help="disk size (default 256)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    return parser
+
+
+class Output:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def emit(self, data: Any, text: str) -> None:
+        if self.as_json:
+            print(json.dumps(data, indent=2, sort_keys=True))
+        else:
+            print(text)
+
+
+def describe(op: Operation) -> str:
+    view = views.operation_view(op)
+    lines = [f"job {op.id}  domain {op.domain}  state {view['state']}  goal {op.goal.value}"]
+    for d in view["disks"]:
+        prog = d["progress"]
+        lines.append(f"  {d['disk']}: {d['source']} -> {d['destination']} ({d['destination_format']})  "
+                     f"{_mib(prog['current'])}/{_mib(prog['total'])} ({prog['percent']}%)  "
+                     f"job {d['job_status'] or '-'}")
+    if view["rate"]:
+        lines.append(f"  rate: {_mib(view['rate'])}/s")
+    if op.outcome is not None:
+        lines.append(f"  outcome: {op.outcome.value}  authoritative image: {view['authoritative']}")
+    if op.reason:
+        lines.append(f"  {op.reason}")
+    if op.error:
+        lines.append(f"  error: {op.error}")
+    if view["pause_window_ms"] is not None:
+        lines.append(f"  guest pause window: {view['pause_window_ms']:.1f} ms")
+    lines.extend(f"  warning: {w}" for w in op.warnings)
+    return "\n".join(lines)
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB"
+
+
+@contextmanager
+def progress_display(enabled: bool) -> Iterator[ProgressCallback | None]:
+    """A rich progress bar on a terminal; nothing otherwise."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                  TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
+                  console=None) as bar:
+        task = bar.add_task("copying", total=None)
+
+        def update(op: Operation) -> None:
+            total = sum(d.progress_total for d in op.disks) or None
+            current = sum(d.progress_current for d in op.disks)
+            label = "ready" if op.ready_at else "copying"
+            bar.update(task, total=total, completed=current, description=f"{op.id} {label}")
+
+        yield update
+
+
+async def run_command(args: argparse.Namespace, manager: Manager, out: Output) -> int:
+    cmd = args.command
+    show_progress = not args.json and sys.stderr.isatty()
+    if cmd == "attach":
+        domain = await manager.attach(args.domain, args.qmp)
+        out.emit(views.domain_view(domain), f"attached {domain.name} at {domain.qmp_socket}")
+    elif cmd == "detach":
+        manager.detach(args.domain)
+        out.emit({"domain": args.domain, "detached": True}, f"detached {args.domain}")
+    elif cmd == "domains":
+        domains = manager.domains()
+        out.emit([views.domain_view(d) for d in domains],
+                 "\n".join(f"{d.name}\t{d.qmp_socket}" for d in domains) or "no domains attached")
+    elif cmd == "disks":
+        devices = await manager.disks(args.domain)
+        rows = [f"{d.name}\tnode {d.node}\t{d.format}\t{d.virtual_size} bytes\t{d.file}"
+                + "".join(f"\n\tbacking {b}" for b in d.backing_chain) for d in devices]
+        out.emit([views.device_view(d) for d in devices], "\n".join(rows) or "no disks")
+    elif cmd == "copy":
+        return await _copy(args, manager, out, show_progress)
+    elif cmd == "jobs":
+        ops = await manager.jobs(args.domain)
+        out.emit([views.operation_view(op) for op in ops],
+                 "\n".join(f"{op.id}\t{op.domain}\t{views.state(op)}\t"
+                           f"{op.outcome.value if op.outcome else '-'}\t"
+                           f"{','.join(d.name for d in op.disks)}" for op in ops) or "no jobs")
+    elif cmd == "status":
+        op = await manager.status(args.job)
+        data = views.operation_view(op)
+        text = describe(op)
+        if args.log:
+            steps = manager.history(op.id)
+            data["log"] = [{"at": at, "phase": phase, "note": note} for at, phase, note in steps]
+            text += "\n" + "\n".join(f"  {time.strftime('%H:%M:%S', time.localtime(at))}"
+                                     f".{int(at % 1 * 1000):03d} [{phase}] {note}" for at, phase, note in steps)
+        out.emit(data, text)
+    elif cmd in ("pivot", "finish"):
+        with progress_display(show_progress and args.wait) as progress:
+            method = manager.pivot if cmd == "pivot" else manager.finish
+            op = await method(args.job, wait=args.wait, on_progress=progress)
+        return _result(op, out)
+    elif cmd == "abort":
+        return _result(await manager.abort(args.job), out)
+    elif cmd == "recover":
+        with progress_display(show_progress) as progress:
+            ops = await manager.recover(args.domain, wait=not args.no_wait, on_progress=progress)
+        out.emit([views.operation_view(op) for op in ops],
+                 "\n\n".join(describe(op) for op in ops) or "nothing to recover")
+        return 7 if any(op.outcome is Outcome.FAILED for op in ops) else 0
+    return 0
+
+
+async def _copy(args: argparse.Namespace, manager: Manager, out: Output, show_progress: bool) -> int:
+    targets = list(args.disk)
+    if args.pair:
+        if len(args.pair) != 2:
+            raise UsageError("give one DISK DEST pair, or any number of --disk DISK=DEST")
+        targets.append((args.pair[0], args.pair[1]))
+    goal = Goal.PIVOT if args.pivot else Goal.FINISH if args.finish else Goal.COPY
+    until = Until.READY if args.wait else Until.STARTED
+    request = CopyRequest(domain=args.domain, targets=targets, format=args.format, shallow=args.shallow,
+                          reuse_external=args.reuse_external, bandwidth_mib=args.bandwidth,
+                          mode=args.mode, goal=goal)
+    waits = args.wait or args.pivot or args.finish
+    with progress_display(show_progress and waits) as progress:
+        op = await manager.copy(request, until=until, on_progress=progress)
+    if not waits and op.outcome is None:
+        out.emit(views.operation_view(op), f"started job {op.id}\n" + describe(op))
+        return 0
+    return _result(op, out)
+
+
+def _result(op: Operation, out: Output) -> int:
+    out.emit(views.operation_view(op), describe(op))
+    return 7 if op.outcome is Outcome.FAILED else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="blockcopy: %(name)s: %(message)s")
+    if args.command == "demo":
+        from blockcopy import demo
+
+        return demo.main(args)
+    return _run(lambda manager: run_command(args, manager, Output(args.json)), args.state_dir)
+
+
+def _run(body: Callable[[Manager], Awaitable[int]], state_dir: str | None) -> int:
+    async def runner() -> int:
+        manager = Manager(state_dir)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, manager.interrupt.set)
+        try:
+            return await body(manager)
+        finally:
+            manager.close()
+
+    try:
+        return asyncio.run(runner())
+    except Interrupted as exc:
+        print(f"blockcopy: {exc}. `blockcopy status` shows it; `blockcopy pivot`, `finish` or `abort` "
+              "ends it.", file=sys.stderr)
+        return exc.exit_code
+    except BlockcopyError as exc:
+        print(f"blockcopy: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The write-ahead journal: SQLite in WAL mode with ``synchronous=FULL``.
+
+Each save is one transaction that commits (and so fsyncs) before the caller goes on to the step the
+record describes. The whole record is stored as JSON next to the few columns that queries need; a
+``steps`` table keeps the history of every save for ``blockcopy status --log``-style forensics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from blockcopy.errors import JournalError
+from blockcopy.records import Operation
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS domains (
+    name TEXT PRIMARY KEY,
+    qmp_socket TEXT NOT NULL,
+    attached_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS operations (
+    id TEXT PRIMARY KEY,
+    domain TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS operations_domain ON operations(domain, phase);
+CREATE TABLE IF NOT EXISTS steps (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    phase TEXT NOT NULL,
+    note TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS steps_op ON steps(op_id, seq);
+"""
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    qmp_socket: str
+    attached_at: float
+
+
+@dataclass(frozen=True)
+class StepEntry:
+    at: float
+    phase: str
+    note: str
+
+
+class Journal:
+    """One SQLite database in the state directory."""
+
+    FILENAME = "journal.sqlite3"
+
+    def __init__(self, state_dir: Path, *, create: bool = True) -> None:
+        self.path = state_dir / self.FILENAME
+        if not self.path.exists() and not create:
+            raise JournalError(f"no journal at {self.path}; nothing was ever recorded in this state directory")
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise JournalError(
+                    f"journal {self.path} has schema version {version}, newer than this blockcopy "
+                    f"understands ({SCHEMA_VERSION}); use a newer blockcopy. Nothing was changed.")
+            if version < SCHEMA_VERSION:
+                with self._transaction():
+                    for statement in filter(str.strip, _SCHEMA.split(";")):
+                        self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"cannot read the journal {self.path}: {exc}. Nothing was changed; "
+                               "move the file aside only if you know its jobs are finished.") from exc
+        except OSError as exc:
+            raise JournalError(f"cannot open the state directory {state_dir}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # --- domains ---------------------------------------------------------------------------------
+
+    def add_domain(self, name: str, qmp_socket: str) -> Domain:
+        domain = Domain(name, qmp_socket, time.time())
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO domains VALUES (?, ?, ?)",
+                             (domain.name, domain.qmp_socket, domain.attached_at))
+        return domain
+
+    def remove_domain(self, name: str) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM domains WHERE name = ?", (name,))
+
+    def domain(self, name: str) -> Domain | None:
+        row = self._db.execute("SELECT name, qmp_socket, attached_at FROM domains WHERE name = ?",
+                               (name,)).fetchone()
+        return Domain(*row) if row else None
+
+    def domains(self) -> list[Domain]:
+        rows = self._db.execute("SELECT name, qmp_socket, attached_at FROM domains ORDER BY name")
+        return [Domain(*row) for row in rows]
+
+    # --- operations ------------------------------------------------------------------------------
+
+    def save(self, op: Operation, note: str = "") -> Operation:
+        """Write ``op`` durably (one fsynced transaction) and return it as stored."""
+        now = time.time()
+        ended = now if op.phase.value == "done" and op.ended_at is None else op.ended_at
+        op = dataclasses.replace(op, created_at=op.created_at or now, updated_at=now, ended_at=ended)
+        record = json.dumps(op.to_dict(), sort_keys=True)
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO operations (id, domain, phase, created_at, updated_at, record) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET phase = excluded.phase, "
+                "updated_at = excluded.updated_at, record = excluded.record",
+                (op.id, op.domain, op.phase.value, op.created_at, op.updated_at, record))
+            if note:
+                self._db.execute("INSERT INTO steps (op_id, at, phase, note) VALUES (?, ?, ?, ?)",
+                                 (op.id, now, op.phase.value, note))
+        return op
+
+    def get(self, op_id: str) -> Operation | None:
+        row = self._db.execute("SELECT record FROM operations WHERE id = ?", (op_id,)).fetchone()
+        return _load(row[0]) if row else None
+
+    def operations(self, *, domain: str | None = None, unfinished: bool = False) -> list[Operation]:
+        query = "SELECT record FROM operations"
+        clauses, params = [], []
+        if domain is not None:
+            clauses.append("domain = ?")
+            params.append(domain)
+        if unfinished:
+            clauses.append("phase != 'done'")
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        query += " ORDER BY created_at"
+        return [_load(row[0]) for row in self._db.execute(query, params)]
+
+    def steps(self, op_id: str) -> list[StepEntry]:
+        rows = self._db.execute("SELECT at, phase, note FROM steps WHERE op_id = ? ORDER BY seq", (op_id,))
+        return [StepEntry(*row) for row in rows]
+
+
+def _load(text: str) -> Operation:
+    return Operation.from_dict(json.loads(text))
+
+
+def default_state_dir() -> Path:
+    """``$BLOCKCOPY_STATE_DIR``, else /var/lib/blockcopy for root, else the XDG state directory."""
+    env = os.environ.get("BLOCKCOPY_STATE_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/blockcopy")
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "blockcopy"

@@ -1,0 +1,346 @@
+"""The library API for management apps: :class:`Manager`.
+
+Every method that touches a domain takes the domain's lock, connects to its QMP socket and first
+reconciles every unfinished operation of that domain with the same driver that runs new ones, so a
+command interrupted by Ctrl-C or ``kill -9`` is finished or rolled back by the next command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from blockcopy import images
+from blockcopy.driver import Driver, Interrupted, ProgressCallback, Until
+from blockcopy.errors import DomainBusy, MonitorBusy, MonitorError, NotReady, QemuGone, UsageError
+from blockcopy.journal import Domain, Journal, default_state_dir
+from blockcopy.locking import DomainLock
+from blockcopy.monitor import DeviceInfo, Monitor
+from blockcopy.records import DiskRecord, Goal, Operation, Phase, Stage
+
+MODES = ("write-blocking", "background")
+FORMATS = ("qcow2", "raw")
+MIB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyRequest:
+    """What ``copy`` is asked to do; validated against QEMU before anything is touched."""
+
+    domain: str
+    targets: Sequence[tuple[str, str]]  # (disk, destination path)
+    format: str | None = None
+    shallow: bool = False
+    reuse_external: bool = False
+    bandwidth_mib: float | None = None
+    mode: str = "write-blocking"
+    goal: Goal = Goal.COPY
+
+
+class Manager:
+    """Live block copy for QEMU domains, with a durable journal in ``state_dir``."""
+
+    def __init__(self, state_dir: Path | str | None = None, *, lock_wait: float = 0.0,
+                 qmp_timeout: float = 5.0) -> None:
+        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        self.journal = Journal(self.state_dir)
+        self.lock_wait = lock_wait
+        self.qmp_timeout = qmp_timeout
+        self.interrupt = asyncio.Event()  # set it (e.g. on SIGINT) to stop waiting for a copy
+
+    def close(self) -> None:
+        self.journal.close()
+
+    # --- domains ---------------------------------------------------------------------------------
+
+    async def attach(self, name: str, qmp_socket: str) -> Domain:
+        """Register a running QEMU by its QMP socket, after checking blockcopy can talk to it."""
+        if not name or "/" in name:
+            raise UsageError(f"invalid domain name {name!r}: use a non-empty name without '/'")
+        path = os.path.abspath(qmp_socket)
+        monitor = await self._connect(path)
+        try:
+            await monitor.run_state()
+        finally:
+            await monitor.close()
+        return self.journal.add_domain(name, path)
+
+    def detach(self, name: str) -> None:
+        self._domain(name)
+        active = self.journal.operations(domain=name, unfinished=True)
+        if active:
+            ids = ", ".join(op.id for op in active)
+            raise UsageError(f"domain {name} has unfinished jobs ({ids}); pivot, finish or abort them, "
+                             "or run `blockcopy recover`, before detaching")
+        self.journal.remove_domain(name)
+
+    def domains(self) -> list[Domain]:
+        return self.journal.domains()
+
+    async def disks(self, name: str) -> list[DeviceInfo]:
+        async with self._session(name) as (monitor, _driver):
+            if monitor is None:
+                raise QemuGone(f"domain {name}: nothing listens on {self._domain(name).qmp_socket}; "
+                               "is the VM running?")
+            return await monitor.devices()
+
+    # --- jobs ------------------------------------------------------------------------------------
+
+    async def copy(self, request: CopyRequest, *, until: Until = Until.STARTED,
+                   on_progress: ProgressCallback | None = None) -> Operation:
+        """Validate, journal and start a copy; then drive it as far as ``until`` and ``goal`` say."""
+        _check_options(request)
+        async with self._session(request.domain, on_progress) as (monitor, driver):
+            if monitor is None:
+                raise QemuGone(f"domain {request.domain}: nothing listens on "
+                               f"{self._domain(request.domain).qmp_socket}; is the VM running?")
+            op = await self._plan(request, monitor)
+            op = self.journal.save(op, f"planned: {request.goal.value} of "
+                                       + ", ".join(f"{d.name} -> {d.dest_path}" for d in op.disks))
+            if request.goal in (Goal.PIVOT, Goal.FINISH):
+                until = Until.DONE
+            return await self._drive(driver, op, until)
+
+    async def pivot(self, op_id: str, *, wait: bool = False,
+                    on_progress: ProgressCallback | None = None) -> Operation:
+        return await self._conclude(op_id, Goal.PIVOT, wait=wait, on_progress=on_progress)
+
+    async def finish(self, op_id: str, *, wait: bool = False,
+                     on_progress: ProgressCallback | None = None) -> Operation:
+        return await self._conclude(op_id, Goal.FINISH, wait=wait, on_progress=on_progress)
+
+    async def abort(self, op_id: str) -> Operation:
+        return await self._conclude(op_id, Goal.ABORT, wait=True, on_progress=None)
+
+    async def wait_ready(self, op_id: str, *, on_progress: ProgressCallback | None = None) -> Operation:
+        op = self._operation(op_id)
+        async with self._session(op.domain, on_progress) as (_monitor, driver):
+            return await self._drive(driver, self._operation(op_id), Until.READY)
+
+    async def status(self, op_id: str) -> Operation:
+        """The operation, reconciled with QEMU when possible, else as last journaled."""
+        op = self._operation(op_id)
+        if not op.finished:
+            try:
+                async with self._session(op.domain):
+                    pass
+            except (DomainBusy, MonitorBusy):
+                pass  # another blockcopy drives it; its journaled progress is recent
+        return self._operation(op_id)
+
+    async def jobs(self, domain: str | None = None, *, reconcile: bool = True) -> list[Operation]:
+        if reconcile:
+            names = {op.domain for op in self.journal.operations(domain=domain, unfinished=True)}
+            for name in sorted(names):
+                try:
+                    async with self._session(name):
+                        pass
+                except (DomainBusy, MonitorError, UsageError):
+                    pass  # shown as last journaled
+        return self.journal.operations(domain=domain)
+
+    async def recover(self, domain: str | None = None, *, wait: bool = True,
+                      on_progress: ProgressCallback | None = None) -> list[Operation]:
+        """Reconcile every unfinished operation; with ``wait``, carry journaled pivots/finishes out."""
+        unfinished = self.journal.operations(domain=domain, unfinished=True)
+        for name in sorted({op.domain for op in unfinished}):
+            async with self._session(name, on_progress, reconcile=False) as (_monitor, driver):
+                for op in self.journal.operations(domain=name, unfinished=True):
+                    until = Until.DONE if wait and op.goal is not Goal.COPY else Until.STARTED
+                    await self._drive(driver, op, until)
+        return [self._operation(op.id) for op in unfinished]
+
+    def history(self, op_id: str) -> list[tuple[float, str, str]]:
+        self._operation(op_id)
+        return [(s.at, s.phase, s.note) for s in self.journal.steps(op_id)]
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _domain(self, name: str) -> Domain:
+        domain = self.journal.domain(name)
+        if domain is None:
+            known = ", ".join(d.name for d in self.journal.domains()) or "none"
+            raise UsageError(f"unknown domain {name!r} (attached: {known}); attach it with "
+                             f"`blockcopy attach {name} --qmp SOCKET`")
+        return domain
+
+    def _operation(self, op_id: str) -> Operation:
+        op = self.journal.get(op_id)
+        if op is None:
+            raise UsageError(f"unknown job {op_id!r}; `blockcopy jobs` lists them")
+        return op
+
+    async def _connect(self, socket_path: str) -> Monitor:
+        return await Monitor.connect(socket_path, timeout=self.qmp_timeout)
+
+    @asynccontextmanager
+    async def _session(self, name: str, on_progress: ProgressCallback | None = None, *,
+                       reconcile: bool = True) -> AsyncIterator[tuple[Monitor | None, Driver]]:
+        """Lock the domain, connect (None when QEMU is gone) and reconcile its unfinished jobs."""
+        domain = self._domain(name)
+        with DomainLock(self.state_dir, name, wait=self.lock_wait):
+            try:
+                monitor: Monitor | None = await self._connect(domain.qmp_socket)
+            except QemuGone:
+                monitor = None
+            driver = Driver(self.journal, monitor, on_progress=on_progress, interrupt=self.interrupt)
+            try:
+                if reconcile:
+                    for op in self.journal.operations(domain=name, unfinished=True):
+                        await driver.run(op, Until.STARTED)
+                yield monitor, driver
+            finally:
+                if monitor is not None:
+                    await monitor.close()
+
+    async def _drive(self, driver: Driver, op: Operation, until: Until) -> Operation:
+        try:
+            return await driver.run(op, until)
+        except Interrupted:
+            current = self._operation(op.id)
+            if current.phase is Phase.COPYING and current.goal in (Goal.PIVOT, Goal.FINISH):
+                self.journal.save(dataclasses.replace(current, goal=Goal.COPY),
+                                  "interrupted while waiting: the job keeps copying")
+            raise
+
+    async def _conclude(self, op_id: str, goal: Goal, *, wait: bool,
+                        on_progress: ProgressCallback | None) -> Operation:
+        op = self._operation(op_id)
+        async with self._session(op.domain, on_progress) as (_monitor, driver):
+            op = self._operation(op_id)
+            if op.finished:
+                raise UsageError(f"job {op_id} has already ended: outcome {op.outcome}, "
+                                 f"authoritative image: {op.authoritative}")
+            if goal is not Goal.ABORT and op.goal is Goal.ABORT:
+                raise UsageError(f"job {op_id} is being aborted")
+            ready = all(d.job_status == "ready" for d in op.disks)
+            if goal is not Goal.ABORT and not wait and not ready:
+                raise NotReady(f"job {op_id} is not ready to {goal.value} yet: {_progress_text(op)}. "
+                               f"Wait with `blockcopy {goal.value} {op_id} --wait`")
+            op = self.journal.save(dataclasses.replace(op, goal=goal), f"{goal.value} requested")
+            return await self._drive(driver, op, Until.DONE)
+
+    async def _plan(self, request: CopyRequest, monitor: Monitor) -> Operation:
+        """Check every input against QEMU and the journal; nothing is touched before this passes."""
+        devices = await monitor.devices()
+        active = self.journal.operations(unfinished=True)
+        busy_keys = {(op.domain, d.device_key): op.id for op in active for d in op.disks}
+        busy_dests = {os.path.realpath(d.dest_path): op.id for op in active for d in op.disks}
+        op_id = secrets.token_hex(4)
+        disks: list[DiskRecord] = []
+        seen_devices: set[str] = set()
+        seen_dests: set[str] = set()
+        nodes = await monitor.named_nodes()
+        for index, (disk_name, dest) in enumerate(request.targets):
+            device = _find_device(devices, disk_name, request.domain)
+            if device.device_key in seen_devices:
+                raise UsageError(f"disk {disk_name} is named twice in one copy")
+            seen_devices.add(device.device_key)
+            holder = busy_keys.get((request.domain, device.device_key))
+            if holder:
+                raise UsageError(f"disk {device.name} already has block copy job {holder}; "
+                                 f"pivot, finish or abort it first (`blockcopy status {holder}`)")
+            dest_format = request.format or device.format
+            real = _check_destination(dest, device, request, dest_format)
+            if real in seen_dests or real in busy_dests:
+                raise UsageError(f"destination {dest} is already the destination of another copy")
+            seen_dests.add(real)
+            backing_file = backing_format = None
+            if request.shallow and device.backing_chain and not request.reuse_external:
+                backing_file, backing_format = device.backing_chain[0], device.backing_format
+            disks.append(DiskRecord(
+                name=device.name, device_key=device.device_key, source_node=device.node,
+                source_file=device.file, source_format=device.format,
+                source_file_node=_file_node(nodes, device), virtual_size=device.virtual_size,
+                dest_path=dest, dest_format=dest_format, dest_node=f"bc-{op_id}-{index}",
+                job_id=f"blockcopy-{op_id}-{index}", backing_file=backing_file,
+                backing_format=backing_format,
+                stage=Stage.ADD if request.reuse_external else Stage.CREATE))
+        bandwidth = int(request.bandwidth_mib * MIB) if request.bandwidth_mib else 0
+        return Operation(id=op_id, domain=request.domain, goal=request.goal, phase=Phase.STARTING,
+                         disks=tuple(disks), mode=request.mode, shallow=request.shallow,
+                         reuse_external=request.reuse_external, bandwidth=bandwidth)
+
+
+def _check_options(request: CopyRequest) -> None:
+    if not request.targets:
+        raise UsageError("name at least one disk to copy: --disk DISK=DEST")
+    if request.mode not in MODES:
+        raise UsageError(f"unknown mode {request.mode!r}: use one of {', '.join(MODES)}")
+    if request.format is not None and request.format not in FORMATS:
+        raise UsageError(f"unsupported destination format {request.format!r}: use one of {', '.join(FORMATS)}")
+    if request.bandwidth_mib is not None and not request.bandwidth_mib > 0:
+        raise UsageError(f"bandwidth must be a positive number of MiB/s, not {request.bandwidth_mib}")
+    if request.shallow and request.format == "raw":
+        raise UsageError("--shallow needs a qcow2 destination (raw images cannot have a backing file)")
+
+
+def _find_device(devices: Sequence[DeviceInfo], name: str, domain: str) -> DeviceInfo:
+    for device in devices:
+        if name in (device.qdev_id, device.drive_id, device.node):
+            return device
+    names = ", ".join(d.name for d in devices) or "none"
+    raise UsageError(f"domain {domain} has no disk {name!r}; its disks: {names} "
+                     "(a qdev id, drive id or node name)")
+
+
+def _file_node(nodes: Sequence[dict[str, object]], device: DeviceInfo) -> str | None:
+    """The user-created protocol node under the device's format node, to delete after a pivot."""
+    for node in nodes:
+        name = str(node.get("node-name") or "")
+        if (name and name != device.node and not name.startswith("#") and node.get("drv") == "file"
+                and node.get("file") == device.file):
+            return name
+    return None
+
+
+def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest, dest_format: str) -> str:
+    """Refuse any destination that could lose data; returns its resolved path."""
+    if not os.path.isabs(dest):
+        raise UsageError(f"destination {dest!r} must be an absolute path (QEMU does not share "
+                         "blockcopy's working directory)")
+    real = os.path.realpath(dest)
+    for image in (device.file, *device.backing_chain):
+        if real == os.path.realpath(image):
+            role = "the source image" if image == device.file else "in the source's backing chain"
+            raise UsageError(f"destination {dest} is {role} of disk {device.name}; choose another path")
+    if request.shallow and dest_format == "raw":
+        raise UsageError("--shallow needs a qcow2 destination (raw images cannot have a backing file)")
+    parent = os.path.dirname(real)
+    if not os.path.isdir(parent):
+        raise UsageError(f"the directory of destination {dest} does not exist; create {parent} first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"the directory {parent} is not writable; choose another destination")
+    exists = os.path.lexists(dest)
+    if not request.reuse_external:
+        if exists:
+            raise UsageError(f"destination {dest} already exists; blockcopy never overwrites a file. "
+                             "Choose a new path, or pass --reuse-external to use this image as it is")
+        return real
+    if not exists:
+        raise UsageError(f"--reuse-external: destination {dest} does not exist; create it first "
+                         "(e.g. qemu-img create) or drop --reuse-external")
+    info = images.info(dest)
+    if info.format != dest_format:
+        raise UsageError(f"--reuse-external: {dest} is a {info.format} image, not {dest_format}; "
+                         f"pass --format {info.format} or use a {dest_format} image")
+    if info.virtual_size != device.virtual_size:
+        relation = "smaller than" if info.virtual_size < device.virtual_size else "larger than"
+        raise UsageError(f"--reuse-external: {dest} has virtual size {info.virtual_size} bytes, "
+                         f"{relation} disk {device.name} ({device.virtual_size} bytes); sizes must match")
+    return real
+
+
+def _progress_text(op: Operation) -> str:
+    parts = []
+    for disk in op.disks:
+        total = disk.progress_total or 0
+        pct = 100.0 * disk.progress_current / total if total else 0.0
+        parts.append(f"disk {disk.name} copied {disk.progress_current / MIB:.1f} of {total / MIB:.1f} MiB "
+                     f"({pct:.0f}%), job {disk.job_status or 'not started'}")
+    return "; ".join(parts)

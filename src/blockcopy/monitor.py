@@ -1,0 +1,230 @@
+"""A thin QMP layer over ``qemu.qmp``: connect, run commands, observe, wait for events.
+
+It turns the library's exceptions into blockcopy's (:class:`QemuGone`, :class:`MonitorBusy`,
+:class:`CommandRefused`) and QEMU's answers into the pure :class:`~blockcopy.protocol.Observation`
+that the state machine reads. It decides nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient, StateError
+from qemu.qmp.protocol import ConnectError, Runstate
+
+from blockcopy.errors import MonitorBusy, MonitorError, QemuGone
+from blockcopy.protocol import JobView, Observation
+
+log = logging.getLogger(__name__)
+
+#: Events that move the protocol forward; anything else is ignored.
+WATCHED_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_READY", "BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED",
+                  "BLOCK_JOB_CANCELLED", "STOP", "RESUME", "SHUTDOWN")
+
+
+class CommandRefused(MonitorError):
+    """QEMU answered a command with an error."""
+
+    def __init__(self, command: str, error_class: str, description: str) -> None:
+        super().__init__(f"QEMU refused {command}: {description}")
+        self.command = command
+        self.error_class = error_class
+        self.description = description
+
+
+class _QueueOnlyListener(EventListener):
+    """An EventListener without the unbounded ``history`` list (a manager runs for days)."""
+
+    async def put(self, event: Message) -> None:
+        if self.accept(event):
+            await self._queue.put(event)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """One disk as ``query-block`` shows it."""
+
+    name: str  # qdev id when the device has one, else the drive id
+    qdev_id: str | None
+    drive_id: str | None
+    device_key: str
+    node: str
+    file: str
+    format: str
+    virtual_size: int
+    backing_chain: tuple[str, ...]  # backing files, nearest first
+    backing_format: str | None
+    read_only: bool
+
+
+def event_time(event: Mapping[str, Any]) -> float:
+    stamp = event.get("timestamp", {})
+    return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+
+
+class Monitor:
+    """One exclusive QMP connection to one QEMU."""
+
+    def __init__(self, socket_path: str, client: QMPClient) -> None:
+        self.socket_path = socket_path
+        self._client = client
+        self._listener = _QueueOnlyListener(WATCHED_EVENTS)
+        client.register_listener(self._listener)
+        # The built-in listener keeps every event forever; blockcopy does not read it.
+        client.events.event_filter = lambda _event: False
+        self.last_event_times: dict[str, float] = {}
+        self.event_seq = 0  # how many watched events have arrived; lets waits skip what was seen
+
+    @classmethod
+    async def connect(cls, socket_path: str, *, timeout: float = 5.0) -> Monitor:
+        client = QMPClient("blockcopy")
+        try:
+            await asyncio.wait_for(client.connect(socket_path), timeout)
+        except TimeoutError:
+            await _quiet_disconnect(client)
+            raise MonitorBusy(
+                f"the QMP socket {socket_path} accepted the connection but QEMU sent no greeting within "
+                f"{timeout:g} s: another client (libvirt, a qmp-shell, another tool) is connected to it. "
+                "QEMU serves one client per QMP socket; give blockcopy its own with "
+                "-qmp unix:PATH,server=on,wait=off") from None
+        except ConnectError as exc:
+            await _quiet_disconnect(client)
+            cause = exc.exc
+            if isinstance(cause, FileNotFoundError | ConnectionRefusedError) or (
+                    isinstance(cause, OSError) and cause.errno in (errno.ENOENT, errno.ECONNREFUSED)):
+                why = cause.strerror if isinstance(cause, OSError) else cause
+                raise QemuGone(f"nothing listens on the QMP socket {socket_path} ({why}): "
+                               "is the VM running?") from None
+            raise MonitorError(f"cannot connect to the QMP socket {socket_path}: {cause}") from None
+        return cls(socket_path, client)
+
+    async def close(self) -> None:
+        await _quiet_disconnect(self._client)
+
+    @property
+    def connected(self) -> bool:
+        return self._client.runstate is Runstate.RUNNING
+
+    async def execute(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
+        try:
+            result = await self._client.execute(command, args)
+        except ExecuteError as exc:
+            raise CommandRefused(command, exc.error_class, str(exc)) from None
+        except (ExecInterruptedError, StateError, ConnectionError, EOFError) as exc:
+            raise QemuGone(f"QEMU closed the QMP connection during {command}: {exc}") from None
+        self._drain_events()
+        return result
+
+    async def hmp(self, command_line: str) -> str:
+        """Human monitor command; for tests and the demo (guest-like writes via qemu-io)."""
+        result = await self.execute("human-monitor-command", {"command-line": command_line})
+        return str(result)
+
+    def _note(self, event: Mapping[str, Any]) -> None:
+        self.last_event_times[str(event["event"])] = event_time(event)
+        self.event_seq += 1
+
+    def _drain_events(self) -> list[Mapping[str, Any]]:
+        events: list[Mapping[str, Any]] = list(self._listener.clear())
+        for event in events:
+            self._note(event)
+        return events
+
+    async def wait_event(self, timeout: float, since: int) -> None:
+        """Return once a watched event arrived after event number ``since``, or after ``timeout`` s."""
+        self._drain_events()
+        if self.event_seq > since or not self.connected:
+            return
+        try:
+            first = await asyncio.wait_for(self._listener.get(), timeout)
+        except TimeoutError:
+            return
+        self._note(first)
+        self._drain_events()
+
+    # --- queries ---------------------------------------------------------------------------------
+
+    async def run_state(self) -> str:
+        status = await self.execute("query-status")
+        return str(status["status"])
+
+    async def jobs(self) -> dict[str, JobView]:
+        result = await self.execute("query-jobs")
+        return {j["id"]: JobView(j["id"], j["status"], int(j.get("current-progress", 0)),
+                                 int(j.get("total-progress", 0)), j.get("error")) for j in result}
+
+    async def block(self) -> list[dict[str, Any]]:
+        return list(await self.execute("query-block"))
+
+    async def node_names(self) -> frozenset[str]:
+        nodes = await self.execute("query-named-block-nodes", {"flat": True})
+        return frozenset(n["node-name"] for n in nodes if n.get("node-name"))
+
+    async def named_nodes(self) -> list[dict[str, Any]]:
+        return list(await self.execute("query-named-block-nodes", {"flat": True}))
+
+    async def devices(self) -> list[DeviceInfo]:
+        return devices_from_query_block(await self.block())
+
+    async def observe(self, dest_exists: tuple[bool, ...] = ()) -> Observation:
+        """Everything the state machine needs, or an 'alive=False' observation when QEMU is gone."""
+        try:
+            run_state = await self.run_state()
+            jobs = await self.jobs()
+            block = await self.block()
+            nodes = await self.node_names()
+        except QemuGone:
+            return Observation(alive=False)
+        device_nodes = {_device_key(entry): entry["inserted"]["node-name"]
+                        for entry in block if entry.get("inserted")}
+        return Observation(alive=True, run_state=run_state, jobs=jobs, device_nodes=device_nodes,
+                           nodes=nodes, dest_exists=dest_exists)
+
+
+def _device_key(entry: Mapping[str, Any]) -> str:
+    return str(entry.get("qdev") or entry.get("device") or "")
+
+
+def qdev_id(qdev: str) -> str | None:
+    """'/machine/peripheral/vda/virtio-backend' -> 'vda'; anonymous devices have no id."""
+    parts = qdev.strip("/").split("/")
+    if len(parts) >= 3 and parts[0] == "machine" and parts[1] == "peripheral":
+        return parts[2]
+    if qdev and "/" not in qdev:
+        return qdev
+    return None
+
+
+def devices_from_query_block(block: Iterable[Mapping[str, Any]]) -> list[DeviceInfo]:
+    devices = []
+    for entry in block:
+        inserted = entry.get("inserted")
+        if not inserted:
+            continue  # an empty CD-ROM drive and the like
+        image = inserted.get("image", {})
+        chain = []
+        backing = image.get("backing-image")
+        backing_format = backing.get("format") if backing else None
+        while backing:
+            chain.append(str(backing.get("filename")))
+            backing = backing.get("backing-image")
+        qid = qdev_id(str(entry.get("qdev") or ""))
+        drive = str(entry.get("device") or "") or None
+        devices.append(DeviceInfo(
+            name=qid or drive or str(inserted["node-name"]), qdev_id=qid, drive_id=drive,
+            device_key=_device_key(entry), node=str(inserted["node-name"]), file=str(inserted["file"]),
+            format=str(inserted["drv"]), virtual_size=int(image.get("virtual-size", 0)),
+            backing_chain=tuple(chain), backing_format=backing_format, read_only=bool(inserted.get("ro"))))
+    return devices
+
+
+async def _quiet_disconnect(client: QMPClient) -> None:
+    try:
+        await client.disconnect()
+    except Exception as exc:  # the connection is being dropped anyway; nothing to report
+        log.debug("disconnect: %s", exc)

@@ -1,0 +1,436 @@
+"""The copy-and-pivot protocol as a pure state machine.
+
+Theory of operation
+===================
+
+blockcopy never remembers anything in memory that it could not rebuild after a ``kill -9``. At any
+moment the truth is the pair (journal record, what QEMU reports now). :func:`decide` maps that pair
+to the next :class:`Step`; a thin driver (:mod:`blockcopy.driver`) performs the step and asks again.
+Normal operation and crash recovery are therefore the same code: recovery is just "observe, decide"
+starting from whatever the journal last said.
+
+A step has up to three parts, performed in this order:
+
+1. ``record``: a new journal record, written and fsynced *before* anything else (write-ahead);
+2. ``commands``: QMP commands or image operations; a command may carry an ``after`` record that is
+   journaled once the command has succeeded (used where a result cannot be re-observed, such as
+   "blockcopy created this file");
+3. ``wait``: how to wait for QEMU before the next observation (``SETTLE``: a job transition that
+   takes milliseconds; ``COPY``: the mirror converging, which can take hours).
+
+Phases (``op.phase``) and what moves them, given the observation (``obs``):
+
+============  =================================================================  ===========
+phase         does                                                               next
+============  =================================================================  ===========
+STARTING      per disk: create DEST -> blockdev-add -> blockdev-mirror           COPYING
+COPYING       waits until every job is ``ready``; then follows ``op.goal``       PIVOTING,
+                                                                                 FINISHING,
+                                                                                 ABORTING
+PIVOTING      ``stop`` if blockcopy paused the VM; ``job-complete`` each job;    FINALIZING
+              waits until *every* job is ``pending`` (all or nothing)            or ABORTING
+FINALIZING    ``job-finalize`` each job (point of no return); outcome from       SETTLING
+              ``query-block``: which node each device uses now
+FINISHING     ``block-job-cancel`` of ready jobs (no pivot; DEST consistent),    SETTLING
+              then ``job-finalize``
+ABORTING      ``job-cancel`` every job; outcome not-pivoted or failed            SETTLING
+SETTLING      outcome is journaled: ``cont`` if blockcopy paused the VM,         DONE
+              ``job-dismiss``, ``blockdev-del`` the nodes no device uses
+DONE          nothing
+============  =================================================================  ===========
+
+Failure rules:
+- a job that fails, vanishes or is cancelled by someone else before FINALIZING sends the operation
+  to ABORTING with an error, which cancels the other jobs: no disk pivots;
+- QEMU gone before the outcome is journaled: the guest cannot have written to DEST except through a
+  pivot that the journal has not recorded; since blockcopy pauses the guest before completing jobs
+  and resumes it only after journaling the outcome, the *source* holds every acknowledged write. In
+  PIVOTING and FINALIZING the images are compared and ``both`` is recorded when identical;
+- QEMU gone after the outcome is journaled: the outcome stands.
+
+The outcome is always decided from ``query-block`` (which node the device uses), never from job
+status: a cancelled mirror can conclude without error and not pivot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockcopy.records import Authority, DiskRecord, Goal, Operation, Outcome, Phase, Stage
+
+#: QEMU job statuses (qapi/job.json JobStatus) in which the job still runs or can be driven.
+LIVE_STATUSES = frozenset({"created", "running", "paused", "ready", "standby", "waiting", "pending"})
+
+
+@dataclass(frozen=True)
+class JobView:
+    """One entry of ``query-jobs``."""
+
+    id: str
+    status: str
+    current: int = 0
+    total: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A command of the previous step that QEMU (or the file system) refused."""
+
+    command: Command
+    message: str
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What QEMU reports now, plus the few facts outside QEMU that decisions need."""
+
+    alive: bool
+    run_state: str = "running"  # query-status "status"
+    jobs: Mapping[str, JobView] = field(default_factory=dict)
+    device_nodes: Mapping[str, str] = field(default_factory=dict)  # device_key -> root node name
+    nodes: frozenset[str] = frozenset()  # every named node (query-named-block-nodes)
+    dest_exists: tuple[bool, ...] = ()  # per disk, only consulted in Stage.CREATE
+    failure: Failure | None = None  # the previous step's refused command, if any
+    identical: tuple[bool, ...] | None = None  # per disk, result of a CompareImages command
+    stalled: bool = False  # the driver waited too long for a transition that should take moments
+
+
+class Wait(enum.Enum):
+    SETTLE = "settle"  # a job or run-state transition that QEMU finishes by itself, quickly
+    COPY = "copy"  # the mirror copying or converging: as long as the storage takes
+
+
+@dataclass(frozen=True)
+class Command:
+    """An effect for the driver: a QMP command, or an image operation (``kind`` other than qmp)."""
+
+    kind: str  # "qmp", "create-image", "compare-images"
+    name: str = ""  # QMP command name
+    args: Mapping[str, Any] = field(default_factory=dict)
+    disk: int | None = None
+    after: Operation | None = None  # journaled once the command succeeded
+    purpose: str = ""  # "cleanup" failures are warnings, not errors
+
+    def describe(self) -> str:
+        if self.kind == "qmp":
+            return f"{self.name} {dict(self.args)}" if self.args else self.name
+        return f"{self.kind} disk {self.disk}"
+
+
+def qmp(name: str, args: Mapping[str, Any] | None = None, *, disk: int | None = None,
+        after: Operation | None = None, purpose: str = "") -> Command:
+    return Command("qmp", name, dict(args or {}), disk=disk, after=after, purpose=purpose)
+
+
+@dataclass(frozen=True)
+class Step:
+    record: Operation | None = None
+    commands: tuple[Command, ...] = ()
+    wait: Wait | None = None
+    note: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.record is None and not self.commands and self.wait is None
+
+
+DONE_STEP = Step(note="done")
+
+
+def decide(op: Operation, obs: Observation) -> Step:
+    """The next step for ``op`` given ``obs``. Pure: no I/O, no clock."""
+    if op.phase is Phase.DONE:
+        return DONE_STEP
+    if not obs.alive:
+        return _qemu_gone(op, obs)
+    return _HANDLERS[op.phase](op, obs)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _replace(op: Operation, **changes: Any) -> Operation:
+    return dataclasses.replace(op, **changes)
+
+
+def _abort(op: Operation, error: str) -> Step:
+    return Step(record=_replace(op, phase=Phase.ABORTING, error=op.error or error),
+                note=f"abort: {error}")
+
+
+def _job(op: Operation, obs: Observation, disk: DiskRecord) -> JobView | None:
+    return obs.jobs.get(disk.job_id)
+
+
+def _job_trouble(op: Operation, obs: Observation) -> str | None:
+    """Why a job cannot reach its goal any more: vanished, failed, or concluded/cancelled by others."""
+    for disk in op.disks:
+        job = _job(op, obs, disk)
+        if job is None:
+            return f"disk {disk.name}: job {disk.job_id} disappeared from QEMU"
+        if job.status in ("concluded", "null", "aborting"):
+            why = job.error or "it ended without blockcopy asking"
+            return f"disk {disk.name}: mirror job {job.status}: {why}"
+    return None
+
+
+def _uses_dest(obs: Observation, disk: DiskRecord) -> bool:
+    return obs.device_nodes.get(disk.device_key) == disk.dest_node
+
+
+def _conclude(op: Operation, obs: Observation, *, on_success: Outcome, reason: str,
+              job_errors_fail: bool = True) -> Step:
+    """Journal the outcome, decided from which node each device uses now.
+
+    ``job_errors_fail`` is False when blockcopy cancelled the jobs itself: their "Operation
+    canceled" errors are expected then.
+    """
+    pivoted = [_uses_dest(obs, d) for d in op.disks]
+    errors = [f"disk {d.name}: {j.error}" for d in op.disks
+              if (j := _job(op, obs, d)) is not None and j.error]
+    if not job_errors_fail:
+        errors = []
+    record = op
+    for index, flag in enumerate(pivoted):
+        record = record.with_disk(index, pivoted=flag)
+    if all(pivoted):
+        outcome, authority, error = Outcome.PIVOTED, Authority.DESTINATION, None
+        reason = "pivoted: the guest now uses the destination"
+    elif any(pivoted):
+        outcome, authority = Outcome.FAILED, Authority.MIXED
+        names = ", ".join(d.name for d, p in zip(op.disks, pivoted, strict=True) if p)
+        error = f"partial pivot: only {names} pivoted; " + ("; ".join(errors) or "see each disk")
+    elif op.error or errors or (on_success is Outcome.PIVOTED):
+        outcome, authority = Outcome.FAILED, Authority.SOURCE
+        error = op.error or "; ".join(errors) or "no disk pivoted"
+        reason = "the guest stays on the source"
+    else:
+        outcome, authority, error = on_success, Authority.SOURCE, None
+    record = _replace(record, phase=Phase.SETTLING, outcome=outcome, authoritative=authority,
+                      error=error, reason=reason)
+    return Step(record=record, note=f"outcome {outcome}")
+
+
+# --- phases --------------------------------------------------------------------------------------
+
+
+def _starting(op: Operation, obs: Observation) -> Step:
+    if obs.failure is not None:
+        return _abort(op, f"could not start: {obs.failure.message}")
+    for index, disk in enumerate(op.disks):
+        if disk.stage is Stage.CREATE:
+            if index < len(obs.dest_exists) and obs.dest_exists[index]:
+                return _abort(op, f"disk {disk.name}: {disk.dest_path} exists but the journal does not "
+                                  "show blockcopy created it (an earlier run was interrupted); "
+                                  "inspect the file and remove it, then copy again")
+            after = op.with_disk(index, stage=Stage.ADD, dest_created=True)
+            return Step(commands=(Command("create-image", disk=index, after=after),),
+                        note=f"create {disk.dest_path}")
+        if disk.stage is Stage.ADD:
+            after = op.with_disk(index, stage=Stage.MIRROR)
+            if disk.dest_node in obs.nodes:
+                return Step(record=after, note="destination node already added")
+            return Step(commands=(qmp("blockdev-add", _blockdev_add_args(disk), disk=index, after=after),),
+                        note=f"add node {disk.dest_node}")
+        if disk.stage is Stage.MIRROR:
+            after = op.with_disk(index, stage=Stage.STARTED)
+            if disk.job_id in obs.jobs:
+                return Step(record=after, note="mirror already started")
+            return Step(commands=(qmp("blockdev-mirror", _mirror_args(op, disk), disk=index, after=after),),
+                        note=f"start mirror {disk.job_id}")
+    return Step(record=_replace(op, phase=Phase.COPYING), note="all mirrors started")
+
+
+def _blockdev_add_args(disk: DiskRecord) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "driver": disk.dest_format,
+        "node-name": disk.dest_node,
+        "file": {"driver": "file", "filename": disk.dest_path},
+    }
+    if disk.dest_format == "qcow2" and disk.backing_file is None:
+        args["backing"] = None  # a full copy stands alone; never open a backing file named in DEST
+    return args
+
+
+def _mirror_args(op: Operation, disk: DiskRecord) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "job-id": disk.job_id,
+        "device": disk.source_node,
+        "target": disk.dest_node,
+        "sync": "top" if op.shallow else "full",
+        "copy-mode": op.mode,
+        "auto-finalize": False,
+        "auto-dismiss": False,
+    }
+    if op.bandwidth:
+        args["speed"] = op.bandwidth
+    return args
+
+
+def _copying(op: Operation, obs: Observation) -> Step:
+    if op.goal is Goal.ABORT:
+        return Step(record=_replace(op, phase=Phase.ABORTING), note="abort requested")
+    trouble = _job_trouble(op, obs)
+    if trouble:
+        return _abort(op, trouble)
+    if all(obs.jobs[d.job_id].status == "ready" for d in op.disks):
+        if op.goal is Goal.PIVOT:
+            running = obs.run_state == "running"
+            record = _replace(op, phase=Phase.PIVOTING, vm_was_running=running, paused_by_us=running)
+            return Step(record=record, note="pivot: every job is ready")
+        if op.goal is Goal.FINISH:
+            return Step(record=_replace(op, phase=Phase.FINISHING), note="finish: every job is ready")
+    return Step(wait=Wait.COPY, note="copying")
+
+
+def _pivoting(op: Operation, obs: Observation) -> Step:
+    trouble = _job_trouble(op, obs)
+    if trouble:
+        return _abort(op, f"pivot failed, no disk pivoted: {trouble}")
+    failure = obs.failure
+    if failure is not None and failure.command.name == "job-complete" and failure.command.disk is not None:
+        disk = op.disks[failure.command.disk]
+        if obs.jobs[disk.job_id].status == "ready":  # not a late duplicate: QEMU refused the pivot
+            return _abort(op, f"pivot refused for disk {disk.name}: {failure.message}")
+    if obs.stalled:
+        return _abort(op, "pivot failed, no disk pivoted: the jobs did not all reach 'pending' in time")
+    if op.paused_by_us and obs.run_state == "running":
+        return Step(commands=(qmp("stop"),), wait=Wait.SETTLE, note="pause the guest for the pivot")
+    statuses = [obs.jobs[d.job_id].status for d in op.disks]
+    if all(s == "pending" for s in statuses):
+        return Step(record=_replace(op, phase=Phase.FINALIZING), note="every job is pending")
+    completes = tuple(qmp("job-complete", {"id": d.job_id}, disk=i)
+                      for i, d in enumerate(op.disks) if obs.jobs[d.job_id].status == "ready")
+    return Step(commands=completes, wait=Wait.SETTLE, note="complete the jobs")
+
+
+def _finalizing(op: Operation, obs: Observation) -> Step:
+    finalizes = tuple(qmp("job-finalize", {"id": d.job_id}, disk=i)
+                      for i, d in enumerate(op.disks)
+                      if (j := _job(op, obs, d)) is not None and j.status == "pending")
+    if finalizes:
+        return Step(commands=finalizes, wait=Wait.SETTLE, note="finalize the jobs")
+    if any((j := _job(op, obs, d)) is not None and j.status in LIVE_STATUSES | {"aborting"}
+           for d in op.disks):
+        return Step(wait=Wait.SETTLE, note="waiting for the jobs to conclude")
+    return _conclude(op, obs, on_success=Outcome.PIVOTED, reason="pivoted")
+
+
+def _finishing(op: Operation, obs: Observation) -> Step:
+    broken = [d for d in op.disks if (j := _job(op, obs, d)) is None or j.error]
+    if broken:
+        job = _job(op, obs, broken[0])
+        why = job.error if job is not None else "the job disappeared from QEMU"
+        return _abort(op, f"finish failed for disk {broken[0].name}: {why}")
+    commands: list[Command] = []
+    for i, d in enumerate(op.disks):
+        job = _job(op, obs, d)
+        if job is not None and job.status == "ready":
+            # Soft cancel of a ready mirror: it ends without pivoting and leaves DEST consistent.
+            commands.append(qmp("block-job-cancel", {"device": d.job_id}, disk=i))
+        elif job is not None and job.status == "pending":
+            commands.append(qmp("job-finalize", {"id": d.job_id}, disk=i))
+    if commands and not obs.stalled:
+        return Step(commands=tuple(commands), wait=Wait.SETTLE, note="finish the jobs")
+    if not obs.stalled and any((j := _job(op, obs, d)) is not None and j.status != "concluded"
+                               for d in op.disks):
+        return Step(wait=Wait.SETTLE, note="waiting for the jobs to conclude")
+    return _conclude(op, obs, on_success=Outcome.NOT_PIVOTED,
+                     reason="finished: the destination is a consistent copy; the guest stays on the source")
+
+
+def _aborting(op: Operation, obs: Observation) -> Step:
+    cancels = tuple(qmp("job-cancel", {"id": d.job_id}, disk=i)
+                    for i, d in enumerate(op.disks)
+                    if (j := _job(op, obs, d)) is not None and j.status in LIVE_STATUSES)
+    refused = obs.failure is not None and obs.failure.command.name == "job-cancel"
+    if cancels and not refused and not obs.stalled:
+        return Step(commands=cancels, wait=Wait.SETTLE, note="cancel the jobs")
+    if not obs.stalled and any((j := _job(op, obs, d)) is not None
+                               and j.status in LIVE_STATUSES | {"aborting"} for d in op.disks):
+        return Step(wait=Wait.SETTLE, note="waiting for the jobs to conclude")
+    reason = "aborted: the guest stays on the source" if op.error is None else "the guest stays on the source"
+    return _conclude(op, obs, on_success=Outcome.NOT_PIVOTED, reason=reason, job_errors_fail=False)
+
+
+def _settling(op: Operation, obs: Observation) -> Step:
+    failure = obs.failure
+    if op.paused_by_us and not op.resumed:
+        after = _replace(op, resumed=True)
+        if failure is not None and failure.command.name == "cont":
+            warning = f"could not resume the guest: {failure.message}; resume it with QMP 'cont'"
+            return Step(record=_replace(after, warnings=(*op.warnings, warning)), note="resume refused")
+        if obs.run_state == "paused":
+            return Step(commands=(qmp("cont", after=after),), note="resume the guest")
+        return Step(record=after, note="guest already running")
+    if failure is not None and failure.command.purpose == "cleanup" and failure.command.disk is not None:
+        index = failure.command.disk
+        record = op.with_disk(index, cleaned=True)
+        record = _replace(record, warnings=(*op.warnings, f"cleanup: {failure.message}"))
+        return Step(record=record, note="cleanup refused, recorded as a warning")
+    for index, disk in enumerate(op.disks):
+        if disk.cleaned:
+            continue
+        job = _job(op, obs, disk)
+        if job is not None and job.status == "concluded":
+            return Step(commands=(qmp("job-dismiss", {"id": disk.job_id}, disk=index, purpose="cleanup"),),
+                        note=f"dismiss {disk.job_id}")
+        if job is not None and job.status in LIVE_STATUSES | {"aborting"}:
+            # Only reachable if someone else restarted or re-used the job id; leave it alone.
+            return Step(record=op.with_disk(index, cleaned=True), note="job not ours to dismiss")
+        for node in _leftover_nodes(disk):
+            if node in obs.nodes and obs.device_nodes.get(disk.device_key) != node:
+                return Step(commands=(qmp("blockdev-del", {"node-name": node}, disk=index,
+                                          purpose="cleanup"),),
+                            note=f"delete node {node}")
+        return Step(record=op.with_disk(index, cleaned=True), note=f"disk {disk.name} cleaned up")
+    return Step(record=_replace(op, phase=Phase.DONE), note="done")
+
+
+def _leftover_nodes(disk: DiskRecord) -> list[str]:
+    """Nodes that no device uses once the outcome is known, in the order they must be deleted."""
+    if disk.pivoted:
+        # The old source stays open (and its file locked) until deleted. Nodes QEMU named itself
+        # ('#block...', from -drive) are not the monitor's to delete: QEMU frees them on its own.
+        return [n for n in (disk.source_node, disk.source_file_node) if n and not n.startswith("#")]
+    return [disk.dest_node]
+
+
+def _qemu_gone(op: Operation, obs: Observation) -> Step:
+    if op.outcome is not None:
+        note = "QEMU exited after the outcome was journaled"
+        warnings = op.warnings
+        if op.paused_by_us and not op.resumed:
+            warnings = (*warnings, "QEMU exited before blockcopy resumed the guest")
+        return Step(record=_replace(op, phase=Phase.DONE, warnings=warnings), note=note)
+    paused = op.phase in (Phase.PIVOTING, Phase.FINALIZING)
+    if paused and obs.identical is None:
+        return Step(commands=(Command("compare-images"),), note="QEMU exited mid-pivot: compare the images")
+    both = paused and obs.identical is not None and all(obs.identical)
+    where = "during the pivot" if paused else f"while {op.phase.value}"
+    record = _replace(
+        op, phase=Phase.DONE, outcome=Outcome.FAILED,
+        authoritative=Authority.BOTH if both else Authority.SOURCE,
+        identical=obs.identical,
+        error=op.error or f"QEMU exited {where}",
+        reason=("the source and the destination hold identical data" if both
+                else "the source holds every write the guest saw acknowledged"),
+        disks=tuple(dataclasses.replace(d, pivoted=False) for d in op.disks),
+    )
+    return Step(record=record, note="QEMU is gone")
+
+
+_HANDLERS = {
+    Phase.STARTING: _starting,
+    Phase.COPYING: _copying,
+    Phase.PIVOTING: _pivoting,
+    Phase.FINALIZING: _finalizing,
+    Phase.FINISHING: _finishing,
+    Phase.ABORTING: _aborting,
+    Phase.SETTLING: _settling,
+}

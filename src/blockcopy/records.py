@@ -1,0 +1,159 @@
+"""The journaled record of one copy operation.
+
+An *operation* moves one or more disks of one domain; its disks pivot together. The record is what
+survives a crash: the protocol state machine (:mod:`blockcopy.protocol`) reads it together with what
+QEMU reports, and every change to it is written to the journal *before* the step it describes.
+
+Records are immutable values; the state machine returns new ones with :func:`dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Goal(enum.StrEnum):
+    """What the user asked the operation to end in. Recovery carries the goal out."""
+
+    COPY = "copy"  # start the mirror and keep it running (ready) until told otherwise
+    PIVOT = "pivot"  # switch the guest to the destination
+    FINISH = "finish"  # end the mirror, leaving the destination as a consistent copy
+    ABORT = "abort"  # cancel, the guest stays on the source
+
+
+class Phase(enum.StrEnum):
+    """Where the operation is in the protocol; see the table in :mod:`blockcopy.protocol`."""
+
+    STARTING = "starting"
+    COPYING = "copying"
+    PIVOTING = "pivoting"
+    FINALIZING = "finalizing"
+    FINISHING = "finishing"
+    ABORTING = "aborting"
+    SETTLING = "settling"
+    DONE = "done"
+
+
+class Stage(enum.StrEnum):
+    """Per-disk progress through STARTING; each value is the *intent* of the next step."""
+
+    CREATE = "create"  # create the destination image file
+    ADD = "add"  # blockdev-add the destination node
+    MIRROR = "mirror"  # start blockdev-mirror
+    STARTED = "started"  # the mirror job exists in QEMU
+
+
+class Outcome(enum.StrEnum):
+    PIVOTED = "pivoted"
+    NOT_PIVOTED = "not-pivoted"
+    FAILED = "failed"
+
+
+class Authority(enum.StrEnum):
+    """Which image holds the guest's latest data."""
+
+    SOURCE = "source"
+    DESTINATION = "destination"
+    BOTH = "both"  # proven identical
+    MIXED = "mixed"  # a partial pivot: see each disk
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    """One disk of an operation: where it comes from, where it goes, and how far it got."""
+
+    name: str  # what the user called it (qdev id, drive id or node name)
+    device_key: str  # query-block `qdev`, or `device` when there is no qdev: finds the device again
+    source_node: str  # the device's root node when the operation started
+    source_file: str
+    source_format: str
+    source_file_node: str | None  # protocol node under source_node, if the user created it
+    virtual_size: int
+    dest_path: str
+    dest_format: str
+    dest_node: str
+    job_id: str
+    backing_file: str | None = None  # for shallow copies: the destination's backing file
+    backing_format: str | None = None
+    stage: Stage = Stage.CREATE
+    dest_created: bool = False  # blockcopy created dest_path (it did not exist before)
+    pivoted: bool | None = None  # per-disk outcome, from query-block
+    cleaned: bool = False  # leftover nodes and job removed from QEMU
+    progress_current: int = 0
+    progress_total: int = 0
+    job_status: str | None = None  # last status QEMU reported for the job
+
+
+@dataclass(frozen=True)
+class Operation:
+    id: str
+    domain: str
+    goal: Goal
+    phase: Phase
+    disks: tuple[DiskRecord, ...]
+    mode: str = "write-blocking"
+    shallow: bool = False
+    reuse_external: bool = False
+    bandwidth: int = 0  # bytes per second, 0 = unlimited
+    vm_was_running: bool | None = None  # run state when the pivot began
+    paused_by_us: bool = False  # blockcopy stops the VM for the pivot and must resume it
+    resumed: bool = False
+    outcome: Outcome | None = None
+    authoritative: Authority | None = None
+    error: str | None = None
+    reason: str | None = None
+    warnings: tuple[str, ...] = ()
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    ended_at: float | None = None
+    ready_at: float | None = None
+    stop_ts: float | None = None  # QEMU's STOP event time for the pivot pause
+    resume_ts: float | None = None  # QEMU's RESUME event time
+    identical: tuple[bool, ...] | None = field(default=None)  # image comparison after QEMU died
+
+    @property
+    def finished(self) -> bool:
+        return self.phase is Phase.DONE
+
+    @property
+    def pause_window_ms(self) -> float | None:
+        if self.stop_ts is None or self.resume_ts is None:
+            return None
+        return round((self.resume_ts - self.stop_ts) * 1000.0, 3)
+
+    def with_disk(self, index: int, **changes: Any) -> Operation:
+        disks = list(self.disks)
+        disks[index] = dataclasses.replace(disks[index], **changes)
+        return dataclasses.replace(self, disks=tuple(disks))
+
+    def with_disks(self, **changes: Any) -> Operation:
+        return dataclasses.replace(
+            self, disks=tuple(dataclasses.replace(d, **changes) for d in self.disks)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Operation:
+        values = dict(data)
+        values["goal"] = Goal(values["goal"])
+        values["phase"] = Phase(values["phase"])
+        for key, kind in (("outcome", Outcome), ("authoritative", Authority)):
+            if values.get(key) is not None:
+                values[key] = kind(values[key])
+        values["warnings"] = tuple(values.get("warnings", ()))
+        if values.get("identical") is not None:
+            values["identical"] = tuple(values["identical"])
+        disks = []
+        for disk in values["disks"]:
+            d = dict(disk)
+            d["stage"] = Stage(d["stage"])
+            disks.append(DiskRecord(**d))
+        values["disks"] = tuple(disks)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
