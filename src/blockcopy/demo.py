@@ -10,7 +10,6 @@ mirror job is ``pending``; the writer therefore pauses for the pivot (millisecon
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import shutil
@@ -23,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from blockcopy import views
-from blockcopy.cli import describe, progress_display
 from blockcopy.driver import Until
 from blockcopy.errors import BlockcopyError
 from blockcopy.manager import CopyRequest, Manager
 from blockcopy.records import Goal, Outcome
+from blockcopy.ui import describe, progress_display
 from blockcopy.vm import DiskSpec, ScratchVM, image_has_pattern, make_image, pick_accel
 
 MIB = 1024 * 1024
@@ -89,7 +88,11 @@ def _verify(path: str, size: int, acked: dict[int, int]) -> tuple[int, list[str]
 async def _run(workdir: Path, size_mib: int, as_json: bool) -> dict[str, Any]:
     size = size_mib * MIB
     source, dest = workdir / "source.qcow2", workdir / "destination.qcow2"
-    say = (lambda *_: None) if as_json else (lambda *a: print(*a, flush=True))
+
+    def say(text: str) -> None:
+        if not as_json:
+            print(text, flush=True)
+
     say(f"blockcopy demo in {workdir}")
     make_image(source, size)
     _fill(source, size)
@@ -141,7 +144,8 @@ async def _run(workdir: Path, size_mib: int, as_json: bool) -> dict[str, Any]:
             say(f"device vda now uses {file} (node {node})")
             say(f"writes after the pivot: {len(after.acked)}, all on the destination; "
                 f"{post_pivot_on_source} of them on the old source (expected 0)")
-            say(f"verified {checked} acknowledged writes and {size_mib} MiB of original data: "
+            say(f"verified the last acknowledged write at each of {checked} places and "
+                f"{size_mib} MiB of original data: "
                 + ("all present" if not problems else f"{len(problems)} PROBLEMS: {problems[:5]}"))
             say(f"summary: copied {size_mib} MiB in {copy_seconds:.2f} s "
                 f"({result['throughput_mib_s']} MiB/s), guest paused {op.pause_window_ms} ms for the pivot: "
@@ -152,18 +156,19 @@ async def _run(workdir: Path, size_mib: int, as_json: bool) -> dict[str, Any]:
         vm.quit()
 
 
-def main(args: argparse.Namespace) -> int:
+def run_demo(size_mib: int, *, as_json: bool = False, keep: bool = False) -> int:
+    """Run the demo; exit status 0 only when the result was verified."""
     workdir = Path(tempfile.mkdtemp(prefix="blockcopy-demo-"))
     try:
-        result = asyncio.run(_run(workdir, args.size, args.json))
+        result = asyncio.run(_run(workdir, size_mib, as_json))
     except BlockcopyError as exc:
         print(f"blockcopy demo: error: {exc}", file=sys.stderr)
         return exc.exit_code
     finally:
-        if args.keep:
+        if keep:
             print(f"kept {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    if args.json:
+    if as_json:
         print(json.dumps(result, indent=2, sort_keys=True))
     return 0 if result["verified"] else 1

@@ -1,0 +1,65 @@
+"""Terminal presentation shared by the CLI and the demo: job summaries and the progress bar."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from blockcopy import views
+from blockcopy.driver import ProgressCallback
+from blockcopy.records import Operation
+
+
+def describe(op: Operation) -> str:
+    view = views.operation_view(op)
+    lines = [f"job {op.id}  domain {op.domain}  state {view['state']}  goal {op.goal.value}"]
+    for d in view["disks"]:
+        prog = d["progress"]
+        lines.append(f"  {d['disk']}: {d['source']} -> {d['destination']} ({d['destination_format']})  "
+                     f"{_mib(prog['current'])}/{_mib(prog['total'])} ({prog['percent']}%)  "
+                     f"job {d['job_status'] or '-'}")
+    if view["rate"]:
+        lines.append(f"  rate: {_mib(view['rate'])}/s")
+    if op.outcome is not None:
+        lines.append(f"  outcome: {op.outcome.value}  authoritative image: {view['authoritative']}")
+    if op.reason:
+        lines.append(f"  {op.reason}")
+    if op.error:
+        lines.append(f"  error: {op.error}")
+    if view["pause_window_ms"] is not None:
+        lines.append(f"  guest pause window: {view['pause_window_ms']:.1f} ms")
+    lines.extend(f"  warning: {w}" for w in op.warnings)
+    return "\n".join(lines)
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB"
+
+
+@contextmanager
+def progress_display(enabled: bool) -> Iterator[ProgressCallback | None]:
+    """A rich progress bar on a terminal; nothing otherwise."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                  TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
+                  console=None) as bar:
+        task = bar.add_task("copying", total=None)
+
+        def update(op: Operation) -> None:
+            total = sum(d.progress_total for d in op.disks) or None
+            current = sum(d.progress_current for d in op.disks)
+            label = "ready" if op.ready_at else "copying"
+            bar.update(task, total=total, completed=current, description=f"{op.id} {label}")
+
+        yield update
