@@ -138,7 +138,10 @@ class ScratchVM:
     def write_marker(self, disk: str, pattern: int, offset: int, length: int = 65536) -> None:
         """Write ``pattern`` bytes through the device and wait until the write is acknowledged."""
         out = self.qemu_io(disk, f"aio_write -P {pattern:#x} {offset} {length}")
-        out += self.qemu_io(disk, "aio_flush")
+        out += self.qemu_io(disk, "aio_flush")  # waits for the write: it is acknowledged now
+        # A real flush, so that another process reading the image file sees the write (qcow2 metadata
+        # lives in QEMU's cache until then), as a guest's fsync would.
+        out += self.qemu_io(disk, "flush")
         if "error" in out.lower() or "failed" in out.lower():
             raise RuntimeError(f"marker write failed: {out}")
 

@@ -1,0 +1,128 @@
+"""Fixtures: real QEMU VMs (no guest OS) and a runner for the ``blockcopy`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blockcopy.vm import DiskSpec, ScratchVM, fill_pattern, image_has_pattern, make_image, pick_accel
+
+MIB = 1024 * 1024
+MARKER = 64 * 1024
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+class Blockcopy:
+    """Runs the real ``blockcopy`` command in a subprocess against a private state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.env = {**os.environ, "BLOCKCOPY_STATE_DIR": str(state_dir)}
+        self.env.pop("BLOCKCOPY_CRASH_AT", None)
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "blockcopy", *args]
+
+    def __call__(self, *args: str, crash_at: str | None = None, timeout: float = 120.0) -> Result:
+        env = dict(self.env)
+        if crash_at:
+            env["BLOCKCOPY_CRASH_AT"] = crash_at
+        proc = subprocess.run(self.argv(*args), capture_output=True, text=True, env=env, timeout=timeout,
+                              check=False)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def ok(self, *args: str, **kwargs: Any) -> Result:
+        result = self(*args, **kwargs)
+        assert result.returncode == 0, f"blockcopy {' '.join(args)} failed: {result.stderr}{result.stdout}"
+        return result
+
+    def spawn(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self.env)
+
+
+@pytest.fixture
+def bc(tmp_path: Path) -> Blockcopy:
+    return Blockcopy(tmp_path / "state")
+
+
+@pytest.fixture(scope="session")
+def accel() -> str:
+    return pick_accel()
+
+
+VMFactory = Callable[..., ScratchVM]
+
+
+@pytest.fixture
+def vm_factory(tmp_path: Path, accel: str) -> Iterator[VMFactory]:
+    vms: list[ScratchVM] = []
+
+    def start(disks: int | list[DiskSpec] = 1, *, size: int = 64 * MIB, name: str = "vm",
+              fill: bool = True) -> ScratchVM:
+        if isinstance(disks, int):
+            specs = []
+            for i in range(disks):
+                path = make_image(tmp_path / f"{name}-disk{i}.qcow2", size)
+                if fill:
+                    fill_pattern(path, "qcow2", 0x11 + i, 0, 4 * MIB)
+                specs.append(DiskSpec(f"vd{chr(ord('a') + i)}", str(path)))
+            disks = specs
+        vm = ScratchVM(tmp_path, disks, name=name, accel=accel)
+        vms.append(vm)
+        return vm
+
+    yield start
+    for vm in vms:
+        vm.kill()
+
+
+@pytest.fixture
+def attached(vm_factory: VMFactory, bc: Blockcopy) -> Callable[..., ScratchVM]:
+    """A VM that is already attached to blockcopy as domain 'vm'."""
+
+    def start(*args: Any, **kwargs: Any) -> ScratchVM:
+        vm = vm_factory(*args, **kwargs)
+        bc.ok("attach", kwargs.get("name", "vm"), "--qmp", str(vm.qmp_socket))
+        return vm
+
+    return start
+
+
+def has_pattern(path: str | Path, pattern: int, offset: int, length: int = MARKER, fmt: str = "qcow2") -> bool:
+    return image_has_pattern(str(path), fmt, pattern, offset, length)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def qemu_jobs(vm: ScratchVM) -> list[dict[str, Any]]:
+    return list(vm.cmd("query-jobs"))
+
+
+def node_names(vm: ScratchVM) -> set[str]:
+    return {n["node-name"] for n in vm.cmd("query-named-block-nodes", flat=True)}
