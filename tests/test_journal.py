@@ -1,0 +1,66 @@
+"""The SQLite journal: durability settings, round trips, and refusing what it cannot read."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from pathlib import Path
+
+import pytest
+from conftest import Blockcopy
+
+from blockcopy.errors import JournalError
+from blockcopy.journal import SCHEMA_VERSION, Journal
+from blockcopy.records import Authority, DiskRecord, Goal, Operation, Outcome, Phase, Stage
+
+
+def _op() -> Operation:
+    d = DiskRecord(name="vda", device_key="/machine/peripheral/vda/virtio-backend", source_node="n",
+                   source_file="/s", source_format="qcow2", source_file_node=None, virtual_size=1,
+                   dest_path="/d", dest_format="raw", dest_node="bc-x-0", job_id="blockcopy-x-0")
+    return Operation(id="x", domain="vm", goal=Goal.PIVOT, phase=Phase.STARTING, disks=(d,))
+
+
+def test_wal_and_full_sync(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    assert j._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert j._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert j._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_round_trip_and_history(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    saved = j.save(_op(), "planned")
+    assert saved.created_at > 0 and saved.ended_at is None
+    finished = dataclasses.replace(saved.with_disk(0, stage=Stage.STARTED, pivoted=True), phase=Phase.DONE,
+                                   outcome=Outcome.PIVOTED, authoritative=Authority.DESTINATION, warnings=("w",))
+    done = j.save(finished, "done")
+    again = Journal(tmp_path).get("x")
+    assert again == done
+    assert again is not None and again.ended_at is not None and again.outcome is Outcome.PIVOTED
+    assert [s.note for s in j.steps("x")] == ["planned", "done"]
+    assert j.operations(unfinished=True) == []
+    assert [o.id for o in j.operations(domain="vm")] == ["x"]
+
+
+def test_newer_schema_is_refused_untouched(tmp_path: Path, bc: Blockcopy) -> None:
+    Journal(bc.state_dir).close()
+    db = sqlite3.connect(bc.state_dir / Journal.FILENAME)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    before = (bc.state_dir / Journal.FILENAME).read_bytes()
+    with pytest.raises(JournalError, match="newer than this blockcopy"):
+        Journal(bc.state_dir)
+    result = bc("jobs")
+    assert result.returncode == 3 and "use a newer blockcopy" in result.stderr
+    assert (bc.state_dir / Journal.FILENAME).read_bytes() == before
+
+
+def test_unreadable_journal_is_a_clear_error(bc: Blockcopy) -> None:
+    bc.state_dir.mkdir(parents=True)
+    garbage = b"this is not a database" * 100
+    (bc.state_dir / Journal.FILENAME).write_bytes(garbage)
+    result = bc("recover")
+    assert result.returncode == 3 and "cannot read the journal" in result.stderr
+    assert (bc.state_dir / Journal.FILENAME).read_bytes() == garbage

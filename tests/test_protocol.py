@@ -1,0 +1,269 @@
+"""The pure state machine: scenario tables and exhaustive invariants (no QEMU, no I/O)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+
+from blockcopy.protocol import Command, Failure, JobView, Observation, Wait, decide, qmp
+from blockcopy.records import Authority, DiskRecord, Goal, Operation, Outcome, Phase, Stage
+
+STATUSES = ("created", "running", "ready", "standby", "waiting", "pending", "aborting", "concluded", None)
+
+
+def disk(i: int, stage: Stage = Stage.STARTED) -> DiskRecord:
+    return DiskRecord(name=f"vd{'ab'[i]}", device_key=f"/machine/peripheral/vd{'ab'[i]}/virtio-backend",
+                      source_node=f"src{i}", source_file=f"/img/src{i}.qcow2", source_format="qcow2",
+                      source_file_node=f"src{i}-file", virtual_size=1 << 30, dest_path=f"/img/dst{i}.qcow2",
+                      dest_format="qcow2", dest_node=f"bc-op-{i}", job_id=f"job{i}", stage=stage)
+
+
+def op(phase: Phase, goal: Goal = Goal.PIVOT, n: int = 1, **kw: object) -> Operation:
+    return Operation(id="op", domain="vm", goal=goal, phase=phase, disks=tuple(disk(i) for i in range(n)),
+                     **kw)  # type: ignore[arg-type]
+
+
+def obs(*statuses: str | None, run_state: str = "running", pivoted: tuple[bool, ...] = (),
+        errors: tuple[str | None, ...] = (), **kw: object) -> Observation:
+    jobs = {f"job{i}": JobView(f"job{i}", s, 10, 10, errors[i] if i < len(errors) else None)
+            for i, s in enumerate(statuses) if s is not None}
+    devices = {disk(i).device_key: (disk(i).dest_node if i < len(pivoted) and pivoted[i] else f"src{i}")
+               for i in range(len(statuses))}
+    kw.setdefault("nodes", frozenset({*devices.values(), *(f"bc-op-{i}" for i in range(len(statuses)))}))
+    return Observation(alive=True, run_state=run_state, jobs=jobs, device_nodes=devices,
+                       **kw)  # type: ignore[arg-type]
+
+
+def names(step_commands: tuple[Command, ...]) -> list[str]:
+    return [c.name or c.kind for c in step_commands]
+
+
+# --- scenarios -------------------------------------------------------------------------------------
+
+
+def test_starting_goes_create_add_mirror_with_write_ahead_records() -> None:
+    o = op(Phase.STARTING)
+    o = dataclasses.replace(o, disks=(disk(0, Stage.CREATE),))
+    step = decide(o, obs(None, dest_exists=(False,)))
+    assert names(step.commands) == ["create-image"]
+    assert step.record is None, "creating is journaled by the stage itself, before the step"
+    assert step.commands[0].after is not None and step.commands[0].after.disks[0].stage is Stage.ADD
+    assert step.commands[0].after.disks[0].dest_created
+    o = step.commands[0].after
+    step = decide(o, obs(None, nodes=frozenset()))
+    assert names(step.commands) == ["blockdev-add"]
+    assert step.commands[0].args["backing"] is None  # a full copy never opens a backing named in DEST
+    o = step.commands[0].after
+    assert o is not None
+    step = decide(o, obs(None, nodes=frozenset({"bc-op-0"})))
+    assert names(step.commands) == ["blockdev-mirror"]
+    args = step.commands[0].args
+    assert args["auto-finalize"] is False and args["auto-dismiss"] is False and args["job-id"] == "job0"
+    o = step.commands[0].after
+    assert o is not None
+    assert decide(o, obs("running")).record.phase is Phase.COPYING  # type: ignore[union-attr]
+
+
+def test_create_stage_refuses_a_file_it_cannot_prove_it_made() -> None:
+    o = dataclasses.replace(op(Phase.STARTING), disks=(disk(0, Stage.CREATE),))
+    step = decide(o, obs(None, dest_exists=(True,)))
+    assert step.record is not None and step.record.phase is Phase.ABORTING
+    assert "inspect the file" in (step.record.error or "")
+    assert not step.commands
+
+
+def test_recovery_of_start_skips_steps_qemu_shows_done() -> None:
+    o = dataclasses.replace(op(Phase.STARTING), disks=(disk(0, Stage.ADD),))
+    step = decide(o, obs(None))  # node exists already (obs lists bc-op-0)
+    assert step.record is not None and step.record.disks[0].stage is Stage.MIRROR and not step.commands
+
+
+def test_copying_waits_then_follows_the_goal() -> None:
+    assert decide(op(Phase.COPYING), obs("running")).wait is Wait.COPY
+    assert decide(op(Phase.COPYING, Goal.COPY), obs("ready")).wait is Wait.COPY
+    step = decide(op(Phase.COPYING), obs("ready"))
+    assert step.record is not None and step.record.phase is Phase.PIVOTING
+    assert step.record.paused_by_us and step.record.vm_was_running
+    step = decide(op(Phase.COPYING), obs("ready", run_state="paused"))
+    assert step.record is not None and not step.record.paused_by_us
+    step = decide(op(Phase.COPYING, Goal.FINISH), obs("ready"))
+    assert step.record is not None and step.record.phase is Phase.FINISHING
+
+
+def test_two_disks_pivot_only_when_both_are_ready() -> None:
+    assert decide(op(Phase.COPYING, n=2), obs("ready", "running")).wait is Wait.COPY
+
+
+def test_pivot_pauses_then_completes_then_finalizes_all() -> None:
+    o = op(Phase.PIVOTING, n=2, paused_by_us=True, vm_was_running=True)
+    assert names(decide(o, obs("ready", "ready")).commands) == ["stop"]
+    assert names(decide(o, obs("ready", "ready", run_state="paused")).commands) == ["job-complete"] * 2
+    assert decide(o, obs("pending", "waiting", run_state="paused")).wait is Wait.SETTLE
+    step = decide(o, obs("pending", "pending", run_state="paused"))
+    assert step.record is not None and step.record.phase is Phase.FINALIZING
+    f = step.record
+    assert names(decide(f, obs("pending", "pending", run_state="paused")).commands) == ["job-finalize"] * 2
+
+
+def test_a_job_failing_before_finalize_means_no_disk_pivots() -> None:
+    o = op(Phase.PIVOTING, n=2, paused_by_us=True)
+    step = decide(o, obs("pending", "concluded", run_state="paused", errors=(None, "I/O error")))
+    assert step.record is not None and step.record.phase is Phase.ABORTING
+    assert "no disk pivoted" in (step.record.error or "")
+    aborting = step.record
+    step = decide(aborting, obs("pending", "concluded", run_state="paused", errors=(None, "I/O error")))
+    assert names(step.commands) == ["job-cancel"] and step.commands[0].args == {"id": "job0"}
+
+
+def test_outcome_comes_from_query_block_not_from_job_status() -> None:
+    # A cancelled mirror can conclude without error; only query-block tells whether it pivoted.
+    f = op(Phase.FINALIZING, paused_by_us=True)
+    step = decide(f, obs("concluded", run_state="paused", pivoted=(False,)))
+    assert step.record is not None and step.record.outcome is Outcome.FAILED
+    assert step.record.authoritative is Authority.SOURCE
+    step = decide(f, obs("concluded", run_state="paused", pivoted=(True,)))
+    assert step.record is not None and step.record.outcome is Outcome.PIVOTED
+    assert step.record.authoritative is Authority.DESTINATION
+
+
+def test_partial_pivot_is_reported_per_disk() -> None:
+    f = op(Phase.FINALIZING, n=2)
+    step = decide(f, obs("concluded", "concluded", pivoted=(True, False), errors=(None, "boom")))
+    assert step.record is not None and step.record.outcome is Outcome.FAILED
+    assert step.record.authoritative is Authority.MIXED
+    assert [d.pivoted for d in step.record.disks] == [True, False]
+
+
+def test_settling_resumes_only_what_blockcopy_paused() -> None:
+    s = op(Phase.SETTLING, outcome=Outcome.PIVOTED, authoritative=Authority.DESTINATION, paused_by_us=True)
+    step = decide(s, obs("concluded", run_state="paused", pivoted=(True,)))
+    assert names(step.commands) == ["cont"] and step.commands[0].after is not None
+    user = dataclasses.replace(s, paused_by_us=False)
+    step = decide(user, obs("concluded", run_state="paused", pivoted=(True,)))
+    assert "cont" not in names(step.commands)
+
+
+def test_settling_cleans_up_old_source_after_a_pivot_and_dest_after_none() -> None:
+    s = op(Phase.SETTLING, outcome=Outcome.PIVOTED, authoritative=Authority.DESTINATION)
+    s = s.with_disk(0, pivoted=True)
+    o = obs(None, pivoted=(True,), nodes=frozenset({"bc-op-0", "src0", "src0-file"}))
+    step = decide(s, o)
+    assert step.commands[0].args == {"node-name": "src0"}
+    o = dataclasses.replace(o, nodes=frozenset({"bc-op-0", "src0-file"}))
+    assert decide(s, o).commands[0].args == {"node-name": "src0-file"}
+    n = op(Phase.SETTLING, outcome=Outcome.NOT_PIVOTED, authoritative=Authority.SOURCE).with_disk(0, pivoted=False)
+    assert decide(n, obs(None)).commands[0].args == {"node-name": "bc-op-0"}
+
+
+def test_refused_cleanup_becomes_a_warning_not_a_loop() -> None:
+    s = op(Phase.SETTLING, outcome=Outcome.PIVOTED, authoritative=Authority.DESTINATION).with_disk(0, pivoted=True)
+    failed = qmp("blockdev-del", {"node-name": "src0"}, disk=0, purpose="cleanup")
+    step = decide(s, obs(None, pivoted=(True,), failure=Failure(failed, "in use")))
+    assert step.record is not None and step.record.disks[0].cleaned and step.record.warnings
+
+
+def test_qemu_gone_before_pivot_means_source() -> None:
+    step = decide(op(Phase.COPYING), Observation(alive=False))
+    assert step.record is not None and step.record.phase is Phase.DONE
+    assert step.record.outcome is Outcome.FAILED and step.record.authoritative is Authority.SOURCE
+
+
+def test_qemu_gone_mid_pivot_compares_images() -> None:
+    p = op(Phase.PIVOTING, paused_by_us=True)
+    step = decide(p, Observation(alive=False))
+    assert names(step.commands) == ["compare-images"] and step.record is None
+    step = decide(p, Observation(alive=False, identical=(True,)))
+    assert step.record is not None and step.record.authoritative is Authority.BOTH
+    step = decide(p, Observation(alive=False, identical=(False,)))
+    assert step.record is not None and step.record.authoritative is Authority.SOURCE
+
+
+def test_qemu_gone_after_the_outcome_keeps_it() -> None:
+    s = op(Phase.SETTLING, outcome=Outcome.PIVOTED, authoritative=Authority.DESTINATION, paused_by_us=True)
+    step = decide(s, Observation(alive=False))
+    assert step.record is not None and step.record.outcome is Outcome.PIVOTED
+    assert step.record.phase is Phase.DONE and step.record.warnings
+
+
+def test_stalled_pivot_rolls_back_instead_of_leaving_the_guest_paused() -> None:
+    p = op(Phase.PIVOTING, paused_by_us=True)
+    step = decide(p, obs("waiting", run_state="paused", stalled=True))
+    assert step.record is not None and step.record.phase is Phase.ABORTING
+
+
+def test_late_duplicate_job_complete_refusal_is_ignored() -> None:
+    p = op(Phase.PIVOTING, paused_by_us=True)
+    refused = Failure(qmp("job-complete", {"id": "job0"}, disk=0), "not in ready state")
+    step = decide(p, obs("waiting", run_state="paused", failure=refused))
+    assert step.record is None and step.wait is Wait.SETTLE
+    step = decide(p, obs("ready", run_state="paused", failure=refused))
+    assert step.record is not None and step.record.phase is Phase.ABORTING
+
+
+# --- exhaustive invariants -------------------------------------------------------------------------
+
+PHASES = [p for p in Phase if p is not Phase.DONE]
+
+
+def _cases() -> list[tuple[Operation, Observation]]:
+    cases = []
+    for phase, goal, paused_by_us, (s0, s1), run_state, piv in itertools.product(
+            PHASES, list(Goal), (False, True), itertools.product(STATUSES, repeat=2), ("running", "paused"),
+            ((False, False), (True, True), (True, False))):
+        outcome = Outcome.PIVOTED if phase is Phase.SETTLING else None
+        authority = Authority.DESTINATION if outcome else None
+        o = op(phase, goal, n=2, paused_by_us=paused_by_us, outcome=outcome, authoritative=authority)
+        cases.append((o, obs(s0, s1, run_state=run_state, pivoted=piv)))
+    return cases
+
+
+CASES = _cases()
+
+
+def test_invariants_hold_for_every_phase_status_and_run_state() -> None:
+    assert len(CASES) > 10_000
+    for o, ob in CASES:
+        step = decide(o, ob)
+        cmds = names(step.commands)
+        where = f"{o.phase} goal={o.goal} paused_by_us={o.paused_by_us} {dict(ob.jobs)} {ob.run_state}"
+        # The guest is resumed only once the outcome is journaled, and only if blockcopy paused it.
+        if "cont" in cmds:
+            assert o.outcome is not None and o.paused_by_us, where
+        # blockcopy pauses only in PIVOTING, and only a guest it decided to pause.
+        if "stop" in cmds:
+            assert o.phase is Phase.PIVOTING and o.paused_by_us, where
+        # Point of no return only once every job is pending (or when finishing without pivot).
+        if "job-finalize" in cmds:
+            assert o.phase in (Phase.FINALIZING, Phase.FINISHING), where
+        if "job-complete" in cmds:
+            assert o.phase is Phase.PIVOTING, where
+        # Write-ahead: a step never both changes the record and acts; the record comes first.
+        if step.record is not None:
+            assert step.record.id == o.id and step.record.domain == o.domain
+            if step.record.outcome is not None:
+                assert step.record.authoritative is not None, where
+        # Every non-terminal step makes progress: a record, a command or a wait.
+        assert step.record is not None or step.commands or step.wait is not None, where
+
+
+def test_pivoting_reaches_finalizing_only_when_all_jobs_are_pending() -> None:
+    for o, ob in CASES:
+        if o.phase is not Phase.PIVOTING:
+            continue
+        step = decide(o, ob)
+        if step.record is not None and step.record.phase is Phase.FINALIZING:
+            assert all(j.status == "pending" for j in ob.jobs.values()) and len(ob.jobs) == 2
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_qemu_gone_always_ends_with_an_authoritative_image(phase: Phase) -> None:
+    o = op(phase, paused_by_us=True, outcome=Outcome.PIVOTED if phase is Phase.SETTLING else None,
+           authoritative=Authority.DESTINATION if phase is Phase.SETTLING else None)
+    step = decide(o, Observation(alive=False))
+    if step.commands:
+        step = decide(o, Observation(alive=False, identical=(True,)))
+    assert step.record is not None and step.record.phase is Phase.DONE
+    assert step.record.authoritative is not None and step.record.outcome is not None
+    assert decide(step.record, Observation(alive=False)).terminal
