@@ -1,0 +1,84 @@
+"""The command's own behaviour: domains, interruption, legacy -drive VMs, help and JSON."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from conftest import MIB, Blockcopy, has_pattern, node_names, qemu_jobs, wait_for
+
+from blockcopy.vm import ScratchVM, make_image
+
+
+def test_attach_domains_detach(vm_factory, bc: Blockcopy, tmp_path: Path) -> None:
+    vm = vm_factory(1)
+    attached = bc.ok("attach", "web1", "--qmp", str(vm.qmp_socket), "--json").json
+    assert attached["domain"] == "web1" and attached["qmp_socket"] == str(vm.qmp_socket)
+    assert [d["domain"] for d in bc.ok("domains", "--json").json] == ["web1"]
+    disks = bc.ok("disks", "web1", "--json").json
+    assert [(d["disk"], d["node"], d["format"], d["image"], d["virtual_size"]) for d in disks] == [
+        ("vda", "vda-fmt", "qcow2", vm.disks[0].path, 64 * MIB)]
+    job = bc.ok("copy", "web1", "vda", str(tmp_path / "d.qcow2"), "--bandwidth", "1", "--json").json
+    refused = bc("detach", "web1")
+    assert refused.returncode == 2 and job["id"] in refused.stderr
+    bc.ok("abort", job["id"])
+    bc.ok("detach", "web1")
+    assert bc.ok("domains", "--json").json == []
+
+
+def test_ctrl_c_while_waiting_leaves_the_job_copying(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    vm = attached(1)
+    proc = bc.spawn("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--pivot", "--bandwidth", "2")
+    wait_for(lambda: any(j["status"] == "running" for j in qemu_jobs(vm)), what="the mirror to run")
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "keeps running" in err and "blockcopy pivot" in err
+    job = bc.ok("jobs", "--json").json[0]
+    assert job["goal"] == "copy" and job["state"] == "running"  # the pivot wish is withdrawn
+    assert [j["status"] for j in qemu_jobs(vm)] == ["running"]
+    assert vm.run_state() == "running"
+    assert bc.ok("recover", "--json").json[0]["state"] == "running"  # recover does not pivot it either
+    assert vm.device_node("vda")[1] == vm.disks[0].path
+    bc.ok("abort", job["id"])
+
+
+def test_legacy_drive_vm_pivots_twice(tmp_path: Path, bc: Blockcopy, accel: str) -> None:
+    image = make_image(tmp_path / "d.qcow2", 64 * MIB)
+    vm = ScratchVM(tmp_path, [], accel=accel, extra_args=[
+        "-drive", f"file={image},if=none,id=drive0,format=qcow2",
+        "-device", "virtio-blk-pci,drive=drive0,id=vda"])
+    try:
+        bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+        disk = bc.ok("disks", "vm", "--json").json[0]
+        assert disk["drive"] == "drive0" and disk["node"].startswith("#")
+        vm.write_marker("vda", 0x44, 2 * MIB)
+        first = bc.ok("copy", "vm", "drive0", str(tmp_path / "one.qcow2"), "--pivot", "--json").json
+        second = bc.ok("copy", "vm", "vda", str(tmp_path / "two.qcow2"), "--pivot", "--json").json
+        assert first["outcome"] == second["outcome"] == "pivoted"
+        assert vm.device_node("vda")[1] == str(tmp_path / "two.qcow2")
+        assert has_pattern(tmp_path / "two.qcow2", 0x44, 2 * MIB)
+        assert f"bc-{first['id']}-0" not in node_names(vm)  # the intermediate copy was released
+    finally:
+        vm.kill()
+
+
+def test_help_names_the_commands_and_the_qmp_line(bc: Blockcopy) -> None:
+    out = bc.ok("--help").stdout
+    for command in ("attach", "disks", "copy", "jobs", "status", "pivot", "finish", "abort", "recover", "demo"):
+        assert command in out
+    assert "server=on,wait=off" in out
+    copy_help = bc.ok("copy", "--help").stdout
+    for option in ("--shallow", "--reuse-external", "--bandwidth", "--mode", "--pivot", "--finish", "--wait"):
+        assert option in copy_help
+
+
+def test_status_log_shows_the_journaled_steps(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    attached(1)
+    job = bc.ok("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--pivot", "--json").json
+    log = bc.ok("status", job["id"], "--log", "--json").json["log"]
+    phases = [entry["phase"] for entry in log]
+    assert phases[0] == "starting" and phases[-1] == "done"
+    assert phases.index("pivoting") < phases.index("finalizing") < phases.index("settling")
+    text = bc.ok("status", job["id"], "--log").stdout
+    assert "outcome: pivoted" in text and "authoritative image: destination" in text
