@@ -21,7 +21,7 @@ demo: setup
 	$(BIN)/blockcopy demo
 
 lint: setup
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests $(wildcard bench)
 
 typecheck: setup
 	$(BIN)/mypy

@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="blockcopy: %(name)s: %(message)s")
+    if not args.verbose:
+        # qemu.qmp logs connection failures itself; blockcopy turns them into one clear error.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     if args.command == "demo":
         from blockcopy.demo import run_demo
 

@@ -72,6 +72,8 @@ class Driver:
             op = self._measure(op, obs)
             step = decide(op, obs)
             failure, identical = None, None
+            if step.record is not None or step.commands:
+                log.info("job %s [%s] %s", op.id, op.phase.value, step.note)
             if step.record is not None:
                 op = self._save(step.record, op, step.note)
             for command in step.commands:

@@ -57,16 +57,3 @@ class DomainLock:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
-
-    def held_by_other(self) -> bool:
-        """True if another process holds the lock now (used by read-only commands)."""
-        if not self.path.exists():
-            return False
-        fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False

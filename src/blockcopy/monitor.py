@@ -70,6 +70,9 @@ def event_time(event: Mapping[str, Any]) -> float:
 class Monitor:
     """One exclusive QMP connection to one QEMU."""
 
+    #: No QMP command blockcopy sends takes long; a silent QEMU is hung (or deadlocked).
+    command_timeout = 60.0
+
     def __init__(self, socket_path: str, client: QMPClient) -> None:
         self.socket_path = socket_path
         self._client = client
@@ -112,7 +115,10 @@ class Monitor:
 
     async def execute(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
         try:
-            result = await self._client.execute(command, args)
+            result = await asyncio.wait_for(self._client.execute(command, args), self.command_timeout)
+        except TimeoutError:
+            raise MonitorError(f"QEMU did not answer {command} within {self.command_timeout:g} s; it may be "
+                               "hung. The journal is intact: run `blockcopy recover` once QEMU answers") from None
         except ExecuteError as exc:
             raise CommandRefused(command, exc.error_class, str(exc)) from None
         except (ExecInterruptedError, StateError, ConnectionError, EOFError) as exc:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -113,7 +113,7 @@ class Operation:
     ready_at: float | None = None
     stop_ts: float | None = None  # QEMU's STOP event time for the pivot pause
     resume_ts: float | None = None  # QEMU's RESUME event time
-    identical: tuple[bool, ...] | None = field(default=None)  # image comparison after QEMU died
+    identical: tuple[bool, ...] | None = None  # image comparison after QEMU died
 
     @property
     def finished(self) -> bool:
