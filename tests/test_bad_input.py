@@ -20,7 +20,8 @@ def _nothing_started(vm, bc: Blockcopy) -> None:
     assert bc.ok("jobs", "--json").json == []
 
 
-def test_unknown_domain(bc: Blockcopy, tmp_path: Path) -> None:
+def test_unknown_domain(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    attached(1)
     result = bc("copy", "nosuch", "vda", str(tmp_path / "d.qcow2"))
     assert result.returncode == 2
     assert "unknown domain 'nosuch'" in result.stderr and "blockcopy attach" in result.stderr
@@ -160,7 +161,8 @@ def test_pivot_before_ready_says_how_far(attached, bc: Blockcopy, tmp_path: Path
     bc.ok("abort", job["id"])
 
 
-def test_unknown_job(bc: Blockcopy) -> None:
+def test_unknown_job(attached, bc: Blockcopy) -> None:
+    attached(1)
     for command in ("status", "pivot", "abort", "finish"):
         result = bc(command, "feedbeef")
         assert result.returncode == 2 and "unknown job 'feedbeef'" in result.stderr

@@ -64,3 +64,11 @@ def test_unreadable_journal_is_a_clear_error(bc: Blockcopy) -> None:
     result = bc("recover")
     assert result.returncode == 3 and "cannot read the journal" in result.stderr
     assert (bc.state_dir / Journal.FILENAME).read_bytes() == garbage
+
+
+def test_missing_journal_is_a_clear_error_not_nothing_to_do(bc: Blockcopy) -> None:
+    for command in (["recover"], ["jobs"], ["status", "abcd1234"], ["domains"]):
+        result = bc(*command)
+        assert result.returncode == 3, command
+        assert "no journal at" in result.stderr and "--state-dir" in result.stderr
+    assert not bc.state_dir.exists()  # nothing was created either

@@ -215,12 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         from blockcopy.demo import run_demo
 
         return run_demo(args.size, as_json=args.json, keep=args.keep)
-    return _run(lambda manager: run_command(args, manager, Output(args.json)), args.state_dir)
+    return _run(lambda manager: run_command(args, manager, Output(args.json)), args.state_dir,
+                create_journal=args.command == "attach")
 
 
-def _run(body: Callable[[Manager], Awaitable[int]], state_dir: str | None) -> int:
+def _run(body: Callable[[Manager], Awaitable[int]], state_dir: str | None, *, create_journal: bool) -> int:
     async def runner() -> int:
-        manager = Manager(state_dir)
+        manager = Manager(state_dir, create_journal=create_journal)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, manager.interrupt.set)

@@ -111,10 +111,7 @@ class Driver:
                 await self._wait(0.5, seen)
 
     def _save(self, decided: Operation, current: Operation, note: str) -> Operation:
-        record = _carry_measurements(decided, current)
-        saved = self.journal.save(record, note)
-        faults.point(f"journal:{saved.phase.value}")
-        return saved
+        return self.journal.save(_carry_measurements(decided, current), note)
 
     async def _observe(self, op: Operation, failure: Failure | None, identical: tuple[bool, ...] | None,
                        stalled: bool) -> Observation:

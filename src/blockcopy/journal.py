@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from blockcopy import faults
 from blockcopy.errors import JournalError
 from blockcopy.records import Operation
 
@@ -70,7 +71,9 @@ class Journal:
     def __init__(self, state_dir: Path, *, create: bool = True) -> None:
         self.path = state_dir / self.FILENAME
         if not self.path.exists() and not create:
-            raise JournalError(f"no journal at {self.path}; nothing was ever recorded in this state directory")
+            raise JournalError(f"no journal at {self.path}: nothing was ever recorded in this state directory. "
+                               "Pass the --state-dir (or BLOCKCOPY_STATE_DIR) that blockcopy used, or start "
+                               "with `blockcopy attach`")
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
@@ -144,6 +147,8 @@ class Journal:
             if note:
                 self._db.execute("INSERT INTO steps (op_id, at, phase, note) VALUES (?, ?, ?, ?)",
                                  (op.id, now, op.phase.value, note))
+        if note:  # a protocol step, not a progress update
+            faults.point(f"journal:{op.phase.value}")
         return op
 
     def get(self, op_id: str) -> Operation | None:

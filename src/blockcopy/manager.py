@@ -46,9 +46,12 @@ class Manager:
     """Live block copy for QEMU domains, with a durable journal in ``state_dir``."""
 
     def __init__(self, state_dir: Path | str | None = None, *, lock_wait: float = 0.0,
-                 qmp_timeout: float = 5.0) -> None:
+                 qmp_timeout: float = 5.0, create_journal: bool = True) -> None:
+        """``create_journal=False`` refuses a state directory without a journal (JournalError)
+        instead of starting an empty one: recovery must never mistake "wrong directory" for
+        "nothing to do"."""
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
-        self.journal = Journal(self.state_dir)
+        self.journal = Journal(self.state_dir, create=create_journal)
         self.lock_wait = lock_wait
         self.qmp_timeout = qmp_timeout
         self.interrupt = asyncio.Event()  # set it (e.g. on SIGINT) to stop waiting for a copy
