@@ -126,3 +126,25 @@ def qemu_jobs(vm: ScratchVM) -> list[dict[str, Any]]:
 
 def node_names(vm: ScratchVM) -> set[str]:
     return {n["node-name"] for n in vm.cmd("query-named-block-nodes", flat=True)}
+
+
+#: (command, crash point, what happened to QEMU, outcome/authoritative) rows of the crash matrix.
+MATRIX_RESULTS: list[tuple[str, str, str, str]] = []
+#: (what the soak iteration did, outcome/authoritative) rows.
+SOAK_RESULTS: list[tuple[str, str]] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for context, result in SOAK_RESULTS:
+        terminalreporter.write_line(f"soak {context} -> {result}")
+    if not MATRIX_RESULTS:
+        return
+    table: dict[tuple[str, str], dict[str, str]] = {}
+    for command, point, after, result in MATRIX_RESULTS:
+        table.setdefault((command, point), {})[after] = result
+    write = terminalreporter.write_line
+    write("")
+    write("crash matrix: crash point x QEMU afterwards -> outcome/authoritative image after recover")
+    write(f"{'command':<10} {'crash point':<24} {'QEMU alive':<24} {'QEMU killed':<24} {'QEMU quit':<24}")
+    for (command, point), row in table.items():
+        write(f"{command:<10} {point:<24} " + " ".join(f"{row.get(a, '-'):<24}" for a in ("alive", "kill", "quit")))

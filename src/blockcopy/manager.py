@@ -17,11 +17,11 @@ from pathlib import Path
 
 from blockcopy import images
 from blockcopy.driver import Driver, Interrupted, ProgressCallback, Until
-from blockcopy.errors import DomainBusy, MonitorBusy, MonitorError, NotReady, QemuGone, UsageError
+from blockcopy.errors import DomainBusy, MonitorBusy, MonitorError, NotReady, OperationFailed, QemuGone, UsageError
 from blockcopy.journal import Domain, Journal, default_state_dir
 from blockcopy.locking import DomainLock
 from blockcopy.monitor import DeviceInfo, Monitor
-from blockcopy.records import DiskRecord, Goal, Operation, Phase, Stage
+from blockcopy.records import DiskRecord, Goal, Operation, Outcome, Phase, Stage
 
 MODES = ("write-blocking", "background")
 FORMATS = ("qcow2", "raw")
@@ -217,8 +217,9 @@ class Manager:
         async with self._session(op.domain, on_progress) as (_monitor, driver):
             op = self._operation(op_id)
             if op.finished:
-                raise UsageError(f"job {op_id} has already ended: outcome {op.outcome}, "
-                                 f"authoritative image: {op.authoritative}")
+                message = (f"job {op_id} has already ended: outcome {op.outcome}, authoritative image: "
+                           f"{op.authoritative}" + (f"; error: {op.error}" if op.error else ""))
+                raise OperationFailed(message) if op.outcome is Outcome.FAILED else UsageError(message)
             if goal is not Goal.ABORT and op.goal is Goal.ABORT:
                 raise UsageError(f"job {op_id} is being aborted")
             ready = all(d.job_status == "ready" for d in op.disks)

@@ -1,0 +1,205 @@
+"""The crash-point matrix: blockcopy SIGKILLs itself after every protocol step, then QEMU stays,
+is killed, or quits, then ``blockcopy recover`` must leave a terminal job whose authoritative image
+holds every acknowledged write (issue: crash-proof outcomes). Crash points: ``crashpoints.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import MATRIX_RESULTS, MIB, SOAK_RESULTS, Blockcopy, has_pattern, node_names, qemu_jobs
+from crashpoints import POINTS, outcome_journaled
+
+from blockcopy import images
+from blockcopy.vm import ScratchVM
+
+AFTER = ("alive", "kill", "quit")  # what happens to QEMU between the crash and `blockcopy recover`
+MARKER_AT = 8 * MIB
+CASES = [(command, disks, point, after)
+         for (command, disks), points in POINTS.items() for point in points for after in AFTER]
+
+
+def _expected_when_alive(command: str, point: str) -> tuple[str, str]:
+    if point.startswith("create-image"):
+        # DEST exists but the journal cannot prove blockcopy created it: roll back, keep the file.
+        return "failed", "source"
+    return {"pivot": ("pivoted", "destination"), "finish": ("not-pivoted", "source"),
+            "abort": ("not-pivoted", "source")}[command]
+
+
+def _images(vm: ScratchVM, job: dict[str, Any], index: int) -> list[str]:
+    disk = job["disks"][index]
+    return {"source": [disk["source"]], "destination": [disk["destination"]],
+            "both": [disk["source"], disk["destination"]]}[disk["authoritative"]]
+
+
+def run_case(vm_factory: Any, bc: Blockcopy, tmp_path: Path, command: str, disks: int, point: str,
+             after: str) -> dict[str, Any]:
+    vm = vm_factory(disks, size=16 * MIB)
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    names = [d.id for d in vm.disks]
+    for i, name in enumerate(names):
+        vm.write_marker(name, 0x60 + i, MARKER_AT)
+    pairs = [f"--disk={name}={tmp_path / f'dest{i}.qcow2'}" for i, name in enumerate(names)]
+    if command == "abort":
+        job_id = bc.ok("copy", "vm", *pairs, "--bandwidth", "1", "--json").json["id"]
+        crashed = bc("abort", job_id, crash_at=point)
+    else:
+        crashed = bc("copy", "vm", *pairs, f"--{command}", crash_at=point)
+    assert crashed.returncode == -signal.SIGKILL, f"did not crash at {point}: {crashed.stderr}"
+
+    if after == "kill":
+        vm.kill()
+    elif after == "quit":
+        vm.quit()
+
+    if after == "alive" or outcome_journaled(command, disks, point):
+        expected = {_expected_when_alive(command, point)}
+    else:
+        expected = {("failed", "source"), ("failed", "both")}
+    return recover_and_check(vm, bc, expected)
+
+
+def recover_and_check(vm: ScratchVM, bc: Blockcopy, expected: set[tuple[str, str]]) -> dict[str, Any]:
+    """Run `blockcopy recover`, then check properties 1-5 of the issue; returns the job."""
+    names = [d.id for d in vm.disks]
+    recovered = bc("recover", "--json")
+    assert recovered.returncode in (0, 7), recovered.stderr
+    job = bc.ok("jobs", "--json").json[-1]
+
+    # 1. terminal, with an authoritative image
+    assert job["state"] == "concluded" and job["phase"] == "done"
+    assert job["authoritative"] in ("source", "destination", "both")
+    assert (job["outcome"], job["authoritative"]) in expected
+    # 4 (two disks): all or nothing
+    assert len({d["pivoted"] for d in job["disks"]}) == 1, job["disks"]
+
+    for i in range(len(names)):
+        for image in _images(vm, job, i):
+            # 2. every acknowledged write (flushed markers) and the original data are there
+            assert has_pattern(image, 0x60 + i, MARKER_AT), f"{image} lost the marker"
+            assert has_pattern(image, 0x11 + i, 0, 4 * MIB), f"{image} lost original data"
+        if job["disks"][i]["authoritative"] in ("source", "both"):
+            # 4. the source is intact
+            ok, report = images.check(job["disks"][i]["source"], "qcow2")
+            assert ok, report
+
+    if vm.alive():
+        # 3. QEMU uses exactly the authoritative image; run state restored; nothing of ours left
+        assert vm.run_state() == "running"
+        assert qemu_jobs(vm) == []
+        in_use = set()
+        for i, name in enumerate(names):
+            node, file = vm.device_node(name)
+            in_use.add(node)
+            assert file in _images(vm, job, i)
+            vm.write_marker(name, 0x70 + i, 12 * MIB)
+            assert has_pattern(file, 0x70 + i, 12 * MIB)
+        stray = {n for n in node_names(vm) if n.startswith("bc-")} - in_use
+        assert not stray, f"stray nodes {stray}"
+        if job["outcome"] == "pivoted":
+            assert not {f"{n}-fmt" for n in names} & node_names(vm), "old source still open"
+
+    # 5. a second recover changes nothing
+    again = bc("recover", "--json")
+    assert again.returncode == 0 and again.json == []
+    assert bc.ok("jobs", "--json").json[-1] == job
+    return job
+
+
+@pytest.mark.parametrize(("command", "disks", "point", "after"), CASES,
+                         ids=[f"{c}-{d}disk-{p}-{a}" for c, d, p, a in CASES])
+def test_crash_point(vm_factory: Any, bc: Blockcopy, tmp_path: Path, command: str, disks: int, point: str,
+                     after: str) -> None:
+    job = run_case(vm_factory, bc, tmp_path, command, disks, point, after)
+    MATRIX_RESULTS.append((f"{command} {disks}d", point, after, f"{job['outcome']}/{job['authoritative']}"))
+
+
+@pytest.mark.parametrize(("command", "disks"), list(POINTS))
+def test_the_table_matches_a_traced_run(vm_factory: Any, bc: Blockcopy, tmp_path: Path, command: str,
+                                        disks: int) -> None:
+    vm = vm_factory(disks, size=16 * MIB)
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    pairs = [f"--disk={d.id}={tmp_path / f'dest{i}.qcow2'}" for i, d in enumerate(vm.disks)]
+    trace = tmp_path / "trace"
+    bc.env["BLOCKCOPY_TRACE_POINTS"] = str(trace)
+    if command == "abort":
+        bc.env.pop("BLOCKCOPY_TRACE_POINTS")
+        job_id = bc.ok("copy", "vm", *pairs, "--bandwidth", "1", "--json").json["id"]
+        bc.env["BLOCKCOPY_TRACE_POINTS"] = str(trace)
+        bc.ok("abort", job_id)
+    else:
+        bc.ok("copy", "vm", *pairs, f"--{command}")
+    reached = set(trace.read_text().split())
+    missing = [p for p in POINTS[(command, disks)] if p not in reached]
+    assert not missing, f"listed but not reached: {missing}"
+    kinds = {p.rsplit("@", 1)[0] for p in reached}
+    listed = {p.rsplit("@", 1)[0] for p in POINTS[(command, disks)]}
+    assert kinds == listed, f"reached kinds of points not in the table: {kinds - listed}"
+
+
+def test_recovery_killed_during_recovery_still_converges(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    vm = attached(2, size=16 * MIB)
+    vm.write_marker("vda", 0x66, MARKER_AT)
+    pairs = [f"--disk={d.id}={tmp_path / f'dest{i}.qcow2'}" for i, d in enumerate(vm.disks)]
+    assert bc("copy", "vm", *pairs, "--pivot", crash_at="qmp:stop").returncode == -signal.SIGKILL
+    for point in ("qmp:job-complete@1", "qmp:job-finalize@1", "journal:settling@1", "qmp:job-dismiss@1"):
+        assert bc("recover", crash_at=point).returncode == -signal.SIGKILL, point
+    job = bc.ok("recover", "--json").json[0]
+    assert job["outcome"] == "pivoted" and [d["pivoted"] for d in job["disks"]] == [True, True]
+    assert vm.run_state() == "running" and qemu_jobs(vm) == []
+    assert has_pattern(vm.device_node("vda")[1], 0x66, MARKER_AT)
+    assert bc.ok("recover", "--json").json == []
+
+
+SOAK_ITERATIONS = 30
+
+
+def test_soak_random_sigkill_during_copy_pivot(vm_factory: Any, bc: Blockcopy, tmp_path: Path) -> None:
+    """SIGKILL `copy --pivot` at a random moment, do something random to QEMU, recover, check."""
+    rng = random.Random(20121122)  # fixed: a failure names its iteration and can be replayed
+    for iteration in range(SOAK_ITERATIONS):
+        work = tmp_path / f"it{iteration}"
+        work.mkdir()
+        disks, after, delay = rng.choice((1, 2)), rng.choice(AFTER), rng.uniform(0.05, 0.9)
+        vm = vm_factory(disks, size=16 * MIB, name=f"soak{iteration}")
+        state = Blockcopy(work / "state")
+        state.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+        for i, d in enumerate(vm.disks):
+            vm.write_marker(d.id, 0x60 + i, MARKER_AT)
+        pairs = [f"--disk={d.id}={work / f'dest{i}.qcow2'}" for i, d in enumerate(vm.disks)]
+        proc = state.spawn("copy", "vm", *pairs, "--pivot", "--bandwidth", "48")
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        if after == "kill":
+            vm.kill()
+        elif after == "quit":
+            vm.quit()
+        context = f"iteration {iteration}: {disks} disk(s), killed after {delay:.3f} s, QEMU {after}"
+        jobs = state.ok("jobs", "--json").json if (work / "state").exists() else []
+        if not jobs:
+            SOAK_RESULTS.append((context, "killed before the job was journaled"))
+            continue
+        if after == "alive":
+            expected = {("pivoted", "destination"), ("failed", "source")}
+        else:
+            expected = {("pivoted", "destination"), ("failed", "source"), ("failed", "both")}
+        try:
+            job = recover_and_check(vm, state, expected)
+        except AssertionError as exc:
+            raise AssertionError(f"{context}: {exc}") from exc
+        SOAK_RESULTS.append((context, f"{job['outcome']}/{job['authoritative']}"))
+        vm.kill()
+    assert len(SOAK_RESULTS) == SOAK_ITERATIONS
+    assert sum("/" in r for _c, r in SOAK_RESULTS) >= SOAK_ITERATIONS // 2, "most kills must hit a journaled job"
+
+
+def test_crash_points_are_inert_unless_asked(bc: Blockcopy) -> None:
+    assert "BLOCKCOPY_CRASH_AT" not in bc.env and "BLOCKCOPY_CRASH_AT" not in os.environ
