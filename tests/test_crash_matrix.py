@@ -201,5 +201,18 @@ def test_soak_random_sigkill_during_copy_pivot(vm_factory: Any, bc: Blockcopy, t
     assert sum("/" in r for _c, r in SOAK_RESULTS) >= SOAK_ITERATIONS // 2, "most kills must hit a journaled job"
 
 
+@pytest.mark.parametrize("point", ["journal:pivoting@1", "qmp:job-complete@1", "journal:settling@1"])
+def test_user_paused_vm_stays_paused_through_crash_and_recovery(attached, bc: Blockcopy, tmp_path: Path,
+                                                                point: str) -> None:
+    vm = attached(1, size=16 * MIB)
+    vm.cmd("stop")
+    crashed = bc("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--pivot", crash_at=point)
+    assert crashed.returncode == -signal.SIGKILL
+    job = bc.ok("recover", "--json").json[0]
+    assert job["outcome"] == "pivoted" and job["paused_by_blockcopy"] is False
+    assert vm.run_state() == "paused"
+    assert vm.device_node("vda")[1] == str(tmp_path / "d.qcow2")
+
+
 def test_crash_points_are_inert_unless_asked(bc: Blockcopy) -> None:
     assert "BLOCKCOPY_CRASH_AT" not in bc.env and "BLOCKCOPY_CRASH_AT" not in os.environ
