@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup guest demo test lint typecheck unit bench clean
 
 setup: .stamp-system $(VENV)/.stamp
 
@@ -17,7 +17,11 @@ $(VENV)/.stamp: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-demo: setup
+# The tiny Linux guest of the demo and the end-to-end tests (Debian kernel + busybox, cached).
+guest: setup
+	$(BIN)/python -m blockcopy.guest.build
+
+demo: guest
 	$(BIN)/blockcopy demo
 
 lint: setup
@@ -26,7 +30,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-test: lint typecheck
+test: lint typecheck guest
 	$(BIN)/pytest -q
 
 bench: setup

@@ -132,9 +132,13 @@ def node_names(vm: ScratchVM) -> set[str]:
 MATRIX_RESULTS: list[tuple[str, str, str, str]] = []
 #: (what the soak iteration did, outcome/authoritative) rows.
 SOAK_RESULTS: list[tuple[str, str]] = []
+#: Figures measured by the real-guest tests (printed, never asserted on).
+GUEST_FIGURES: list[str] = []
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for figure in GUEST_FIGURES:
+        terminalreporter.write_line(f"guest: {figure}")
     for context, result in SOAK_RESULTS:
         terminalreporter.write_line(f"soak {context} -> {result}")
     if not MATRIX_RESULTS:

@@ -167,7 +167,12 @@ def test_refused_cleanup_becomes_a_warning_not_a_loop() -> None:
 def test_qemu_gone_before_pivot_means_source() -> None:
     step = decide(op(Phase.COPYING), Observation(alive=False))
     assert step.record is not None and step.record.phase is Phase.DONE
-    assert step.record.outcome is Outcome.FAILED and step.record.authoritative is Authority.SOURCE
+    assert step.record.outcome is Outcome.NOT_PIVOTED and step.record.authoritative is Authority.SOURCE
+    assert "QEMU exited while copying" in (step.record.reason or "")
+    failing = op(Phase.ABORTING, error="disk vda: I/O error")
+    step = decide(failing, Observation(alive=False))
+    assert step.record is not None and step.record.outcome is Outcome.FAILED
+    assert step.record.error == "disk vda: I/O error"
 
 
 def test_qemu_gone_mid_pivot_compares_images() -> None:

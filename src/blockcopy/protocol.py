@@ -42,8 +42,9 @@ DONE          nothing
 Failure rules:
 - a job that fails, vanishes or is cancelled by someone else before FINALIZING sends the operation
   to ABORTING with an error, which cancels the other jobs: no disk pivots;
-- QEMU gone before the outcome is journaled: the guest cannot have written to DEST except through a
-  pivot that the journal has not recorded; since blockcopy pauses the guest before completing jobs
+- QEMU gone before the outcome is journaled (outcome ``not-pivoted``; ``failed`` if a job had
+  already failed): the guest cannot have written to DEST except through a pivot that the journal
+  has not recorded; since blockcopy pauses the guest before completing jobs
   and resumes it only after journaling the outcome, the *source* holds every acknowledged write. In
   PIVOTING and FINALIZING the images are compared and ``both`` is recorded when identical;
 - QEMU gone after the outcome is journaled: the outcome stands.
@@ -413,13 +414,15 @@ def _qemu_gone(op: Operation, obs: Observation) -> Step:
         return Step(commands=(Command("compare-images"),), note="QEMU exited mid-pivot: compare the images")
     both = paused and obs.identical is not None and all(obs.identical)
     where = "during the pivot" if paused else f"while {op.phase.value}"
+    # QEMU exiting (the guest powered off, or someone killed it) is not an error of the copy: the
+    # disks simply did not pivot. An error recorded before (a failed job) still makes it "failed".
+    holds = ("the source and the destination hold identical data" if both
+             else "the source holds every write the guest saw acknowledged")
     record = _replace(
-        op, phase=Phase.DONE, outcome=Outcome.FAILED,
+        op, phase=Phase.DONE, outcome=Outcome.FAILED if op.error else Outcome.NOT_PIVOTED,
         authoritative=Authority.BOTH if both else Authority.SOURCE,
         identical=obs.identical,
-        error=op.error or f"QEMU exited {where}",
-        reason=("the source and the destination hold identical data" if both
-                else "the source holds every write the guest saw acknowledged"),
+        reason=f"QEMU exited {where}; {holds}",
         disks=tuple(dataclasses.replace(d, pivoted=False) for d in op.disks),
     )
     return Step(record=record, note="QEMU is gone")

@@ -88,6 +88,7 @@ class ScratchVM:
         self.workdir = workdir
         self.disks = disks
         self.name = name
+        self.accel = accel
         self.qmp_socket = workdir / f"{name}.qmp"
         self.aux_socket = workdir / f"{name}.aux.qmp"
         self.log_path = workdir / f"{name}.log"
