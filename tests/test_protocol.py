@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from blockcopy.protocol import Command, Failure, JobView, Observation, Wait, decide, qmp
+from blockcopy.protocol import Command, Failure, JobView, Observation, Wait, decide, needs, qmp
 from blockcopy.records import Authority, DiskRecord, Goal, Operation, Outcome, Phase, Stage
 
 STATUSES = ("created", "running", "ready", "standby", "waiting", "pending", "aborting", "concluded", None)
@@ -98,7 +98,7 @@ def test_two_disks_pivot_only_when_both_are_ready() -> None:
 
 def test_pivot_pauses_then_completes_then_finalizes_all() -> None:
     o = op(Phase.PIVOTING, n=2, paused_by_us=True, vm_was_running=True)
-    assert names(decide(o, obs("ready", "ready")).commands) == ["stop"]
+    assert names(decide(o, obs("ready", "ready")).commands) == ["sync-images", "stop"]
     assert names(decide(o, obs("ready", "ready", run_state="paused")).commands) == ["job-complete"] * 2
     assert decide(o, obs("pending", "waiting", run_state="paused")).wait is Wait.SETTLE
     step = decide(o, obs("pending", "pending", run_state="paused"))
@@ -272,3 +272,24 @@ def test_qemu_gone_always_ends_with_an_authoritative_image(phase: Phase) -> None
     assert step.record is not None and step.record.phase is Phase.DONE
     assert step.record.authoritative is not None and step.record.outcome is not None
     assert decide(step.record, Observation(alive=False)).terminal
+
+
+def _restricted(o: Operation, ob: Observation) -> Observation:
+    """What the driver observes: only the queries that needs() names."""
+    wanted = needs(o)
+    return dataclasses.replace(
+        ob, run_state=ob.run_state if "status" in wanted else "",
+        jobs=ob.jobs if "jobs" in wanted else {},
+        device_nodes=ob.device_nodes if "block" in wanted else {},
+        nodes=ob.nodes if "nodes" in wanted else frozenset())
+
+
+def test_needs_names_everything_each_decision_reads() -> None:
+    for o, ob in CASES:
+        for record in (o, dataclasses.replace(o, resumed=True)):
+            assert decide(record, _restricted(record, ob)) == decide(record, ob), (record.phase, dict(ob.jobs))
+
+
+def test_pivot_syncs_images_before_stopping_the_guest() -> None:
+    o = op(Phase.PIVOTING, paused_by_us=True)
+    assert names(decide(o, obs("ready")).commands) == ["sync-images", "stop"]

@@ -177,13 +177,14 @@ class Monitor:
     async def devices(self) -> list[DeviceInfo]:
         return devices_from_query_block(await self.block())
 
-    async def observe(self, dest_exists: tuple[bool, ...] = ()) -> Observation:
-        """Everything the state machine needs, or an 'alive=False' observation when QEMU is gone."""
+    async def observe(self, needs: frozenset[str], dest_exists: tuple[bool, ...] = ()) -> Observation:
+        """What the state machine needs (``needs``: see protocol.needs), or 'alive=False' when QEMU
+        is gone. Parts not asked for stay empty."""
         try:
-            run_state = await self.run_state()
-            jobs = await self.jobs()
-            block = await self.block()
-            nodes = await self.node_names()
+            run_state = await self.run_state() if "status" in needs else ""
+            jobs = await self.jobs() if "jobs" in needs else {}
+            block = await self.block() if "block" in needs else []
+            nodes = await self.node_names() if "nodes" in needs else frozenset()
         except QemuGone:
             return Observation(alive=False)
         device_nodes = {_device_key(entry): entry["inserted"]["node-name"]

@@ -110,7 +110,7 @@ class Wait(enum.Enum):
 class Command:
     """An effect for the driver: a QMP command, or an image operation (``kind`` other than qmp)."""
 
-    kind: str  # "qmp", "create-image", "compare-images"
+    kind: str  # "qmp", "create-image", "compare-images", "sync-images"
     name: str = ""  # QMP command name
     args: Mapping[str, Any] = field(default_factory=dict)
     disk: int | None = None
@@ -141,6 +141,28 @@ class Step:
 
 
 DONE_STEP = Step(note="done")
+
+
+#: What each phase's decision reads from QEMU. The driver queries only these, which keeps the
+#: observations inside the guest's pause short (each query is a QMP round trip).
+ALL_QUERIES = frozenset({"status", "jobs", "block", "nodes"})
+_NEEDS = {
+    Phase.STARTING: frozenset({"jobs", "nodes"}),
+    Phase.COPYING: frozenset({"status", "jobs"}),
+    Phase.PIVOTING: frozenset({"status", "jobs"}),
+    Phase.FINALIZING: frozenset({"jobs", "block"}),
+    Phase.FINISHING: frozenset({"jobs", "block"}),
+    Phase.ABORTING: frozenset({"jobs", "block"}),
+    Phase.SETTLING: ALL_QUERIES,
+    Phase.DONE: frozenset(),
+}
+
+
+def needs(op: Operation) -> frozenset[str]:
+    """The QEMU queries whose answers :func:`decide` reads for ``op`` now."""
+    if op.phase is Phase.SETTLING and op.paused_by_us and not op.resumed:
+        return frozenset({"status"})  # resume first, as fast as possible; clean up afterwards
+    return _NEEDS[op.phase]
 
 
 def decide(op: Operation, obs: Observation) -> Step:
@@ -301,7 +323,10 @@ def _pivoting(op: Operation, obs: Observation) -> Step:
     if obs.stalled:
         return _abort(op, "pivot failed, no disk pivoted: the jobs did not all reach 'pending' in time")
     if op.paused_by_us and obs.run_state == "running":
-        return Step(commands=(qmp("stop"),), wait=Wait.SETTLE, note="pause the guest for the pivot")
+        # `stop` flushes every image; writing the dirty page cache out first keeps that flush (and
+        # so the guest's pause) short however much the guest wrote just before.
+        return Step(commands=(Command("sync-images"), qmp("stop")), wait=Wait.SETTLE,
+                    note="pause the guest for the pivot")
     statuses = [obs.jobs[d.job_id].status for d in op.disks]
     if all(s == "pending" for s in statuses):
         return Step(record=_replace(op, phase=Phase.FINALIZING), note="every job is pending")

@@ -1,0 +1,310 @@
+"""blockcopy benchmarks: figures, never pass/fail. `make bench` or `python bench/run.py [NAME ...]`.
+
+Each benchmark prints a table and writes JSON (and a PNG where a picture reads better) to
+bench/results/. Every result records the QEMU version, accelerator and file system it ran on.
+
+  pause       guest pause window of a pivot (QEMU STOP/RESUME timestamps), idle and with
+              16/64/256 MiB written just before the pivot, 1 and 4 disks
+  throughput  copy of a running VM's disk vs `qemu-img convert` and `cp --sparse=always`
+  cost        CPU seconds and peak RSS of blockcopy per job with 1/10/30 concurrent jobs;
+              `recover` time with 1/10/100 unfinished jobs
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from blockcopy import CopyRequest, Manager, Until
+from blockcopy.records import Goal
+from blockcopy.vm import DiskSpec, ScratchVM, make_image, pick_accel
+
+MIB = 1024 * 1024
+RESULTS = Path(__file__).with_name("results")
+
+
+def environment(workdir: Path) -> dict[str, Any]:
+    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    fs = subprocess.run(["findmnt", "-no", "FSTYPE,SOURCE", "-T", str(workdir)], capture_output=True,
+                        text=True).stdout.strip()
+    return {"qemu": qemu, "accel": pick_accel(), "filesystem": fs, "kernel": platform.release(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def pick(p: float) -> float:
+        return ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]
+
+    return {"n": len(values), "median": round(statistics.median(ordered), 2), "p95": round(pick(0.95), 2),
+            "p99": round(pick(0.99), 2), "max": round(ordered[-1], 2)}
+
+
+def save(name: str, data: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+    print(f"wrote {RESULTS / (name + '.json')}")
+
+
+# --- pause window ------------------------------------------------------------------------------
+
+
+async def _pause_series(workdir: Path, disks: int, dirty_mib: int, pivots: int) -> list[float]:
+    size = max(64, dirty_mib + 64) * MIB
+    specs = [DiskSpec(f"vd{chr(97 + i)}", str(make_image(workdir / f"d{i}.qcow2", size))) for i in range(disks)]
+    vm = ScratchVM(workdir, specs, name="pause", accel=pick_accel())
+    manager = Manager(workdir / "state")
+    windows = []
+    try:
+        await manager.attach("pause", str(vm.qmp_socket))
+        previous: list[Path] = []
+        for n in range(pivots):
+            dests = [workdir / f"p{n}-{i}.qcow2" for i in range(disks)]
+            request = CopyRequest("pause", [(s.id, str(d)) for s, d in zip(specs, dests, strict=True)])
+            op = await manager.copy(request, until=Until.READY)
+            if dirty_mib:
+                for i, spec in enumerate(specs):  # guest-like writes, acknowledged but not flushed
+                    vm.qemu_io(spec.id, f"aio_write -P {(n + i) % 250 + 1} 0 {dirty_mib}M")
+                    vm.qemu_io(spec.id, "aio_flush")
+            op = await manager.pivot(op.id)
+            assert op.pause_window_ms is not None, op
+            windows.append(op.pause_window_ms)
+            for old in previous:
+                old.unlink(missing_ok=True)
+            previous = dests
+    finally:
+        manager.close()
+        vm.kill()
+    return windows
+
+
+def bench_pause(args: argparse.Namespace) -> None:
+    results = []
+    print(f"{'disks':>5} {'dirty MiB':>9} {'n':>4} {'median':>8} {'p95':>8} {'p99':>8} {'max':>8}  (ms)")
+    for disks in (1, 4):
+        for dirty in (0, 16, 64, 256):
+            with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+                windows = asyncio.run(_pause_series(Path(tmp), disks, dirty, args.pivots))
+            stats = percentiles(windows)
+            results.append({"disks": disks, "dirty_mib": dirty, **stats, "windows_ms": windows})
+            print(f"{disks:>5} {dirty:>9} {stats['n']:>4} {stats['median']:>8} {stats['p95']:>8} "
+                  f"{stats['p99']:>8} {stats['max']:>8}")
+    save("pause", {"environment": environment(args.workdir), "results": results})
+    _plot_pause(results)
+
+
+def _plot_pause(results: list[dict[str, Any]]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot; pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r['disks']}d/{r['dirty_mib']}M" for r in results]
+    ax.boxplot([r["windows_ms"] for r in results], labels=labels, showfliers=True)
+    ax.set_ylabel("guest pause window (ms)")
+    ax.set_xlabel("disks / MiB written just before the pivot")
+    ax.set_title("blockcopy pivot pause window (QEMU STOP->RESUME)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "pause.png", dpi=100)
+    print(f"wrote {RESULTS / 'pause.png'}")
+
+
+# --- throughput --------------------------------------------------------------------------------
+
+
+def _durable(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_source(workdir: Path, size_mib: int, sparse: bool) -> Path:
+    raw = workdir / "random.raw"
+    with open(raw, "wb") as out:
+        for mib in range(size_mib):
+            chunk = os.urandom(MIB) if not (sparse and mib % 2) else None
+            if chunk is None:
+                out.seek(MIB, os.SEEK_CUR)
+            else:
+                out.write(chunk)
+        out.truncate(size_mib * MIB)
+    source = workdir / "source.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(source)], check=True)
+    raw.unlink()
+    _durable(source)
+    return source
+
+
+def _time_blockcopy(workdir: Path, source: Path, dest: Path) -> float:
+    async def run() -> float:
+        vm = ScratchVM(workdir, [DiskSpec("vda", str(source))], name="tp", accel=pick_accel())
+        manager = Manager(workdir / "state")
+        try:
+            await manager.attach("tp", str(vm.qmp_socket))
+            started = time.perf_counter()
+            request = CopyRequest("tp", [("vda", str(dest))], goal=Goal.FINISH)
+            op = await manager.copy(request, until=Until.DONE)
+            _durable(dest)
+            elapsed = time.perf_counter() - started
+            assert op.outcome is not None and op.outcome.value == "not-pivoted", op
+            return elapsed
+        finally:
+            manager.close()
+            vm.kill()
+
+    return asyncio.run(run())
+
+
+def _time_command(args: list[str], dest: Path) -> float:
+    started = time.perf_counter()
+    subprocess.run(args, check=True)
+    _durable(dest)
+    return time.perf_counter() - started
+
+
+def _copy_methods(work: Path, source: Path) -> dict[str, Callable[[Path], float]]:
+    return {
+        "blockcopy": lambda dest: _time_blockcopy(work, source, dest),
+        "qemu-img convert": lambda dest: _time_command(
+            ["qemu-img", "convert", "-O", "qcow2", str(source), str(dest)], dest),
+        "cp --sparse": lambda dest: _time_command(["cp", "--sparse=always", str(source), str(dest)], dest),
+    }
+
+
+def bench_throughput(args: argparse.Namespace) -> None:
+    results = []
+    cases = [(1024, False), (1024, True)] + ([] if args.quick else [(4096, False)])
+    print(f"{'image':>18} {'method':>16} {'runs':>4} {'MiB/s median':>13} {'x qemu-img':>10}")
+    for size_mib, sparse in cases:
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            work = Path(tmp)
+            source = _make_source(work, size_mib, sparse)
+            methods = _copy_methods(work, source)
+            times: dict[str, list[float]] = {m: [] for m in methods}
+            for rep in range(args.reps):
+                for name, method in methods.items():  # alternating, so drift hits all alike
+                    dest = work / f"dest-{rep}.qcow2"
+                    times[name].append(method(dest))
+                    dest.unlink()
+            label = f"{size_mib} MiB{' half-sparse' if sparse else ''}"
+            baseline = size_mib / statistics.median(times["qemu-img convert"])
+            for name, values in times.items():
+                rate = size_mib / statistics.median(values)
+                results.append({"image": label, "method": name, "seconds": values, "mib_s": round(rate, 1),
+                                "ratio_to_qemu_img": round(rate / baseline, 2)})
+                print(f"{label:>18} {name:>16} {len(values):>4} {rate:>13.1f} {rate / baseline:>10.2f}")
+    save("throughput", {"environment": environment(args.workdir), "results": results})
+
+
+# --- blockcopy's own cost ----------------------------------------------------------------------
+
+
+def _bc(state: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "blockcopy", "--state-dir", str(state), *args]
+
+
+def bench_cost(args: argparse.Namespace) -> None:
+    results: dict[str, Any] = {"concurrent": [], "recovery": []}
+    print(f"{'jobs':>5} {'CPU s/job':>10} {'CPU ms per s of copy':>21} {'peak RSS MiB':>13} {'wall s':>7}")
+    for jobs in (1, 10) if args.quick else (1, 10, 30):
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            work = Path(tmp)
+            state = work / "state"
+            vms = [ScratchVM(work, [DiskSpec("vda", str(make_image(work / f"s{i}.qcow2", 64 * MIB)))],
+                             name=f"c{i}", accel="tcg", memory_mib=32) for i in range(jobs)]
+            try:
+                for i, vm in enumerate(vms):
+                    subprocess.run(_bc(state, "attach", f"c{i}", "--qmp", str(vm.qmp_socket)), check=True,
+                                   capture_output=True)
+                started = time.perf_counter()
+                procs = [subprocess.Popen(_bc(state, "copy", f"c{i}", "vda", str(work / f"d{i}.qcow2"), "--pivot",
+                                              "--bandwidth", "8"), stdout=subprocess.DEVNULL)
+                         for i in range(jobs)]
+                usage = []
+                for proc in procs:
+                    _pid, status, rusage = os.wait4(proc.pid, 0)
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+                    usage.append(rusage)
+                wall = time.perf_counter() - started
+            finally:
+                for vm in vms:
+                    vm.kill()
+            cpu = [u.ru_utime + u.ru_stime for u in usage]
+            rss = max(u.ru_maxrss for u in usage) / 1024
+            row = {"jobs": jobs, "cpu_s_per_job": round(statistics.mean(cpu), 3),
+                   "cpu_ms_per_copy_second": round(1000 * statistics.mean(cpu) / wall, 1),
+                   "peak_rss_mib": round(rss, 1), "wall_s": round(wall, 1),
+                   "failed": sum(p.returncode != 0 for p in procs)}
+            results["concurrent"].append(row)
+            print(f"{jobs:>5} {row['cpu_s_per_job']:>10} {row['cpu_ms_per_copy_second']:>21} "
+                  f"{row['peak_rss_mib']:>13} {row['wall_s']:>7}")
+    print(f"{'unfinished jobs':>16} {'VMs':>4} {'recover s':>10}")
+    for jobs in (1, 10, 100):
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            work = Path(tmp)
+            state = work / "state"
+            per_vm = min(jobs, 10)
+            vms = []
+            try:
+                for v in range(jobs // per_vm):
+                    specs = [DiskSpec(f"vd{chr(97 + i)}", str(make_image(work / f"v{v}d{i}.qcow2", 64 * MIB)))
+                             for i in range(per_vm)]
+                    vm = ScratchVM(work, specs, name=f"r{v}", accel="tcg", memory_mib=32)
+                    vms.append(vm)
+                    subprocess.run(_bc(state, "attach", f"r{v}", "--qmp", str(vm.qmp_socket)), check=True,
+                                   capture_output=True)
+                    for spec in specs:
+                        subprocess.run(_bc(state, "copy", f"r{v}", spec.id, str(work / f"v{v}{spec.id}.dst"),
+                                           "--bandwidth", "0.01"), check=True, capture_output=True)
+                started = time.perf_counter()
+                subprocess.run(_bc(state, "recover", "--no-wait"), check=True, capture_output=True)
+                elapsed = time.perf_counter() - started
+            finally:
+                for vm in vms:
+                    vm.kill()
+            results["recovery"].append({"unfinished_jobs": jobs, "vms": len(vms), "recover_s": round(elapsed, 3)})
+            print(f"{jobs:>16} {len(vms):>4} {elapsed:>10.3f}")
+    save("cost", {"environment": environment(args.workdir), **results})
+
+
+BENCHMARKS = {"pause": bench_pause, "throughput": bench_throughput, "cost": bench_cost}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], help="benchmarks to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="smaller and fewer runs (a smoke test)")
+    parser.add_argument("--pivots", type=int, default=50, help="pivots per pause series (default 50)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per throughput method (default 3)")
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
+                        help="where images go (its file system is measured)")
+    args = parser.parse_args()
+    if args.quick:
+        args.pivots = min(args.pivots, 10)
+        args.reps = min(args.reps, 2)
+    for name in args.names or list(BENCHMARKS):
+        print(f"== {name}")
+        BENCHMARKS[name](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
