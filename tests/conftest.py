@@ -108,6 +108,24 @@ def attached(vm_factory: VMFactory, bc: Blockcopy) -> Callable[..., ScratchVM]:
     return start
 
 
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Mount small tmpfs file systems (a real ENOSPC, a read-only directory); unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(size: str, *, readonly: bool = False) -> Path:
+        where = tmp_path / f"tmpfs{len(mounted)}"
+        where.mkdir()
+        options = f"size={size}" + (",ro" if readonly else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], check=True)
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
 def has_pattern(path: str | Path, pattern: int, offset: int, length: int = MARKER, fmt: str = "qcow2") -> bool:
     return image_has_pattern(str(path), fmt, pattern, offset, length)
 

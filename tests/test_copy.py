@@ -211,53 +211,41 @@ def test_crash_after_pausing_the_guest_is_finished_by_the_next_command(attached,
     assert vm.device_node("vda")[1] == str(dest)
 
 
-def test_enospc_on_the_target_fails_the_job_and_keeps_the_source(attached, bc: Blockcopy,
-                                                                 tmp_path: Path) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
-    try:
-        vm = attached(1)
-        result = bc("copy", "vm", "vda", str(small / "d.qcow2"), "--pivot", "--json")
-        assert result.returncode == 7, result.stderr
-        job = result.json
-        assert job["outcome"] == "failed"
-        assert job["authoritative"] == "source"
-        assert "No space left on device" in job["error"]
-        assert vm.device_node("vda")[1] == vm.disks[0].path
-        assert vm.run_state() == "running"
-        vm.write_marker("vda", 0x91, 12 * MIB)
-        assert has_pattern(vm.disks[0].path, 0x91, 12 * MIB)
-        assert qemu_jobs(vm) == []
-        ok, report = images.check(vm.disks[0].path, "qcow2")
-        assert ok, report
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
+def test_enospc_on_the_target_fails_the_job_and_keeps_the_source(attached, bc: Blockcopy, tmpfs) -> None:
+    small = tmpfs("2m")
+    vm = attached(1)
+    result = bc("copy", "vm", "vda", str(small / "d.qcow2"), "--pivot", "--json")
+    assert result.returncode == 7, result.stderr
+    job = result.json
+    assert job["outcome"] == "failed"
+    assert job["authoritative"] == "source"
+    assert "No space left on device" in job["error"]
+    assert vm.device_node("vda")[1] == vm.disks[0].path
+    assert vm.run_state() == "running"
+    vm.write_marker("vda", 0x91, 12 * MIB)
+    assert has_pattern(vm.disks[0].path, 0x91, 12 * MIB)
+    assert qemu_jobs(vm) == []
+    ok, report = images.check(vm.disks[0].path, "qcow2")
+    assert ok, report
 
 
-def test_target_full_after_ready_fails_at_pivot_and_keeps_the_source(attached, bc: Blockcopy,
-                                                                      tmp_path: Path) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(small)], check=True)
-    try:
-        vm = attached(1)
-        job = bc.ok("copy", "vm", "vda", str(small / "d.qcow2"), "--wait", "--json").json
-        assert job["state"] == "ready"
-        # Fill the target's file system, then let the guest write somewhere new.
-        subprocess.run(["dd", "if=/dev/zero", f"of={small / 'filler'}", "bs=1M", "count=64"],
-                       capture_output=True, check=False)
-        vm.write_marker("vda", 0x92, 32 * MIB, MIB)  # the guest's write succeeds on the source
-        result = bc("pivot", job["id"])
-        assert result.returncode == 7
-        assert "outcome failed" in result.stderr and "No space left on device" in result.stderr
-        status = bc.ok("status", job["id"], "--json").json
-        assert status["outcome"] == "failed" and status["authoritative"] == "source"
-        assert status["disks"][0]["pivoted"] is False
-        assert vm.device_node("vda")[1] == vm.disks[0].path and vm.run_state() == "running"
-        assert has_pattern(vm.disks[0].path, 0x92, 32 * MIB, MIB)
-        assert qemu_jobs(vm) == []
-        ok, report = images.check(vm.disks[0].path, "qcow2")
-        assert ok, report
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
+def test_target_full_after_ready_fails_at_pivot_and_keeps_the_source(attached, bc: Blockcopy, tmpfs) -> None:
+    small = tmpfs("24m")
+    vm = attached(1)
+    job = bc.ok("copy", "vm", "vda", str(small / "d.qcow2"), "--wait", "--json").json
+    assert job["state"] == "ready"
+    # Fill the target's file system, then let the guest write somewhere new.
+    subprocess.run(["dd", "if=/dev/zero", f"of={small / 'filler'}", "bs=1M", "count=64"],
+                   capture_output=True, check=False)
+    vm.write_marker("vda", 0x92, 32 * MIB, MIB)  # the guest's write succeeds on the source
+    result = bc("pivot", job["id"])
+    assert result.returncode == 7
+    assert "outcome failed" in result.stderr and "No space left on device" in result.stderr
+    status = bc.ok("status", job["id"], "--json").json
+    assert status["outcome"] == "failed" and status["authoritative"] == "source"
+    assert status["disks"][0]["pivoted"] is False
+    assert vm.device_node("vda")[1] == vm.disks[0].path and vm.run_state() == "running"
+    assert has_pattern(vm.disks[0].path, 0x92, 32 * MIB, MIB)
+    assert qemu_jobs(vm) == []
+    ok, report = images.check(vm.disks[0].path, "qcow2")
+    assert ok, report
