@@ -33,7 +33,9 @@ typecheck: setup
 test: lint typecheck guest
 	$(BIN)/pytest -q
 
+# Figures, not pass/fail: writes bench/results/*.json and pause.png (a few minutes; --quick for less).
 bench: setup
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python bench/run.py
 
 clean:

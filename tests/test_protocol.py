@@ -98,13 +98,18 @@ def test_two_disks_pivot_only_when_both_are_ready() -> None:
 
 def test_pivot_pauses_then_completes_then_finalizes_all() -> None:
     o = op(Phase.PIVOTING, n=2, paused_by_us=True, vm_was_running=True)
-    assert names(decide(o, obs("ready", "ready")).commands) == ["sync-images", "stop"]
+    assert names(decide(o, obs("ready", "ready")).commands) == ["sync-images", "stop", "job-complete",
+                                                                "job-complete"]
     assert names(decide(o, obs("ready", "ready", run_state="paused")).commands) == ["job-complete"] * 2
     assert decide(o, obs("pending", "waiting", run_state="paused")).wait is Wait.SETTLE
     step = decide(o, obs("pending", "pending", run_state="paused"))
     assert step.record is not None and step.record.phase is Phase.FINALIZING
+    assert names(step.commands) == ["job-finalize"] * 2  # journaled first, then finalized
     f = step.record
     assert names(decide(f, obs("pending", "pending", run_state="paused")).commands) == ["job-finalize"] * 2
+    step = decide(f, obs("concluded", "concluded", run_state="paused", pivoted=(True, True)))
+    assert step.record is not None and step.record.outcome is Outcome.PIVOTED
+    assert names(step.commands) == ["cont"], "resumed right after the outcome is journaled"
 
 
 def test_a_job_failing_before_finalize_means_no_disk_pivots() -> None:
@@ -233,18 +238,22 @@ def test_invariants_hold_for_every_phase_status_and_run_state() -> None:
         step = decide(o, ob)
         cmds = names(step.commands)
         where = f"{o.phase} goal={o.goal} paused_by_us={o.paused_by_us} {dict(ob.jobs)} {ob.run_state}"
+        # What the journal says when the commands run: a step's record is written first.
+        journaled = step.record if step.record is not None else o
         # The guest is resumed only once the outcome is journaled, and only if blockcopy paused it.
         if "cont" in cmds:
-            assert o.outcome is not None and o.paused_by_us, where
+            assert journaled.outcome is not None and journaled.paused_by_us, where
         # blockcopy pauses only in PIVOTING, and only a guest it decided to pause.
         if "stop" in cmds:
-            assert o.phase is Phase.PIVOTING and o.paused_by_us, where
+            assert journaled.phase is Phase.PIVOTING and journaled.paused_by_us, where
+            assert cmds.index("sync-images") < cmds.index("stop"), where
         # Point of no return only once every job is pending (or when finishing without pivot).
         if "job-finalize" in cmds:
-            assert o.phase in (Phase.FINALIZING, Phase.FINISHING), where
+            assert journaled.phase in (Phase.FINALIZING, Phase.FINISHING), where
+            if journaled.phase is Phase.FINALIZING and o.phase is Phase.PIVOTING:
+                assert all(j.status == "pending" for j in ob.jobs.values()) and len(ob.jobs) == 2, where
         if "job-complete" in cmds:
             assert o.phase is Phase.PIVOTING, where
-        # Write-ahead: a step never both changes the record and acts; the record comes first.
         if step.record is not None:
             assert step.record.id == o.id and step.record.domain == o.domain
             if step.record.outcome is not None:
@@ -292,4 +301,4 @@ def test_needs_names_everything_each_decision_reads() -> None:
 
 def test_pivot_syncs_images_before_stopping_the_guest() -> None:
     o = op(Phase.PIVOTING, paused_by_us=True)
-    assert names(decide(o, obs("ready")).commands) == ["sync-images", "stop"]
+    assert names(decide(o, obs("ready")).commands) == ["sync-images", "stop", "job-complete"]

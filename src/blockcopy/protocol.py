@@ -236,6 +236,10 @@ def _conclude(op: Operation, obs: Observation, *, on_success: Outcome, reason: s
         outcome, authority, error = on_success, Authority.SOURCE, None
     record = _replace(record, phase=Phase.SETTLING, outcome=outcome, authoritative=authority,
                       error=error, reason=reason)
+    if record.paused_by_us and not record.resumed:
+        # The outcome is written first (the step's record); only then is the guest resumed.
+        resume = qmp("cont", after=_replace(record, resumed=True))
+        return Step(record=record, commands=(resume,), note=f"outcome {outcome}")
     return Step(record=record, note=f"outcome {outcome}")
 
 
@@ -322,23 +326,30 @@ def _pivoting(op: Operation, obs: Observation) -> Step:
             return _abort(op, f"pivot refused for disk {disk.name}: {failure.message}")
     if obs.stalled:
         return _abort(op, "pivot failed, no disk pivoted: the jobs did not all reach 'pending' in time")
-    if op.paused_by_us and obs.run_state == "running":
-        # `stop` flushes every image; writing the dirty page cache out first keeps that flush (and
-        # so the guest's pause) short however much the guest wrote just before.
-        return Step(commands=(Command("sync-images"), qmp("stop")), wait=Wait.SETTLE,
-                    note="pause the guest for the pivot")
     statuses = [obs.jobs[d.job_id].status for d in op.disks]
     if all(s == "pending" for s in statuses):
-        return Step(record=_replace(op, phase=Phase.FINALIZING), note="every job is pending")
+        # Journal the point of no return, then finalize every job in the same step.
+        return Step(record=_replace(op, phase=Phase.FINALIZING), commands=_finalizes(op, obs),
+                    wait=Wait.SETTLE, note="every job is pending")
     completes = tuple(qmp("job-complete", {"id": d.job_id}, disk=i)
                       for i, d in enumerate(op.disks) if obs.jobs[d.job_id].status == "ready")
+    if op.paused_by_us and obs.run_state == "running":
+        # `stop` flushes every image; writing the dirty page cache out first keeps that flush (and
+        # so the guest's pause) short however much the guest wrote just before. `stop` returns
+        # with the guest paused, so the jobs are completed in the same step.
+        return Step(commands=(Command("sync-images"), qmp("stop"), *completes), wait=Wait.SETTLE,
+                    note="pause the guest and complete the jobs")
     return Step(commands=completes, wait=Wait.SETTLE, note="complete the jobs")
 
 
+def _finalizes(op: Operation, obs: Observation) -> tuple[Command, ...]:
+    return tuple(qmp("job-finalize", {"id": d.job_id}, disk=i)
+                 for i, d in enumerate(op.disks)
+                 if (j := _job(op, obs, d)) is not None and j.status == "pending")
+
+
 def _finalizing(op: Operation, obs: Observation) -> Step:
-    finalizes = tuple(qmp("job-finalize", {"id": d.job_id}, disk=i)
-                      for i, d in enumerate(op.disks)
-                      if (j := _job(op, obs, d)) is not None and j.status == "pending")
+    finalizes = _finalizes(op, obs)
     if finalizes:
         return Step(commands=finalizes, wait=Wait.SETTLE, note="finalize the jobs")
     if any((j := _job(op, obs, d)) is not None and j.status in LIVE_STATUSES | {"aborting"}

@@ -102,6 +102,8 @@ class ScratchVM:
                      "-device", f"virtio-blk-pci,drive={disk.id}-fmt,id={disk.id}"]
         args += extra_args or []
         self.args = args
+        for stale in (self.qmp_socket, self.aux_socket):  # left by an earlier VM of the same name
+            stale.unlink(missing_ok=True)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self._aux: AuxMonitor | None = None
