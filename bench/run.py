@@ -6,6 +6,7 @@ bench/results/. Every result records the QEMU version, accelerator and file syst
   pause       guest pause window of a pivot (QEMU STOP/RESUME timestamps), idle and with
               16/64/256 MiB written just before the pivot, 1 and 4 disks
   throughput  copy of a running VM's disk vs `qemu-img convert` and `cp --sparse=always`
+  modes       time to ready and guest write latency, write-blocking vs background, guest writing
   cost        CPU seconds and peak RSS of blockcopy per job with 1/10/30 concurrent jobs;
               `recover` time with 1/10/100 unfinished jobs
 """
@@ -116,7 +117,7 @@ def _plot_pause(results: list[dict[str, Any]]) -> None:
         return
     fig, ax = plt.subplots(figsize=(8, 4))
     labels = [f"{r['disks']}d/{r['dirty_mib']}M" for r in results]
-    ax.boxplot([r["windows_ms"] for r in results], labels=labels, showfliers=True)
+    ax.boxplot([r["windows_ms"] for r in results], tick_labels=labels, showfliers=True)
     ax.set_ylabel("guest pause window (ms)")
     ax.set_xlabel("disks / MiB written just before the pivot")
     ax.set_title("blockcopy pivot pause window (QEMU STOP->RESUME)")
@@ -214,6 +215,54 @@ def bench_throughput(args: argparse.Namespace) -> None:
     save("throughput", {"environment": environment(args.workdir), "results": results})
 
 
+# --- copy modes under guest writes ---------------------------------------------------------------
+
+
+def bench_modes(args: argparse.Namespace) -> None:
+    """Time to ready and the guest's write latency, write-blocking vs background, guest writing."""
+    from blockcopy.guest.session import GuestVM, pick_guest_accel
+
+    accel = pick_guest_accel()
+    size_mib, cap = 256, 64
+    results = []
+    print(f"guest on {accel}; {size_mib} MiB disk full of data, copy capped at {cap} MiB/s, "
+          "guest writing 4 KiB O_DIRECT every 500 us")
+    print(f"{'mode':>15} {'ready s':>8} {'lat p50 copying':>16} {'p99':>7} {'lat p50 ready':>14} {'p99':>7}  (us)")
+    for rep in range(args.reps):
+        for mode in ("write-blocking", "background"):
+            with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+                work = Path(tmp)
+                source = make_image(work / "source.qcow2", size_mib * MIB)
+                subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5c 8M {size_mib - 8}M", str(source)],
+                               check=True, capture_output=True)
+                vm = GuestVM(work, [DiskSpec("vda", str(source))], accel=accel, interval_us=500)
+                state = work / "state"
+                try:
+                    vm.acklog.wait_for(50)
+                    subprocess.run(_bc(state, "attach", "m", "--qmp", str(vm.qmp_socket)), check=True,
+                                   capture_output=True)
+                    started = time.time()
+                    proc = subprocess.run(_bc(state, "copy", "m", "vda", str(work / "d.qcow2"), "--mode", mode,
+                                              "--bandwidth", str(cap), "--wait"), capture_output=True,
+                                          timeout=120, check=False)
+                    ready = time.time()
+                    ok = proc.returncode == 0
+                    time.sleep(2.0)
+                    acks = list(vm.acklog.acks)
+                finally:
+                    vm.kill()
+            copying = [a.latency_us for a in acks if started <= a.at <= ready and a.latency_us is not None]
+            after = [a.latency_us for a in acks if ready < a.at and a.latency_us is not None]
+            row = {"mode": mode, "rep": rep, "ready_s": round(ready - started, 2) if ok else None,
+                   "latency_us_copying": percentiles([float(x) for x in copying]) if copying else None,
+                   "latency_us_ready": percentiles([float(x) for x in after]) if after else None}
+            results.append(row)
+            c, r = row["latency_us_copying"] or {}, row["latency_us_ready"] or {}
+            print(f"{mode:>15} {row['ready_s'] or 'timeout':>8} {c.get('median', '-'):>16} {c.get('p99', '-'):>7} "
+                  f"{r.get('median', '-'):>14} {r.get('p99', '-'):>7}")
+    save("modes", {"environment": {**environment(args.workdir), "guest_accel": accel}, "results": results})
+
+
 # --- blockcopy's own cost ----------------------------------------------------------------------
 
 
@@ -223,8 +272,10 @@ def _bc(state: Path, *args: str) -> list[str]:
 
 def bench_cost(args: argparse.Namespace) -> None:
     results: dict[str, Any] = {"concurrent": [], "recovery": []}
+    counts = (1, 10) if args.quick else (1, 10, 30)
+    print("one `blockcopy copy --pivot` process per job (CLI):")
     print(f"{'jobs':>5} {'CPU s/job':>10} {'CPU ms per s of copy':>21} {'peak RSS MiB':>13} {'wall s':>7}")
-    for jobs in (1, 10) if args.quick else (1, 10, 30):
+    for jobs in counts:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
             work = Path(tmp)
             state = work / "state"
@@ -256,6 +307,33 @@ def bench_cost(args: argparse.Namespace) -> None:
             results["concurrent"].append(row)
             print(f"{jobs:>5} {row['cpu_s_per_job']:>10} {row['cpu_ms_per_copy_second']:>21} "
                   f"{row['peak_rss_mib']:>13} {row['wall_s']:>7}")
+    print("one process (Manager API) driving all jobs concurrently, as a management app would:")
+    print(f"{'jobs':>5} {'CPU s total':>12} {'CPU ms per s of copy':>21} {'peak RSS MiB':>13} {'wall s':>7}")
+    for jobs in counts:
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            work = Path(tmp)
+            state = work / "state"
+            vms = [ScratchVM(work, [DiskSpec("vda", str(make_image(work / f"s{i}.qcow2", 64 * MIB)))],
+                             name=f"m{i}", accel="tcg", memory_mib=32) for i in range(jobs)]
+            try:
+                for i, vm in enumerate(vms):
+                    subprocess.run(_bc(state, "attach", f"m{i}", "--qmp", str(vm.qmp_socket)), check=True,
+                                   capture_output=True)
+                started = time.perf_counter()
+                proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("many_jobs.py")), str(state),
+                                         *(f"m{i}={work / f'd{i}.qcow2'}" for i in range(jobs))])
+                _pid, status, rusage = os.wait4(proc.pid, 0)
+                wall = time.perf_counter() - started
+            finally:
+                for vm in vms:
+                    vm.kill()
+            cpu = rusage.ru_utime + rusage.ru_stime
+            row = {"jobs": jobs, "cpu_s_total": round(cpu, 3), "cpu_ms_per_copy_second": round(1000 * cpu / wall, 1),
+                   "peak_rss_mib": round(rusage.ru_maxrss / 1024, 1), "wall_s": round(wall, 1),
+                   "exit_status": os.waitstatus_to_exitcode(status)}
+            results.setdefault("one_process", []).append(row)
+            print(f"{jobs:>5} {row['cpu_s_total']:>12} {row['cpu_ms_per_copy_second']:>21} "
+                  f"{row['peak_rss_mib']:>13} {row['wall_s']:>7}")
     print(f"{'unfinished jobs':>16} {'VMs':>4} {'recover s':>10}")
     for jobs in (1, 10, 100):
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -282,15 +360,21 @@ def bench_cost(args: argparse.Namespace) -> None:
                     vm.kill()
             results["recovery"].append({"unfinished_jobs": jobs, "vms": len(vms), "recover_s": round(elapsed, 3)})
             print(f"{jobs:>16} {len(vms):>4} {elapsed:>10.3f}")
-    save("cost", {"environment": environment(args.workdir), **results})
+    save("cost", {"environment": {**environment(args.workdir), "accel": "tcg"}, **results})
 
 
-BENCHMARKS = {"pause": bench_pause, "throughput": bench_throughput, "cost": bench_cost}
+def bench_plot(args: argparse.Namespace) -> None:
+    """Redraw pause.png from the last pause.json."""
+    _plot_pause(json.loads((RESULTS / "pause.json").read_text())["results"])
+
+
+BENCHMARKS = {"pause": bench_pause, "throughput": bench_throughput, "modes": bench_modes, "cost": bench_cost}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], help="benchmarks to run (default: all)")
+    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, "plot", []],
+                        help="benchmarks to run (default: all); plot redraws pause.png from pause.json")
     parser.add_argument("--quick", action="store_true", help="smaller and fewer runs (a smoke test)")
     parser.add_argument("--pivots", type=int, default=50, help="pivots per pause series (default 50)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per throughput method (default 3)")
@@ -302,7 +386,7 @@ def main() -> int:
         args.reps = min(args.reps, 2)
     for name in args.names or list(BENCHMARKS):
         print(f"== {name}")
-        BENCHMARKS[name](args)
+        (bench_plot if name == "plot" else BENCHMARKS[name])(args)
     return 0
 
 

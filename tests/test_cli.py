@@ -82,3 +82,14 @@ def test_status_log_shows_the_journaled_steps(attached, bc: Blockcopy, tmp_path:
     assert phases.index("pivoting") < phases.index("finalizing") < phases.index("settling")
     text = bc.ok("status", job["id"], "--log").stdout
     assert "outcome: pivoted" in text and "authoritative image: destination" in text
+
+
+def test_global_options_work_before_and_after_the_subcommand(vm_factory, bc: Blockcopy, tmp_path: Path) -> None:
+    vm = vm_factory(1)
+    elsewhere = tmp_path / "elsewhere"
+    bc.ok("--state-dir", str(elsewhere), "--json", "attach", "a", "--qmp", str(vm.qmp_socket))
+    assert (elsewhere / "journal.sqlite3").exists()
+    before = bc.ok("--json", "--state-dir", str(elsewhere), "domains").json
+    after = bc.ok("domains", "--state-dir", str(elsewhere), "--json").json
+    assert before == after and [d["domain"] for d in before] == ["a"]
+    assert not bc.state_dir.exists()  # the environment's state dir was not used

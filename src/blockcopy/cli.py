@@ -47,16 +47,29 @@ def _disk_pair(text: str) -> tuple[str, str]:
     return disk, dest
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _global_options(*, suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted before and after the subcommand. The subcommand's copies default to
+    SUPPRESS, or argparse would overwrite a value given before the subcommand with the default."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    common.add_argument("--state-dir", help="journal directory (env BLOCKCOPY_STATE_DIR; default "
-                        "/var/lib/blockcopy for root, else $XDG_STATE_HOME/blockcopy)")
-    common.add_argument("-v", "--verbose", action="store_true", help="log protocol steps to stderr")
 
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    common.add_argument("--json", action="store_true", default=default(False),
+                        help="machine-readable output on stdout")
+    common.add_argument("--state-dir", default=default(None), help="journal directory (env BLOCKCOPY_STATE_DIR; "
+                        "default /var/lib/blockcopy for root, else $XDG_STATE_HOME/blockcopy)")
+    common.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                        help="log protocol steps to stderr")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _global_options(suppress=True)
     parser = argparse.ArgumentParser(
         prog="blockcopy", description="Live block copy of running QEMU VM disks, with a crash-safe pivot.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_global_options(suppress=False)])
     parser.add_argument("--version", action="version", version=f"blockcopy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

@@ -33,6 +33,7 @@ class Ack:
     seq: int
     disk: int
     offset: int
+    latency_us: int | None = None  # how long the guest's pwrite() took
 
 
 @dataclass
@@ -73,8 +74,9 @@ class AckLog:
         parts = line.split()
         if not parts:
             return
-        if parts[0] == "A" and len(parts) == 4:
-            self.acks.append(Ack(now, int(parts[1]), int(parts[2]), int(parts[3])))
+        if parts[0] == "A" and len(parts) in (4, 5):
+            latency = int(parts[4]) if len(parts) == 5 else None
+            self.acks.append(Ack(now, int(parts[1]), int(parts[2]), int(parts[3]), latency))
         elif parts[0] == "S":
             self.started = True
         elif parts[0] == "P":

@@ -9,8 +9,9 @@
  * Slot k of disk d lives at base + k*B; writes go round robin over disks and slots, so a slot is
  * rewritten with a higher sequence every (disks*slots) writes.
  *
- * Ack lines on the ack device: "A <seq> <disk> <offset>\n", after pwrite() returned. With -s the
- * disk is opened O_SYNC too, so an ack means "durable" (the virtio flush completed).
+ * Ack lines on the ack device: "A <seq> <disk> <offset> <latency_us>\n", after pwrite() returned
+ * (latency: the pwrite call, on the guest's monotonic clock). With -s the disk is opened O_SYNC
+ * too, so an ack means "durable" (the virtio flush completed).
  * Start and end lines: "S <run> <disks> <slots> <block>\n", "P <writes>\n" before poweroff.
  */
 #define _GNU_SOURCE
@@ -118,13 +119,17 @@ int main(int argc, char **argv)
         uint64_t slot = ((seq - 1) / (uint64_t)ndisks) % slots;
         uint64_t offset = base + slot * block;
         fill_block(buf, block, run, disk, seq, offset);
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
         ssize_t n = pwrite(fds[disk], buf, block, (off_t)offset);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
         if (n != (ssize_t)block) {
             fprintf(ack, "E %llu %u %llu\n", (unsigned long long)seq, disk, (unsigned long long)offset);
             perror("pwrite");
             return 1;
         }
-        fprintf(ack, "A %llu %u %llu\n", (unsigned long long)seq, disk, (unsigned long long)offset);
+        long long lat_us = (long long)(t1.tv_sec - t0.tv_sec) * 1000000 + (t1.tv_nsec - t0.tv_nsec) / 1000;
+        fprintf(ack, "A %llu %u %llu %lld\n", (unsigned long long)seq, disk, (unsigned long long)offset, lat_us);
         if (poweroff_after && seq >= poweroff_after) {
             fprintf(ack, "P %llu\n", (unsigned long long)seq);
             fflush(ack);
