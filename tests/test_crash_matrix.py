@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -215,3 +216,26 @@ def test_user_paused_vm_stays_paused_through_crash_and_recovery(attached, bc: Bl
 
 def test_crash_points_are_inert_unless_asked(bc: Blockcopy) -> None:
     assert "BLOCKCOPY_CRASH_AT" not in bc.env and "BLOCKCOPY_CRASH_AT" not in os.environ
+
+
+def test_recover_goes_on_past_an_unreachable_domain(vm_factory: Any, bc: Blockcopy, tmp_path: Path) -> None:
+    busy_vm, crashed_vm = vm_factory(1, size=16 * MIB, name="busy"), vm_factory(1, size=16 * MIB, name="crashed")
+    bc.ok("attach", "busy", "--qmp", str(busy_vm.qmp_socket))
+    bc.ok("attach", "crashed", "--qmp", str(crashed_vm.qmp_socket))
+    slow = bc.ok("copy", "busy", "vda", str(tmp_path / "slow.qcow2"), "--bandwidth", "1", "--json").json
+    assert bc("copy", "crashed", "vda", str(tmp_path / "d.qcow2"), "--pivot",
+              crash_at="qmp:stop").returncode == -signal.SIGKILL
+    holder = socket.socket(socket.AF_UNIX)
+    holder.connect(str(busy_vm.qmp_socket))  # another client holds the busy domain's QMP socket
+    try:
+        holder.recv(4096)
+        result = bc("recover", "--json")
+    finally:
+        holder.close()
+    assert result.returncode == 8
+    assert "busy:" in result.stderr and "another client" in result.stderr
+    jobs = {j["domain"]: j for j in bc.ok("jobs", "--json").json}
+    assert jobs["crashed"]["outcome"] == "pivoted" and crashed_vm.run_state() == "running"
+    assert jobs["busy"]["id"] == slow["id"] and jobs["busy"]["outcome"] is None
+    assert bc("recover", "--no-wait", "--json").returncode == 0
+    bc.ok("abort", slow["id"])

@@ -76,6 +76,7 @@ class Driver:
                 log.info("job %s [%s] %s", op.id, op.phase.value, step.note)
             if step.record is not None:
                 op = self._save(step.record, op, step.note)
+                last_progress_save = time.monotonic()  # the record carries the progress too
             for command in step.commands:
                 try:
                     op, result = await self._perform(command, op)

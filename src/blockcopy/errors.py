@@ -51,3 +51,9 @@ class OperationFailed(BlockcopyError):
     """The operation ended with outcome ``failed``; the journal says why and which image to trust."""
 
     exit_code = 7
+
+
+class RecoveryIncomplete(BlockcopyError):
+    """``recover`` could not reach some domains (busy socket, another blockcopy); others were recovered."""
+
+    exit_code = 8

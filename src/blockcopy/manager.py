@@ -17,7 +17,16 @@ from pathlib import Path
 
 from blockcopy import images
 from blockcopy.driver import Driver, Interrupted, ProgressCallback, Until
-from blockcopy.errors import DomainBusy, MonitorBusy, MonitorError, NotReady, OperationFailed, QemuGone, UsageError
+from blockcopy.errors import (
+    DomainBusy,
+    MonitorBusy,
+    MonitorError,
+    NotReady,
+    OperationFailed,
+    QemuGone,
+    RecoveryIncomplete,
+    UsageError,
+)
 from blockcopy.journal import Domain, Journal, default_state_dir
 from blockcopy.locking import DomainLock
 from blockcopy.monitor import DeviceInfo, Monitor
@@ -151,11 +160,18 @@ class Manager:
                       on_progress: ProgressCallback | None = None) -> list[Operation]:
         """Reconcile every unfinished operation; with ``wait``, carry journaled pivots/finishes out."""
         unfinished = self.journal.operations(domain=domain, unfinished=True)
+        unreached: list[str] = []
         for name in sorted({op.domain for op in unfinished}):
-            async with self._session(name, on_progress, reconcile=False) as (_monitor, driver):
-                for op in self.journal.operations(domain=name, unfinished=True):
-                    until = Until.DONE if wait and op.goal is not Goal.COPY else Until.STARTED
-                    await self._drive(driver, op, until)
+            try:
+                async with self._session(name, on_progress, reconcile=False) as (_monitor, driver):
+                    for op in self.journal.operations(domain=name, unfinished=True):
+                        until = Until.DONE if wait and op.goal is not Goal.COPY else Until.STARTED
+                        await self._drive(driver, op, until)
+            except (DomainBusy, MonitorError) as exc:  # the other domains still get recovered
+                unreached.append(f"{name}: {exc}")
+        if unreached:
+            raise RecoveryIncomplete("could not recover every domain (the others were recovered; run "
+                                     "`blockcopy recover` again once these are reachable): " + "; ".join(unreached))
         return [self._operation(op.id) for op in unfinished]
 
     def history(self, op_id: str) -> list[tuple[float, str, str]]:
