@@ -27,15 +27,18 @@ STARTING      per disk: create DEST -> blockdev-add -> blockdev-mirror          
 COPYING       waits until every job is ``ready``; then follows ``op.goal``       PIVOTING,
                                                                                  FINISHING,
                                                                                  ABORTING
-PIVOTING      ``stop`` if blockcopy paused the VM; ``job-complete`` each job;    FINALIZING
-              waits until *every* job is ``pending`` (all or nothing)            or ABORTING
-FINALIZING    ``job-finalize`` each job (point of no return); outcome from       SETTLING
-              ``query-block``: which node each device uses now
+PIVOTING      one step: fsync the images, ``stop`` a running VM (its run state   FINALIZING
+              was journaled on entry), ``job-complete`` each job; then waits     or ABORTING
+              until *every* job is ``pending`` (all or nothing)
+FINALIZING    journaled together with the first ``job-finalize`` of each job    SETTLING
+              (point of no return); outcome from ``query-block``: which node
+              each device uses now
 FINISHING     ``block-job-cancel`` of ready jobs (no pivot; DEST consistent),    SETTLING
               then ``job-finalize``
 ABORTING      ``job-cancel`` every job; outcome not-pivoted or failed            SETTLING
-SETTLING      outcome is journaled: ``cont`` if blockcopy paused the VM,         DONE
-              ``job-dismiss``, ``blockdev-del`` the nodes no device uses
+SETTLING      the outcome record is written, and in the same step ``cont`` if    DONE
+              blockcopy paused the VM; then ``job-dismiss`` and ``blockdev-del``
+              of the nodes no device uses
 DONE          nothing
 ============  =================================================================  ===========
 
@@ -51,6 +54,10 @@ Failure rules:
 
 The outcome is always decided from ``query-block`` (which node the device uses), never from job
 status: a cancelled mirror can conclude without error and not pivot.
+
+While the guest is paused every QMP round trip counts, so :func:`needs` tells the driver which
+queries each phase's decision reads (a test checks, over every case, that nothing else is read),
+and steps carry several commands where the outcome of the first cannot change the decision.
 """
 
 from __future__ import annotations
