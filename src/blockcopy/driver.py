@@ -77,19 +77,7 @@ class Driver:
             if step.record is not None:
                 op = self._save(step.record, op, step.note)
                 last_progress_save = time.monotonic()  # the record carries the progress too
-            for command in step.commands:
-                try:
-                    op, result = await self._perform(command, op)
-                    identical = result or identical
-                except (CommandRefused, images.ImageError, OSError) as exc:
-                    log.info("%s refused: %s", command.describe(), exc)
-                    failure = Failure(command, str(exc))
-                    break
-                except QemuGone:
-                    break  # the next observation says so
-                faults.point(f"qmp:{command.name}" if command.kind == "qmp" else command.kind)
-                if command.after is not None:
-                    op = self._save(command.after, op, f"{command.describe()} done")
+            op, failure, identical = await self._run_commands(step.commands, op)
             if step.terminal:
                 return op
             if op.phase is not settle_phase:
@@ -110,6 +98,45 @@ class Driver:
                 await self._wait(self.poll_interval, seen)
             elif step.wait is Wait.SETTLE:
                 await self._wait(0.5, seen)
+
+    async def _run_commands(self, commands: tuple[Command, ...], op: Operation
+                            ) -> tuple[Operation, Failure | None, tuple[bool, ...] | None]:
+        """Run a step's commands in order, stopping at the first refusal (the next observation
+        shows where things stand). A run of the same job command for several jobs is independent
+        by construction and goes to QEMU at once: fewer round trips while the guest is paused."""
+        identical = None
+        for batch in _batches(commands):
+            if len(batch) > 1:
+                assert self.monitor is not None
+                results = await asyncio.gather(*(self.monitor.execute(c.name, c.args) for c in batch),
+                                               return_exceptions=True)
+                failure = None
+                for command, result in zip(batch, results, strict=True):
+                    if isinstance(result, QemuGone):
+                        return op, failure, identical
+                    if isinstance(result, CommandRefused):
+                        log.info("%s refused: %s", command.describe(), result)
+                        failure = failure or Failure(command, str(result))
+                    elif isinstance(result, BaseException):
+                        raise result
+                    else:
+                        faults.point(f"qmp:{command.name}")
+                if failure is not None:
+                    return op, failure, identical
+                continue
+            command = batch[0]
+            try:
+                op, result = await self._perform(command, op)
+                identical = result or identical
+            except (CommandRefused, images.ImageError, OSError) as exc:
+                log.info("%s refused: %s", command.describe(), exc)
+                return op, Failure(command, str(exc)), identical
+            except QemuGone:
+                return op, None, identical  # the next observation says so
+            faults.point(f"qmp:{command.name}" if command.kind == "qmp" else command.kind)
+            if command.after is not None:
+                op = self._save(command.after, op, f"{command.describe()} done")
+        return op, None, identical
 
     def _save(self, decided: Operation, current: Operation, note: str) -> Operation:
         return self.journal.save(_carry_measurements(decided, current), note)
@@ -164,6 +191,26 @@ class Driver:
     async def _wait(self, timeout: float, since: int) -> None:
         if self.monitor is not None and self.monitor.connected:
             await self.monitor.wait_event(timeout, since)
+
+
+#: Job commands that may go to QEMU together when a step issues them for several jobs.
+BATCHABLE = frozenset({"job-complete", "job-finalize", "job-cancel", "block-job-cancel"})
+
+
+def _batchable(command: Command) -> bool:
+    return command.kind == "qmp" and command.name in BATCHABLE and command.after is None
+
+
+def _batches(commands: tuple[Command, ...]) -> list[list[Command]]:
+    """Consecutive runs of the same batchable command; every other command alone, in order."""
+    batches: list[list[Command]] = []
+    for command in commands:
+        previous = batches[-1][-1] if batches else None
+        if previous is not None and _batchable(command) and _batchable(previous) and previous.name == command.name:
+            batches[-1].append(command)
+        else:
+            batches.append([command])
+    return batches
 
 
 def _sync_files(paths: Iterable[str]) -> None:
