@@ -270,6 +270,23 @@ def _bc(state: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "blockcopy", "--state-dir", str(state), *args]
 
 
+def _attached_vms(work: Path, state: Path, prefix: str, count: int) -> list[ScratchVM]:
+    """``count`` one-disk VMs (64 MiB, no guest OS) attached as domains PREFIX0, PREFIX1, ..."""
+    vms: list[ScratchVM] = []
+    try:
+        for i in range(count):
+            image = make_image(work / f"{prefix}{i}.qcow2", 64 * MIB)
+            vms.append(ScratchVM(work, [DiskSpec("vda", str(image))], name=f"{prefix}{i}", accel="tcg",
+                                 memory_mib=32))
+            subprocess.run(_bc(state, "attach", f"{prefix}{i}", "--qmp", str(vms[-1].qmp_socket)), check=True,
+                           capture_output=True)
+    except BaseException:
+        for vm in vms:
+            vm.kill()
+        raise
+    return vms
+
+
 def bench_cost(args: argparse.Namespace) -> None:
     results: dict[str, Any] = {"concurrent": [], "recovery": []}
     counts = (1, 10) if args.quick else (1, 10, 30)
@@ -279,12 +296,8 @@ def bench_cost(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
             work = Path(tmp)
             state = work / "state"
-            vms = [ScratchVM(work, [DiskSpec("vda", str(make_image(work / f"s{i}.qcow2", 64 * MIB)))],
-                             name=f"c{i}", accel="tcg", memory_mib=32) for i in range(jobs)]
+            vms = _attached_vms(work, state, "c", jobs)
             try:
-                for i, vm in enumerate(vms):
-                    subprocess.run(_bc(state, "attach", f"c{i}", "--qmp", str(vm.qmp_socket)), check=True,
-                                   capture_output=True)
                 started = time.perf_counter()
                 procs = [subprocess.Popen(_bc(state, "copy", f"c{i}", "vda", str(work / f"d{i}.qcow2"), "--pivot",
                                               "--bandwidth", "8"), stdout=subprocess.DEVNULL)
@@ -313,12 +326,8 @@ def bench_cost(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
             work = Path(tmp)
             state = work / "state"
-            vms = [ScratchVM(work, [DiskSpec("vda", str(make_image(work / f"s{i}.qcow2", 64 * MIB)))],
-                             name=f"m{i}", accel="tcg", memory_mib=32) for i in range(jobs)]
+            vms = _attached_vms(work, state, "m", jobs)
             try:
-                for i, vm in enumerate(vms):
-                    subprocess.run(_bc(state, "attach", f"m{i}", "--qmp", str(vm.qmp_socket)), check=True,
-                                   capture_output=True)
                 started = time.perf_counter()
                 proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("many_jobs.py")), str(state),
                                          *(f"m{i}={work / f'd{i}.qcow2'}" for i in range(jobs))])
