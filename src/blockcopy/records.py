@@ -130,11 +130,6 @@ class Operation:
         disks[index] = dataclasses.replace(disks[index], **changes)
         return dataclasses.replace(self, disks=tuple(disks))
 
-    def with_disks(self, **changes: Any) -> Operation:
-        return dataclasses.replace(
-            self, disks=tuple(dataclasses.replace(d, **changes) for d in self.disks)
-        )
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
