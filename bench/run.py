@@ -287,6 +287,18 @@ def _attached_vms(work: Path, state: Path, prefix: str, count: int) -> list[Scra
     return vms
 
 
+def _run_measured(argvs: list[list[str]]) -> tuple[list[tuple[int, Any]], float]:
+    """Run the commands at once; each one's (exit code, rusage) and the wall time until all ended."""
+    started = time.perf_counter()
+    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL) for argv in argvs]
+    runs = []
+    for proc in procs:
+        _pid, status, rusage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        runs.append((proc.returncode, rusage))
+    return runs, time.perf_counter() - started
+
+
 def bench_cost(args: argparse.Namespace) -> None:
     results: dict[str, Any] = {"concurrent": [], "recovery": []}
     counts = (1, 10) if args.quick else (1, 10, 30)
@@ -298,25 +310,17 @@ def bench_cost(args: argparse.Namespace) -> None:
             state = work / "state"
             vms = _attached_vms(work, state, "c", jobs)
             try:
-                started = time.perf_counter()
-                procs = [subprocess.Popen(_bc(state, "copy", f"c{i}", "vda", str(work / f"d{i}.qcow2"), "--pivot",
-                                              "--bandwidth", "8"), stdout=subprocess.DEVNULL)
-                         for i in range(jobs)]
-                usage = []
-                for proc in procs:
-                    _pid, status, rusage = os.wait4(proc.pid, 0)
-                    proc.returncode = os.waitstatus_to_exitcode(status)
-                    usage.append(rusage)
-                wall = time.perf_counter() - started
+                runs, wall = _run_measured([_bc(state, "copy", f"c{i}", "vda", str(work / f"d{i}.qcow2"),
+                                                    "--pivot", "--bandwidth", "8") for i in range(jobs)])
             finally:
                 for vm in vms:
                     vm.kill()
-            cpu = [u.ru_utime + u.ru_stime for u in usage]
-            rss = max(u.ru_maxrss for u in usage) / 1024
+            cpu = [u.ru_utime + u.ru_stime for _code, u in runs]
+            rss = max(u.ru_maxrss for _code, u in runs) / 1024
             row = {"jobs": jobs, "cpu_s_per_job": round(statistics.mean(cpu), 3),
                    "cpu_ms_per_copy_second": round(1000 * statistics.mean(cpu) / wall, 1),
                    "peak_rss_mib": round(rss, 1), "wall_s": round(wall, 1),
-                   "failed": sum(p.returncode != 0 for p in procs)}
+                   "failed": sum(code != 0 for code, _u in runs)}
             results["concurrent"].append(row)
             print(f"{jobs:>5} {row['cpu_s_per_job']:>10} {row['cpu_ms_per_copy_second']:>21} "
                   f"{row['peak_rss_mib']:>13} {row['wall_s']:>7}")
@@ -328,18 +332,16 @@ def bench_cost(args: argparse.Namespace) -> None:
             state = work / "state"
             vms = _attached_vms(work, state, "m", jobs)
             try:
-                started = time.perf_counter()
-                proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("many_jobs.py")), str(state),
-                                         *(f"m{i}={work / f'd{i}.qcow2'}" for i in range(jobs))])
-                _pid, status, rusage = os.wait4(proc.pid, 0)
-                wall = time.perf_counter() - started
+                [(code, rusage)], wall = _run_measured([[
+                    sys.executable, str(Path(__file__).with_name("many_jobs.py")), str(state),
+                    *(f"m{i}={work / f'd{i}.qcow2'}" for i in range(jobs))]])
             finally:
                 for vm in vms:
                     vm.kill()
             cpu = rusage.ru_utime + rusage.ru_stime
             row = {"jobs": jobs, "cpu_s_total": round(cpu, 3), "cpu_ms_per_copy_second": round(1000 * cpu / wall, 1),
                    "peak_rss_mib": round(rusage.ru_maxrss / 1024, 1), "wall_s": round(wall, 1),
-                   "exit_status": os.waitstatus_to_exitcode(status)}
+                   "exit_status": code}
             results.setdefault("one_process", []).append(row)
             print(f"{jobs:>5} {row['cpu_s_total']:>12} {row['cpu_ms_per_copy_second']:>21} "
                   f"{row['peak_rss_mib']:>13} {row['wall_s']:>7}")

@@ -71,7 +71,6 @@ class Driver:
             obs = await self._observe(op, failure, identical, stalled)
             op = self._measure(op, obs)
             step = decide(op, obs)
-            failure, identical = None, None
             if step.record is not None or step.commands:
                 log.info("job %s [%s] %s", op.id, op.phase.value, step.note)
             if step.record is not None:

@@ -167,12 +167,11 @@ class Monitor:
     async def block(self) -> list[dict[str, Any]]:
         return list(await self.execute("query-block"))
 
-    async def node_names(self) -> frozenset[str]:
-        nodes = await self.execute("query-named-block-nodes", {"flat": True})
-        return frozenset(n["node-name"] for n in nodes if n.get("node-name"))
-
     async def named_nodes(self) -> list[dict[str, Any]]:
         return list(await self.execute("query-named-block-nodes", {"flat": True}))
+
+    async def node_names(self) -> frozenset[str]:
+        return frozenset(n["node-name"] for n in await self.named_nodes() if n.get("node-name"))
 
     async def devices(self) -> list[DeviceInfo]:
         return devices_from_query_block(await self.block())
