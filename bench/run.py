@@ -9,6 +9,8 @@ bench/results/. Every result records the QEMU version, accelerator and file syst
   modes       time to ready and guest write latency, write-blocking vs background, guest writing
   cost        CPU seconds and peak RSS of blockcopy per job with 1/10/30 concurrent jobs;
               `recover` time with 1/10/100 unfinished jobs
+  qmp         QMP round trip against the length of the command (why blockcopy keeps the
+              commands it sends while the guest is paused short)
 """
 
 from __future__ import annotations
@@ -374,12 +376,53 @@ def bench_cost(args: argparse.Namespace) -> None:
     save("cost", {"environment": {**environment(args.workdir), "accel": "tcg"}, **results})
 
 
+# --- QMP round trip against command length ---------------------------------------------------------
+
+
+def bench_qmp(args: argparse.Namespace) -> None:
+    """A raw QMP socket (no client library), so that only QEMU's side is measured."""
+    import socket
+
+    rounds = 50 if args.quick else 400
+    results = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        work = Path(tmp)
+        vm = ScratchVM(work, [DiskSpec("vda", str(make_image(work / "a.qcow2", 64 * MIB)))], name="qmp",
+                       accel=pick_accel())
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(str(vm.qmp_socket))
+                stream = sock.makefile("rwb", buffering=0)
+                stream.readline()  # greeting
+                stream.write(json.dumps({"execute": "qmp_capabilities"}).encode() + b"\n")
+                stream.readline()
+                print(f"{'command bytes':>13} {'round trip median us':>21}")
+                for pad in (0, 16, 64, 256, 1024):
+                    line = json.dumps({"execute": "query-status", "id": "x" * pad}, separators=(",", ":")).encode()
+                    times = []
+                    for _ in range(rounds):
+                        started = time.perf_counter()
+                        stream.write(line + b"\n")
+                        stream.readline()
+                        times.append((time.perf_counter() - started) * 1e6)
+                    median = statistics.median(times)
+                    results.append({"bytes": len(line) + 1, "median_us": round(median, 1), "n": rounds})
+                    print(f"{len(line) + 1:>13} {median:>21.0f}")
+        finally:
+            vm.kill()
+    first, last = results[0], results[-1]
+    per_byte = (last["median_us"] - first["median_us"]) / (last["bytes"] - first["bytes"])
+    print(f"about {per_byte:.1f} us per command byte")
+    save("qmp", {"environment": environment(args.workdir), "results": results, "us_per_byte": round(per_byte, 2)})
+
+
 def bench_plot(args: argparse.Namespace) -> None:
     """Redraw pause.png from the last pause.json."""
     _plot_pause(json.loads((RESULTS / "pause.json").read_text())["results"])
 
 
-BENCHMARKS = {"pause": bench_pause, "throughput": bench_throughput, "modes": bench_modes, "cost": bench_cost}
+BENCHMARKS = {"pause": bench_pause, "throughput": bench_throughput, "modes": bench_modes, "cost": bench_cost,
+              "qmp": bench_qmp}
 
 
 def main() -> int:

@@ -167,6 +167,15 @@ def test_bandwidth_must_be_positive(bc: Blockcopy, tmp_path: Path, value: str) -
     assert result.returncode == 2 and "MiB/s" in result.stderr
 
 
+@pytest.mark.parametrize(("value", "message"), [("0", "size must be positive"), ("-1M", "size must be positive"),
+                                              ("big", "is not a size"), ("2G", "between 1 byte and 1024 MiB")])
+def test_buffer_size_must_be_a_sane_size(attached, bc: Blockcopy, tmp_path: Path, value: str, message: str) -> None:
+    attached(1)
+    result = bc("copy", "vm", "vda", str(tmp_path / "d.qcow2"), f"--buf-size={value}")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "d.qcow2").exists()
+
+
 def test_domain_lock_refuses_a_second_blockcopy(attached, bc: Blockcopy, tmp_path: Path) -> None:
     attached(1)
     proc = bc.spawn("copy", "vm", "vda", str(tmp_path / "a.qcow2"), "--bandwidth", "2", "--wait")

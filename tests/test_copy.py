@@ -64,6 +64,7 @@ def test_status_json_of_a_pivot_reports_outcome_authority_and_pause(attached, bc
     assert status["error"] is None
     assert isinstance(status["pause_window_ms"], float) and 0 < status["pause_window_ms"] < 60_000
     assert status["paused_by_blockcopy"] is True
+    assert status["buf_size"] == 1 << 20  # the default
     assert status["disks"][0]["pivoted"] is True
     assert status["progress"]["percent"] == 100.0
     assert vm.run_state() == "running"
@@ -170,11 +171,12 @@ def test_reuse_external_uses_the_existing_image(attached, bc: Blockcopy, tmp_pat
     assert has_pattern(dest, 0x11, 0, 4 * MIB)
 
 
-def test_raw_destination_format(attached, bc: Blockcopy, tmp_path: Path) -> None:
+def test_raw_destination_format_with_a_small_buffer(attached, bc: Blockcopy, tmp_path: Path) -> None:
     vm = attached(1)
     dest = tmp_path / "d.raw"
-    result = bc.ok("copy", "vm", "vda", str(dest), "--format", "raw", "--pivot", "--json").json
-    assert result["outcome"] == "pivoted"
+    result = bc.ok("copy", "vm", "vda", str(dest), "--format", "raw", "--buf-size", "64K", "--pivot",
+                   "--json").json
+    assert result["outcome"] == "pivoted" and result["buf_size"] == 64 * 1024
     assert images.info(str(dest)).format == "raw"
     assert has_pattern(dest, 0x11, 0, 4 * MIB, fmt="raw")
     assert vm.device_node("vda")[1] == str(dest)

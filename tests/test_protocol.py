@@ -66,6 +66,15 @@ def test_starting_goes_create_add_mirror_with_write_ahead_records() -> None:
     assert decide(o, obs("running")).record.phase is Phase.COPYING  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize(("buf_size", "bandwidth"), [(0, 0), (1 << 20, 8 << 20)])
+def test_mirror_carries_the_buffer_size_and_speed_only_when_set(buf_size: int, bandwidth: int) -> None:
+    o = dataclasses.replace(op(Phase.STARTING, buf_size=buf_size, bandwidth=bandwidth),
+                            disks=(disk(0, Stage.MIRROR),))
+    args = decide(o, obs(None)).commands[0].args
+    assert args.get("buf-size") == (buf_size or None)  # 0: QEMU's default (records older than the option)
+    assert args.get("speed") == (bandwidth or None)
+
+
 def test_create_stage_refuses_a_file_it_cannot_prove_it_made() -> None:
     o = dataclasses.replace(op(Phase.STARTING), disks=(disk(0, Stage.CREATE),))
     step = decide(o, obs(None, dest_exists=(True,)))

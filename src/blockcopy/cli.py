@@ -19,7 +19,7 @@ from typing import Any
 from blockcopy import __version__, views
 from blockcopy.driver import Interrupted, Until
 from blockcopy.errors import BlockcopyError, UsageError
-from blockcopy.manager import FORMATS, MODES, CopyRequest, Manager
+from blockcopy.manager import DEFAULT_BUF_SIZE, FORMATS, MODES, CopyRequest, Manager
 from blockcopy.records import Goal, Operation, Outcome
 from blockcopy.ui import describe, progress_display
 
@@ -37,6 +37,24 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB/s") from None
     if not value > 0 or value != value or value == float("inf"):
         raise argparse.ArgumentTypeError(f"bandwidth must be a positive number of MiB/s, not {text}")
+    return value
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def _size(text: str) -> int:
+    """Bytes, with an optional binary suffix: 65536, 512K, 1M, 1G."""
+    number, unit = text.strip(), ""
+    if number[-1:].upper() in ("K", "M", "G"):
+        number, unit = number[:-1], number[-1].upper()
+    try:
+        value = int(number) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or a number with K, M or G"
+                                         ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, not {text}")
     return value
 
 
@@ -96,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-external", action="store_true",
                    help="DEST exists already (same format and virtual size) and is used as is")
     p.add_argument("--bandwidth", type=_positive_float, metavar="MiB/s", help="copy speed limit")
+    p.add_argument("--buf-size", type=_size, default=DEFAULT_BUF_SIZE, metavar="SIZE",
+                   help="mirror buffer, the data in flight per disk (default 1M; QEMU's own default, "
+                   "16M, is no faster here and costs pause time when freed at the pivot)")
     p.add_argument("--mode", choices=MODES, default="write-blocking",
                    help="write-blocking (default): guest writes reach both images once ready, so the "
                    "copy always converges; background: faster guest writes, may never converge")
@@ -201,7 +222,7 @@ async def _copy(args: argparse.Namespace, manager: Manager, out: Output, show_pr
     until = Until.READY if args.wait else Until.STARTED
     request = CopyRequest(domain=args.domain, targets=targets, format=args.format, shallow=args.shallow,
                           reuse_external=args.reuse_external, bandwidth_mib=args.bandwidth,
-                          mode=args.mode, goal=goal)
+                          mode=args.mode, goal=goal, buf_size=args.buf_size)
     waits = args.wait or args.pivot or args.finish
     with progress_display(show_progress and waits) as progress:
         op = await manager.copy(request, until=until, on_progress=progress)

@@ -303,6 +303,8 @@ def _mirror_args(op: Operation, disk: DiskRecord) -> dict[str, Any]:
     }
     if op.bandwidth:
         args["speed"] = op.bandwidth
+    if op.buf_size:
+        args["buf-size"] = op.buf_size
     return args
 
 

@@ -99,6 +99,7 @@ class Operation:
     shallow: bool = False
     reuse_external: bool = False
     bandwidth: int = 0  # bytes per second, 0 = unlimited
+    buf_size: int = 0  # mirror buffer (bytes of data in flight), 0 = QEMU's default
     vm_was_running: bool | None = None  # run state when the pivot began
     paused_by_us: bool = False  # blockcopy stops the VM for the pivot and must resume it
     resumed: bool = False

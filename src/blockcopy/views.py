@@ -58,6 +58,7 @@ def operation_view(op: Operation) -> dict[str, Any]:
         "shallow": op.shallow,
         "reuse_external": op.reuse_external,
         "bandwidth": op.bandwidth,
+        "buf_size": op.buf_size,
         "outcome": op.outcome.value if op.outcome else None,
         "authoritative": op.authoritative.value if op.authoritative else None,
         "reason": op.reason,

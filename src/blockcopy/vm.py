@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
+from blockcopy.monitor import LeanQMPClient
 
 QEMU = "qemu-system-x86_64"
 
@@ -43,7 +43,7 @@ class AuxMonitor:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="aux-qmp")
         self._thread.start()
-        self._client = QMPClient("blockcopy-aux")
+        self._client = LeanQMPClient("blockcopy-aux")
         self._call(self._client.connect(socket_path))
 
     def _call(self, coro: Any) -> Any:
