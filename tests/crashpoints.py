@@ -8,34 +8,34 @@ these). Read with the phase table at the top of ``src/blockcopy/protocol.py``.
 from __future__ import annotations
 
 _START_1 = ["journal:starting@1", "create-image@1", "journal:starting@2", "qmp:blockdev-add@1",
-            "journal:starting@3", "qmp:blockdev-mirror@1", "journal:starting@4"]
-_START_2 = [*_START_1, "create-image@2", "journal:starting@5", "qmp:blockdev-add@2", "journal:starting@6",
-            "qmp:blockdev-mirror@2", "journal:starting@7"]
+            "qmp:blockdev-mirror@1", "journal:starting@3"]
+_START_2 = [*_START_1, "create-image@2", "journal:starting@4", "qmp:blockdev-add@2", "qmp:blockdev-mirror@2",
+            "journal:starting@5"]
 
 POINTS: dict[tuple[str, int], list[str]] = {
     ("pivot", 1): [*_START_1, "journal:copying@1", "journal:pivoting@1", "sync-images@1", "qmp:stop@1",
                    "qmp:job-complete@1",
                    "journal:finalizing@1", "qmp:job-finalize@1", "journal:settling@1", "qmp:cont@1",
                    "journal:settling@2", "qmp:job-dismiss@1", "qmp:blockdev-del@1", "qmp:blockdev-del@2",
-                   "journal:settling@3", "journal:done@1"],
+                   "journal:done@1"],
     ("pivot", 2): [*_START_2, "journal:copying@1", "journal:pivoting@1", "sync-images@1", "qmp:stop@1",
                    "qmp:job-complete@1",
                    "qmp:job-complete@2", "journal:finalizing@1", "qmp:job-finalize@1", "qmp:job-finalize@2",
                    "journal:settling@1", "qmp:cont@1", "journal:settling@2", "qmp:job-dismiss@1",
-                   "qmp:blockdev-del@1", "qmp:blockdev-del@2", "journal:settling@3", "qmp:job-dismiss@2",
-                   "qmp:blockdev-del@3", "qmp:blockdev-del@4", "journal:settling@4", "journal:done@1"],
+                   "qmp:blockdev-del@1", "qmp:blockdev-del@2", "qmp:job-dismiss@2",
+                   "qmp:blockdev-del@3", "qmp:blockdev-del@4", "journal:done@1"],
     ("finish", 1): [*_START_1, "journal:copying@1", "journal:finishing@1", "qmp:block-job-cancel@1",
                     "qmp:job-finalize@1", "journal:settling@1", "qmp:job-dismiss@1", "qmp:blockdev-del@1",
-                    "journal:settling@2", "journal:done@1"],
+                    "journal:done@1"],
     ("finish", 2): [*_START_2, "journal:copying@1", "journal:finishing@1", "qmp:block-job-cancel@1",
                     "qmp:block-job-cancel@2", "qmp:job-finalize@1", "qmp:job-finalize@2", "journal:settling@1",
-                    "qmp:job-dismiss@1", "qmp:blockdev-del@1", "journal:settling@2", "qmp:job-dismiss@2",
-                    "qmp:blockdev-del@2", "journal:settling@3", "journal:done@1"],
+                    "qmp:job-dismiss@1", "qmp:blockdev-del@1", "qmp:job-dismiss@2",
+                    "qmp:blockdev-del@2", "journal:done@1"],
     ("abort", 1): ["journal:copying@1", "journal:aborting@1", "qmp:job-cancel@1", "journal:settling@1",
-                   "qmp:job-dismiss@1", "qmp:blockdev-del@1", "journal:settling@2", "journal:done@1"],
+                   "qmp:job-dismiss@1", "qmp:blockdev-del@1", "journal:done@1"],
     ("abort", 2): ["journal:copying@1", "journal:aborting@1", "qmp:job-cancel@1", "qmp:job-cancel@2",
-                   "journal:settling@1", "qmp:job-dismiss@1", "qmp:blockdev-del@1", "journal:settling@2",
-                   "qmp:job-dismiss@2", "qmp:blockdev-del@2", "journal:settling@3", "journal:done@1"],
+                   "journal:settling@1", "qmp:job-dismiss@1", "qmp:blockdev-del@1",
+                   "qmp:job-dismiss@2", "qmp:blockdev-del@2", "journal:done@1"],
 }
 
 #: From this point on the outcome is journaled (the first ``journal:settling``) and stands even if

@@ -53,16 +53,17 @@ def test_starting_goes_create_add_mirror_with_write_ahead_records() -> None:
     assert step.commands[0].after.disks[0].dest_created
     o = step.commands[0].after
     step = decide(o, obs(None, nodes=frozenset()))
-    assert names(step.commands) == ["blockdev-add"]
+    assert names(step.commands) == ["blockdev-add", "blockdev-mirror"]
     assert step.commands[0].args["backing"] is None  # a full copy never opens a backing named in DEST
-    o = step.commands[0].after
-    assert o is not None
-    step = decide(o, obs(None, nodes=frozenset({"bc-op-0"})))
-    assert names(step.commands) == ["blockdev-mirror"]
-    args = step.commands[0].args
+    assert step.commands[0].after is None, "the node is re-observable: no record between add and mirror"
+    args = step.commands[1].args
     assert args["auto-finalize"] is False and args["auto-dismiss"] is False and args["job-id"] == "job0"
-    o = step.commands[0].after
-    assert o is not None
+    # A crash between the two: the node is there, the journal still says ADD; it resumes.
+    resumed = decide(o, obs(None, nodes=frozenset({"bc-op-0"})))
+    assert resumed.record is not None and resumed.record.disks[0].stage is Stage.MIRROR
+    assert names(decide(resumed.record, obs(None, nodes=frozenset({"bc-op-0"}))).commands) == ["blockdev-mirror"]
+    o = step.commands[1].after
+    assert o is not None and o.disks[0].stage is Stage.STARTED
     assert decide(o, obs("running")).record.phase is Phase.COPYING  # type: ignore[union-attr]
 
 
@@ -169,6 +170,23 @@ def test_settling_cleans_up_old_source_after_a_pivot_and_dest_after_none() -> No
     assert decide(s, o).commands[0].args == {"node-name": "src0-file"}
     n = op(Phase.SETTLING, outcome=Outcome.NOT_PIVOTED, authoritative=Authority.SOURCE).with_disk(0, pivoted=False)
     assert decide(n, obs(None)).commands[0].args == {"node-name": "bc-op-0"}
+
+
+def test_settling_cleans_every_disk_in_one_step_then_ends_with_one_record() -> None:
+    s = op(Phase.SETTLING, n=2, outcome=Outcome.PIVOTED, authoritative=Authority.DESTINATION)
+    s = s.with_disk(0, pivoted=True).with_disk(1, pivoted=True)
+    o = obs("concluded", "concluded", pivoted=(True, True),
+            nodes=frozenset({"bc-op-0", "bc-op-1", "src0", "src0-file", "src1", "src1-file"}))
+    step = decide(s, o)
+    assert [(c.name, c.args) for c in step.commands] == [
+        ("job-dismiss", {"id": "job0"}), ("blockdev-del", {"node-name": "src0"}),
+        ("blockdev-del", {"node-name": "src0-file"}),
+        ("job-dismiss", {"id": "job1"}), ("blockdev-del", {"node-name": "src1"}),
+        ("blockdev-del", {"node-name": "src1-file"})]
+    assert step.record is None and all(c.purpose == "cleanup" for c in step.commands)
+    step = decide(s, obs(None, None, pivoted=(True, True), nodes=frozenset({"bc-op-0", "bc-op-1"})))
+    assert step.record is not None and step.record.phase is Phase.DONE and not step.commands
+    assert all(d.cleaned for d in step.record.disks)
 
 
 def test_refused_cleanup_becomes_a_warning_not_a_loop() -> None:

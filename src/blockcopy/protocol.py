@@ -23,7 +23,7 @@ Phases (``op.phase``) and what moves them, given the observation (``obs``):
 ============  =================================================================  ===========
 phase         does                                                               next
 ============  =================================================================  ===========
-STARTING      per disk: create DEST -> blockdev-add -> blockdev-mirror           COPYING
+STARTING      per disk: create DEST, then blockdev-add + blockdev-mirror          COPYING
 COPYING       waits until every job is ``ready``; then follows ``op.goal``       PIVOTING,
                                                                                  FINISHING,
                                                                                  ABORTING
@@ -37,8 +37,8 @@ FINISHING     ``block-job-cancel`` of ready jobs (no pivot; DEST consistent),   
               then ``job-finalize``
 ABORTING      ``job-cancel`` every job; outcome not-pivoted or failed            SETTLING
 SETTLING      the outcome record is written, and in the same step ``cont`` if    DONE
-              blockcopy paused the VM; then ``job-dismiss`` and ``blockdev-del``
-              of the nodes no device uses
+              blockcopy paused the VM; then, one step for all disks,
+              ``job-dismiss`` and ``blockdev-del`` of the nodes no device uses
 DONE          nothing
 ============  =================================================================  ===========
 
@@ -266,11 +266,14 @@ def _starting(op: Operation, obs: Observation) -> Step:
             return Step(commands=(Command("create-image", disk=index, after=after),),
                         note=f"create {disk.dest_path}")
         if disk.stage is Stage.ADD:
-            after = op.with_disk(index, stage=Stage.MIRROR)
             if disk.dest_node in obs.nodes:
-                return Step(record=after, note="destination node already added")
-            return Step(commands=(qmp("blockdev-add", _blockdev_add_args(disk), disk=index, after=after),),
-                        note=f"add node {disk.dest_node}")
+                return Step(record=op.with_disk(index, stage=Stage.MIRROR), note="destination node already added")
+            # Both re-observable (the node, the job), so one step: a crash in between resumes at
+            # "node already added". The mirror starts one journal commit and round trip sooner.
+            started = op.with_disk(index, stage=Stage.STARTED)
+            return Step(commands=(qmp("blockdev-add", _blockdev_add_args(disk), disk=index),
+                                  qmp("blockdev-mirror", _mirror_args(op, disk), disk=index, after=started)),
+                        note=f"add node {disk.dest_node} and start mirror {disk.job_id}")
         if disk.stage is Stage.MIRROR:
             after = op.with_disk(index, stage=Stage.STARTED)
             if disk.job_id in obs.jobs:
@@ -419,23 +422,26 @@ def _settling(op: Operation, obs: Observation) -> Step:
         record = op.with_disk(index, cleaned=True)
         record = _replace(record, warnings=(*op.warnings, f"cleanup: {failure.message}"))
         return Step(record=record, note="cleanup refused, recorded as a warning")
+    # Every disk's leftovers go in one step (each job is dismissed before its target node is
+    # deleted); the next observation shows what is left, and one record ends the operation.
+    cleanup: list[Command] = []
     for index, disk in enumerate(op.disks):
         if disk.cleaned:
             continue
         job = _job(op, obs, disk)
-        if job is not None and job.status == "concluded":
-            return Step(commands=(qmp("job-dismiss", {"id": disk.job_id}, disk=index, purpose="cleanup"),),
-                        note=f"dismiss {disk.job_id}")
         if job is not None and job.status in LIVE_STATUSES | {"aborting"}:
             # Only reachable if someone else restarted or re-used the job id; leave it alone.
             return Step(record=op.with_disk(index, cleaned=True), note="job not ours to dismiss")
-        for node in _leftover_nodes(disk):
-            if node in obs.nodes and obs.device_nodes.get(disk.device_key) != node:
-                return Step(commands=(qmp("blockdev-del", {"node-name": node}, disk=index,
-                                          purpose="cleanup"),),
-                            note=f"delete node {node}")
-        return Step(record=op.with_disk(index, cleaned=True), note=f"disk {disk.name} cleaned up")
-    return Step(record=_replace(op, phase=Phase.DONE), note="done")
+        if job is not None and job.status == "concluded":
+            cleanup.append(qmp("job-dismiss", {"id": disk.job_id}, disk=index, purpose="cleanup"))
+        cleanup.extend(qmp("blockdev-del", {"node-name": node}, disk=index, purpose="cleanup")
+                       for node in _leftover_nodes(disk)
+                       if node in obs.nodes and obs.device_nodes.get(disk.device_key) != node)
+    if cleanup:
+        return Step(commands=tuple(cleanup), note="dismiss the jobs, delete the nodes no device uses")
+    return Step(record=_replace(op, phase=Phase.DONE, disks=tuple(dataclasses.replace(d, cleaned=True)
+                                                                   for d in op.disks)),
+                note="cleaned up: done")
 
 
 def _leftover_nodes(disk: DiskRecord) -> list[str]:
