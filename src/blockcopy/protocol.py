@@ -441,7 +441,7 @@ def _settling(op: Operation, obs: Observation) -> Step:
         return Step(commands=tuple(cleanup), note="dismiss the jobs, delete the nodes no device uses")
     return Step(record=_replace(op, phase=Phase.DONE, disks=tuple(dataclasses.replace(d, cleaned=True)
                                                                    for d in op.disks)),
-                note="cleaned up: done")
+                note="done")
 
 
 def _leftover_nodes(disk: DiskRecord) -> list[str]:
