@@ -35,3 +35,36 @@ def test_messages_are_formatted_only_when_debug_logging_prints_them(caplog: pyte
     with caplog.at_level(logging.DEBUG, logger=client.logger.name):
         client._cb_inbound(msg)
     assert CountingMessage.formatted >= 1 and '"STOP"' in caplog.text
+
+
+def test_a_real_qemu_gets_short_ids_and_every_query_asked_for(vm_factory) -> None:
+    """On the wire, against QEMU: the ids the library really sends (a renamed library hook would
+    silently bring back long ones), and the queries of a full observation, answered in order."""
+    import asyncio
+
+    from blockcopy.monitor import Monitor
+
+    vm = vm_factory(1, size=16 * 1024 * 1024, fill=False)
+    sent: list[Message] = []
+
+    class Recording(LeanQMPClient):
+        def _cb_outbound(self, msg: Message) -> Message:
+            sent.append(msg)
+            return super()._cb_outbound(msg)
+
+    async def run() -> None:
+        client = Recording("t")
+        await client.connect(str(vm.qmp_socket))
+        monitor = Monitor(str(vm.qmp_socket), client)
+        try:
+            obs = await monitor.observe(frozenset({"status", "jobs", "block", "nodes"}))
+        finally:
+            await monitor.close()
+        assert obs.alive and obs.run_state == "running" and obs.jobs == {}
+        assert "vda-fmt" in obs.nodes and "/machine/peripheral/vda/virtio-backend" in obs.device_nodes
+
+    asyncio.run(run())
+    executes = [m for m in sent if "execute" in m and m["execute"] != "qmp_capabilities"]
+    assert [m["execute"] for m in executes] == ["query-status", "query-jobs", "query-block",
+                                                "query-named-block-nodes"]
+    assert all(len(m["id"]) <= 2 for m in executes), [m["id"] for m in executes]
