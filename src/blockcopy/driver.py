@@ -23,6 +23,7 @@ from blockcopy.journal import Journal
 from blockcopy.monitor import CommandRefused, Monitor
 from blockcopy.protocol import Command, Failure, Observation, Wait, decide, needs
 from blockcopy.records import Operation, Phase, Stage
+from blockcopy.writeback import Writeback
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,28 @@ class Driver:
         self.monitor = monitor
         self.on_progress = on_progress
         self.poll_interval = poll_interval
+        self._writeback: asyncio.Task[None] | None = None
 
     async def run(self, op: Operation, until: Until) -> Operation:
+        try:
+            return await self._run(op, until)
+        finally:
+            self._stop_writeback()
+
+    def _writeback_while_copying(self, op: Operation) -> None:
+        """Sync the destinations from outside while the mirror fills them (see writeback.py)."""
+        copying = op.phase is Phase.COPYING and op.ready_at is None
+        if copying and self._writeback is None:
+            self._writeback = asyncio.create_task(Writeback(d.dest_path for d in op.disks).run())
+        elif not copying:
+            self._stop_writeback()
+
+    def _stop_writeback(self) -> None:
+        if self._writeback is not None:
+            self._writeback.cancel()
+            self._writeback = None
+
+    async def _run(self, op: Operation, until: Until) -> Operation:
         failure: Failure | None = None
         identical: tuple[bool, ...] | None = None
         settle_phase, settle_since = op.phase, time.monotonic()
@@ -81,6 +102,7 @@ class Driver:
                 return op
             if op.phase is not settle_phase:
                 settle_phase, settle_since = op.phase, time.monotonic()
+            self._writeback_while_copying(op)
             if step.wait is Wait.COPY:
                 settle_since = time.monotonic()
                 now = time.monotonic()

@@ -1,0 +1,104 @@
+"""Writeback of destination files while a mirror fills them (real files, a recording sync)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from blockcopy.writeback import Writeback
+
+MIB = 1024 * 1024
+
+
+def _grow(path: Path, mib: int) -> None:
+    with open(path, "ab") as f:
+        f.write(os.urandom(mib * MIB))
+
+
+def test_only_files_that_grew_by_the_threshold_are_due(tmp_path: Path) -> None:
+    big, small, missing = tmp_path / "big", tmp_path / "small", tmp_path / "missing"
+    _grow(big, 3)
+    _grow(small, 1)
+    synced: list[str] = []
+    wb = Writeback([str(big), str(small), str(missing)], threshold=2 * MIB, sync=synced.append)
+    assert wb.due() == [str(big)]
+
+
+def test_run_syncs_a_growing_destination_and_leaves_a_quiet_one_alone(tmp_path: Path) -> None:
+    growing, quiet = tmp_path / "growing", tmp_path / "quiet"
+    quiet.write_bytes(b"x")
+    synced: list[str] = []
+    wb = Writeback([str(growing), str(quiet)], interval=0.01, threshold=MIB, sync=synced.append)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(wb.run())
+        for _ in range(3):
+            _grow(growing, 2)  # as the mirror would
+            await asyncio.sleep(0.05)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert synced.count(str(growing)) == 3, synced  # once per growth spurt, not once per look
+    assert str(quiet) not in synced
+
+
+def test_a_failing_sync_does_not_stop_the_writeback(tmp_path: Path) -> None:
+    path = tmp_path / "d"
+    calls: list[str] = []
+
+    def flaky(p: str) -> None:
+        calls.append(p)
+        raise OSError(5, "I/O error")
+
+    wb = Writeback([str(path)], interval=0.01, threshold=MIB, sync=flaky)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(wb.run())
+        _grow(path, 2)
+        await asyncio.sleep(0.05)
+        _grow(path, 2)
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert len(calls) == 2
+
+
+def test_a_real_copy_syncs_its_destination_while_copying_and_stops_at_ready(vm_factory, tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    from blockcopy import CopyRequest, Manager, driver
+    from blockcopy.vm import DiskSpec, fill_pattern, make_image
+
+    source = make_image(tmp_path / "source.qcow2", 64 * MIB)
+    fill_pattern(source, "qcow2", 0x3C, 0, 48 * MIB)
+    vm = vm_factory([DiskSpec("vda", str(source))])
+    dest = tmp_path / "dest.qcow2"
+    synced: list[tuple[str, float]] = []
+
+    class Recording(Writeback):
+        def __init__(self, paths) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(paths, threshold=4 * MIB, sync=lambda p: synced.append((p, time.time())))
+
+    monkeypatch.setattr(driver, "Writeback", Recording)
+
+    async def scenario() -> float:
+        manager = Manager(tmp_path / "state")
+        try:
+            await manager.attach("vm", str(vm.qmp_socket))
+            op = await manager.copy(CopyRequest("vm", [("vda", str(dest))], bandwidth_mib=64),
+                                    until=driver.Until.READY)
+            assert op.ready_at is not None
+            ready_seen = time.time()
+            # Grow the destination after ready (write-blocking mirrors new clusters into it): a
+            # writeback left running would sync it now.
+            vm.write_marker("vda", 0x44, 52 * MIB, 8 * MIB)
+            await asyncio.sleep(0.3)
+            return ready_seen
+        finally:
+            manager.close()
+
+    ready_seen = asyncio.run(scenario())
+    assert synced and {p for p, _ in synced} == {str(dest)}
+    assert all(at <= ready_seen for _, at in synced), "no writeback once the copy is ready"
