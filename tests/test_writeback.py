@@ -30,18 +30,32 @@ def test_run_syncs_a_growing_destination_and_leaves_a_quiet_one_alone(tmp_path: 
     growing, quiet = tmp_path / "growing", tmp_path / "quiet"
     quiet.write_bytes(b"x")
     synced: list[str] = []
-    wb = Writeback([str(growing), str(quiet)], interval=0.01, threshold=MIB, sync=synced.append)
+    wb = Writeback([str(growing), str(quiet)], interval=0.01, max_interval=0.05, threshold=MIB,
+                   sync=synced.append)
 
     async def scenario() -> None:
         task = asyncio.create_task(wb.run())
-        for _ in range(3):
+        for spurt in range(1, 4):
             _grow(growing, 2)  # as the mirror would
-            await asyncio.sleep(0.05)
+            for _ in range(200):
+                if len(synced) >= spurt:
+                    break
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
         task.cancel()
 
     asyncio.run(scenario())
     assert synced.count(str(growing)) == 3, synced  # once per growth spurt, not once per look
     assert str(quiet) not in synced
+
+
+def test_looks_often_while_files_grow_fast_and_rarely_when_slow_or_quiet() -> None:
+    wb = Writeback([], interval=0.05, max_interval=0.5, threshold=8 * MIB)
+    assert wb.next_interval(0.05, 1024 * MIB, 1.0) == 0.05  # an unthrottled mirror: as often as allowed
+    assert wb.next_interval(0.05, 8 * MIB, 1.0) == 0.5  # 8 MiB/s: twice per 8 MiB
+    assert wb.next_interval(0.05, 16 * MIB, 1.0) == 0.25
+    assert wb.next_interval(0.1, 0, 0.1) == 0.2  # quiet: back off ...
+    assert wb.next_interval(0.4, 0, 0.4) == 0.5  # ... up to the cap
 
 
 def test_a_failing_sync_does_not_stop_the_writeback(tmp_path: Path) -> None:
@@ -52,14 +66,16 @@ def test_a_failing_sync_does_not_stop_the_writeback(tmp_path: Path) -> None:
         calls.append(p)
         raise OSError(5, "I/O error")
 
-    wb = Writeback([str(path)], interval=0.01, threshold=MIB, sync=flaky)
+    wb = Writeback([str(path)], interval=0.01, max_interval=0.05, threshold=MIB, sync=flaky)
 
     async def scenario() -> None:
         task = asyncio.create_task(wb.run())
-        _grow(path, 2)
-        await asyncio.sleep(0.05)
-        _grow(path, 2)
-        await asyncio.sleep(0.05)
+        for spurt in (1, 2):
+            _grow(path, 2)
+            for _ in range(200):
+                if len(calls) >= spurt:
+                    break
+                await asyncio.sleep(0.01)
         task.cancel()
 
     asyncio.run(scenario())
