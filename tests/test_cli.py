@@ -69,7 +69,8 @@ def test_help_names_the_commands_and_the_qmp_line(bc: Blockcopy) -> None:
         assert command in out
     assert "server=on,wait=off" in out
     copy_help = bc.ok("copy", "--help").stdout
-    for option in ("--shallow", "--reuse-external", "--bandwidth", "--mode", "--pivot", "--finish", "--wait"):
+    for option in ("--shallow", "--reuse-external", "--bandwidth", "--buf-size", "--mode", "--pivot", "--finish",
+                   "--wait"):
         assert option in copy_help
 
 
