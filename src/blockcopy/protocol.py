@@ -27,12 +27,15 @@ STARTING      per disk: create DEST, then blockdev-add + blockdev-mirror        
 COPYING       waits until every job is ``ready``; then follows ``op.goal``       PIVOTING,
                                                                                  FINISHING,
                                                                                  ABORTING
-PIVOTING      one step: fsync the images, ``stop`` a running VM (its run state   FINALIZING
+PIVOTING      one step: fsync the images, ``stop`` a running VM (its run state   SETTLING
               was journaled on entry), ``job-complete`` each job; then waits     or ABORTING
-              until *every* job is ``pending`` (all or nothing)
-FINALIZING    journaled together with the first ``job-finalize`` of each job    SETTLING
-              (point of no return); outcome from ``query-block``: which node
-              each device uses now
+              until *every* job is ``pending`` (all or nothing); then
+              ``job-finalize`` each: the point of no return, recognised
+              afterwards by a device using its DEST node (``query-block``),
+              from which it only goes forward; outcome from ``query-block``
+FINALIZING    as PIVOTING once a device has switched; found only in journals    SETTLING
+              of earlier blockcopy versions, which journaled it before
+              finalizing
 FINISHING     ``block-job-cancel`` of ready jobs (no pivot; DEST consistent),    SETTLING
               then ``job-finalize``
 ABORTING      ``job-cancel`` every job; outcome not-pivoted or failed            SETTLING
@@ -43,8 +46,9 @@ DONE          nothing
 ============  =================================================================  ===========
 
 Failure rules:
-- a job that fails, vanishes or is cancelled by someone else before FINALIZING sends the operation
-  to ABORTING with an error, which cancels the other jobs: no disk pivots;
+- a job that fails, vanishes or is cancelled by someone else before any device has switched to its
+  DEST sends the operation to ABORTING with an error, which cancels the other jobs: no disk
+  pivots; once one device has switched, the pivot only goes forward;
 - QEMU gone before the outcome is journaled (outcome ``not-pivoted``; ``failed`` if a job had
   already failed): the guest cannot have written to DEST except through a pivot that the journal
   has not recorded; since blockcopy pauses the guest before completing jobs
@@ -156,7 +160,7 @@ ALL_QUERIES = frozenset({"status", "jobs", "block", "nodes"})
 _NEEDS = {
     Phase.STARTING: frozenset({"jobs", "nodes"}),
     Phase.COPYING: frozenset({"status", "jobs"}),
-    Phase.PIVOTING: frozenset({"status", "jobs"}),
+    Phase.PIVOTING: frozenset({"status", "jobs", "block"}),
     Phase.FINALIZING: frozenset({"jobs", "block"}),
     Phase.FINISHING: frozenset({"jobs", "block"}),
     Phase.ABORTING: frozenset({"jobs", "block"}),
@@ -328,6 +332,10 @@ def _copying(op: Operation, obs: Observation) -> Step:
 
 
 def _pivoting(op: Operation, obs: Observation) -> Step:
+    if any(_uses_dest(obs, d) for d in op.disks):
+        # A device switched: a job-finalize went out (this process's, before a crash, or another
+        # client's). The pivot can only go forward now; no journal record is needed to know that.
+        return _finalizing(op, obs)
     trouble = _job_trouble(op, obs)
     if trouble:
         return _abort(op, f"pivot failed, no disk pivoted: {trouble}")
@@ -340,9 +348,10 @@ def _pivoting(op: Operation, obs: Observation) -> Step:
         return _abort(op, "pivot failed, no disk pivoted: the jobs did not all reach 'pending' in time")
     statuses = [obs.jobs[d.job_id].status for d in op.disks]
     if all(s == "pending" for s in statuses):
-        # Journal the point of no return, then finalize every job in the same step.
-        return Step(record=_replace(op, phase=Phase.FINALIZING), commands=_finalizes(op, obs),
-                    wait=Wait.SETTLE, note="every job is pending")
+        # The point of no return is the first job-finalize. It needs no journal commit of its own
+        # (one fsync less while the guest is paused): should this process die now, the next one
+        # sees in query-block whether any device switched, and goes forward if one did.
+        return Step(commands=_finalizes(op, obs), wait=Wait.SETTLE, note="every job is pending: finalize")
     completes = tuple(qmp("job-complete", {"id": d.job_id}, disk=i)
                       for i, d in enumerate(op.disks) if obs.jobs[d.job_id].status == "ready")
     if op.paused_by_us and obs.run_state == "running":
