@@ -53,16 +53,14 @@ class Writeback:
         self.sync = sync
         self._synced_at: dict[str, int] = {}
 
-    def due(self) -> list[str]:
+    def sizes(self) -> dict[str, int]:
+        """Allocated bytes of each file that is there (one ``stat`` each)."""
+        return {path: size for path in self.paths if (size := allocated_bytes(path)) is not None}
+
+    def due(self, sizes: dict[str, int] | None = None) -> list[str]:
         """The files that grew by ``threshold`` since blockcopy last synced them."""
-        due = []
-        for path in self.paths:
-            size = allocated_bytes(path)
-            if size is None:
-                continue
-            if size - self._synced_at.get(path, 0) >= self.threshold:
-                due.append(path)
-        return due
+        sizes = self.sizes() if sizes is None else sizes
+        return [path for path, size in sizes.items() if size - self._synced_at.get(path, 0) >= self.threshold]
 
     def next_interval(self, current: float, grown: int, elapsed: float) -> float:
         """Half the time the files take to grow by ``threshold`` at the rate just seen; when they
@@ -71,23 +69,20 @@ class Writeback:
             return min(self.max_interval, current * 2)
         return min(self.max_interval, max(self.interval, self.threshold / (grown / elapsed) / 2))
 
-    def _total(self) -> int:
-        return sum(size for path in self.paths if (size := allocated_bytes(path)) is not None)
-
     async def run(self) -> None:
         """Until cancelled."""
         loop = asyncio.get_running_loop()
-        interval, total, looked = self.interval, self._total(), loop.time()
+        interval, last_total, last_look = self.interval, None, loop.time()
         while True:
-            for path in self.due():
-                size = allocated_bytes(path)
+            sizes, now = self.sizes(), loop.time()
+            total = sum(sizes.values())
+            if last_total is not None:
+                interval = self.next_interval(interval, total - last_total, now - last_look)
+            last_total, last_look = total, now
+            for path in self.due(sizes):
                 try:
                     await asyncio.to_thread(self.sync, path)
                 except OSError as exc:  # an optimisation only; QEMU reports real I/O errors
                     log.info("writeback of %s: %s", path, exc)
-                if size is not None:
-                    self._synced_at[path] = size
+                self._synced_at[path] = sizes[path]
             await asyncio.sleep(interval)
-            now_total, now = self._total(), loop.time()
-            interval = self.next_interval(interval, now_total - total, now - looked)
-            total, looked = now_total, now
