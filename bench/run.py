@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -386,8 +387,6 @@ def bench_cost(args: argparse.Namespace) -> None:
 
 def bench_qmp(args: argparse.Namespace) -> None:
     """A raw QMP socket (no client library), so that only QEMU's side is measured."""
-    import socket
-
     rounds = 50 if args.quick else 400
     results = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

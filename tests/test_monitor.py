@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
 from qemu.qmp import Message
 
-from blockcopy.monitor import LeanQMPClient
+from blockcopy.monitor import LeanQMPClient, Monitor
 
 
 class CountingMessage(Message):
@@ -40,10 +41,6 @@ def test_messages_are_formatted_only_when_debug_logging_prints_them(caplog: pyte
 def test_a_real_qemu_gets_short_ids_and_every_query_asked_for(vm_factory) -> None:
     """On the wire, against QEMU: the ids the library really sends (a renamed library hook would
     silently bring back long ones), and the queries of a full observation, answered in order."""
-    import asyncio
-
-    from blockcopy.monitor import Monitor
-
     vm = vm_factory(1, size=16 * 1024 * 1024, fill=False)
     sent: list[Message] = []
 

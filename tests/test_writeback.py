@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from blockcopy import CopyRequest, Manager, driver
+from blockcopy.vm import DiskSpec, fill_pattern, make_image
 from blockcopy.writeback import Writeback
 
 MIB = 1024 * 1024
@@ -23,7 +25,7 @@ def test_only_files_that_grew_by_the_threshold_are_due(tmp_path: Path) -> None:
     _grow(small, 1)
     synced: list[str] = []
     wb = Writeback([str(big), str(small), str(missing)], threshold=2 * MIB, sync=synced.append)
-    assert wb.due() == [str(big)]
+    assert wb.due(wb.sizes()) == [str(big)]
 
 
 def test_run_syncs_a_growing_destination_and_leaves_a_quiet_one_alone(tmp_path: Path) -> None:
@@ -84,9 +86,6 @@ def test_a_failing_sync_does_not_stop_the_writeback(tmp_path: Path) -> None:
 
 def test_a_real_copy_syncs_its_destination_while_copying_and_stops_at_ready(vm_factory, tmp_path: Path,
                                                                               monkeypatch) -> None:
-    from blockcopy import CopyRequest, Manager, driver
-    from blockcopy.vm import DiskSpec, fill_pattern, make_image
-
     source = make_image(tmp_path / "source.qcow2", 64 * MIB)
     fill_pattern(source, "qcow2", 0x3C, 0, 48 * MIB)
     vm = vm_factory([DiskSpec("vda", str(source))])

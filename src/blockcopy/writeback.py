@@ -57,9 +57,8 @@ class Writeback:
         """Allocated bytes of each file that is there (one ``stat`` each)."""
         return {path: size for path in self.paths if (size := allocated_bytes(path)) is not None}
 
-    def due(self, sizes: dict[str, int] | None = None) -> list[str]:
-        """The files that grew by ``threshold`` since blockcopy last synced them."""
-        sizes = self.sizes() if sizes is None else sizes
+    def due(self, sizes: dict[str, int]) -> list[str]:
+        """The files of ``sizes`` that grew by ``threshold`` since blockcopy last synced them."""
         return [path for path, size in sizes.items() if size - self._synced_at.get(path, 0) >= self.threshold]
 
     def next_interval(self, current: float, grown: int, elapsed: float) -> float:
