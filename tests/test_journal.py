@@ -30,7 +30,7 @@ def test_wal_and_full_sync(tmp_path: Path) -> None:
 
 def test_round_trip_and_history(tmp_path: Path) -> None:
     j = Journal(tmp_path)
-    saved = j.save(_op(), "planned")
+    saved = j.save(_op(), "planned", new=True)
     assert saved.created_at > 0 and saved.ended_at is None
     finished = dataclasses.replace(saved.with_disk(0, stage=Stage.STARTED, pivoted=True), phase=Phase.DONE,
                                    outcome=Outcome.PIVOTED, authoritative=Authority.DESTINATION, warnings=("w",))
@@ -41,6 +41,59 @@ def test_round_trip_and_history(tmp_path: Path) -> None:
     assert [s.note for s in j.steps("x")] == ["planned", "done"]
     assert j.operations(unfinished=True) == []
     assert [o.id for o in j.operations(domain="vm")] == ["x"]
+
+
+def test_a_save_never_replaces_another_operations_record(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    first = j.save(_op(), "planned", new=True)
+    with pytest.raises(JournalError, match="taken already"):
+        j.save(dataclasses.replace(_op(), domain="other"), "planned", new=True)
+    with pytest.raises(JournalError, match="not in the journal"):
+        j.save(dataclasses.replace(_op(), domain="other"), "update")  # same id, another domain
+    with pytest.raises(JournalError, match="not in the journal"):
+        j.save(dataclasses.replace(_op(), id="never-planned"), "update")
+    assert j.get("x") == first and [o.id for o in j.operations()] == ["x"]
+
+
+def test_state_directory_and_journal_are_private_even_if_the_directory_existed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o777)
+    state.chmod(0o777)
+    (state / Journal.FILENAME).touch(mode=0o666)
+    (state / Journal.FILENAME).chmod(0o666)
+    Journal(state).close()
+    assert state.stat().st_mode & 0o777 == 0o700
+    assert (state / Journal.FILENAME).stat().st_mode & 0o777 == 0o600
+
+
+def test_schema_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / Journal.FILENAME)
+    db.executescript("CREATE TABLE domains (name TEXT PRIMARY KEY, qmp_socket TEXT NOT NULL, attached_at REAL "
+                     "NOT NULL); INSERT INTO domains VALUES ('old', '/run/old.qmp', 1.0); PRAGMA user_version=1;")
+    db.close()
+    j = Journal(tmp_path)
+    assert j._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    domain = j.domain("old")
+    assert domain is not None and domain.qmp_socket == "/run/old.qmp" and domain.qemu_pid is None
+
+
+def test_a_full_file_system_is_a_journal_error_and_nothing_is_saved(tmpfs) -> None:
+    where = tmpfs("1m")
+    j = Journal(where)
+    saved = j.save(_op(), "planned", new=True)
+    filler = where / "filler"
+    with open(filler, "wb") as out:  # fill the file system to the last block
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass
+    big = dataclasses.replace(saved, warnings=("x" * 200_000,))
+    with pytest.raises(JournalError, match="cannot write the journal"):
+        j.save(big, "step")
+    filler.unlink()
+    assert j.get("x") == saved  # the failed save left the previous record
 
 
 def test_newer_schema_is_refused_untouched(tmp_path: Path, bc: Blockcopy) -> None:

@@ -52,7 +52,7 @@ def test_a_real_qemu_gets_short_ids_and_every_query_asked_for(vm_factory) -> Non
     async def run() -> None:
         client = Recording("t")
         await client.connect(str(vm.qmp_socket))
-        monitor = Monitor(str(vm.qmp_socket), client)
+        monitor = Monitor(str(vm.qmp_socket), client, None)
         try:
             obs = await monitor.observe(frozenset({"status", "jobs", "block", "nodes"}))
         finally:

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from blockcopy.protocol import Command, Failure, JobView, Observation, Wait, decide, needs, qmp
+from blockcopy.protocol import LIVE_STATUSES, Command, Failure, JobView, Observation, Wait, decide, needs, qmp
 from blockcopy.records import Authority, DiskRecord, Goal, Operation, Outcome, Phase, Stage
 
 STATUSES = ("created", "running", "ready", "standby", "waiting", "pending", "aborting", "concluded", None)
@@ -32,6 +32,7 @@ def obs(*statuses: str | None, run_state: str = "running", pivoted: tuple[bool, 
     devices = {disk(i).device_key: (disk(i).dest_node if i < len(pivoted) and pivoted[i] else f"src{i}")
                for i in range(len(statuses))}
     kw.setdefault("nodes", frozenset({*devices.values(), *(f"bc-op-{i}" for i in range(len(statuses)))}))
+    kw.setdefault("dest_state", ("ours",) * len(statuses))  # the driver fills it in CREATE and ADD only
     return Observation(alive=True, run_state=run_state, jobs=jobs, device_nodes=devices,
                        **kw)  # type: ignore[arg-type]
 
@@ -46,7 +47,7 @@ def names(step_commands: tuple[Command, ...]) -> list[str]:
 def test_starting_goes_create_add_mirror_with_write_ahead_records() -> None:
     o = op(Phase.STARTING)
     o = dataclasses.replace(o, disks=(disk(0, Stage.CREATE),))
-    step = decide(o, obs(None, dest_exists=(False,)))
+    step = decide(o, obs(None, dest_state=("absent",)))
     assert names(step.commands) == ["create-image"]
     assert step.record is None, "creating is journaled by the stage itself, before the step"
     assert step.commands[0].after is not None and step.commands[0].after.disks[0].stage is Stage.ADD
@@ -78,10 +79,35 @@ def test_mirror_carries_the_buffer_size_and_speed_only_when_set(buf_size: int, b
 
 def test_create_stage_refuses_a_file_it_cannot_prove_it_made() -> None:
     o = dataclasses.replace(op(Phase.STARTING), disks=(disk(0, Stage.CREATE),))
-    step = decide(o, obs(None, dest_exists=(True,)))
+    step = decide(o, obs(None, dest_state=("foreign",)))
     assert step.record is not None and step.record.phase is Phase.ABORTING
-    assert "inspect the file" in (step.record.error or "")
+    assert "is not the file this job created" in (step.record.error or "")
     assert not step.commands
+
+
+def test_create_stage_goes_on_with_a_file_the_journal_proves_it_made() -> None:
+    # Killed after the image was linked into place: the journaled identity matches (issue 9, 6).
+    o = dataclasses.replace(op(Phase.STARTING), disks=(disk(0, Stage.CREATE),))
+    step = decide(o, obs(None, dest_state=("ours",)))
+    assert step.record is not None and step.record.phase is Phase.STARTING
+    assert step.record.disks[0].stage is Stage.ADD and step.record.disks[0].dest_created
+
+
+@pytest.mark.parametrize("state", ["foreign", "absent"])
+def test_a_destination_replaced_before_it_is_opened_is_refused(state: str) -> None:
+    o = dataclasses.replace(op(Phase.STARTING), disks=(disk(0, Stage.ADD),))
+    step = decide(o, obs(None, nodes=frozenset(), dest_state=(state,)))
+    assert step.record is not None and step.record.phase is Phase.ABORTING
+    assert "refusing to open it" in (step.record.error or "") and not step.commands
+
+
+@pytest.mark.parametrize("shallow", [False, True])
+def test_a_shallow_destination_keeps_its_backing_chain(shallow: bool) -> None:
+    # issue 9, 1: `"backing": null` on a shallow DEST made the guest read zeros where its data
+    # lives in the base image.
+    o = dataclasses.replace(op(Phase.STARTING, shallow=shallow), disks=(disk(0, Stage.ADD),))
+    args = decide(o, obs(None, nodes=frozenset())).commands[0].args
+    assert ("backing" in args) is not shallow
 
 
 def test_recovery_of_start_skips_steps_qemu_shows_done() -> None:
@@ -249,6 +275,74 @@ def test_stalled_pivot_rolls_back_instead_of_leaving_the_guest_paused() -> None:
     assert step.record is not None and step.record.phase is Phase.ABORTING
 
 
+def test_every_job_pending_wins_over_a_stalled_clock() -> None:
+    # issue 9, 3: once all jobs are pending the pivot goes on, however long it took to get there.
+    p = op(Phase.PIVOTING, n=2, paused_by_us=True)
+    step = decide(p, obs("pending", "pending", run_state="paused", stalled=True))
+    assert names(step.commands) == ["job-finalize"] * 2 and step.record is None
+
+
+def test_no_finalize_while_someone_else_resumed_the_guest() -> None:
+    # issue 9, 8: finalizing a running guest lets it write to DEST before the outcome is journaled.
+    for paused_by_us in (True, False):
+        p = op(Phase.PIVOTING, n=2, paused_by_us=paused_by_us)
+        step = decide(p, obs("pending", "pending", run_state="running"))
+        assert "job-finalize" not in names(step.commands)
+        assert step.record is not None and step.record.phase is Phase.ABORTING
+        assert "resumed by someone else" in (step.record.error or "")
+
+
+def test_a_guest_resumed_before_the_jobs_are_completed_is_paused_by_blockcopy() -> None:
+    p = op(Phase.PIVOTING, paused_by_us=False, vm_was_running=False)
+    step = decide(p, obs("ready", run_state="running"))
+    assert step.record is not None and step.record.paused_by_us and not step.commands
+    assert names(decide(step.record, obs("ready", run_state="running")).commands) == [
+        "sync-images", "stop", "job-complete"]
+
+
+def test_finish_claims_a_consistent_copy_only_when_seen_concluded_cleanly() -> None:
+    f = op(Phase.FINISHING, Goal.FINISH, n=2)
+    assert names(decide(f, obs("ready", "ready")).commands) == ["block-job-cancel"] * 2
+    step = decide(f, obs("concluded", "concluded"))
+    assert step.record is not None and step.record.outcome is Outcome.NOT_PIVOTED
+    assert [d.consistent for d in step.record.disks] == [True, True]
+    assert "consistent copy" in (step.record.reason or "") and "NOT" not in (step.record.reason or "")
+
+
+def test_a_stalled_finish_is_cancelled_and_never_claims_a_consistent_copy() -> None:
+    # issue 9, 2: it used to be journaled "consistent" while the job still ran in QEMU.
+    f = op(Phase.FINISHING, Goal.FINISH, n=2)
+    step = decide(f, obs("ready", "concluded", stalled=True))
+    assert step.record is not None and step.record.forced and step.record.phase is Phase.FINISHING
+    assert step.record.outcome is None and not step.commands, "journaled before the force-cancel"
+    forced = step.record
+    step = decide(forced, obs("ready", "concluded"))
+    assert names(step.commands) == ["job-cancel"] and step.commands[0].args == {"id": "job0"}
+    assert decide(forced, obs("aborting", "concluded")).wait is Wait.SETTLE
+    step = decide(forced, obs("concluded", "concluded", errors=("Operation canceled", None)))
+    assert step.record is not None and step.record.outcome is Outcome.NOT_PIVOTED
+    assert step.record.authoritative is Authority.SOURCE
+    assert [d.consistent for d in step.record.disks] == [False, False]
+    assert "NOT a consistent copy" in (step.record.reason or "")
+    # Force-cancelled and still not ending: the operation stays unfinished, nothing is claimed.
+    stuck = decide(forced, obs("aborting", "concluded", stalled=True))
+    assert stuck.stuck and stuck.record is None and not stuck.commands and not stuck.terminal
+
+
+def test_an_abort_that_qemu_is_slow_to_carry_out_resumes_the_guest_but_is_not_done() -> None:
+    a = op(Phase.ABORTING, n=2, paused_by_us=True, error="pivot failed")
+    step = decide(a, obs("aborting", "pending", run_state="paused", stalled=True))
+    assert step.record is not None and step.record.phase is Phase.SETTLING
+    assert step.record.outcome is Outcome.FAILED and step.record.authoritative is Authority.SOURCE
+    assert names(step.commands) == ["cont"], "no device can switch any more: resume"
+    settling = dataclasses.replace(step.record, resumed=True)
+    step = decide(settling, obs("aborting", "pending"))
+    assert names(step.commands) == ["job-cancel"] and step.commands[0].args == {"id": "job1"}
+    assert decide(settling, obs("aborting", "aborting")).wait is Wait.SETTLE
+    stuck = decide(settling, obs("aborting", "aborting", stalled=True))
+    assert stuck.stuck and stuck.record is None
+
+
 def test_late_duplicate_job_complete_refusal_is_ignored() -> None:
     p = op(Phase.PIVOTING, paused_by_us=True)
     refused = Failure(qmp("job-complete", {"id": "job0"}, disk=0), "not in ready state")
@@ -261,6 +355,17 @@ def test_late_duplicate_job_complete_refusal_is_ignored() -> None:
 # --- exhaustive invariants -------------------------------------------------------------------------
 
 PHASES = [p for p in Phase if p is not Phase.DONE]
+
+
+FAILURES = (None, "job-complete", "job-finalize", "job-cancel", "block-job-cancel", "cont", "cleanup")
+
+
+def _failure(kind: str | None) -> Failure | None:
+    if kind is None:
+        return None
+    if kind == "cleanup":
+        return Failure(qmp("blockdev-del", {"node-name": "src0"}, disk=0, purpose="cleanup"), "in use")
+    return Failure(qmp(kind, {"id": "job0"}, disk=0), "refused")
 
 
 def _cases() -> list[tuple[Operation, Observation]]:
@@ -278,37 +383,91 @@ def _cases() -> list[tuple[Operation, Observation]]:
 CASES = _cases()
 
 
+def _failure_cases() -> list[tuple[Operation, Observation]]:
+    """The same, crossed with the failure dimensions: a refused command, a stalled transition, a
+    forced finish, a resumed guest, errors on the jobs."""
+    cases = []
+    for phase, paused_by_us, (s0, s1), run_state, piv, failure, stalled, forced, errors in itertools.product(
+            PHASES, (False, True), itertools.product(("ready", "pending", "waiting", "aborting", "concluded", None),
+                                                     repeat=2),
+            ("running", "paused"), ((False, False), (True, False)), FAILURES, (False, True), (False, True),
+            ((None, None), ("Operation canceled", None))):
+        goal = Goal.FINISH if phase is Phase.FINISHING else Goal.PIVOT
+        if paused_by_us and phase in (Phase.STARTING, Phase.COPYING, Phase.FINISHING):
+            continue  # only a pivot pauses the guest
+        if forced and phase is not Phase.FINISHING:
+            continue
+        outcome = Outcome.NOT_PIVOTED if phase is Phase.SETTLING else None
+        o = op(phase, goal, n=2, paused_by_us=paused_by_us, forced=forced, outcome=outcome,
+               authoritative=Authority.SOURCE if outcome else None,
+               resumed=phase is Phase.SETTLING and not paused_by_us)
+        cases.append((o, obs(s0, s1, run_state=run_state, pivoted=piv, failure=_failure(failure), stalled=stalled,
+                             errors=errors)))
+    return cases
+
+
+FAILURE_CASES = _failure_cases()
+
+
+def _check_invariants(o: Operation, ob: Observation) -> None:
+    step = decide(o, ob)
+    cmds = names(step.commands)
+    where = (f"{o.phase} goal={o.goal} paused_by_us={o.paused_by_us} forced={o.forced} {dict(ob.jobs)} "
+             f"{ob.run_state} stalled={ob.stalled} failure={ob.failure}")
+    # What the journal says when the commands run: a step's record is written first.
+    journaled = step.record if step.record is not None else o
+    live = [j for j in ob.jobs.values() if j.status in LIVE_STATUSES | {"aborting"}]
+    # The guest is resumed only once the outcome is journaled, and only if blockcopy paused it.
+    if "cont" in cmds:
+        assert journaled.outcome is not None and journaled.paused_by_us, where
+    # blockcopy pauses only in PIVOTING, and only a guest it decided to pause.
+    if "stop" in cmds:
+        assert journaled.phase is Phase.PIVOTING and journaled.paused_by_us, where
+        assert cmds.index("sync-images") < cmds.index("stop"), where
+    # Point of no return only once every job is pending and the guest is not running, or once a
+    # device has switched (a finalize went out before); or when finishing without pivot.
+    if "job-finalize" in cmds:
+        assert journaled.phase in (Phase.PIVOTING, Phase.FINALIZING, Phase.FINISHING), where
+        if journaled.phase is Phase.PIVOTING:
+            switched = any(node.startswith("bc-") for node in ob.device_nodes.values())
+            assert switched or (all(j.status == "pending" for j in ob.jobs.values()) and len(ob.jobs) == 2
+                                and ob.run_state != "running"), where
+    if "job-complete" in cmds:
+        assert o.phase is Phase.PIVOTING, where
+    if step.record is not None:
+        assert step.record.id == o.id and step.record.domain == o.domain
+        if step.record.outcome is not None:
+            assert step.record.authoritative is not None, where
+        # DONE means nothing of the operation runs in QEMU any more.
+        if step.record.phase is Phase.DONE:
+            assert not live, where
+        # A consistent copy is claimed only where the job was seen concluded without error after
+        # a finish that was not forced.
+        for d, before in zip(step.record.disks, o.disks, strict=True):
+            if d.consistent and not before.consistent:
+                job = ob.jobs.get(d.job_id)
+                assert not step.record.forced and job is not None and job.status == "concluded" and not job.error, \
+                    where
+    if step.stuck is not None:
+        # Given up only where nothing can be decided, with nothing changed, and never while a guest
+        # that blockcopy paused waits for an outcome.
+        assert step.record is None and not step.commands, where
+        assert o.outcome is not None or o.phase is Phase.FINISHING, where
+        assert not (o.paused_by_us and not o.resumed and o.outcome is None), where
+    # Every non-terminal step makes progress: a record, a command, a wait, or gives up.
+    assert step.record is not None or step.commands or step.wait is not None or step.stuck, where
+
+
 def test_invariants_hold_for_every_phase_status_and_run_state() -> None:
     assert len(CASES) > 10_000
     for o, ob in CASES:
-        step = decide(o, ob)
-        cmds = names(step.commands)
-        where = f"{o.phase} goal={o.goal} paused_by_us={o.paused_by_us} {dict(ob.jobs)} {ob.run_state}"
-        # What the journal says when the commands run: a step's record is written first.
-        journaled = step.record if step.record is not None else o
-        # The guest is resumed only once the outcome is journaled, and only if blockcopy paused it.
-        if "cont" in cmds:
-            assert journaled.outcome is not None and journaled.paused_by_us, where
-        # blockcopy pauses only in PIVOTING, and only a guest it decided to pause.
-        if "stop" in cmds:
-            assert journaled.phase is Phase.PIVOTING and journaled.paused_by_us, where
-            assert cmds.index("sync-images") < cmds.index("stop"), where
-        # Point of no return only once every job is pending, or once a device has switched (a
-        # finalize went out before); or when finishing without pivot.
-        if "job-finalize" in cmds:
-            assert journaled.phase in (Phase.PIVOTING, Phase.FINALIZING, Phase.FINISHING), where
-            if journaled.phase is Phase.PIVOTING:
-                switched = any(node.startswith("bc-") for node in ob.device_nodes.values())
-                assert switched or (all(j.status == "pending" for j in ob.jobs.values())
-                                    and len(ob.jobs) == 2), where
-        if "job-complete" in cmds:
-            assert o.phase is Phase.PIVOTING, where
-        if step.record is not None:
-            assert step.record.id == o.id and step.record.domain == o.domain
-            if step.record.outcome is not None:
-                assert step.record.authoritative is not None, where
-        # Every non-terminal step makes progress: a record, a command or a wait.
-        assert step.record is not None or step.commands or step.wait is not None, where
+        _check_invariants(o, ob)
+
+
+def test_invariants_hold_across_failures_stalls_and_resumed_guests() -> None:
+    assert len(FAILURE_CASES) > 40_000
+    for o, ob in FAILURE_CASES:
+        _check_invariants(o, ob)
 
 
 def test_pivoting_never_rolls_back_a_switched_device() -> None:

@@ -14,24 +14,41 @@ import dataclasses
 import enum
 import logging
 import os
+import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from blockcopy import faults, images
-from blockcopy.errors import BlockcopyError, QemuGone
+from blockcopy.errors import (
+    BlockcopyError,
+    ConnectionLost,
+    GuestLeftPaused,
+    JournalError,
+    MonitorBusy,
+    MonitorError,
+    MonitorTimeout,
+    NoListener,
+    QemuUnreachable,
+    TransitionStalled,
+)
 from blockcopy.journal import Journal
 from blockcopy.monitor import CommandRefused, Monitor
 from blockcopy.protocol import Command, Failure, Observation, Wait, decide, needs
-from blockcopy.records import Operation, Phase, Stage
+from blockcopy.qemuproc import QemuProcess
+from blockcopy.records import DiskRecord, Operation, Phase, Stage
 from blockcopy.writeback import Writeback
 
 log = logging.getLogger(__name__)
 
 #: A transition that QEMU should finish by itself (complete -> pending takes ~8 ms) is given up on
-#: after this long; the state machine then rolls back instead of leaving a guest paused.
-SETTLE_TIMEOUT = 30.0
+#: after this long without progress; the state machine then rolls back instead of leaving a guest
+#: paused. The clock starts when a step's commands have returned, so a slow fsync or a slow command
+#: does not count against it; it is also how long blockcopy retries a QEMU that does not answer.
+TRANSITION_TIMEOUT = 30.0
 #: How often progress is written to the journal while copying (for `status` from other processes).
 PROGRESS_SAVE_INTERVAL = 2.0
+#: Phases in which a guest that blockcopy paused may still be paused (the outcome is not journaled).
+_PAUSE_PHASES = frozenset({Phase.PIVOTING, Phase.FINALIZING, Phase.ABORTING, Phase.SETTLING})
 
 
 class Until(enum.Enum):
@@ -51,22 +68,116 @@ class Interrupted(BlockcopyError):
     exit_code = 130
 
 
+class Link:
+    """The connection to one domain's QEMU, re-established when it drops, and the question every
+    observation starts with: is the QEMU process an operation runs in still there?
+
+    "Gone" means that process no longer exists (pid and start time, see :mod:`blockcopy.qemuproc`).
+    A missing or refusing socket in front of a live process, or a different process behind the
+    socket while the old one lives, is *unreachable*: nothing is decided then.
+    """
+
+    def __init__(self, socket_path: str, connect: Callable[[], Awaitable[Monitor]]) -> None:
+        self.socket_path = socket_path
+        self._connect = connect
+        self.monitor: Monitor | None = None
+        self.error: MonitorError | None = None  # why the last connection attempt failed
+
+    async def open(self) -> Monitor | None:
+        """Connect if not connected; None (and ``error``) when the socket does not answer."""
+        if self.monitor is not None and self.monitor.connected:
+            return self.monitor
+        await self.drop()
+        try:
+            self.monitor = await self._connect()
+            self.error = None
+        except MonitorError as exc:
+            self.error = exc
+        return self.monitor
+
+    async def drop(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.close()
+            self.monitor = None
+
+    @property
+    def process(self) -> QemuProcess | None:
+        return self.monitor.process if self.monitor is not None else None
+
+    async def reach(self, op: Operation) -> Monitor | None:
+        """The monitor of ``op``'s QEMU, or None when that QEMU is gone.
+
+        :raise QemuUnreachable: the process lives but cannot be talked to now.
+        :raise MonitorError: the socket fails for another reason and the operation does not say
+            which process it runs in (journaled by an older blockcopy).
+        """
+        monitor = await self.open()
+        expected = op.qemu
+        if monitor is not None and (expected is None or monitor.process == expected):
+            return monitor
+        if expected is None:  # an older record: the socket is all there is to go by
+            if isinstance(self.error, NoListener):
+                return None
+            raise self.error or MonitorError(f"cannot reach QEMU at {self.socket_path}")
+        if not expected.exists():
+            return None  # the process exited; whatever answers the socket now is another QEMU
+        if monitor is not None:
+            raise QemuUnreachable(
+                f"the QMP socket {self.socket_path} is now served by another process ({monitor.process}) while "
+                f"QEMU {expected} of job {op.id} still runs; nothing was decided. Give that QEMU its socket back")
+        why = self.error or "no answer"
+        busy = " (another client holds it)" if isinstance(self.error, MonitorBusy) else ""
+        raise QemuUnreachable(f"QEMU {expected} of job {op.id} still runs, but its QMP socket {self.socket_path} "
+                              f"does not answer{busy}: {why}. Nothing was decided; blockcopy goes on once it answers")
+
+
 class Driver:
-    def __init__(self, journal: Journal, monitor: Monitor | None, *,
-                 on_progress: ProgressCallback | None = None, poll_interval: float = 1.0,
-                 interrupt: asyncio.Event | None = None) -> None:
+    def __init__(self, journal: Journal, link: Link, *, on_progress: ProgressCallback | None = None,
+                 poll_interval: float = 1.0, interrupt: asyncio.Event | None = None,
+                 transition_timeout: float = TRANSITION_TIMEOUT) -> None:
         self.journal = journal
         self.interrupt = interrupt
-        self.monitor = monitor
+        self.link = link
         self.on_progress = on_progress
         self.poll_interval = poll_interval
+        self.transition_timeout = transition_timeout
         self._writeback: asyncio.Task[None] | None = None
 
+    @property
+    def monitor(self) -> Monitor | None:
+        return self.link.monitor
+
     async def run(self, op: Operation, until: Until) -> Operation:
+        """Drive ``op`` until ``until``.
+
+        :raise GuestLeftPaused: the guest that blockcopy paused for the pivot stays paused (the
+            outcome could not be journaled, or QEMU stopped answering); ``recover`` finishes it.
+        :raise TransitionStalled: QEMU did not carry out a finish or abort in time.
+        :raise QemuUnreachable: QEMU runs but does not answer; nothing was decided.
+        :raise JournalError: the journal could not be written (nothing was done for that step).
+        :raise Interrupted: ``interrupt`` was set while waiting for a copy.
+        """
         try:
             return await self._run(op, until)
+        except (JournalError, MonitorError) as exc:
+            held = self.journal.get(op.id) or op
+            if await self._guest_held(held):
+                raise GuestLeftPaused(_held_message(held, exc, self.journal)) from exc
+            raise
         finally:
             self._stop_writeback()
+
+    async def _guest_held(self, op: Operation) -> bool:
+        """Whether the guest may be paused by blockcopy with no outcome journaled."""
+        if not (op.paused_by_us and not op.resumed and op.phase in _PAUSE_PHASES):
+            return False
+        monitor = self.link.monitor
+        if monitor is None or not monitor.connected:
+            return True  # cannot look: say so rather than claim it runs
+        try:
+            return await asyncio.wait_for(monitor.run_state(), 2.0) != "running"
+        except (MonitorError, TimeoutError):
+            return True
 
     def _writeback_while_copying(self, op: Operation) -> None:
         """Sync the destinations from outside while the mirror fills them (see writeback.py)."""
@@ -84,27 +195,33 @@ class Driver:
     async def _run(self, op: Operation, until: Until) -> Operation:
         failure: Failure | None = None
         identical: tuple[bool, ...] | None = None
-        settle_phase, settle_since = op.phase, time.monotonic()
+        # The transition clock: reset whenever a step makes progress (a record, or commands other
+        # than the previous step's), so only time spent *waiting* for QEMU counts.
+        progress_at = time.monotonic()
+        previous_commands: tuple[Command, ...] = ()
         last_progress_save = 0.0
         while True:
-            stalled = op.phase is settle_phase and time.monotonic() - settle_since > SETTLE_TIMEOUT
+            stalled = time.monotonic() - progress_at > self.transition_timeout
             seen = self.monitor.event_seq if self.monitor is not None else 0
             obs = await self._observe(op, failure, identical, stalled)
             op = self._measure(op, obs)
             step = decide(op, obs)
             if step.record is not None or step.commands:
                 log.info("job %s [%s] %s", op.id, op.phase.value, step.note)
+            if step.stuck is not None:
+                raise TransitionStalled(step.stuck)
             if step.record is not None:
                 op = self._save(step.record, op, step.note)
                 last_progress_save = time.monotonic()  # the record carries the progress too
             op, failure, identical = await self._run_commands(step.commands, op)
+            if step.record is not None or (step.commands and step.commands != previous_commands):
+                progress_at = time.monotonic()
+            previous_commands = step.commands
             if step.terminal:
                 return op
-            if op.phase is not settle_phase:
-                settle_phase, settle_since = op.phase, time.monotonic()
             self._writeback_while_copying(op)
             if step.wait is Wait.COPY:
-                settle_since = time.monotonic()
+                progress_at = time.monotonic()
                 now = time.monotonic()
                 if now - last_progress_save >= PROGRESS_SAVE_INTERVAL:
                     op = self.journal.save(op)
@@ -115,6 +232,7 @@ class Driver:
                     return op
                 # Interrupts are honoured only here, never in the middle of a pivot.
                 if self.interrupt is not None and self.interrupt.is_set():
+                    self.interrupt.clear()  # one interrupt stops one wait
                     raise Interrupted(f"stopped waiting; job {op.id} keeps running in QEMU")
                 await self._wait(self.poll_interval, seen)
             elif step.wait is Wait.SETTLE:
@@ -124,16 +242,20 @@ class Driver:
                             ) -> tuple[Operation, Failure | None, tuple[bool, ...] | None]:
         """Run a step's commands in order, stopping at the first refusal (the next observation
         shows where things stand). A run of the same job command for several jobs is independent
-        by construction and goes to QEMU at once: fewer round trips while the guest is paused."""
+        by construction and goes to QEMU at once: fewer round trips while the guest is paused.
+        A command that QEMU does not answer, or a dropped connection, ends the step too: the next
+        observation reconnects and reads what the command did."""
         identical = None
         for batch in _batches(commands):
             if len(batch) > 1:
-                assert self.monitor is not None
-                results = await asyncio.gather(*(self.monitor.execute(c.name, c.args) for c in batch),
+                monitor = self.monitor
+                if monitor is None:
+                    return op, None, identical
+                results = await asyncio.gather(*(monitor.execute(c.name, c.args) for c in batch),
                                                return_exceptions=True)
                 failure = None
                 for command, result in zip(batch, results, strict=True):
-                    if isinstance(result, QemuGone):
+                    if isinstance(result, MonitorTimeout | ConnectionLost):
                         return op, failure, identical
                     if isinstance(result, CommandRefused):
                         log.info("%s refused: %s", command.describe(), result)
@@ -152,23 +274,36 @@ class Driver:
             except (CommandRefused, images.ImageError, OSError) as exc:
                 log.info("%s refused: %s", command.describe(), exc)
                 return op, Failure(command, str(exc)), identical
-            except QemuGone:
-                return op, None, identical  # the next observation says so
+            except (MonitorTimeout, ConnectionLost) as exc:
+                log.info("%s: %s", command.describe(), exc)
+                return op, None, identical  # the next observation says what happened
             faults.point(f"qmp:{command.name}" if command.kind == "qmp" else command.kind)
             if command.after is not None:
                 op = self._save(command.after, op, f"{command.describe()} done")
         return op, None, identical
 
     def _save(self, decided: Operation, current: Operation, note: str) -> Operation:
-        return self.journal.save(_carry_measurements(decided, current), note)
+        return self.journal.save(_carry_driver_facts(decided, current), note)
 
     async def _observe(self, op: Operation, failure: Failure | None, identical: tuple[bool, ...] | None,
                        stalled: bool) -> Observation:
-        dest_exists = tuple(d.stage is Stage.CREATE and os.path.lexists(d.dest_path) for d in op.disks)
-        if self.monitor is None or not self.monitor.connected:
-            return Observation(alive=False, identical=identical)
-        obs = await self.monitor.observe(needs(op), dest_exists)
-        return dataclasses.replace(obs, failure=failure, identical=identical, stalled=stalled)
+        """What QEMU says now; ``alive=False`` once the operation's QEMU process is gone. A QEMU that
+        lives but does not answer is retried for the transition time limit, then reported."""
+        dest_state = tuple(_dest_state(d) if d.stage in (Stage.CREATE, Stage.ADD) else "" for d in op.disks)
+        deadline = time.monotonic() + self.transition_timeout
+        while True:
+            try:
+                monitor = await self.link.reach(op)
+                if monitor is None:
+                    return Observation(alive=False, identical=identical)
+                obs = await monitor.observe(needs(op), dest_state)
+                return dataclasses.replace(obs, failure=failure, identical=identical, stalled=stalled)
+            except (MonitorTimeout, ConnectionLost, QemuUnreachable) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.info("job %s: %s; trying again", op.id, exc)
+                await self.link.drop()
+                await asyncio.sleep(0.2)
 
     def _measure(self, op: Operation, obs: Observation) -> Operation:
         """Copy progress, job status and event timestamps into the record (not journaled here)."""
@@ -186,12 +321,22 @@ class Driver:
         return op
 
     async def _perform(self, command: Command, op: Operation) -> tuple[Operation, tuple[bool, ...] | None]:
-        """Carry out one command; returns the record with any timestamps it produced."""
+        """Carry out one command; returns the record with any facts it produced."""
         if command.kind == "create-image":
             assert command.disk is not None
-            disk = op.disks[command.disk]
-            images.create(disk.dest_path, disk.dest_format, disk.virtual_size,
-                          backing_file=disk.backing_file, backing_format=disk.backing_format)
+            index = command.disk
+            disk = op.disks[index]
+
+            def journal_identity(dev: int, ino: int) -> None:
+                # Before the file gets DEST's name: a crash after linking leaves a file that the
+                # journal proves is ours, and recovery goes on with it.
+                nonlocal op
+                op = self._save(op.with_disk(index, dest_dev=dev, dest_ino=ino), op,
+                                f"made the image for {disk.dest_path}")
+
+            images.create(disk.dest_path, disk.dest_format, disk.virtual_size, tag=op.id,
+                          backing_file=disk.backing_file, backing_format=disk.backing_format,
+                          before_link=journal_identity)
             return op, None
         if command.kind == "sync-images":
             _sync_files(f for d in op.disks for f in (d.source_file, d.dest_path))
@@ -199,19 +344,50 @@ class Driver:
         if command.kind == "compare-images":
             return op, tuple(_same_data(d.source_file, d.source_format, d.dest_path, d.dest_format)
                              for d in op.disks)
-        assert self.monitor is not None
-        await self.monitor.execute(command.name, command.args)
-        # QEMU emits STOP/RESUME before it answers, so the event time is known here.
-        times = self.monitor.last_event_times
-        if command.name == "stop" and "STOP" in times:
-            op = dataclasses.replace(op, stop_ts=times["STOP"])
-        elif command.name == "cont" and "RESUME" in times:
-            op = dataclasses.replace(op, resume_ts=times["RESUME"])
+        monitor = self.monitor
+        if monitor is None:
+            raise ConnectionLost(f"not connected to QEMU for {command.name}")
+        seen = monitor.event_seq
+        await monitor.execute(command.name, command.args)
+        # QEMU emits STOP/RESUME before it answers; only events that came after this command was
+        # sent belong to this pivot (a STOP of the user's from before does not).
+        if command.name == "stop" and (at := monitor.event_time_since("STOP", seen)) is not None:
+            op = dataclasses.replace(op, stop_ts=at)
+        elif command.name == "cont" and (at := monitor.event_time_since("RESUME", seen)) is not None:
+            op = dataclasses.replace(op, resume_ts=at)
         return op, None
 
     async def _wait(self, timeout: float, since: int) -> None:
         if self.monitor is not None and self.monitor.connected:
             await self.monitor.wait_event(timeout, since)
+        else:
+            await asyncio.sleep(min(timeout, 0.2))
+
+
+def _held_message(op: Operation, cause: BaseException, journal: Journal) -> str:
+    where = (f" (e.g. free space where the journal lives, {journal.path.parent})"
+             if isinstance(cause, JournalError) else "")
+    if op.outcome is not None:
+        return (f"the guest of domain {op.domain} stays PAUSED: job {op.id} ended ({op.outcome}, authoritative "
+                f"image: {op.authoritative}) but blockcopy could not resume the guest: {cause}. Fix the "
+                f"cause{where}, then run `blockcopy recover`: it resumes the guest")
+    return (f"the guest of domain {op.domain} stays PAUSED: blockcopy paused it to pivot job {op.id} and could "
+            f"not finish: {cause}. It stays paused on purpose: resumed before the outcome is journaled, it could "
+            f"write to an image the journal does not name. Fix the cause{where}, then run `blockcopy recover`: "
+            "it finishes the pivot and resumes the guest")
+
+
+def _dest_state(disk: DiskRecord) -> str:
+    """What DEST's path names now, without following a symlink (see Observation.dest_state)."""
+    try:
+        st = os.lstat(disk.dest_path)
+    except FileNotFoundError:
+        return "absent"
+    except OSError:
+        return "foreign"
+    if disk.dest_ino is None or (st.st_dev, st.st_ino) != (disk.dest_dev, disk.dest_ino):
+        return "foreign"
+    return "ours" if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode) else "foreign"
 
 
 #: Job commands that may go to QEMU together when a step issues them for several jobs.
@@ -219,7 +395,8 @@ BATCHABLE = frozenset({"job-complete", "job-finalize", "job-cancel", "block-job-
 
 
 def _batchable(command: Command) -> bool:
-    return command.kind == "qmp" and command.name in BATCHABLE and command.after is None
+    # While a test has a fault armed, each command goes alone, so that a fault can fall between two.
+    return command.kind == "qmp" and command.name in BATCHABLE and command.after is None and not faults.serial()
 
 
 def _batches(commands: tuple[Command, ...]) -> list[list[Command]]:
@@ -258,9 +435,13 @@ def _same_data(src: str, src_fmt: str, dst: str, dst_fmt: str) -> bool:
         return False
 
 
-def _carry_measurements(decided: Operation, current: Operation) -> Operation:
+def _carry_driver_facts(decided: Operation, current: Operation) -> Operation:
+    """The decided record plus what only the driver knows: measurements (progress, event times) and
+    the identity of a file it created (learned while carrying out the command)."""
     disks = tuple(dataclasses.replace(d, progress_current=c.progress_current, progress_total=c.progress_total,
-                                      job_status=c.job_status)
+                                      job_status=c.job_status,
+                                      dest_dev=d.dest_dev if d.dest_ino is not None else c.dest_dev,
+                                      dest_ino=d.dest_ino if d.dest_ino is not None else c.dest_ino)
                   for d, c in zip(decided.disks, current.disks, strict=True))
     return dataclasses.replace(decided, disks=disks, ready_at=current.ready_at, stop_ts=current.stop_ts,
                                resume_ts=current.resume_ts, created_at=current.created_at)

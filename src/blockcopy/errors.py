@@ -31,6 +31,25 @@ class QemuGone(MonitorError):
     """Nothing listens on the QMP socket any more: the QEMU process has exited."""
 
 
+class NoListener(MonitorError):
+    """Nothing accepts connections on the QMP socket (the file is missing or refuses). That alone
+    does not prove QEMU exited: see :mod:`blockcopy.qemuproc`."""
+
+
+class ConnectionLost(MonitorError):
+    """The QMP connection closed under a command. QEMU may have exited, or only the connection."""
+
+
+class QemuUnreachable(MonitorError):
+    """The domain's QEMU process still runs, but its QMP socket is missing, refuses connections or
+    does not answer: blockcopy decides nothing about its jobs until it can talk to that process."""
+
+
+class MonitorTimeout(MonitorError):
+    """QEMU did not answer a command in time (hung, stopped, or overloaded). The connection is
+    dropped: what the command did, if anything, is read from QEMU again once it answers."""
+
+
 class MonitorBusy(MonitorError):
     """Another client holds the QMP socket (QEMU serves one client per socket)."""
 
@@ -57,3 +76,19 @@ class RecoveryIncomplete(BlockcopyError):
     """``recover`` could not reach some domains (busy socket, another blockcopy); others were recovered."""
 
     exit_code = 8
+
+
+class GuestLeftPaused(BlockcopyError):
+    """blockcopy paused the guest for a pivot and could not finish it: the outcome could not be
+    journaled (e.g. the journal's file system is full), or QEMU stopped answering mid-pivot. The
+    guest stays paused on purpose: resuming it before the outcome is durable could let it write to an
+    image that the journal does not name. ``blockcopy recover`` finishes the pivot and resumes it."""
+
+    exit_code = 9
+
+
+class TransitionStalled(BlockcopyError):
+    """QEMU did not carry out a finish or abort in time; the job stays unfinished and is retried by
+    the next command on the domain or by ``blockcopy recover``."""
+
+    exit_code = 10

@@ -6,11 +6,13 @@ All through ``qemu-img`` with argument lists. Images that a running QEMU holds a
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from blockcopy.errors import BlockcopyError
 
@@ -26,7 +28,8 @@ class ImageInfo:
     path: str
     format: str
     virtual_size: int
-    backing_file: str | None
+    backing_file: str | None  # as QEMU resolves it (full-backing-filename)
+    backing_format: str | None = None
 
 
 def image_opts(path: str, fmt: str) -> str:
@@ -35,41 +38,87 @@ def image_opts(path: str, fmt: str) -> str:
     return f"driver={fmt},file.driver=file,file.filename={escaped},file.locking=off"
 
 
-def _run(args: list[str], *, timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
+def _run(args: list[str], *, timeout: float = 600.0,
+         pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False, pass_fds=pass_fds)
     except FileNotFoundError:
         raise ImageError(f"{args[0]} not found: install Debian's qemu-utils package") from None
 
 
-def info(path: str) -> ImageInfo:
-    """Metadata of an image, readable even while QEMU holds it (force-share)."""
-    proc = _run([QEMU_IMG, "info", "--output=json", "-U", path])
+def info(path: str, fmt: str | None = None) -> ImageInfo:
+    """Metadata of an image, readable even while QEMU holds it (force-share).
+
+    Give ``fmt`` whenever the format is known: probing a raw image whose guest wrote a qcow2 header
+    into it would read the guest's header (and follow a backing file the guest chose).
+    """
+    args = [QEMU_IMG, "info", "--output=json", "-U"]
+    if fmt is not None:
+        args += ["-f", fmt]
+    proc = _run([*args, path])
     if proc.returncode != 0:
         raise ImageError(f"cannot read image {path}: {proc.stderr.strip()}")
     data = json.loads(proc.stdout)
-    return ImageInfo(path, str(data["format"]), int(data["virtual-size"]), data.get("full-backing-filename"))
+    return ImageInfo(path, str(data["format"]), int(data["virtual-size"]), data.get("full-backing-filename"),
+                     data.get("backing-filename-format"))
 
 
-def create(path: str, fmt: str, size: int, *, backing_file: str | None = None,
-           backing_format: str | None = None) -> None:
-    """Create a new image at ``path``; never overwrites: the file is made with O_CREAT|O_EXCL first."""
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+def create(path: str, fmt: str, size: int, *, tag: str, backing_file: str | None = None,
+           backing_format: str | None = None, mode: int = 0o600,
+           before_link: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+    """Make a new image and give it the name ``path``, which must not exist; returns (st_dev, st_ino).
+
+    Nothing is ever opened by ``path``, so a symlink or file swapped in there by someone who can
+    write the directory is neither followed nor overwritten: the image is made in a file without a
+    name (O_TMPFILE; on file systems without it, a name derived from ``tag`` created with
+    O_EXCL|O_NOFOLLOW), ``qemu-img`` writes it through ``/dev/fd``, ``before_link`` is told its
+    identity (to journal it), and it is linked into place with link(2), which never replaces a file.
+    """
+    directory, name = os.path.split(path)
+    dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    temp_name: str | None = None
     try:
-        if fmt == "raw":
-            os.ftruncate(fd, size)
+        try:
+            fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            temp_name = f".{name}.blockcopy-{tag}"
+            fd = os.open(temp_name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                         dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, mode)  # whatever the umask
+            _make_image(fd, path, fmt, size, backing_file, backing_format)
             os.fsync(fd)
-            return
+            st = os.fstat(fd)
+            if before_link is not None:
+                before_link(st.st_dev, st.st_ino)
+            try:
+                os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+            except FileExistsError:
+                raise ImageError(f"{path} appeared while blockcopy was making it; it was left untouched") from None
+            os.fsync(dir_fd)
+            return st.st_dev, st.st_ino
+        finally:
+            os.close(fd)
+            if temp_name is not None:  # removing a name never writes a file, whatever it names now
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp_name, dir_fd=dir_fd)
     finally:
-        os.close(fd)
+        os.close(dir_fd)
+
+
+def _make_image(fd: int, path: str, fmt: str, size: int, backing_file: str | None,
+                backing_format: str | None) -> None:
+    if fmt == "raw":
+        os.ftruncate(fd, size)
+        return
     args = [QEMU_IMG, "create", "-q", "-f", fmt]
     if backing_file is not None:
         args += ["-b", backing_file, "-F", backing_format or "qcow2"]
-    # The file is ours (created exclusively just now), so qemu-img may write it.
-    args += [path, str(size)]
-    proc = _run(args)
+    # qemu-img writes the file blockcopy holds open (/dev/fd/N reopens that very file), never a path.
+    proc = _run([*args, f"/dev/fd/{fd}", str(size)], pass_fds=(fd,))
     if proc.returncode != 0:
-        Path(path).unlink(missing_ok=True)
         raise ImageError(f"cannot create {path}: {proc.stderr.strip()}")
 
 

@@ -7,6 +7,7 @@ record describes. The whole record is stored as JSON next to the few columns tha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,15 +20,18 @@ from pathlib import Path
 
 from blockcopy import faults
 from blockcopy.errors import JournalError
+from blockcopy.qemuproc import QemuProcess
 from blockcopy.records import Operation
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS domains (
     name TEXT PRIMARY KEY,
     qmp_socket TEXT NOT NULL,
-    attached_at REAL NOT NULL
+    attached_at REAL NOT NULL,
+    qemu_pid INTEGER,
+    qemu_start INTEGER
 );
 CREATE TABLE IF NOT EXISTS operations (
     id TEXT PRIMARY KEY,
@@ -49,11 +53,19 @@ CREATE INDEX IF NOT EXISTS steps_op ON steps(op_id, seq);
 """
 
 
+#: Upgrades from each older schema version (``CREATE ... IF NOT EXISTS`` covers new tables).
+_MIGRATIONS = {
+    1: ["ALTER TABLE domains ADD COLUMN qemu_pid INTEGER", "ALTER TABLE domains ADD COLUMN qemu_start INTEGER"],
+}
+
+
 @dataclass(frozen=True)
 class Domain:
     name: str
     qmp_socket: str
     attached_at: float
+    qemu_pid: int | None = None  # the QEMU process that answered at attach (see qemuproc.py)
+    qemu_start: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,11 @@ class Journal:
                                "with `blockcopy attach`")
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Job records name image paths and sockets: private, even in a directory that existed.
+            os.chmod(state_dir, 0o700)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.fchmod(fd, 0o600)
+            os.close(fd)
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -88,6 +105,9 @@ class Journal:
                 with self._transaction():
                     for statement in filter(str.strip, _SCHEMA.split(";")):
                         self._db.execute(statement)
+                    for old in range(version or SCHEMA_VERSION, SCHEMA_VERSION):
+                        for statement in _MIGRATIONS[old]:
+                            self._db.execute(statement)
                     self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"cannot read the journal {self.path}: {exc}. Nothing was changed; "
@@ -100,21 +120,29 @@ class Journal:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One durable transaction. A failure to write (a full or read-only file system, an I/O
+        error) is a :class:`JournalError`: the step it was for must not be taken."""
         try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            raise JournalError(f"cannot write the journal {self.path}: {exc}") from exc
 
     # --- domains ---------------------------------------------------------------------------------
 
-    def add_domain(self, name: str, qmp_socket: str) -> Domain:
-        domain = Domain(name, qmp_socket, time.time())
+    def add_domain(self, name: str, qmp_socket: str, qemu: QemuProcess | None = None) -> Domain:
+        domain = Domain(name, qmp_socket, time.time(), qemu.pid if qemu else None, qemu.start_time if qemu else None)
         with self._transaction():
-            self._db.execute("INSERT OR REPLACE INTO domains VALUES (?, ?, ?)",
-                             (domain.name, domain.qmp_socket, domain.attached_at))
+            self._db.execute("INSERT OR REPLACE INTO domains (name, qmp_socket, attached_at, qemu_pid, qemu_start) "
+                             "VALUES (?, ?, ?, ?, ?)", dataclasses.astuple(domain))
         return domain
 
     def remove_domain(self, name: str) -> None:
@@ -122,28 +150,43 @@ class Journal:
             self._db.execute("DELETE FROM domains WHERE name = ?", (name,))
 
     def domain(self, name: str) -> Domain | None:
-        row = self._db.execute("SELECT name, qmp_socket, attached_at FROM domains WHERE name = ?",
-                               (name,)).fetchone()
+        row = self._db.execute(f"SELECT {_DOMAIN_COLUMNS} FROM domains WHERE name = ?", (name,)).fetchone()
         return Domain(*row) if row else None
 
     def domains(self) -> list[Domain]:
-        rows = self._db.execute("SELECT name, qmp_socket, attached_at FROM domains ORDER BY name")
+        rows = self._db.execute(f"SELECT {_DOMAIN_COLUMNS} FROM domains ORDER BY name")
         return [Domain(*row) for row in rows]
 
     # --- operations ------------------------------------------------------------------------------
 
-    def save(self, op: Operation, note: str = "") -> Operation:
-        """Write ``op`` durably (one fsynced transaction) and return it as stored."""
+    def save(self, op: Operation, note: str = "", *, new: bool = False) -> Operation:
+        """Write ``op`` durably (one fsynced transaction) and return it as stored.
+
+        ``new``: the first record of an operation; refused if the id is taken, so that a save
+        never replaces another operation's record. Other saves update a record of the same
+        operation only (same id and domain).
+
+        :raise JournalError: the journal could not be written; nothing was saved.
+        """
         now = time.time()
         ended = now if op.phase.value == "done" and op.ended_at is None else op.ended_at
         op = dataclasses.replace(op, created_at=op.created_at or now, updated_at=now, ended_at=ended)
         record = json.dumps(op.to_dict(), sort_keys=True)
         with self._transaction():
-            self._db.execute(
-                "INSERT INTO operations (id, domain, phase, created_at, updated_at, record) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET phase = excluded.phase, "
-                "updated_at = excluded.updated_at, record = excluded.record",
-                (op.id, op.domain, op.phase.value, op.created_at, op.updated_at, record))
+            if new:
+                try:
+                    self._db.execute(
+                        "INSERT INTO operations (id, domain, phase, created_at, updated_at, record) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (op.id, op.domain, op.phase.value, op.created_at, op.updated_at, record))
+                except sqlite3.IntegrityError:
+                    raise JournalError(f"job id {op.id} is taken already; nothing was started") from None
+            else:
+                changed = self._db.execute(
+                    "UPDATE operations SET phase = ?, updated_at = ?, record = ? WHERE id = ? AND domain = ?",
+                    (op.phase.value, op.updated_at, record, op.id, op.domain)).rowcount
+                if changed != 1:
+                    raise JournalError(f"job {op.id} of domain {op.domain} is not in the journal {self.path}")
             if note:
                 self._db.execute("INSERT INTO steps (op_id, at, phase, note) VALUES (?, ?, ?, ?)",
                                  (op.id, now, op.phase.value, note))
@@ -154,6 +197,13 @@ class Journal:
     def get(self, op_id: str) -> Operation | None:
         row = self._db.execute("SELECT record FROM operations WHERE id = ?", (op_id,)).fetchone()
         return _load(row[0]) if row else None
+
+    def find(self, prefix: str) -> list[Operation]:
+        """Operations whose id starts with ``prefix``."""
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self._db.execute("SELECT record FROM operations WHERE id LIKE ? ESCAPE '\\' ORDER BY created_at",
+                                (escaped + "%",))
+        return [_load(row[0]) for row in rows]
 
     def operations(self, *, domain: str | None = None, unfinished: bool = False) -> list[Operation]:
         query = "SELECT record FROM operations"
@@ -171,6 +221,9 @@ class Journal:
     def steps(self, op_id: str) -> list[StepEntry]:
         rows = self._db.execute("SELECT at, phase, note FROM steps WHERE op_id = ? ORDER BY seq", (op_id,))
         return [StepEntry(*row) for row in rows]
+
+
+_DOMAIN_COLUMNS = "name, qmp_socket, attached_at, qemu_pid, qemu_start"
 
 
 def _load(text: str) -> Operation:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterator, Sequence
@@ -16,21 +17,26 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from blockcopy import images
-from blockcopy.driver import Driver, Interrupted, ProgressCallback, Until
+from blockcopy.driver import TRANSITION_TIMEOUT, Driver, Interrupted, Link, ProgressCallback, Until
 from blockcopy.errors import (
+    BlockcopyError,
     DomainBusy,
+    GuestLeftPaused,
     MonitorBusy,
     MonitorError,
     NotReady,
     OperationFailed,
     QemuGone,
     RecoveryIncomplete,
+    TransitionStalled,
     UsageError,
 )
 from blockcopy.journal import Domain, Journal, default_state_dir
 from blockcopy.locking import DomainLock
 from blockcopy.monitor import DeviceInfo, Monitor
 from blockcopy.records import DiskRecord, Goal, Operation, Outcome, Phase, Stage
+
+log = logging.getLogger(__name__)
 
 MODES = ("write-blocking", "background")
 FORMATS = ("qcow2", "raw")
@@ -61,15 +67,23 @@ class Manager:
     """Live block copy for QEMU domains, with a durable journal in ``state_dir``."""
 
     def __init__(self, state_dir: Path | str | None = None, *, lock_wait: float = 0.0,
-                 qmp_timeout: float = 5.0, create_journal: bool = True) -> None:
+                 qmp_timeout: float = 5.0, command_timeout: float = Monitor.DEFAULT_COMMAND_TIMEOUT,
+                 transition_timeout: float = TRANSITION_TIMEOUT, create_journal: bool = True) -> None:
         """``create_journal=False`` refuses a state directory without a journal (JournalError)
         instead of starting an empty one: recovery must never mistake "wrong directory" for
-        "nothing to do"."""
+        "nothing to do". ``qmp_timeout``: for QEMU's greeting; ``command_timeout``: for the answer
+        to a command; ``transition_timeout``: for a pivot, finish or abort to come about (and for a
+        silent QEMU to answer again) before blockcopy rolls back or gives up.
+
+        :raise JournalError: the state directory or journal cannot be used.
+        """
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self.journal = Journal(self.state_dir, create=create_journal)
         self.lock_wait = lock_wait
         self.qmp_timeout = qmp_timeout
-        self.interrupt = asyncio.Event()  # set it (e.g. on SIGINT) to stop waiting for a copy
+        self.command_timeout = command_timeout
+        self.transition_timeout = transition_timeout
+        self.interrupt = asyncio.Event()  # set it (e.g. on SIGINT) to stop waiting for a copy; cleared then
 
     def close(self) -> None:
         self.journal.close()
@@ -77,35 +91,46 @@ class Manager:
     # --- domains ---------------------------------------------------------------------------------
 
     async def attach(self, name: str, qmp_socket: str) -> Domain:
-        """Register a running QEMU by its QMP socket, after checking blockcopy can talk to it."""
+        """Register a running QEMU by its QMP socket, after checking blockcopy can talk to it; the
+        process that answers is recorded. Re-attaching a domain that has unfinished jobs is refused:
+        their QEMU is the one they were journaled with.
+
+        :raise UsageError: bad name, or unfinished jobs.
+        :raise MonitorError: the socket does not answer (NoListener, MonitorBusy, ...).
+        :raise DomainBusy: another blockcopy works on the domain.
+        """
         if not name or "/" in name:
             raise UsageError(f"invalid domain name {name!r}: use a non-empty name without '/'")
         path = os.path.abspath(qmp_socket)
-        monitor = await self._connect(path)
-        try:
-            await monitor.run_state()
-        finally:
-            await monitor.close()
-        return self.journal.add_domain(name, path)
+        with DomainLock(self.state_dir, name, wait=self.lock_wait):
+            self._refuse_unfinished(name, "re-attaching it")
+            monitor = await self._connect(path)
+            try:
+                await monitor.run_state()
+            finally:
+                await monitor.close()
+            return self.journal.add_domain(name, path, monitor.process)
 
     def detach(self, name: str) -> None:
+        """Forget a domain. :raise UsageError: unknown, or it has unfinished jobs. :raise DomainBusy."""
         self._domain(name)
+        with DomainLock(self.state_dir, name, wait=self.lock_wait):
+            self._refuse_unfinished(name, "detaching")
+            self.journal.remove_domain(name)
+
+    def _refuse_unfinished(self, name: str, doing: str) -> None:
         active = self.journal.operations(domain=name, unfinished=True)
         if active:
             ids = ", ".join(op.id for op in active)
             raise UsageError(f"domain {name} has unfinished jobs ({ids}); pivot, finish or abort them, "
-                             "or run `blockcopy recover`, before detaching")
-        self.journal.remove_domain(name)
+                             f"or run `blockcopy recover`, before {doing}")
 
     def domains(self) -> list[Domain]:
         return self.journal.domains()
 
     async def disks(self, name: str) -> list[DeviceInfo]:
         async with self._session(name) as (monitor, _driver):
-            if monitor is None:
-                raise QemuGone(f"domain {name}: nothing listens on {self._domain(name).qmp_socket}; "
-                               "is the VM running?")
-            return await monitor.devices()
+            return await self._running(name, monitor).devices()
 
     # --- jobs ------------------------------------------------------------------------------------
 
@@ -114,12 +139,9 @@ class Manager:
         """Validate, journal and start a copy; then drive it as far as ``until`` and ``goal`` say."""
         _check_options(request)
         async with self._session(request.domain, on_progress) as (monitor, driver):
-            if monitor is None:
-                raise QemuGone(f"domain {request.domain}: nothing listens on "
-                               f"{self._domain(request.domain).qmp_socket}; is the VM running?")
-            op = await self._plan(request, monitor)
+            op = await self._plan(request, self._running(request.domain, monitor))
             op = self.journal.save(op, f"planned: {request.goal.value} of "
-                                       + ", ".join(f"{d.name} -> {d.dest_path}" for d in op.disks))
+                                       + ", ".join(f"{d.name} -> {d.dest_path}" for d in op.disks), new=True)
             if request.goal in (Goal.PIVOT, Goal.FINISH):
                 until = Until.DONE
             return await self._drive(driver, op, until)
@@ -144,40 +166,64 @@ class Manager:
         """The operation, reconciled with QEMU when possible, else as last journaled."""
         op = self._operation(op_id)
         if not op.finished:
-            try:
-                async with self._session(op.domain):
-                    pass
-            except (DomainBusy, MonitorBusy):
-                pass  # another blockcopy drives it; its journaled progress is recent
-        return self._operation(op_id)
+            await self._reconcile_quietly(op.domain)
+        return self._operation(op.id)
 
     async def jobs(self, domain: str | None = None, *, reconcile: bool = True) -> list[Operation]:
         if reconcile:
             names = {op.domain for op in self.journal.operations(domain=domain, unfinished=True)}
             for name in sorted(names):
-                try:
-                    async with self._session(name):
-                        pass
-                except (DomainBusy, MonitorError, UsageError):
-                    pass  # shown as last journaled
+                await self._reconcile_quietly(name)
         return self.journal.operations(domain=domain)
+
+    async def _reconcile_quietly(self, name: str) -> None:
+        """Reconcile a domain for a listing; what stops it is logged, the listing shows the journal."""
+        try:
+            async with self._session(name):
+                pass
+        except (DomainBusy, MonitorBusy):
+            pass  # another blockcopy drives it; its journaled progress is recent
+        except (MonitorError, UsageError, TransitionStalled, GuestLeftPaused) as exc:
+            log.warning("domain %s: %s", name, exc)
 
     async def recover(self, domain: str | None = None, *, wait: bool = True,
                       on_progress: ProgressCallback | None = None) -> list[Operation]:
-        """Reconcile every unfinished operation; with ``wait``, carry journaled pivots/finishes out."""
+        """Reconcile every unfinished operation; with ``wait``, carry journaled pivots/finishes out.
+
+        First every domain is brought to where no guest is paused by blockcopy (pivots that were
+        under way are finished or rolled back, aborts carried out); only then does it wait for
+        copies to become ready, so a guest never stays paused while another job copies.
+
+        :raise GuestLeftPaused: a guest stays paused (its pivot could not be finished); the other
+            domains were recovered.
+        :raise RecoveryIncomplete: some domains could not be reached; the others were recovered.
+        """
         unfinished = self.journal.operations(domain=domain, unfinished=True)
-        unreached: list[str] = []
-        for name in sorted({op.domain for op in unfinished}):
-            try:
-                async with self._session(name, on_progress, reconcile=False) as (_monitor, driver):
-                    for op in self.journal.operations(domain=name, unfinished=True):
-                        until = Until.DONE if wait and op.goal is not Goal.COPY else Until.STARTED
-                        await self._drive(driver, op, until)
-            except (DomainBusy, MonitorError) as exc:  # the other domains still get recovered
-                unreached.append(f"{name}: {exc}")
-        if unreached:
+        names = sorted({op.domain for op in unfinished})
+        problems: dict[str, BlockcopyError] = {}
+
+        async def each_domain(reconcile: bool, until_goal: bool) -> None:
+            for name in names:
+                if name in problems:
+                    continue
+                try:
+                    async with self._session(name, on_progress, reconcile=reconcile) as (_monitor, driver):
+                        if until_goal:
+                            for op in self.journal.operations(domain=name, unfinished=True):
+                                if op.goal is not Goal.COPY:
+                                    await self._drive(driver, op, Until.DONE)
+                except (DomainBusy, MonitorError, TransitionStalled, GuestLeftPaused) as exc:
+                    problems[name] = exc  # the other domains still get recovered
+
+        await each_domain(reconcile=True, until_goal=False)
+        if wait:
+            await each_domain(reconcile=False, until_goal=True)
+        if problems:
+            text = "; ".join(f"{name}: {exc}" for name, exc in problems.items())
+            if any(isinstance(exc, GuestLeftPaused) for exc in problems.values()):
+                raise GuestLeftPaused(f"recovery left a guest paused (the other domains were recovered): {text}")
             raise RecoveryIncomplete("could not recover every domain (the others were recovered; run "
-                                     "`blockcopy recover` again once these are reachable): " + "; ".join(unreached))
+                                     f"`blockcopy recover` again once these are reachable): {text}")
         return [self._operation(op.id) for op in unfinished]
 
     def history(self, op_id: str) -> list[tuple[float, str, str]]:
@@ -195,33 +241,46 @@ class Manager:
         return domain
 
     def _operation(self, op_id: str) -> Operation:
+        """A job by its id, or by a unique prefix of it (at least 4 characters)."""
         op = self.journal.get(op_id)
+        if op is None and len(op_id) >= 4:
+            matches = self.journal.find(op_id)
+            if len(matches) > 1:
+                raise UsageError(f"job id {op_id!r} is ambiguous: " + ", ".join(m.id for m in matches))
+            op = matches[0] if matches else None
         if op is None:
             raise UsageError(f"unknown job {op_id!r}; `blockcopy jobs` lists them")
         return op
 
     async def _connect(self, socket_path: str) -> Monitor:
-        return await Monitor.connect(socket_path, timeout=self.qmp_timeout)
+        return await Monitor.connect(socket_path, timeout=self.qmp_timeout, command_timeout=self.command_timeout)
+
+    def _running(self, name: str, monitor: Monitor | None) -> Monitor:
+        """The monitor of a domain that must be running for what was asked."""
+        if monitor is None:
+            raise QemuGone(f"domain {name}: cannot reach QEMU at {self._domain(name).qmp_socket}; is the VM "
+                           "running?")
+        return monitor
 
     @asynccontextmanager
     async def _session(self, name: str, on_progress: ProgressCallback | None = None, *,
                        reconcile: bool = True) -> AsyncIterator[tuple[Monitor | None, Driver]]:
-        """Lock the domain, connect (None when QEMU is gone) and reconcile its unfinished jobs."""
+        """Lock the domain, connect (None when nothing answers) and reconcile its unfinished jobs."""
         domain = self._domain(name)
         with DomainLock(self.state_dir, name, wait=self.lock_wait):
-            try:
-                monitor: Monitor | None = await self._connect(domain.qmp_socket)
-            except QemuGone:
-                monitor = None
-            driver = Driver(self.journal, monitor, on_progress=on_progress, interrupt=self.interrupt)
+            link = Link(domain.qmp_socket, lambda: self._connect(domain.qmp_socket))
+            await link.open()
+            if isinstance(link.error, MonitorBusy):
+                raise link.error
+            driver = Driver(self.journal, link, on_progress=on_progress, interrupt=self.interrupt,
+                            transition_timeout=self.transition_timeout)
             try:
                 if reconcile:
                     for op in self.journal.operations(domain=name, unfinished=True):
                         await driver.run(op, Until.STARTED)
-                yield monitor, driver
+                yield link.monitor, driver
             finally:
-                if monitor is not None:
-                    await monitor.close()
+                await link.drop()
 
     async def _drive(self, driver: Driver, op: Operation, until: Until) -> Operation:
         try:
@@ -257,7 +316,7 @@ class Manager:
         active = self.journal.operations(unfinished=True)
         busy_keys = {(op.domain, d.device_key): op.id for op in active for d in op.disks}
         busy_dests = {os.path.realpath(d.dest_path): op.id for op in active for d in op.disks}
-        op_id = secrets.token_hex(4)
+        op_id = secrets.token_hex(8)  # 64 random bits; and the first save refuses a taken id
         disks: list[DiskRecord] = []
         seen_devices: set[str] = set()
         seen_dests: set[str] = set()
@@ -272,7 +331,9 @@ class Manager:
                 raise UsageError(f"disk {device.name} already has block copy job {holder}; "
                                  f"pivot, finish or abort it first (`blockcopy status {holder}`)")
             dest_format = request.format or device.format
-            real = _check_destination(dest, device, request, dest_format)
+            real, identity = _check_destination(dest, device, request, dest_format)
+            if request.reuse_external:
+                dest = real  # QEMU opens the file that was checked, not a symlink that may change
             if real in seen_dests or real in busy_dests:
                 raise UsageError(f"destination {dest} is already the destination of another copy")
             seen_dests.add(real)
@@ -284,11 +345,14 @@ class Manager:
                 source_file=device.file, source_format=device.format,
                 source_file_node=_file_node(nodes, device), virtual_size=device.virtual_size,
                 dest_path=dest, dest_format=dest_format, dest_node=f"bc-{op_id}-{index}",
-                job_id=f"blockcopy-{op_id}-{index}", backing_file=backing_file,
-                backing_format=backing_format,
+                job_id=f"bcj-{op_id}-{index}", backing_file=backing_file,
+                backing_format=backing_format, dest_dev=identity[0] if identity else None,
+                dest_ino=identity[1] if identity else None,
                 stage=Stage.ADD if request.reuse_external else Stage.CREATE))
         bandwidth = int(request.bandwidth_mib * MIB) if request.bandwidth_mib else 0
+        qemu = monitor.process
         return Operation(id=op_id, domain=request.domain, goal=request.goal, phase=Phase.STARTING,
+                         qemu_pid=qemu.pid if qemu else None, qemu_start=qemu.start_time if qemu else None,
                          disks=tuple(disks), mode=request.mode, shallow=request.shallow,
                          reuse_external=request.reuse_external, bandwidth=bandwidth,
                          buf_size=request.buf_size)
@@ -329,8 +393,10 @@ def _file_node(nodes: Sequence[dict[str, object]], device: DeviceInfo) -> str | 
     return None
 
 
-def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest, dest_format: str) -> str:
-    """Refuse any destination that could lose data; returns its resolved path."""
+def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest,
+                       dest_format: str) -> tuple[str, tuple[int, int] | None]:
+    """Refuse any destination that could lose data; returns its resolved path and, for a reused
+    DEST, the identity (st_dev, st_ino) of the file that was checked."""
     if not os.path.isabs(dest):
         raise UsageError(f"destination {dest!r} must be an absolute path (QEMU does not share "
                          "blockcopy's working directory)")
@@ -351,19 +417,49 @@ def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest, dest
         if exists:
             raise UsageError(f"destination {dest} already exists; blockcopy never overwrites a file. "
                              "Choose a new path, or pass --reuse-external to use this image as it is")
-        return real
+        return real, None
     if not exists:
         raise UsageError(f"--reuse-external: destination {dest} does not exist; create it first "
                          "(e.g. qemu-img create) or drop --reuse-external")
-    info = images.info(dest)
-    if info.format != dest_format:
-        raise UsageError(f"--reuse-external: {dest} is a {info.format} image, not {dest_format}; "
-                         f"pass --format {info.format} or use a {dest_format} image")
+    st = os.stat(real)
+    try:
+        info = images.info(real, dest_format)
+    except images.ImageError as exc:
+        try:
+            found = images.info(real).format  # only to name it in the message; never used as probed
+        except images.ImageError:
+            raise UsageError(f"--reuse-external: {dest} is not a readable {dest_format} image: {exc}") from None
+        raise UsageError(f"--reuse-external: {dest} is a {found} image, not {dest_format}; "
+                         f"pass --format {found} or use a {dest_format} image") from None
     if info.virtual_size != device.virtual_size:
         relation = "smaller than" if info.virtual_size < device.virtual_size else "larger than"
         raise UsageError(f"--reuse-external: {dest} has virtual size {info.virtual_size} bytes, "
                          f"{relation} disk {device.name} ({device.virtual_size} bytes); sizes must match")
-    return real
+    if request.shallow:
+        _check_reused_backing(dest, info, device)
+    return real, (st.st_dev, st.st_ino)
+
+
+def _check_reused_backing(dest: str, info: images.ImageInfo, device: DeviceInfo) -> None:
+    """A shallow copy holds only the top layer: the rest of the guest's data must come from the very
+    backing image the source has, or the guest would read zeros (or someone else's data) there."""
+    want = device.backing_chain[0] if device.backing_chain else None
+    have = info.backing_file
+    if want is None and have is None:
+        return
+    if want is None:
+        raise UsageError(f"--shallow --reuse-external: {dest} has a backing file ({have}) but disk {device.name} "
+                         "has none; use an image without a backing file")
+    if have is None:
+        raise UsageError(f"--shallow --reuse-external: {dest} has no backing file, so the guest would read "
+                         f"zeros wherever its data lives in {want}. Create it with "
+                         f"`qemu-img create -f qcow2 -b {want} -F {device.backing_format or 'qcow2'} {dest}`")
+    if os.path.realpath(have) != os.path.realpath(want):
+        raise UsageError(f"--shallow --reuse-external: {dest}'s backing file is {have}, but disk {device.name} is "
+                         f"backed by {want}; they must be the same image")
+    if info.backing_format and device.backing_format and info.backing_format != device.backing_format:
+        raise UsageError(f"--shallow --reuse-external: {dest} names its backing file as {info.backing_format}, "
+                         f"but it is {device.backing_format}")
 
 
 def _progress_text(op: Operation) -> str:

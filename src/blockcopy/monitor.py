@@ -1,8 +1,11 @@
 """A thin QMP layer over ``qemu.qmp``: connect, run commands, observe, wait for events.
 
-It turns the library's exceptions into blockcopy's (:class:`QemuGone`, :class:`MonitorBusy`,
-:class:`CommandRefused`) and QEMU's answers into the pure :class:`~blockcopy.protocol.Observation`
-that the state machine reads. It decides nothing.
+It turns the library's exceptions into blockcopy's (:class:`NoListener`, :class:`ConnectionLost`,
+:class:`MonitorTimeout`, :class:`MonitorBusy`, :class:`CommandRefused`) and QEMU's answers into the
+pure :class:`~blockcopy.protocol.Observation` that the state machine reads. It decides nothing;
+in particular it never concludes that QEMU is gone (a missing socket or a dropped connection does
+not prove that): it names the process it talks to (:attr:`Monitor.process`) and lets the caller
+ask whether that process still exists.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import errno
 import itertools
 import logging
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -18,8 +22,9 @@ from typing import Any, TypeVar
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient, StateError
 from qemu.qmp.protocol import ConnectError, Runstate
 
-from blockcopy.errors import MonitorBusy, MonitorError, QemuGone
+from blockcopy.errors import ConnectionLost, MonitorBusy, MonitorError, MonitorTimeout, NoListener
 from blockcopy.protocol import JobView, Observation
+from blockcopy.qemuproc import QemuProcess, peer_process
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,43 +102,61 @@ def event_time(event: Mapping[str, Any]) -> float:
 
 
 class Monitor:
-    """One exclusive QMP connection to one QEMU."""
+    """One exclusive QMP connection to one QEMU process."""
 
-    #: No QMP command blockcopy sends takes long; a silent QEMU is hung (or deadlocked).
-    command_timeout = 60.0
+    #: No QMP command blockcopy sends takes long; a silent QEMU is hung, stopped or deadlocked.
+    DEFAULT_COMMAND_TIMEOUT = 60.0
 
-    def __init__(self, socket_path: str, client: QMPClient) -> None:
+    def __init__(self, socket_path: str, client: QMPClient, process: QemuProcess | None, *,
+                 command_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> None:
         self.socket_path = socket_path
+        self.process = process  # who answered: SO_PEERCRED of this connection
+        self.command_timeout = command_timeout
         self._client = client
         self._listener = _QueueOnlyListener(WATCHED_EVENTS)
         client.register_listener(self._listener)
         # The built-in listener keeps every event forever; blockcopy does not read it.
         client.events.event_filter = lambda _event: False
-        self.last_event_times: dict[str, float] = {}
+        self.last_events: dict[str, tuple[int, float]] = {}  # name -> (event number, QEMU's time)
         self.event_seq = 0  # how many watched events have arrived; lets waits skip what was seen
 
     @classmethod
-    async def connect(cls, socket_path: str, *, timeout: float = 5.0) -> Monitor:
+    async def connect(cls, socket_path: str, *, timeout: float = 5.0,
+                      command_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> Monitor:
+        """Connect and negotiate. The socket is connected here, not by the library, so that the
+        kernel can say which process listens on it (SO_PEERCRED) for this very connection.
+
+        :raise NoListener: the socket file is missing or refuses connections.
+        :raise MonitorBusy: connected, but QEMU sent no greeting (it serves another client).
+        :raise MonitorError: any other connection failure.
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, socket_path), timeout)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK):
+                raise NoListener(f"nothing listens on the QMP socket {socket_path} ({exc.strerror}): "
+                                 "is the VM running?") from None
+            raise MonitorError(f"cannot connect to the QMP socket {socket_path}: {exc or 'timed out'}") from None
+        process = peer_process(sock)
         client = LeanQMPClient("blockcopy")
         try:
-            await asyncio.wait_for(client.connect(socket_path), timeout)
+            await asyncio.wait_for(client.connect(sock), timeout)
         except TimeoutError:
             await _quiet_disconnect(client)
+            sock.close()
             raise MonitorBusy(
                 f"the QMP socket {socket_path} accepted the connection but QEMU sent no greeting within "
-                f"{timeout:g} s: another client (libvirt, a qmp-shell, another tool) is connected to it. "
-                "QEMU serves one client per QMP socket; give blockcopy its own with "
-                "-qmp unix:PATH,server=on,wait=off") from None
+                f"{timeout:g} s: another client (libvirt, a qmp-shell, another tool) is connected to it, "
+                "or QEMU is stopped or hung. QEMU serves one client per QMP socket; give blockcopy its own "
+                "with -qmp unix:PATH,server=on,wait=off") from None
         except ConnectError as exc:
             await _quiet_disconnect(client)
-            cause = exc.exc
-            if isinstance(cause, FileNotFoundError | ConnectionRefusedError) or (
-                    isinstance(cause, OSError) and cause.errno in (errno.ENOENT, errno.ECONNREFUSED)):
-                why = cause.strerror if isinstance(cause, OSError) else cause
-                raise QemuGone(f"nothing listens on the QMP socket {socket_path} ({why}): "
-                               "is the VM running?") from None
-            raise MonitorError(f"cannot connect to the QMP socket {socket_path}: {cause}") from None
-        return cls(socket_path, client)
+            sock.close()
+            raise MonitorError(f"cannot connect to the QMP socket {socket_path}: {exc.exc}") from None
+        return cls(socket_path, client, process, command_timeout=command_timeout)
 
     async def close(self) -> None:
         await _quiet_disconnect(self._client)
@@ -143,17 +166,31 @@ class Monitor:
         return self._client.runstate is Runstate.RUNNING
 
     async def execute(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
+        """Run one command.
+
+        :raise CommandRefused: QEMU answered with an error.
+        :raise MonitorTimeout: no answer within ``command_timeout``; the connection is dropped, as
+            the conversation is out of step (QEMU may still answer the command later).
+        :raise ConnectionLost: the connection closed (QEMU exited, or only the connection did).
+        """
         try:
             result = await asyncio.wait_for(self._client.execute(command, args), self.command_timeout)
         except TimeoutError:
-            raise MonitorError(f"QEMU did not answer {command} within {self.command_timeout:g} s; it may be "
-                               "hung. The journal is intact: run `blockcopy recover` once QEMU answers") from None
+            await self.close()
+            raise MonitorTimeout(f"QEMU did not answer {command} within {self.command_timeout:g} s (hung, "
+                                 "stopped or overloaded)") from None
         except ExecuteError as exc:
             raise CommandRefused(command, exc.error_class, str(exc)) from None
         except (ExecInterruptedError, StateError, ConnectionError, EOFError) as exc:
-            raise QemuGone(f"QEMU closed the QMP connection during {command}: {exc}") from None
+            raise ConnectionLost(f"the QMP connection closed during {command}: {exc}") from None
         self._drain_events()
         return result
+
+    def event_time_since(self, name: str, since: int) -> float | None:
+        """QEMU's time of the latest ``name`` event that arrived after event number ``since``."""
+        self._drain_events()
+        seq, at = self.last_events.get(name, (0, 0.0))
+        return at if seq > since else None
 
     async def hmp(self, command_line: str) -> str:
         """Human monitor command; for tests and the demo (guest-like writes via qemu-io)."""
@@ -161,8 +198,8 @@ class Monitor:
         return str(result)
 
     def _note(self, event: Mapping[str, Any]) -> None:
-        self.last_event_times[str(event["event"])] = event_time(event)
         self.event_seq += 1
+        self.last_events[str(event["event"])] = (self.event_seq, event_time(event))
 
     def _drain_events(self) -> list[Mapping[str, Any]]:
         events: list[Mapping[str, Any]] = list(self._listener.clear())
@@ -205,23 +242,20 @@ class Monitor:
     async def devices(self) -> list[DeviceInfo]:
         return devices_from_query_block(await self.block())
 
-    async def observe(self, needs: frozenset[str], dest_exists: tuple[bool, ...] = ()) -> Observation:
-        """What the state machine needs (``needs``: see protocol.needs), or 'alive=False' when QEMU
-        is gone. Parts not asked for stay empty."""
+    async def observe(self, needs: frozenset[str], dest_state: tuple[str, ...] = ()) -> Observation:
+        """What the state machine needs (``needs``: see protocol.needs). Parts not asked for stay
+        empty. Raises like :meth:`execute`; whether QEMU is gone is the caller's question."""
         # Sent together (QMP pipelines commands and answers them in order): one round trip
         # instead of up to four, which counts while the guest is paused.
-        try:
-            run_state, jobs, block, nodes = await asyncio.gather(
-                self.run_state() if "status" in needs else _value(""),
-                self.jobs() if "jobs" in needs else _value({}),
-                self.block() if "block" in needs else _value([]),
-                self.node_names() if "nodes" in needs else _value(frozenset()))
-        except QemuGone:
-            return Observation(alive=False)
+        run_state, jobs, block, nodes = await asyncio.gather(
+            self.run_state() if "status" in needs else _value(""),
+            self.jobs() if "jobs" in needs else _value({}),
+            self.block() if "block" in needs else _value([]),
+            self.node_names() if "nodes" in needs else _value(frozenset()))
         device_nodes = {_device_key(entry): entry["inserted"]["node-name"]
                         for entry in block if entry.get("inserted")}
         return Observation(alive=True, run_state=run_state, jobs=jobs, device_nodes=device_nodes,
-                           nodes=nodes, dest_exists=dest_exists)
+                           nodes=nodes, dest_state=dest_state)
 
 
 async def _value(value: T) -> T:

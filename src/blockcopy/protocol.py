@@ -106,10 +106,15 @@ class Observation:
     jobs: Mapping[str, JobView] = field(default_factory=dict)
     device_nodes: Mapping[str, str] = field(default_factory=dict)  # device_key -> root node name
     nodes: frozenset[str] = frozenset()  # every named node (query-named-block-nodes)
-    dest_exists: tuple[bool, ...] = ()  # per disk, only consulted in Stage.CREATE
+    #: per disk, in Stage.CREATE and Stage.ADD only: what DEST's path names now. "absent"; "ours":
+    #: the file whose identity the record journaled; "foreign": anything else (another file, a
+    #: symlink swapped in, a file that blockcopy cannot prove it made).
+    dest_state: tuple[str, ...] = ()
     failure: Failure | None = None  # the previous step's refused command, if any
     identical: tuple[bool, ...] | None = None  # per disk, result of a CompareImages command
-    stalled: bool = False  # the driver waited too long for a transition that should take moments
+    #: no step made progress for the transition time limit while waiting for QEMU to finish a
+    #: transition that takes milliseconds (the driver's clock starts after a step's commands)
+    stalled: bool = False
 
 
 class Wait(enum.Enum):
@@ -145,10 +150,13 @@ class Step:
     commands: tuple[Command, ...] = ()
     wait: Wait | None = None
     note: str = ""
+    #: QEMU does not carry out a transition that cannot be given up: the operation stays unfinished
+    #: (journal as is) and the driver stops with this message; the next command or `recover` retries.
+    stuck: str | None = None
 
     @property
     def terminal(self) -> bool:
-        return self.record is None and not self.commands and self.wait is None
+        return self.record is None and not self.commands and self.wait is None and self.stuck is None
 
 
 DONE_STEP = Step(note="done")
@@ -261,21 +269,30 @@ def _starting(op: Operation, obs: Observation) -> Step:
     if obs.failure is not None:
         return _abort(op, f"could not start: {obs.failure.message}")
     for index, disk in enumerate(op.disks):
+        state = obs.dest_state[index] if index < len(obs.dest_state) else "absent"
         if disk.stage is Stage.CREATE:
-            if index < len(obs.dest_exists) and obs.dest_exists[index]:
-                return _abort(op, f"disk {disk.name}: {disk.dest_path} exists but the journal does not "
-                                  "show blockcopy created it (an earlier run was interrupted); "
-                                  "inspect the file and remove it, then copy again")
+            if state == "ours":
+                # Made and linked into place before a crash: the journaled identity proves it.
+                return Step(record=op.with_disk(index, stage=Stage.ADD, dest_created=True),
+                            note=f"{disk.dest_path} was created by this job")
+            if state == "foreign":
+                return _abort(op, f"disk {disk.name}: {disk.dest_path} exists and is not the file this job "
+                                  "created (someone else made or replaced it); it was left untouched. Move it "
+                                  "away or choose another destination, then copy again")
             after = op.with_disk(index, stage=Stage.ADD, dest_created=True)
             return Step(commands=(Command("create-image", disk=index, after=after),),
                         note=f"create {disk.dest_path}")
         if disk.stage is Stage.ADD:
             if disk.dest_node in obs.nodes:
                 return Step(record=op.with_disk(index, stage=Stage.MIRROR), note="destination node already added")
+            if state != "ours":
+                what = "is gone" if state == "absent" else "now names another file (replaced, or a symlink)"
+                return _abort(op, f"disk {disk.name}: {disk.dest_path} {what} since blockcopy "
+                                  f"{'created' if disk.dest_created else 'checked'} it; refusing to open it")
             # Both re-observable (the node, the job), so one step: a crash in between resumes at
             # "node already added". The mirror starts one journal commit and round trip sooner.
             started = op.with_disk(index, stage=Stage.STARTED)
-            return Step(commands=(qmp("blockdev-add", _blockdev_add_args(disk), disk=index),
+            return Step(commands=(qmp("blockdev-add", _blockdev_add_args(op, disk), disk=index),
                                   qmp("blockdev-mirror", _mirror_args(op, disk), disk=index, after=started)),
                         note=f"add node {disk.dest_node} and start mirror {disk.job_id}")
         if disk.stage is Stage.MIRROR:
@@ -287,14 +304,17 @@ def _starting(op: Operation, obs: Observation) -> Step:
     return Step(record=_replace(op, phase=Phase.COPYING), note="all mirrors started")
 
 
-def _blockdev_add_args(disk: DiskRecord) -> dict[str, Any]:
+def _blockdev_add_args(op: Operation, disk: DiskRecord) -> dict[str, Any]:
     args: dict[str, Any] = {
         "driver": disk.dest_format,
         "node-name": disk.dest_node,
         "file": {"driver": "file", "filename": disk.dest_path},
     }
-    if disk.dest_format == "qcow2" and disk.backing_file is None:
+    if disk.dest_format == "qcow2" and not op.shallow:
         args["backing"] = None  # a full copy stands alone; never open a backing file named in DEST
+    # A shallow DEST opens the backing file its header names: blockcopy wrote it there (created
+    # DEST), or checked before starting that it is the source's backing image (reused DEST).
+    # `"backing": null` there would make the guest read zeros wherever its data lives in the base.
     return args
 
 
@@ -344,17 +364,29 @@ def _pivoting(op: Operation, obs: Observation) -> Step:
         disk = op.disks[failure.command.disk]
         if obs.jobs[disk.job_id].status == "ready":  # not a late duplicate: QEMU refused the pivot
             return _abort(op, f"pivot refused for disk {disk.name}: {failure.message}")
-    if obs.stalled:
-        return _abort(op, "pivot failed, no disk pivoted: the jobs did not all reach 'pending' in time")
     statuses = [obs.jobs[d.job_id].status for d in op.disks]
-    if all(s == "pending" for s in statuses):
+    running = obs.run_state == "running"
+    if all(s == "pending" for s in statuses):  # checked before `stalled`: all pending wins
+        if running:
+            # Someone resumed the guest after the jobs were completed. Finalizing now would let it
+            # write to DEST before the outcome is journaled; should QEMU then die, the journal could
+            # not name the image holding those writes.
+            return _abort(op, "pivot abandoned, no disk pivoted: the guest was resumed by someone else "
+                              "during the pivot")
         # The point of no return is the first job-finalize. It needs no journal commit of its own
         # (one fsync less while the guest is paused): should this process die now, the next one
         # sees in query-block whether any device switched, and goes forward if one did.
         return Step(commands=_finalizes(op, obs), wait=Wait.SETTLE, note="every job is pending: finalize")
-    completes = tuple(qmp("job-complete", {"id": d.job_id}, disk=i)
-                      for i, d in enumerate(op.disks) if obs.jobs[d.job_id].status == "ready")
-    if op.paused_by_us and obs.run_state == "running":
+    if obs.stalled:
+        return _abort(op, "pivot failed, no disk pivoted: the jobs did not all reach 'pending' in time")
+    ready = [(i, d) for i, d in enumerate(op.disks) if obs.jobs[d.job_id].status == "ready"]
+    if running and not op.paused_by_us and len(ready) == len(op.disks):
+        # Resumed (by its user) between the pivot's record and now: blockcopy pauses it, as it
+        # pauses every running guest for the pivot; journaled before the `stop`.
+        return Step(record=_replace(op, paused_by_us=True, vm_was_running=True),
+                    note="the guest runs now: pause it for the pivot")
+    completes = tuple(qmp("job-complete", {"id": d.job_id}, disk=i) for i, d in ready)
+    if op.paused_by_us and running:
         # `stop` flushes every image; writing the dirty page cache out first keeps that flush (and
         # so the guest's pause) short however much the guest wrote just before. `stop` returns
         # with the guest paused, so the jobs are completed in the same step.
@@ -380,26 +412,48 @@ def _finalizing(op: Operation, obs: Observation) -> Step:
 
 
 def _finishing(op: Operation, obs: Observation) -> Step:
-    broken = [d for d in op.disks if (j := _job(op, obs, d)) is None or j.error]
-    if broken:
-        job = _job(op, obs, broken[0])
-        why = job.error if job is not None else "the job disappeared from QEMU"
-        return _abort(op, f"finish failed for disk {broken[0].name}: {why}")
+    if not op.forced:
+        broken = [d for d in op.disks if (j := _job(op, obs, d)) is None or j.error]
+        if broken:
+            job = _job(op, obs, broken[0])
+            why = job.error if job is not None else "the job disappeared from QEMU"
+            return _abort(op, f"finish failed for disk {broken[0].name}: {why}")
+    live = [(i, d) for i, d in enumerate(op.disks)
+            if (j := _job(op, obs, d)) is not None and j.status in LIVE_STATUSES | {"aborting"}]
+    if live and obs.stalled:
+        if not op.forced:
+            # The mirror did not converge in time (e.g. a busy guest on slow storage). Cancel it for
+            # good: the guest stays on the source, and DEST is *not* claimed to be a consistent copy.
+            return Step(record=_replace(op, forced=True),
+                        note="finish did not complete in time: cancel the mirror (DEST not consistent)")
+        return Step(stuck=f"QEMU did not end the mirror jobs of job {op.id} in time, even when cancelled; "
+                          "they stay in QEMU. Run `blockcopy recover` later to finish them")
     commands: list[Command] = []
-    for i, d in enumerate(op.disks):
-        job = _job(op, obs, d)
-        if job is not None and job.status == "ready":
+    for i, d in live:
+        job = obs.jobs[d.job_id]
+        if op.forced:
+            if job.status != "aborting" and obs.failure is None:
+                commands.append(qmp("job-cancel", {"id": d.job_id}, disk=i))
+        elif job.status == "ready":
             # Soft cancel of a ready mirror: it ends without pivoting and leaves DEST consistent.
             commands.append(qmp("block-job-cancel", {"device": d.job_id}, disk=i))
-        elif job is not None and job.status == "pending":
+        elif job.status == "pending":
             commands.append(qmp("job-finalize", {"id": d.job_id}, disk=i))
-    if commands and not obs.stalled:
+    if commands:
         return Step(commands=tuple(commands), wait=Wait.SETTLE, note="finish the jobs")
-    if not obs.stalled and any((j := _job(op, obs, d)) is not None and j.status != "concluded"
-                               for d in op.disks):
+    if live:
         return Step(wait=Wait.SETTLE, note="waiting for the jobs to conclude")
-    return _conclude(op, obs, on_success=Outcome.NOT_PIVOTED,
-                     reason="finished: the destination is a consistent copy; the guest stays on the source")
+    # Every job concluded: a copy is consistent only where blockcopy saw its mirror end cleanly.
+    record = op
+    for i, d in enumerate(op.disks):
+        job = _job(op, obs, d)
+        record = record.with_disk(i, consistent=not op.forced and job is not None and job.error is None)
+    if op.forced:
+        reason = ("finished by cancelling: the mirror did not converge in time, so the destination is NOT a "
+                  "consistent copy; the guest stays on the source")
+    else:
+        reason = "finished: the destination is a consistent copy; the guest stays on the source"
+    return _conclude(record, obs, on_success=Outcome.NOT_PIVOTED, reason=reason, job_errors_fail=not op.forced)
 
 
 def _aborting(op: Operation, obs: Observation) -> Step:
@@ -412,6 +466,9 @@ def _aborting(op: Operation, obs: Observation) -> Step:
     if not obs.stalled and any((j := _job(op, obs, d)) is not None
                                and j.status in LIVE_STATUSES | {"aborting"} for d in op.disks):
         return Step(wait=Wait.SETTLE, note="waiting for the jobs to conclude")
+    # Concluded, or cancelled and slow to end: either way no device can switch any more (blockcopy
+    # never finalizes a job from here), so the outcome is known and a guest paused by blockcopy
+    # can be resumed; SETTLING waits for QEMU to end the jobs before the operation is done.
     reason = "aborted: the guest stays on the source" if op.error is None else "the guest stays on the source"
     return _conclude(op, obs, on_success=Outcome.NOT_PIVOTED, reason=reason, job_errors_fail=False)
 
@@ -431,6 +488,20 @@ def _settling(op: Operation, obs: Observation) -> Step:
         record = op.with_disk(index, cleaned=True)
         record = _replace(record, warnings=(*op.warnings, f"cleanup: {failure.message}"))
         return Step(record=record, note="cleanup refused, recorded as a warning")
+    live = [(i, d) for i, d in enumerate(op.disks)
+            if (j := _job(op, obs, d)) is not None and j.status in LIVE_STATUSES | {"aborting"}]
+    if live:
+        # The outcome is journaled and no device will switch; the operation is done only once
+        # QEMU has ended its jobs (an abort that QEMU is slow to carry out).
+        if obs.stalled:
+            names = ", ".join(d.job_id for _i, d in live)
+            return Step(stuck=f"QEMU did not end the jobs {names} of job {op.id} in time; the outcome stands "
+                              f"({op.outcome}). Run `blockcopy recover` later to remove them")
+        cancels = tuple(qmp("job-cancel", {"id": d.job_id}, disk=i) for i, d in live
+                        if obs.jobs[d.job_id].status != "aborting")
+        if cancels and failure is None:
+            return Step(commands=cancels, wait=Wait.SETTLE, note="cancel the jobs that still run")
+        return Step(wait=Wait.SETTLE, note="waiting for QEMU to end the jobs")
     # Every disk's leftovers go in one step (each job is dismissed before its target node is
     # deleted); the next observation shows what is left, and one record ends the operation.
     cleanup: list[Command] = []
@@ -438,9 +509,6 @@ def _settling(op: Operation, obs: Observation) -> Step:
         if disk.cleaned:
             continue
         job = _job(op, obs, disk)
-        if job is not None and job.status in LIVE_STATUSES | {"aborting"}:
-            # Only reachable if someone else restarted or re-used the job id; leave it alone.
-            return Step(record=op.with_disk(index, cleaned=True), note="job not ours to dismiss")
         if job is not None and job.status == "concluded":
             cleanup.append(qmp("job-dismiss", {"id": disk.job_id}, disk=index, purpose="cleanup"))
         cleanup.extend(qmp("blockdev-del", {"node-name": node}, disk=index, purpose="cleanup")

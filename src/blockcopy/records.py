@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from blockcopy.qemuproc import QemuProcess
+
 
 class Goal(enum.StrEnum):
     """What the user asked the operation to end in. Recovery carries the goal out."""
@@ -81,7 +83,12 @@ class DiskRecord:
     backing_format: str | None = None
     stage: Stage = Stage.CREATE
     dest_created: bool = False  # blockcopy created dest_path (it did not exist before)
+    # Which file DEST is (st_dev, st_ino): journaled before blockcopy links a file it made into place,
+    # or when a reused DEST is validated. DEST is opened for QEMU only while the path still names it.
+    dest_dev: int | None = None
+    dest_ino: int | None = None
     pivoted: bool | None = None  # per-disk outcome, from query-block
+    consistent: bool | None = None  # finish: the mirror was seen to conclude without error (DEST is a copy)
     cleaned: bool = False  # leftover nodes and job removed from QEMU
     progress_current: int = 0
     progress_total: int = 0
@@ -100,6 +107,9 @@ class Operation:
     reuse_external: bool = False
     bandwidth: int = 0  # bytes per second, 0 = unlimited
     buf_size: int = 0  # mirror buffer (bytes of data in flight), 0 = QEMU's default
+    qemu_pid: int | None = None  # the QEMU process the operation runs in (see qemuproc.py)
+    qemu_start: int | None = None  # ... and its start time: pid + start time name one process
+    forced: bool = False  # a finish that stalled was force-cancelled: DEST is not a consistent copy
     vm_was_running: bool | None = None  # run state when the pivot began
     paused_by_us: bool = False  # blockcopy stops the VM for the pivot and must resume it
     resumed: bool = False
@@ -119,6 +129,12 @@ class Operation:
     @property
     def finished(self) -> bool:
         return self.phase is Phase.DONE
+
+    @property
+    def qemu(self) -> QemuProcess | None:
+        if self.qemu_pid is None or self.qemu_start is None:
+            return None  # journaled by a blockcopy that did not record it
+        return QemuProcess(self.qemu_pid, self.qemu_start)
 
     @property
     def pause_window_ms(self) -> float | None:
