@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from blockcopy.vm import DiskSpec, ScratchVM, fill_pattern, image_has_pattern, make_image, pick_accel
+from blockcopy.vm import AuxMonitor, DiskSpec, ScratchVM, fill_pattern, image_has_pattern, make_image, pick_accel
 
 MIB = 1024 * 1024
 MARKER = 64 * 1024
@@ -126,8 +127,92 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+@dataclass
+class ServedFile:
+    """A regular file served by qemu-storage-daemon's FUSE export, for storage that misbehaves:
+    SIGSTOP the daemon and every I/O on the file hangs (a dead NFS server, a stuck array); or
+    throttle its writes at run time (a slow or overloaded disk)."""
+
+    path: Path
+    daemon: subprocess.Popen[bytes]
+    qmp: Path
+
+    def hang(self) -> None:
+        self.daemon.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.daemon.send_signal(signal.SIGCONT)
+
+    def throttle(self, write_bytes_per_second: int) -> None:
+        monitor = AuxMonitor(str(self.qmp))
+        try:
+            monitor.cmd("qom-set", {"path": "tg", "property": "limits",
+                                    "value": {"bps-write": write_bytes_per_second}})
+        finally:
+            monitor.close()
+
+
+@pytest.fixture
+def served_file(tmp_path: Path) -> Iterator[Callable[[int], ServedFile]]:
+    made: list[ServedFile] = []
+
+    def make(size: int) -> ServedFile:
+        n = len(made)
+        backing = tmp_path / f"served{n}-backing.raw"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(backing), str(size)], check=True)
+        mountpoint, qmp = tmp_path / f"served{n}.raw", tmp_path / f"served{n}.qmp"
+        mountpoint.touch()
+        daemon = subprocess.Popen(
+            ["qemu-storage-daemon", "--object", "throttle-group,id=tg",
+             "--blockdev", f"driver=file,filename={backing},node-name=f",
+             "--blockdev", "driver=throttle,throttle-group=tg,file=f,node-name=t",
+             "--export", f"type=fuse,id=e,node-name=t,mountpoint={mountpoint},writable=on",
+             "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        made.append(ServedFile(mountpoint, daemon, qmp))
+        wait_for(lambda: mountpoint.stat().st_size == size and qmp.exists(), timeout=30, what="the FUSE export")
+        return made[-1]
+
+    yield make
+    for item in made:
+        item.resume()
+        item.daemon.terminate()
+        try:
+            item.daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            item.daemon.kill()
+            item.daemon.wait(timeout=30)
+        subprocess.run(["umount", "-l", str(item.path)], capture_output=True, check=False)
+
+
 def has_pattern(path: str | Path, pattern: int, offset: int, length: int = MARKER, fmt: str = "qcow2") -> bool:
     return image_has_pattern(str(path), fmt, pattern, offset, length)
+
+
+def guest_reads(vm: ScratchVM, disk: str, pattern: int, offset: int, length: int = MARKER) -> bool:
+    """True when the *guest* reads ``pattern`` at ``offset`` of ``disk``: through QEMU (an NBD export
+    of the device's root node), not from image files, so a node opened without its backing chain
+    reads as it would to the guest."""
+    node, _file = vm.device_node(disk)
+    sock = Path(vm.workdir) / f"{vm.name}-{disk}-nbd.sock"
+    vm.cmd("nbd-server-start", addr={"type": "unix", "data": {"path": str(sock)}})
+    try:
+        vm.cmd("block-export-add", type="nbd", id="bc-test-read", **{"node-name": node}, name="r", writable=False)
+        try:
+            proc = subprocess.run(["qemu-io", "-r", "-f", "raw", f"nbd+unix:///r?socket={sock}",
+                                   "-c", f"read -P {pattern:#x} {offset} {length}"],
+                                  capture_output=True, text=True, timeout=60, check=False)
+        finally:
+            vm.cmd("block-export-del", id="bc-test-read")
+    finally:
+        vm.cmd("nbd-server-stop")
+    return proc.returncode == 0 and "Pattern verification failed" not in proc.stdout and "read " in proc.stdout
+
+
+def process_state(pid: int) -> str:
+    """One-letter state of a process from /proc ('T' when stopped by a signal)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rfind(")") + 2:].split()[0]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:

@@ -1,16 +1,21 @@
 """The crash points of each command: every journaled step and every QMP command, in protocol order.
 
-``NAME@N`` is the N-th time a point is reached. Produced by ``BLOCKCOPY_TRACE_POINTS`` and checked
-by ``test_crash_matrix.py::test_the_table_matches_a_traced_run`` (a traced run reaches at least
-these). Read with the phase table at the top of ``src/blockcopy/protocol.py``.
+``NAME@N`` is the N-th time a point is reached. While a crash point is armed, the commands of one
+batch go to QEMU one at a time (see ``faults.serial``), so ``qmp:job-finalize@1`` of a two-disk
+pivot falls between the two finalizes: one device switched, the other job still pending. Produced
+by ``BLOCKCOPY_TRACE_POINTS`` and checked by
+``test_crash_matrix.py::test_the_table_matches_a_traced_run`` (a traced run reaches at least these).
+Read with the phase table at the top of ``src/blockcopy/protocol.py``.
 """
 
 from __future__ import annotations
 
-_START_1 = ["journal:starting@1", "create-image@1", "journal:starting@2", "qmp:blockdev-add@1",
-            "qmp:blockdev-mirror@1", "journal:starting@3"]
-_START_2 = [*_START_1, "create-image@2", "journal:starting@4", "qmp:blockdev-add@2", "qmp:blockdev-mirror@2",
-            "journal:starting@5"]
+# Per disk: the identity of the image made for DEST is journaled (starting@2) before it is linked
+# into place (create-image), then the stage is journaled (starting@3).
+_START_1 = ["journal:starting@1", "journal:starting@2", "create-image@1", "journal:starting@3",
+            "qmp:blockdev-add@1", "qmp:blockdev-mirror@1", "journal:starting@4"]
+_START_2 = [*_START_1, "journal:starting@5", "create-image@2", "journal:starting@6", "qmp:blockdev-add@2",
+            "qmp:blockdev-mirror@2", "journal:starting@7"]
 
 POINTS: dict[tuple[str, int], list[str]] = {
     ("pivot", 1): [*_START_1, "journal:copying@1", "journal:pivoting@1", "sync-images@1", "qmp:stop@1",

@@ -27,9 +27,7 @@ CASES = [(command, disks, point, after)
 
 
 def _expected_when_alive(command: str, point: str) -> tuple[str, str]:
-    if point.startswith("create-image"):
-        # DEST exists but the journal cannot prove blockcopy created it: roll back, keep the file.
-        return "failed", "source"
+    # Even right after DEST was created: the journaled identity proves it is ours (issue 9, 6).
     return {"pivot": ("pivoted", "destination"), "finish": ("not-pivoted", "source"),
             "abort": ("not-pivoted", "source")}[command]
 

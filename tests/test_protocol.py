@@ -300,13 +300,42 @@ def test_a_guest_resumed_before_the_jobs_are_completed_is_paused_by_blockcopy() 
         "sync-images", "stop", "job-complete"]
 
 
-def test_finish_claims_a_consistent_copy_only_when_seen_concluded_cleanly() -> None:
+def test_finish_claims_a_consistent_copy_only_once_qemu_closed_the_destination() -> None:
     f = op(Phase.FINISHING, Goal.FINISH, n=2)
     assert names(decide(f, obs("ready", "ready")).commands) == ["block-job-cancel"] * 2
+    # Seen ending cleanly: journaled as a fact, not yet an outcome.
     step = decide(f, obs("concluded", "concluded"))
+    assert step.record is not None and step.record.outcome is None and not step.commands
+    assert [d.consistent for d in step.record.disks] == [True, True]
+    ended = step.record
+    # Then QEMU flushes and closes DEST (qcow2 metadata may live in its cache until then).
+    step = decide(ended, obs("concluded", "concluded"))
+    assert [(c.name, c.args) for c in step.commands] == [
+        ("job-dismiss", {"id": "job0"}), ("blockdev-del", {"node-name": "bc-op-0"}),
+        ("job-dismiss", {"id": "job1"}), ("blockdev-del", {"node-name": "bc-op-1"})]
+    closed = obs(None, None, nodes=frozenset({"src0", "src1"}))
+    step = decide(ended, closed)
     assert step.record is not None and step.record.outcome is Outcome.NOT_PIVOTED
     assert [d.consistent for d in step.record.disks] == [True, True]
     assert "consistent copy" in (step.record.reason or "") and "NOT" not in (step.record.reason or "")
+    # A crash between dismissing and deleting: the journal says the mirror ended cleanly.
+    half = obs(None, None, nodes=frozenset({"src0", "src1", "bc-op-1"}))
+    assert names(decide(ended, half).commands) == ["blockdev-del"]
+    # QEMU refuses to close one: that one is not claimed.
+    refused = Failure(qmp("blockdev-del", {"node-name": "bc-op-1"}, disk=1), "node is in use")
+    step = decide(ended, dataclasses.replace(half, failure=refused))
+    assert step.record is not None and [d.consistent for d in step.record.disks] == [True, False]
+    assert step.record.warnings and step.record.outcome is None
+    step = decide(step.record, half)
+    assert step.record is not None and step.record.outcome is Outcome.NOT_PIVOTED
+    assert "see the warnings" in (step.record.reason or "")
+
+
+def test_qemu_gone_before_it_closed_the_destination_claims_no_consistent_copy() -> None:
+    ended = op(Phase.FINISHING, Goal.FINISH).with_disk(0, consistent=True)
+    step = decide(ended, Observation(alive=False))
+    assert step.record is not None and step.record.phase is Phase.DONE
+    assert [d.consistent for d in step.record.disks] == [False]
 
 
 def test_a_stalled_finish_is_cancelled_and_never_claims_a_consistent_copy() -> None:
@@ -502,8 +531,9 @@ def _restricted(o: Operation, ob: Observation) -> Observation:
 
 
 def test_needs_names_everything_each_decision_reads() -> None:
-    for o, ob in CASES:
-        for record in (o, dataclasses.replace(o, resumed=True)):
+    for o, ob in [*CASES, *FAILURE_CASES]:
+        ended = o.with_disk(0, consistent=True).with_disk(1, consistent=True)  # a finish closing DEST
+        for record in (o, dataclasses.replace(o, resumed=True), ended):
             assert decide(record, _restricted(record, ob)) == decide(record, ob), (record.phase, dict(ob.jobs))
 
 

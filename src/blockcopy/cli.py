@@ -17,9 +17,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from blockcopy import __version__, views
-from blockcopy.driver import Interrupted, Until
+from blockcopy.driver import TRANSITION_TIMEOUT, Interrupted, Until
 from blockcopy.errors import BlockcopyError, UsageError
 from blockcopy.manager import DEFAULT_BUF_SIZE, FORMATS, MODES, CopyRequest, Manager
+from blockcopy.monitor import Monitor
 from blockcopy.records import Goal, Operation, Outcome
 from blockcopy.ui import describe, progress_display
 
@@ -41,6 +42,16 @@ def _positive_float(text: str) -> float:
 
 
 _SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def _positive_float_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"give a positive number of seconds, not {text}")
+    return value
 
 
 def _size(text: str) -> int:
@@ -79,6 +90,15 @@ def _global_options(*, suppress: bool) -> argparse.ArgumentParser:
                         "default /var/lib/blockcopy for root, else $XDG_STATE_HOME/blockcopy)")
     common.add_argument("-v", "--verbose", action="store_true", default=default(False),
                         help="log protocol steps to stderr")
+    common.add_argument("--qmp-timeout", type=_positive_float_seconds,
+                        default=default(Monitor.DEFAULT_COMMAND_TIMEOUT),
+                        metavar="SECONDS", help="how long QEMU may take to answer one QMP command before "
+                        f"blockcopy drops the connection and asks again (default {Monitor.DEFAULT_COMMAND_TIMEOUT:g})")
+    common.add_argument("--transition-timeout", type=_positive_float_seconds,
+                        default=default(TRANSITION_TIMEOUT),
+                        metavar="SECONDS", help="how long a pivot, finish or abort may wait for QEMU before "
+                        "blockcopy rolls the pivot back, cancels the finish, or gives up for now "
+                        f"(default {TRANSITION_TIMEOUT:g})")
     return common
 
 
@@ -250,12 +270,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(args.size, as_json=args.json, keep=args.keep)
     return _run(lambda manager: run_command(args, manager, Output(args.json)), args.state_dir,
-                create_journal=args.command == "attach")
+                create_journal=args.command == "attach", command_timeout=args.qmp_timeout,
+                transition_timeout=args.transition_timeout)
 
 
-def _run(body: Callable[[Manager], Awaitable[int]], state_dir: str | None, *, create_journal: bool) -> int:
+def _run(body: Callable[[Manager], Awaitable[int]], state_dir: str | None, *, create_journal: bool,
+         command_timeout: float, transition_timeout: float) -> int:
     async def runner() -> int:
-        manager = Manager(state_dir, create_journal=create_journal)
+        manager = Manager(state_dir, create_journal=create_journal, command_timeout=command_timeout,
+                          transition_timeout=transition_timeout)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, manager.interrupt.set)

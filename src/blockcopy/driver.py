@@ -24,7 +24,6 @@ from blockcopy.errors import (
     ConnectionLost,
     GuestLeftPaused,
     JournalError,
-    MonitorBusy,
     MonitorError,
     MonitorTimeout,
     NoListener,
@@ -125,10 +124,8 @@ class Link:
             raise QemuUnreachable(
                 f"the QMP socket {self.socket_path} is now served by another process ({monitor.process}) while "
                 f"QEMU {expected} of job {op.id} still runs; nothing was decided. Give that QEMU its socket back")
-        why = self.error or "no answer"
-        busy = " (another client holds it)" if isinstance(self.error, MonitorBusy) else ""
         raise QemuUnreachable(f"QEMU {expected} of job {op.id} still runs, but its QMP socket {self.socket_path} "
-                              f"does not answer{busy}: {why}. Nothing was decided; blockcopy goes on once it answers")
+                              f"does not answer ({self.error or 'no answer'})")
 
 
 class Driver:
@@ -300,7 +297,8 @@ class Driver:
                 return dataclasses.replace(obs, failure=failure, identical=identical, stalled=stalled)
             except (MonitorTimeout, ConnectionLost, QemuUnreachable) as exc:
                 if time.monotonic() > deadline:
-                    raise
+                    raise QemuUnreachable(f"{exc}. Job {op.id} stays as journaled ({op.phase.value}); nothing was "
+                                          "decided. Run `blockcopy recover` once QEMU answers") from exc
                 log.info("job %s: %s; trying again", op.id, exc)
                 await self.link.drop()
                 await asyncio.sleep(0.2)
@@ -331,8 +329,8 @@ class Driver:
                 # Before the file gets DEST's name: a crash after linking leaves a file that the
                 # journal proves is ours, and recovery goes on with it.
                 nonlocal op
-                op = self._save(op.with_disk(index, dest_dev=dev, dest_ino=ino), op,
-                                f"made the image for {disk.dest_path}")
+                op = self.journal.save(op.with_disk(index, dest_dev=dev, dest_ino=ino),
+                                       f"made the image for {disk.dest_path}")
 
             images.create(disk.dest_path, disk.dest_format, disk.virtual_size, tag=op.id,
                           backing_file=disk.backing_file, backing_format=disk.backing_format,
@@ -347,14 +345,15 @@ class Driver:
         monitor = self.monitor
         if monitor is None:
             raise ConnectionLost(f"not connected to QEMU for {command.name}")
-        seen = monitor.event_seq
+        seen, sent = monitor.event_seq, time.time() - 0.005
         await monitor.execute(command.name, command.args)
-        # QEMU emits STOP/RESUME before it answers; only events that came after this command was
-        # sent belong to this pivot (a STOP of the user's from before does not).
-        if command.name == "stop" and (at := monitor.event_time_since("STOP", seen)) is not None:
-            op = dataclasses.replace(op, stop_ts=at)
-        elif command.name == "cont" and (at := monitor.event_time_since("RESUME", seen)) is not None:
-            op = dataclasses.replace(op, resume_ts=at)
+        # QEMU emits STOP/RESUME before it answers. Only an event stamped after this command was
+        # sent belongs to this pivot: a `stop` of a guest that someone else paused just before
+        # emits none, and that someone's STOP must not be taken for blockcopy's.
+        if command.name == "stop":
+            op = dataclasses.replace(op, stop_ts=monitor.event_time_since("STOP", seen, sent))
+        elif command.name == "cont":
+            op = dataclasses.replace(op, resume_ts=monitor.event_time_since("RESUME", seen, sent))
         return op, None
 
     async def _wait(self, timeout: float, since: int) -> None:
@@ -437,11 +436,10 @@ def _same_data(src: str, src_fmt: str, dst: str, dst_fmt: str) -> bool:
 
 def _carry_driver_facts(decided: Operation, current: Operation) -> Operation:
     """The decided record plus what only the driver knows: measurements (progress, event times) and
-    the identity of a file it created (learned while carrying out the command)."""
+    the identity of the file it created for DEST (learned while carrying out the command; the
+    protocol never changes it)."""
     disks = tuple(dataclasses.replace(d, progress_current=c.progress_current, progress_total=c.progress_total,
-                                      job_status=c.job_status,
-                                      dest_dev=d.dest_dev if d.dest_ino is not None else c.dest_dev,
-                                      dest_ino=d.dest_ino if d.dest_ino is not None else c.dest_ino)
+                                      job_status=c.job_status, dest_dev=c.dest_dev, dest_ino=c.dest_ino)
                   for d, c in zip(decided.disks, current.disks, strict=True))
     return dataclasses.replace(decided, disks=disks, ready_at=current.ready_at, stop_ts=current.stop_ts,
                                resume_ts=current.resume_ts, created_at=current.created_at)

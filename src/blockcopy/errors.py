@@ -16,7 +16,8 @@ class UsageError(BlockcopyError):
 
 
 class JournalError(BlockcopyError):
-    """The journal is missing, unreadable or from a newer blockcopy: nothing was touched."""
+    """The journal (or the state directory that holds it and the locks) is missing, unreadable,
+    unwritable or from a newer blockcopy: the step it was needed for was not taken."""
 
     exit_code = 3
 

@@ -5,6 +5,7 @@ The kernel drops a flock when its holder dies, so a ``kill -9`` never leaves a s
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from blockcopy.errors import DomainBusy
+from blockcopy.errors import DomainBusy, JournalError
 
 
 class DomainLock:
@@ -25,7 +26,14 @@ class DomainLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            # Never through a symlink: the pid written below would truncate whatever it points to.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise JournalError(f"cannot open the lock file {self.path}: {exc.strerror}") from None
+            raise JournalError(f"the lock file {self.path} is a symbolic link; blockcopy does not follow it. "
+                             "Remove it (blockcopy creates the lock file itself)") from None
         deadline = time.monotonic() + self.wait
         while True:
             try:

@@ -271,6 +271,11 @@ class Manager:
             link = Link(domain.qmp_socket, lambda: self._connect(domain.qmp_socket))
             await link.open()
             if isinstance(link.error, MonitorBusy):
+                unfinished = self.journal.operations(domain=name, unfinished=True)
+                if unfinished:
+                    raise MonitorBusy(f"{link.error}. The unfinished jobs of domain {name} ("
+                                      f"{', '.join(op.id for op in unfinished)}) stay as journaled; run "
+                                      "`blockcopy recover` once QEMU answers") from None
                 raise link.error
             driver = Driver(self.journal, link, on_progress=on_progress, interrupt=self.interrupt,
                             transition_timeout=self.transition_timeout)

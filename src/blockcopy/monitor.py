@@ -186,11 +186,13 @@ class Monitor:
         self._drain_events()
         return result
 
-    def event_time_since(self, name: str, since: int) -> float | None:
-        """QEMU's time of the latest ``name`` event that arrived after event number ``since``."""
+    def event_time_since(self, name: str, since: int, not_before: float) -> float | None:
+        """QEMU's time of the latest ``name`` event that arrived after event number ``since`` and
+        happened at or after ``not_before`` (wall clock, as QEMU stamps events): an event that was
+        still on its way when ``since`` was read is not taken for a newer one."""
         self._drain_events()
         seq, at = self.last_events.get(name, (0, 0.0))
-        return at if seq > since else None
+        return at if seq > since and at >= not_before else None
 
     async def hmp(self, command_line: str) -> str:
         """Human monitor command; for tests and the demo (guest-like writes via qemu-io)."""

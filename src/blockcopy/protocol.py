@@ -170,7 +170,7 @@ _NEEDS = {
     Phase.COPYING: frozenset({"status", "jobs"}),
     Phase.PIVOTING: frozenset({"status", "jobs", "block"}),
     Phase.FINALIZING: frozenset({"jobs", "block"}),
-    Phase.FINISHING: frozenset({"jobs", "block"}),
+    Phase.FINISHING: frozenset({"jobs", "block", "nodes"}),
     Phase.ABORTING: frozenset({"jobs", "block"}),
     Phase.SETTLING: ALL_QUERIES,
     Phase.DONE: frozenset(),
@@ -413,11 +413,13 @@ def _finalizing(op: Operation, obs: Observation) -> Step:
 
 def _finishing(op: Operation, obs: Observation) -> Step:
     if not op.forced:
-        broken = [d for d in op.disks if (j := _job(op, obs, d)) is None or j.error]
-        if broken:
-            job = _job(op, obs, broken[0])
-            why = job.error if job is not None else "the job disappeared from QEMU"
-            return _abort(op, f"finish failed for disk {broken[0].name}: {why}")
+        for disk in op.disks:
+            job = _job(op, obs, disk)
+            if disk.consistent is not None:
+                continue  # its mirror was seen ending cleanly (journaled); the job may be dismissed now
+            if job is None or job.error:
+                why = job.error if job is not None else "the job disappeared from QEMU"
+                return _abort(op, f"finish failed for disk {disk.name}: {why}")
     live = [(i, d) for i, d in enumerate(op.disks)
             if (j := _job(op, obs, d)) is not None and j.status in LIVE_STATUSES | {"aborting"}]
     if live and obs.stalled:
@@ -443,17 +445,45 @@ def _finishing(op: Operation, obs: Observation) -> Step:
         return Step(commands=tuple(commands), wait=Wait.SETTLE, note="finish the jobs")
     if live:
         return Step(wait=Wait.SETTLE, note="waiting for the jobs to conclude")
-    # Every job concluded: a copy is consistent only where blockcopy saw its mirror end cleanly.
-    record = op
-    for i, d in enumerate(op.disks):
-        job = _job(op, obs, d)
-        record = record.with_disk(i, consistent=not op.forced and job is not None and job.error is None)
     if op.forced:
-        reason = ("finished by cancelling: the mirror did not converge in time, so the destination is NOT a "
-                  "consistent copy; the guest stays on the source")
-    else:
-        reason = "finished: the destination is a consistent copy; the guest stays on the source"
-    return _conclude(record, obs, on_success=Outcome.NOT_PIVOTED, reason=reason, job_errors_fail=not op.forced)
+        cancelled = _replace(op, disks=tuple(dataclasses.replace(d, consistent=False) for d in op.disks))
+        return _conclude(cancelled, obs, on_success=Outcome.NOT_PIVOTED, job_errors_fail=False,
+                         reason="finished by cancelling: the mirror did not converge in time, so the destination "
+                                "is NOT a consistent copy; the guest stays on the source")
+    return _close_destinations(op, obs)
+
+
+def _close_destinations(op: Operation, obs: Observation) -> Step:
+    """Every mirror ended cleanly. DEST is a consistent copy only once QEMU has flushed and closed
+    it (until then qcow2 metadata may live in QEMU's cache only): journal what was seen, dismiss the
+    jobs and delete the DEST nodes, and claim consistency only where that succeeded."""
+    if any(d.consistent is None for d in op.disks):
+        record = op
+        for i, d in enumerate(op.disks):
+            record = record.with_disk(i, consistent=True) if d.consistent is None else record
+        return Step(record=record, note="every mirror ended cleanly: close the destinations")
+    failure = obs.failure
+    if failure is not None and failure.command.name == "blockdev-del" and failure.command.disk is not None:
+        index = failure.command.disk
+        warning = (f"disk {op.disks[index].name}: QEMU did not close the destination ({failure.message}); it is "
+                   "not claimed to be a consistent copy")
+        return Step(record=_replace(op.with_disk(index, consistent=False, cleaned=False),
+                                    warnings=(*op.warnings, warning)), note="destination not closed")
+    closing: list[Command] = []
+    for i, d in enumerate(op.disks):
+        if not d.consistent:
+            continue  # could not be closed: SETTLING tries again and warns
+        if _job(op, obs, d) is not None:
+            closing.append(qmp("job-dismiss", {"id": d.job_id}, disk=i))
+        if d.dest_node in obs.nodes:
+            closing.append(qmp("blockdev-del", {"node-name": d.dest_node}, disk=i))
+    if closing:
+        return Step(commands=tuple(closing), wait=Wait.SETTLE, note="close the destinations (QEMU flushes them)")
+    record = _replace(op, disks=tuple(dataclasses.replace(d, cleaned=bool(d.consistent)) for d in op.disks))
+    reason = "finished: the destination is a consistent copy; the guest stays on the source"
+    if not all(d.consistent for d in op.disks):
+        reason = "finished; see the warnings for the destinations that are not a consistent copy"
+    return _conclude(record, obs, on_success=Outcome.NOT_PIVOTED, reason=reason)
 
 
 def _aborting(op: Operation, obs: Observation) -> Step:
@@ -551,7 +581,9 @@ def _qemu_gone(op: Operation, obs: Observation) -> Step:
         authoritative=Authority.BOTH if both else Authority.SOURCE,
         identical=obs.identical,
         reason=f"QEMU exited {where}; {holds}",
-        disks=tuple(dataclasses.replace(d, pivoted=False) for d in op.disks),
+        # A destination that QEMU had not closed may lack data and metadata that lived in its cache.
+        disks=tuple(dataclasses.replace(d, pivoted=False, consistent=False if d.consistent else d.consistent)
+                    for d in op.disks),
     )
     return Step(record=record, note="QEMU is gone")
 

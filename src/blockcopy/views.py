@@ -84,6 +84,7 @@ def operation_view(op: Operation) -> dict[str, Any]:
                 "destination_created": d.dest_created,
                 "progress": _progress(d.progress_current, d.progress_total),
                 "pivoted": d.pivoted,
+                "consistent": d.consistent,
                 "authoritative": _disk_authority(op, d),
             }
             for d in op.disks

@@ -1,0 +1,473 @@
+"""The safety promise under attack (issue 9): each test breaks one way the README's guarantees used
+to fail, against real QEMU, with faults injected at deterministic points (``faults.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import (
+    MIB,
+    Blockcopy,
+    guest_reads,
+    has_pattern,
+    node_names,
+    process_state,
+    qemu_jobs,
+    wait_for,
+)
+
+from blockcopy import CopyRequest, Manager
+from blockcopy.driver import Interrupted
+from blockcopy.vm import DiskSpec, ScratchVM, fill_pattern, make_image
+
+
+def _stopped(proc: subprocess.Popen[str]) -> None:
+    """Wait until a blockcopy process has SIGSTOPped itself at its fault point."""
+    wait_for(lambda: proc.poll() is not None or process_state(proc.pid) == "T", timeout=120,
+             what="blockcopy to reach its fault point")
+    assert proc.poll() is None, proc.communicate()
+
+
+def _spawn(bc: Blockcopy, *args: str, fault: str) -> subprocess.Popen[str]:
+    env = {**bc.env, "BLOCKCOPY_FAULT_AT": fault}
+    return subprocess.Popen(bc.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=180)
+    return proc.returncode, out, err
+
+
+# --- 1. --shallow --reuse-external keeps the backing chain --------------------------------------
+
+
+def _backed_vm(vm_factory, tmp_path: Path) -> tuple[ScratchVM, Path]:
+    base = make_image(tmp_path / "base.qcow2", 64 * MIB)
+    fill_pattern(base, "qcow2", 0x0B, 0, 8 * MIB)  # data that lives only in the base
+    top = make_image(tmp_path / "top.qcow2", 64 * MIB, backing=base)
+    fill_pattern(top, "qcow2", 0x0C, 16 * MIB, MIB)
+    return vm_factory([DiskSpec("vda", str(top))]), base
+
+
+def test_shallow_reuse_external_destination_keeps_the_guests_base_data(vm_factory, bc: Blockcopy,
+                                                                         tmp_path: Path) -> None:
+    vm, base = _backed_vm(vm_factory, tmp_path)
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    dest = tmp_path / "prepared.qcow2"
+    make_image(dest, 64 * MIB, backing=base)  # as a management app pre-creates it
+    result = bc.ok("copy", "vm", "vda", str(dest), "--shallow", "--reuse-external", "--pivot", "--json").json
+    assert result["outcome"] == "pivoted" and vm.device_node("vda")[1] == str(dest)
+    # Read through the device, as the guest reads: the base's data must still be there.
+    assert guest_reads(vm, "vda", 0x0B, 0, 8 * MIB), "the guest lost the data that lives in the base image"
+    assert guest_reads(vm, "vda", 0x0C, 16 * MIB, MIB)
+    vm.write_marker("vda", 0x0D, 4 * MIB)  # copy-on-write of a base cluster keeps the rest of it
+    assert guest_reads(vm, "vda", 0x0B, 4 * MIB + 64 * 1024, 64 * 1024)
+    assert guest_reads(vm, "vda", 0x0D, 4 * MIB)
+
+
+@pytest.mark.parametrize("backing", ["none", "other"])
+def test_shallow_reuse_external_refuses_a_destination_with_another_base(vm_factory, bc: Blockcopy, tmp_path: Path,
+                                                                         backing: str) -> None:
+    vm, _base = _backed_vm(vm_factory, tmp_path)
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    dest = tmp_path / "prepared.qcow2"
+    other = make_image(tmp_path / "other-base.qcow2", 64 * MIB)
+    make_image(dest, 64 * MIB, backing=other if backing == "other" else None)
+    before = dest.read_bytes()
+    result = bc("copy", "vm", "vda", str(dest), "--shallow", "--reuse-external", "--pivot")
+    assert result.returncode == 2
+    assert ("has no backing file" if backing == "none" else "must be the same image") in result.stderr
+    assert dest.read_bytes() == before and qemu_jobs(vm) == [] and bc.ok("jobs", "--json").json == []
+
+
+# --- 2. a finish that does not come about is never recorded as a consistent copy ---------------
+
+
+def test_a_finish_that_cannot_converge_in_time_is_cancelled_and_not_called_consistent(
+        attached, bc: Blockcopy, served_file) -> None:
+    vm = attached(1, size=16 * MIB)
+    target = served_file(16 * MIB)
+    job = bc.ok("copy", "vm", "vda", str(target.path), "--format", "raw", "--reuse-external", "--mode",
+                "background", "--buf-size", "64K", "--wait", "--json").json
+    target.throttle(512 * 1024)  # the destination's storage slows down
+    for i in range(4):  # dirty data that the mirror needs seconds to bring over before it can end
+        vm.write_marker("vda", 0x50 + i, 8 * MIB + i * MIB, MIB)
+    result = bc("--transition-timeout", "1", "finish", job["id"], "--json")
+    assert result.returncode == 0, result.stderr
+    done = result.json
+    assert done["outcome"] == "not-pivoted" and done["authoritative"] == "source"
+    assert "NOT a consistent copy" in done["reason"] and [d["consistent"] for d in done["disks"]] == [False]
+    # Done means done: nothing of the job is left in QEMU.
+    assert done["state"] == "concluded" and qemu_jobs(vm) == []
+    assert not {n for n in node_names(vm) if n.startswith("bc-")}
+    assert vm.device_node("vda")[1] == vm.disks[0].path and vm.run_state() == "running"
+    assert has_pattern(vm.disks[0].path, 0x53, 11 * MIB, MIB)
+
+
+def test_a_finish_on_storage_that_hangs_stays_unfinished_until_it_answers(attached, bc: Blockcopy,
+                                                                         served_file) -> None:
+    vm = attached(1, size=16 * MIB)
+    target = served_file(16 * MIB)
+    job = bc.ok("copy", "vm", "vda", str(target.path), "--format", "raw", "--reuse-external", "--wait",
+                "--json").json
+    target.hang()
+    # A guest write: write-blocking mode sends it to the destination too, where it hangs in flight.
+    vm.qemu_io("vda", "aio_write -P 0x52 8M 1M")
+    result = bc("--qmp-timeout", "2", "--transition-timeout", "2", "finish", job["id"])
+    # The mirror cannot end while a write to DEST hangs, even cancelled: nothing may be claimed.
+    assert result.returncode in (4, 10), result.stderr
+    assert "blockcopy recover" in result.stderr and "Traceback" not in result.stderr
+    # QEMU hangs in its main loop as it cancels a mirror whose target hangs (its own gitlab #462),
+    # sometimes before the finish could even connect: either way the job stays unfinished.
+    status = bc.ok("--transition-timeout", "2", "--qmp-timeout", "2", "jobs", "--json").json[0]
+    assert status["outcome"] is None and status["state"] in ("finishing", "running", "ready")
+    assert [d["consistent"] for d in status["disks"]] != [True]
+    target.resume()  # the storage answers again: the next command finishes the job
+    recovered = bc.ok("recover", "--json").json
+    assert len(recovered) == 1
+    done = recovered[0] if recovered[0]["outcome"] else bc.ok("finish", job["id"], "--json").json
+    assert done["outcome"] == "not-pivoted" and done["authoritative"] == "source"
+    consistent = done["disks"][0]["consistent"]
+    assert ("NOT a consistent copy" in done["reason"]) is (consistent is False), done
+    assert done["state"] == "concluded" and qemu_jobs(vm) == [], done
+    assert not {n for n in node_names(vm) if n.startswith("bc-")}, (done["reason"], done["warnings"], done["disks"])
+    assert vm.device_node("vda")[1] == vm.disks[0].path and vm.run_state() == "running"
+    vm.qemu_io("vda", "aio_flush")
+    vm.qemu_io("vda", "flush")
+    assert has_pattern(vm.disks[0].path, 0x52, 8 * MIB, MIB)
+
+
+def test_a_finish_that_converges_claims_a_consistent_copy(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    attached(1)
+    done = bc.ok("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--finish", "--json").json
+    assert done["outcome"] == "not-pivoted" and [d["consistent"] for d in done["disks"]] == [True]
+    assert "destination is a consistent copy" in done["reason"]
+
+
+# --- 3. the pivot's time limit covers only the wait for 'pending' -------------------------------
+
+
+def test_a_slow_step_before_the_wait_does_not_count_against_the_pivot(attached, bc: Blockcopy,
+                                                                       tmp_path: Path) -> None:
+    vm = attached(1)
+    env = {**bc.env, "BLOCKCOPY_FAULT_AT": "sync-images=sleep:2.5"}  # a slow fsync before `stop`
+    proc = subprocess.run(bc.argv("--transition-timeout", "1", "copy", "vm", "vda", str(tmp_path / "d.qcow2"),
+                                  "--pivot", "--json"), capture_output=True, text=True, env=env, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert '"outcome": "pivoted"' in proc.stdout
+    assert vm.device_node("vda")[1] == str(tmp_path / "d.qcow2") and vm.run_state() == "running"
+
+
+# --- 4. errors inside the pause: said plainly, guest paused only while the outcome is unknown ---
+
+
+def test_a_full_journal_during_the_pivot_keeps_the_guest_paused_and_says_so(vm_factory, tmp_path: Path,
+                                                                            tmpfs) -> None:
+    state = tmpfs("2m")
+    bc = Blockcopy(state)
+    vm = vm_factory(1, size=16 * MIB)
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    vm.write_marker("vda", 0x61, 8 * MIB)
+    dest = tmp_path / "d.qcow2"
+    job = bc.ok("copy", "vm", "vda", str(dest), "--wait", "--json").json
+    proc = _spawn(bc, "pivot", job["id"], fault="qmp:job-complete=stop")  # the guest is paused now
+    _stopped(proc)
+    filler = state / "filler"
+    with open(filler, "wb") as out:  # the journal's file system fills up
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass
+    os.kill(proc.pid, signal.SIGCONT)
+    code, _out, err = _finish(proc)
+    assert code == 9, err
+    assert "stays PAUSED" in err and "domain vm" in err and job["id"] in err and "blockcopy recover" in err
+    assert "Traceback" not in err
+    assert vm.run_state() == "paused", "the guest must not run before the outcome is journaled"
+    filler.unlink()
+    recovered = bc.ok("recover", "--json").json
+    assert [(j["outcome"], j["authoritative"]) for j in recovered] == [("pivoted", "destination")]
+    assert vm.run_state() == "running" and vm.device_node("vda")[1] == str(dest)
+    assert has_pattern(dest, 0x61, 8 * MIB) and qemu_jobs(vm) == []
+
+
+def test_qemu_that_stops_answering_mid_pivot_for_a_while_is_waited_for(attached, bc: Blockcopy,
+                                                                       tmp_path: Path) -> None:
+    vm = attached(1)
+    dest = tmp_path / "d.qcow2"
+    job = bc.ok("copy", "vm", "vda", str(dest), "--wait", "--json").json
+    proc = _spawn(bc, "--qmp-timeout", "1", "--transition-timeout", "20", "pivot", job["id"],
+                  fault="qmp:job-complete=stop")
+    _stopped(proc)
+    os.kill(vm.process.pid, signal.SIGSTOP)  # QEMU hangs: no QMP answers
+    os.kill(proc.pid, signal.SIGCONT)
+    time.sleep(4)  # several command timeouts
+    assert proc.poll() is None, "blockcopy gave up although the time limit was not reached"
+    os.kill(vm.process.pid, signal.SIGCONT)
+    code, out, err = _finish(proc)
+    assert code == 0, err
+    assert '"outcome": "pivoted"' in out or "pivoted" in out
+    assert vm.run_state() == "running" and vm.device_node("vda")[1] == str(dest)
+
+
+def test_qemu_silent_past_the_time_limit_ends_the_command_clearly_and_recover_finishes(attached, bc: Blockcopy,
+                                                                                       tmp_path: Path) -> None:
+    vm = attached(1)
+    dest = tmp_path / "d.qcow2"
+    job = bc.ok("copy", "vm", "vda", str(dest), "--wait", "--json").json
+    proc = _spawn(bc, "--qmp-timeout", "1", "--transition-timeout", "3", "pivot", job["id"],
+                  fault="qmp:job-complete=stop")
+    _stopped(proc)
+    os.kill(vm.process.pid, signal.SIGSTOP)
+    try:
+        os.kill(proc.pid, signal.SIGCONT)
+        code, _out, err = _finish(proc)
+    finally:
+        os.kill(vm.process.pid, signal.SIGCONT)
+    assert code == 9, err
+    assert "stays PAUSED" in err and job["id"] in err and "blockcopy recover" in err and "Traceback" not in err
+    recovered = bc.ok("recover", "--json").json
+    assert [(j["outcome"], j["authoritative"]) for j in recovered] == [("pivoted", "destination")]
+    assert vm.run_state() == "running" and vm.device_node("vda")[1] == str(dest) and qemu_jobs(vm) == []
+
+
+# --- 5. "QEMU is gone" means the QEMU process is gone ------------------------------------------
+
+
+def test_a_removed_socket_in_front_of_a_running_qemu_decides_nothing(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    vm = attached(1)
+    job = bc.ok("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--bandwidth", "1", "--json").json
+    vm.qmp_socket.unlink()  # someone removed the socket file; QEMU runs on, and so does the copy
+    result = bc("--transition-timeout", "1", "recover", "--json")
+    assert result.returncode == 8, result.stderr
+    assert "still runs" in result.stderr and f"pid {vm.process.pid}" in result.stderr
+    status = bc.ok("status", job["id"], "--json").json
+    assert status["outcome"] is None and status["state"] != "concluded"
+    assert [j["status"] for j in qemu_jobs(vm)] in (["running"], ["ready"])
+
+
+def test_a_guest_paused_mid_pivot_behind_a_removed_socket_is_not_declared_gone(attached, bc: Blockcopy,
+                                                                              tmp_path: Path) -> None:
+    vm = attached(1)
+    crashed = bc("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--pivot", crash_at="qmp:stop")
+    assert crashed.returncode == -signal.SIGKILL
+    vm.qmp_socket.unlink()
+    result = bc("--transition-timeout", "1", "recover")
+    assert result.returncode == 9 and "stays PAUSED" in result.stderr and "still runs" in result.stderr
+    job = bc.ok("jobs", "--json").json[0]
+    assert job["outcome"] is None and vm.run_state() == "paused" and len(qemu_jobs(vm)) == 1
+
+
+def test_another_qemu_on_the_same_socket_path_is_not_the_jobs_qemu(vm_factory, bc: Blockcopy, tmp_path: Path) -> None:
+    vm = vm_factory(1, size=16 * MIB)
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    vm.write_marker("vda", 0x62, 8 * MIB)
+    dest = tmp_path / "d.qcow2"
+    crashed = bc("copy", "vm", "vda", str(dest), "--pivot", crash_at="qmp:stop")
+    assert crashed.returncode == -signal.SIGKILL
+    vm.kill()
+    other_image = make_image(tmp_path / "other.qcow2", 16 * MIB)
+    other = ScratchVM(tmp_path, [DiskSpec("vda", str(other_image))], name="vm", accel=vm.accel)  # same socket path
+    try:
+        assert other.qmp_socket == vm.qmp_socket
+        job = bc.ok("recover", "--json").json[0]
+        assert job["outcome"] == "not-pivoted" and "QEMU exited during the pivot" in job["reason"]
+        assert job["authoritative"] in ("source", "both")
+        # The new QEMU was not touched: its disk, its nodes and its run state are its own.
+        assert other.device_node("vda") == ("vda-fmt", str(other_image))
+        assert "vda-fmt" in node_names(other) and other.run_state() == "running" and qemu_jobs(other) == []
+        assert has_pattern(vm.disks[0].path, 0x62, 8 * MIB)
+        # New jobs run in the new QEMU.
+        bc.ok("copy", "vm", "vda", str(tmp_path / "d2.qcow2"), "--pivot")
+        assert other.device_node("vda")[1] == str(tmp_path / "d2.qcow2")
+    finally:
+        other.kill()
+
+
+# --- 6. destination creation without a symlink race; recovery knows its own file ----------------
+
+
+def _victim(tmp_path: Path) -> tuple[Path, bytes]:
+    victim = make_image(tmp_path / "another-vms-disk.qcow2", 64 * MIB)
+    fill_pattern(victim, "qcow2", 0x77, 0, 8 * MIB)
+    return victim, victim.read_bytes()
+
+
+@pytest.mark.parametrize("point", ["journal:starting@2", "create-image@1", "journal:starting@3"])
+def test_a_symlink_swapped_in_for_the_destination_is_never_written_through(attached, bc: Blockcopy, tmp_path: Path,
+                                                                           point: str) -> None:
+    vm = attached(1)
+    victim, before = _victim(tmp_path)
+    dest = tmp_path / "d.qcow2"
+    proc = _spawn(bc, "copy", "vm", "vda", str(dest), "--pivot", fault=f"{point}=stop")
+    _stopped(proc)
+    if dest.exists():
+        dest.unlink()
+    dest.symlink_to(victim)  # someone who can write the directory swaps in a symlink
+    os.kill(proc.pid, signal.SIGCONT)
+    code, _out, err = _finish(proc)
+    assert code == 7, err
+    job = bc.ok("jobs", "--json").json[0]
+    assert job["outcome"] == "failed" and job["authoritative"] == "source"
+    assert victim.read_bytes() == before, "blockcopy wrote through the swapped-in symlink"
+    assert dest.is_symlink()
+    assert vm.device_node("vda")[1] == vm.disks[0].path and qemu_jobs(vm) == []
+    assert not {n for n in node_names(vm) if n.startswith("bc-")}
+
+
+def test_a_kill_right_after_creating_the_destination_still_pivots_after_recover(attached, bc: Blockcopy,
+                                                                                tmp_path: Path) -> None:
+    vm = attached(1)
+    dest = tmp_path / "d.qcow2"
+    crashed = bc("copy", "vm", "vda", str(dest), "--pivot", crash_at="create-image")
+    assert crashed.returncode == -signal.SIGKILL and dest.exists()
+    job = bc.ok("recover", "--json").json[0]
+    assert (job["outcome"], job["authoritative"]) == ("pivoted", "destination")
+    assert job["disks"][0]["destination_created"] is True
+    assert vm.device_node("vda")[1] == str(dest)
+
+
+# --- 7. recover never keeps a guest paused while another job copies -----------------------------
+
+
+def test_recover_resumes_a_paused_guest_before_waiting_for_another_jobs_copy(attached, bc: Blockcopy,
+                                                                             tmp_path: Path) -> None:
+    vm = attached(2)
+    slow = bc.spawn("copy", "vm", "vda", str(tmp_path / "a.qcow2"), "--pivot", "--bandwidth", "1")
+    wait_for(lambda: any(j["status"] == "running" for j in qemu_jobs(vm)), what="the slow mirror to run")
+    slow.send_signal(signal.SIGKILL)
+    slow.wait(timeout=30)
+    crashed = bc("copy", "vm", "vdb", str(tmp_path / "b.qcow2"), "--pivot", crash_at="qmp:stop")
+    assert crashed.returncode == -signal.SIGKILL and vm.run_state() == "paused"
+    slow_id = next(j for j in bc.ok("jobs", "--json").json if j["disk"] == "vda")["disks"][0]["job_id"]
+    recover = bc.spawn("recover", "--json")
+    wait_for(lambda: vm.run_state() == "running", timeout=60, what="the guest to be resumed")
+    slow_job = next(j for j in qemu_jobs(vm) if j["id"] == slow_id)
+    assert slow_job["status"] == "running", "the guest stayed paused while another job copied"
+    out, err = recover.communicate(timeout=180)
+    assert recover.returncode == 0, err
+    assert sorted(j["outcome"] for j in json.loads(out)) == ["pivoted", "pivoted"]
+
+
+# --- 8. smaller holes ------------------------------------------------------------------------------
+
+
+def test_no_finalize_after_someone_else_resumed_the_guest(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    vm = attached(1)
+    vm.write_marker("vda", 0x63, 8 * MIB)
+    dest = tmp_path / "d.qcow2"
+    job = bc.ok("copy", "vm", "vda", str(dest), "--wait", "--json").json
+    proc = _spawn(bc, "pivot", job["id"], fault="qmp:job-complete=stop")
+    _stopped(proc)
+    wait_for(lambda: [j["status"] for j in qemu_jobs(vm)] == ["pending"], what="the job to be pending")
+    vm.cmd("cont")  # another tool resumes the guest in the middle of the pivot
+    os.kill(proc.pid, signal.SIGCONT)
+    code, _out, err = _finish(proc)
+    assert code == 7, err
+    status = bc.ok("status", job["id"], "--json").json
+    assert status["outcome"] == "failed" and "resumed by someone else" in status["error"]
+    assert vm.device_node("vda")[1] == vm.disks[0].path and vm.run_state() == "running"
+    assert has_pattern(vm.disks[0].path, 0x63, 8 * MIB) and qemu_jobs(vm) == []
+
+
+def test_attach_refuses_to_repoint_a_domain_with_unfinished_jobs(attached, bc: Blockcopy, tmp_path: Path,
+                                                                 vm_factory) -> None:
+    vm = attached(1)
+    other = vm_factory(1, size=16 * MIB, name="other")
+    bc.ok("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--bandwidth", "1")
+    result = bc("attach", "vm", "--qmp", str(other.qmp_socket))
+    assert result.returncode == 2 and "unfinished jobs" in result.stderr
+    assert bc.ok("domains", "--json").json[0]["qmp_socket"] == str(vm.qmp_socket)
+
+
+def test_attach_and_detach_wait_for_the_domain_lock(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    attached(1)
+    waiting = bc.spawn("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--bandwidth", "1", "--wait")
+    wait_for(lambda: (bc.state_dir / "locks" / "vm.lock").exists()
+             and (bc.state_dir / "locks" / "vm.lock").read_text().strip() == str(waiting.pid), what="the lock")
+    try:
+        for command in (["attach", "vm", "--qmp", "/nonexistent.qmp"], ["detach", "vm"]):
+            result = bc(*command)
+            assert result.returncode == 5 and "is busy" in result.stderr, command
+    finally:
+        waiting.send_signal(signal.SIGINT)
+        waiting.wait(timeout=30)
+
+
+def test_a_symlink_in_place_of_the_lock_file_is_refused_untouched(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    attached(1)
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    lock = bc.state_dir / "locks" / "vm.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.unlink(missing_ok=True)
+    lock.symlink_to(victim)
+    result = bc("disks", "vm")
+    assert result.returncode != 0 and "lock" in result.stderr and "Traceback" not in result.stderr
+    assert victim.read_text() == "precious"
+
+
+def test_job_ids_are_long_and_found_by_a_unique_prefix(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    attached(1)
+    job = bc.ok("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--finish", "--json").json
+    assert len(job["id"]) >= 16
+    assert bc.ok("status", job["id"][:6], "--json").json["id"] == job["id"]
+
+
+def test_the_pause_figure_belongs_to_this_pivot(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    """A STOP event of someone else's (here: the guest paused between blockcopy's last look and its
+    `stop`, which then emits no event) must not be taken for blockcopy's pause."""
+    vm = attached(1)
+    proc = _spawn(bc, "copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--pivot", "--json", fault="sync-images=stop")
+    _stopped(proc)
+    vm.cmd("stop")
+    time.sleep(1.5)
+    os.kill(proc.pid, signal.SIGCONT)
+    code, out, err = _finish(proc)
+    assert code == 0, err
+    job = json.loads(out)
+    assert job["outcome"] == "pivoted"
+    assert job["pause_window_ms"] is None or job["pause_window_ms"] < 1000, job["pause_window_ms"]
+
+
+def test_reused_raw_destination_is_read_as_raw_not_probed(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    """A raw DEST whose bytes happen to start with a qcow2 header (a guest may write one) is used as
+    the raw image the user named, not probed into a qcow2 with someone else's backing file."""
+    vm = attached(1)
+    dest = make_image(tmp_path / "d.raw", 64 * MIB)  # qcow2 bytes ...
+    os.truncate(dest, 64 * MIB)  # ... in a file of the disk's size, used as raw
+    result = bc.ok("copy", "vm", "vda", str(dest), "--format", "raw", "--reuse-external", "--pivot", "--json").json
+    assert result["outcome"] == "pivoted"
+    assert has_pattern(dest, 0x11, 0, 4 * MIB, fmt="raw") and vm.device_node("vda")[1] == str(dest)
+
+
+def test_manager_interrupt_stops_one_wait_only(vm_factory, tmp_path: Path) -> None:
+    vm = vm_factory(1, size=16 * MIB)
+
+    async def run() -> None:
+        manager = Manager(tmp_path / "state")
+        try:
+            await manager.attach("vm", str(vm.qmp_socket))
+            op = await manager.copy(CopyRequest("vm", [("vda", str(tmp_path / "d.qcow2"))], bandwidth_mib=8))
+            manager.interrupt.set()
+            with pytest.raises(Interrupted):
+                await manager.wait_ready(op.id)
+            assert not manager.interrupt.is_set()
+            # The next wait is not stopped by the interrupt of the last one: it reaches ready.
+            ready = await asyncio.wait_for(manager.wait_ready(op.id), 120)
+            assert ready.ready_at is not None and all(d.job_status == "ready" for d in ready.disks)
+            await manager.abort(op.id)
+        finally:
+            manager.close()
+
+    asyncio.run(run())
