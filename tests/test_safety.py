@@ -342,21 +342,21 @@ def test_a_kill_right_after_creating_the_destination_still_pivots_after_recover(
 
 def test_recover_resumes_a_paused_guest_before_waiting_for_another_jobs_copy(attached, bc: Blockcopy,
                                                                              tmp_path: Path) -> None:
-    vm = attached(2)
-    slow = bc.spawn("copy", "vm", "vda", str(tmp_path / "a.qcow2"), "--pivot", "--bandwidth", "1")
+    vm = attached(2, size=16 * MIB)
+    slow = bc.spawn("copy", "vm", "vda", str(tmp_path / "a.qcow2"), "--pivot", "--bandwidth", "2")
     wait_for(lambda: any(j["status"] == "running" for j in qemu_jobs(vm)), what="the slow mirror to run")
     slow.send_signal(signal.SIGKILL)
     slow.wait(timeout=30)
+    slow_id = qemu_jobs(vm)[0]["id"]
     crashed = bc("copy", "vm", "vdb", str(tmp_path / "b.qcow2"), "--pivot", crash_at="qmp:stop")
     assert crashed.returncode == -signal.SIGKILL and vm.run_state() == "paused"
-    slow_id = next(j for j in bc.ok("jobs", "--json").json if j["disk"] == "vda")["disks"][0]["job_id"]
     recover = bc.spawn("recover", "--json")
     wait_for(lambda: vm.run_state() == "running", timeout=60, what="the guest to be resumed")
     slow_job = next(j for j in qemu_jobs(vm) if j["id"] == slow_id)
     assert slow_job["status"] == "running", "the guest stayed paused while another job copied"
     out, err = recover.communicate(timeout=180)
     assert recover.returncode == 0, err
-    assert sorted(j["outcome"] for j in json.loads(out)) == ["pivoted", "pivoted"]
+    assert sorted(j["outcome"] for j in json.loads(out)) == ["pivoted", "pivoted"], out
 
 
 # --- 8. smaller holes ------------------------------------------------------------------------------
