@@ -14,6 +14,7 @@ def test_attach_domains_detach(vm_factory, bc: Blockcopy, tmp_path: Path) -> Non
     vm = vm_factory(1)
     attached = bc.ok("attach", "web1", "--qmp", str(vm.qmp_socket), "--json").json
     assert attached["domain"] == "web1" and attached["qmp_socket"] == str(vm.qmp_socket)
+    assert attached["qemu_pid"] == vm.process.pid  # the process that answered, from SO_PEERCRED
     assert [d["domain"] for d in bc.ok("domains", "--json").json] == ["web1"]
     disks = bc.ok("disks", "web1", "--json").json
     assert [(d["disk"], d["node"], d["format"], d["image"], d["virtual_size"]) for d in disks] == [

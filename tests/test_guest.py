@@ -102,6 +102,39 @@ def test_2012_scenario_killed_after_pausing_a_guest_about_to_power_off(guest, bc
     assert vm.acklog.acks[-1].seq == 3000
 
 
+@pytest.mark.parametrize(("point", "after"), [("qmp:stop", "alive"), ("qmp:job-complete", "kill"),
+                                             ("qmp:job-finalize", "alive"), ("journal:settling@1", "alive"),
+                                             ("journal:settling@1", "kill")])
+def test_crash_mid_pivot_with_the_guest_writing(guest, bc: Blockcopy, tmp_path: Path, point: str,
+                                                after: str) -> None:
+    """blockcopy killed at several points of the pivot while a real guest writes; then QEMU lives on
+    (recover finishes the pivot and the guest writes on) or is killed (the journal names the image).
+    Every acknowledged write must be on the image(s) the journal names."""
+    vm = guest(1)
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    dest = tmp_path / "dest.qcow2"
+    job = bc.ok("copy", "vm", "vda", str(dest), "--wait", "--json").json
+    assert bc("pivot", job["id"], crash_at=point).returncode == -signal.SIGKILL
+    assert vm.run_state() == "paused", "blockcopy had paused the guest: it stays paused"
+    if after == "kill":
+        vm.kill()
+    done = bc.ok("recover", "--json").json[0]
+    expected = {("pivoted", "destination")} if after == "alive" or point.startswith("journal:settling") else {
+        ("not-pivoted", "both"), ("not-pivoted", "source")}
+    assert (done["outcome"], done["authoritative"]) in expected, done
+    if after == "alive":
+        assert vm.run_state() == "running" and vm.device_node("vda")[1] == str(dest)
+        at = vm.acklog.count()
+        vm.acklog.wait_for(at + 100)  # writes on after recovery
+        vm.cmd("stop")  # flushes, so the image file shows them
+        time.sleep(0.2)
+    images = {"destination": [str(dest)], "source": [vm.disks[0].path],
+              "both": [vm.disks[0].path, str(dest)]}[done["authoritative"]]
+    for image in images:
+        result = verify(image, "qcow2", list(vm.acklog.acks), 0, vm.run_id)
+        assert result.checked > 0 and not result.problems, (image, result.problems[:5])
+
+
 def test_guest_powers_off_during_the_copy(guest, bc: Blockcopy, tmp_path: Path) -> None:
     vm = guest(1, size=64 * MIB, poweroff_after=400, sync=True)
     bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))

@@ -185,7 +185,8 @@ async def run_command(args: argparse.Namespace, manager: Manager, out: Output) -
     show_progress = not args.json and sys.stderr.isatty()
     if cmd == "attach":
         domain = await manager.attach(args.domain, args.qmp)
-        out.emit(views.domain_view(domain), f"attached {domain.name} at {domain.qmp_socket}")
+        process = f" (QEMU pid {domain.qemu_pid})" if domain.qemu_pid else ""
+        out.emit(views.domain_view(domain), f"attached {domain.name} at {domain.qmp_socket}{process}")
     elif cmd == "detach":
         manager.detach(args.domain)
         out.emit({"domain": args.domain, "detached": True}, f"detached {args.domain}")

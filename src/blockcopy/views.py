@@ -107,4 +107,5 @@ def device_view(device: DeviceInfo) -> dict[str, Any]:
 
 
 def domain_view(domain: Domain) -> dict[str, Any]:
-    return {"domain": domain.name, "qmp_socket": domain.qmp_socket, "attached_at": domain.attached_at}
+    return {"domain": domain.name, "qmp_socket": domain.qmp_socket, "attached_at": domain.attached_at,
+            "qemu_pid": domain.qemu_pid}
