@@ -140,24 +140,43 @@ def test_pivot_pauses_then_completes_then_finalizes_all() -> None:
     assert decide(o, obs("pending", "waiting", run_state="paused")).wait is Wait.SETTLE
     step = decide(o, obs("pending", "pending", run_state="paused"))
     assert names(step.commands) == ["job-finalize"] * 2
-    assert step.record is None, "no journal commit of its own while the guest is paused"
-    step = decide(o, obs("concluded", "concluded", run_state="paused", pivoted=(True, True)))
+    assert step.record is not None and step.record.phase is Phase.FINALIZING, "journaled before the first finalize"
+    step = decide(step.record, obs("concluded", "concluded", run_state="paused", pivoted=(True, True)))
     assert step.record is not None and step.record.outcome is Outcome.PIVOTED
     assert names(step.commands) == ["cont"], "resumed right after the outcome is journaled"
 
 
 def test_a_pivot_interrupted_between_finalizes_goes_forward() -> None:
     # Crash after the first job-finalize: one device switched, the other job is still pending.
-    o = op(Phase.PIVOTING, n=2, paused_by_us=True, vm_was_running=True)
-    step = decide(o, obs("concluded", "pending", run_state="paused", pivoted=(True, False)))
+    f = op(Phase.FINALIZING, n=2, paused_by_us=True, vm_was_running=True)
+    step = decide(f, obs("concluded", "pending", run_state="paused", pivoted=(True, False)))
     assert names(step.commands) == ["job-finalize"] and step.commands[0].args == {"id": "job1"}
-    # Even once the 30 s budget for the pivot is spent: a switched device cannot be rolled back.
-    step = decide(o, obs("concluded", "pending", run_state="paused", pivoted=(True, False), stalled=True))
-    assert names(step.commands) == ["job-finalize"]
-    # Journals of earlier versions say FINALIZING here; they go the same way.
-    f = dataclasses.replace(o, phase=Phase.FINALIZING)
-    assert names(decide(f, obs("concluded", "pending", run_state="paused", pivoted=(True, False))).commands) == [
-        "job-finalize"]
+    # Even once the budget for the pivot is spent, or with the guest resumed by someone: a
+    # switched device cannot be rolled back.
+    for ob in (obs("concluded", "pending", run_state="paused", pivoted=(True, False), stalled=True),
+               obs("concluded", "pending", run_state="running", pivoted=(True, False))):
+        assert names(decide(f, ob).commands) == ["job-finalize"]
+    # A device switched while the journal says PIVOTING (another client's finalize): journal first.
+    p = dataclasses.replace(f, phase=Phase.PIVOTING)
+    step = decide(p, obs("concluded", "pending", run_state="paused", pivoted=(True, False)))
+    assert step.record is not None and step.record.phase is Phase.FINALIZING and not step.commands
+
+
+def test_qemu_gone_after_finalize_with_differing_images_names_no_image() -> None:
+    # The data-loss case of issue 9's review: finalize went out, someone resumed the guest, it wrote
+    # to DEST, QEMU exited. The source is not the image with its latest writes; nothing tells which is.
+    f = op(Phase.FINALIZING, n=2, paused_by_us=False)
+    assert names(decide(f, Observation(alive=False)).commands) == ["compare-images"]
+    step = decide(f, Observation(alive=False, identical=(True, False)))
+    assert step.record is not None and step.record.phase is Phase.DONE
+    assert step.record.outcome is Outcome.FAILED and step.record.authoritative is Authority.UNKNOWN
+    assert "cannot tell" in (step.record.reason or "")
+    step = decide(f, Observation(alive=False, identical=(True, True)))
+    assert step.record is not None and step.record.authoritative is Authority.BOTH
+    # Before FINALIZING no finalize was sent: differing images mean the source is newer.
+    p = dataclasses.replace(f, phase=Phase.PIVOTING)
+    step = decide(p, Observation(alive=False, identical=(True, False)))
+    assert step.record is not None and step.record.authoritative is Authority.SOURCE
 
 
 def test_a_finalize_that_fails_before_any_device_switched_pivots_no_disk() -> None:
@@ -279,7 +298,8 @@ def test_every_job_pending_wins_over_a_stalled_clock() -> None:
     # issue 9, 3: once all jobs are pending the pivot goes on, however long it took to get there.
     p = op(Phase.PIVOTING, n=2, paused_by_us=True)
     step = decide(p, obs("pending", "pending", run_state="paused", stalled=True))
-    assert names(step.commands) == ["job-finalize"] * 2 and step.record is None
+    assert names(step.commands) == ["job-finalize"] * 2
+    assert step.record is not None and step.record.phase is Phase.FINALIZING
 
 
 def test_no_finalize_while_someone_else_resumed_the_guest() -> None:
@@ -303,36 +323,38 @@ def test_a_guest_resumed_before_the_jobs_are_completed_is_paused_by_blockcopy() 
 def test_finish_claims_a_consistent_copy_only_once_qemu_closed_the_destination() -> None:
     f = op(Phase.FINISHING, Goal.FINISH, n=2)
     assert names(decide(f, obs("ready", "ready")).commands) == ["block-job-cancel"] * 2
-    # Seen ending cleanly: journaled as a fact, not yet an outcome.
+    # Seen ending cleanly: journaled as a fact, not yet a claim.
     step = decide(f, obs("concluded", "concluded"))
     assert step.record is not None and step.record.outcome is None and not step.commands
-    assert [d.consistent for d in step.record.disks] == [True, True]
+    assert [(d.mirror_ended, d.consistent) for d in step.record.disks] == [(True, None), (True, None)]
     ended = step.record
-    # Then QEMU flushes and closes DEST (qcow2 metadata may live in its cache until then).
+    # Then QEMU flushes and closes DEST (qcow2 metadata may live in its cache until then) ...
     step = decide(ended, obs("concluded", "concluded"))
     assert [(c.name, c.args) for c in step.commands] == [
         ("job-dismiss", {"id": "job0"}), ("blockdev-del", {"node-name": "bc-op-0"}),
         ("job-dismiss", {"id": "job1"}), ("blockdev-del", {"node-name": "bc-op-1"})]
+    # ... and blockcopy fsyncs each DEST file (QEMU ignores a failed flush on close).
     closed = obs(None, None, nodes=frozenset({"src0", "src1"}))
     step = decide(ended, closed)
+    assert [c.kind for c in step.commands] == ["sync-dest", "sync-dest"] and step.record is None
+    assert all(c.after is not None and c.after.disks[c.disk or 0].consistent for c in step.commands)
+    synced = ended.with_disk(0, consistent=True).with_disk(1, consistent=True)
+    step = decide(synced, closed)
     assert step.record is not None and step.record.outcome is Outcome.NOT_PIVOTED
     assert [d.consistent for d in step.record.disks] == [True, True]
     assert "consistent copy" in (step.record.reason or "") and "NOT" not in (step.record.reason or "")
     # A crash between dismissing and deleting: the journal says the mirror ended cleanly.
     half = obs(None, None, nodes=frozenset({"src0", "src1", "bc-op-1"}))
-    assert names(decide(ended, half).commands) == ["blockdev-del"]
-    # QEMU refuses to close one: that one is not claimed.
-    refused = Failure(qmp("blockdev-del", {"node-name": "bc-op-1"}, disk=1), "node is in use")
-    step = decide(ended, dataclasses.replace(half, failure=refused))
-    assert step.record is not None and [d.consistent for d in step.record.disks] == [True, False]
-    assert step.record.warnings and step.record.outcome is None
-    step = decide(step.record, half)
-    assert step.record is not None and step.record.outcome is Outcome.NOT_PIVOTED
-    assert "see the warnings" in (step.record.reason or "")
+    assert [(c.name, c.args) for c in decide(ended, half).commands] == [("blockdev-del", {"node-name": "bc-op-1"})]
+    # QEMU refuses to close one, or the fsync fails: that one is not claimed.
+    for failed in (qmp("blockdev-del", {"node-name": "bc-op-1"}, disk=1), Command("sync-dest", disk=1)):
+        step = decide(ended, dataclasses.replace(half, failure=Failure(failed, "I/O error")))
+        assert step.record is not None and [d.consistent for d in step.record.disks] == [None, False]
+        assert step.record.warnings and step.record.outcome is None
 
 
 def test_qemu_gone_before_it_closed_the_destination_claims_no_consistent_copy() -> None:
-    ended = op(Phase.FINISHING, Goal.FINISH).with_disk(0, consistent=True)
+    ended = op(Phase.FINISHING, Goal.FINISH).with_disk(0, mirror_ended=True)
     step = decide(ended, Observation(alive=False))
     assert step.record is not None and step.record.phase is Phase.DONE
     assert [d.consistent for d in step.record.disks] == [False]
@@ -456,11 +478,11 @@ def _check_invariants(o: Operation, ob: Observation) -> None:
     # Point of no return only once every job is pending and the guest is not running, or once a
     # device has switched (a finalize went out before); or when finishing without pivot.
     if "job-finalize" in cmds:
-        assert journaled.phase in (Phase.PIVOTING, Phase.FINALIZING, Phase.FINISHING), where
-        if journaled.phase is Phase.PIVOTING:
-            switched = any(node.startswith("bc-") for node in ob.device_nodes.values())
-            assert switched or (all(j.status == "pending" for j in ob.jobs.values()) and len(ob.jobs) == 2
-                                and ob.run_state != "running"), where
+        # The point of no return is journaled before it (FINALIZING), or it is a finish.
+        assert journaled.phase in (Phase.FINALIZING, Phase.FINISHING), where
+        if o.phase is Phase.PIVOTING:
+            assert all(j.status == "pending" for j in ob.jobs.values()) and len(ob.jobs) == 2, where
+            assert ob.run_state != "running", where
     if "job-complete" in cmds:
         assert o.phase is Phase.PIVOTING, where
     if step.record is not None:
@@ -470,13 +492,18 @@ def _check_invariants(o: Operation, ob: Observation) -> None:
         # DONE means nothing of the operation runs in QEMU any more.
         if step.record.phase is Phase.DONE:
             assert not live, where
-        # A consistent copy is claimed only where the job was seen concluded without error after
-        # a finish that was not forced.
+        # A mirror is recorded as ended cleanly only when seen concluded without error, in a finish
+        # that was not forced; a consistent copy is never claimed by a decision alone (only after
+        # QEMU closed DEST and blockcopy's fsync of it succeeded: a command's after-record).
         for d, before in zip(step.record.disks, o.disks, strict=True):
-            if d.consistent and not before.consistent:
+            if d.mirror_ended and not before.mirror_ended:
                 job = ob.jobs.get(d.job_id)
                 assert not step.record.forced and job is not None and job.status == "concluded" and not job.error, \
                     where
+            assert not (d.consistent and not before.consistent), where
+    for command in step.commands:
+        if command.after is not None and any(d.consistent for d in command.after.disks):
+            assert command.kind == "sync-dest", where
     if step.stuck is not None:
         # Given up only where nothing can be decided, with nothing changed, and never while a guest
         # that blockcopy paused waits for an outcome.

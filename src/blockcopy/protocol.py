@@ -27,15 +27,13 @@ STARTING      per disk: create DEST, then blockdev-add + blockdev-mirror        
 COPYING       waits until every job is ``ready``; then follows ``op.goal``       PIVOTING,
                                                                                  FINISHING,
                                                                                  ABORTING
-PIVOTING      one step: fsync the images, ``stop`` a running VM (its run state   SETTLING
+PIVOTING      one step: fsync the images, ``stop`` a running VM (its run state   FINALIZING
               was journaled on entry), ``job-complete`` each job; then waits     or ABORTING
-              until *every* job is ``pending`` (all or nothing); then
-              ``job-finalize`` each: the point of no return, recognised
-              afterwards by a device using its DEST node (``query-block``),
-              from which it only goes forward; outcome from ``query-block``
-FINALIZING    as PIVOTING once a device has switched; found only in journals    SETTLING
-              of earlier blockcopy versions, which journaled it before
-              finalizing
+              until *every* job is ``pending`` (all or nothing) with the guest
+              not running
+FINALIZING    journaled, then in the same step ``job-finalize`` each: the       SETTLING
+              point of no return; only goes forward from here; outcome from
+              ``query-block``
 FINISHING     ``block-job-cancel`` of ready jobs (no pivot; DEST consistent),    SETTLING
               then ``job-finalize``
 ABORTING      ``job-cancel`` every job; outcome not-pivoted or failed            SETTLING
@@ -50,10 +48,13 @@ Failure rules:
   DEST sends the operation to ABORTING with an error, which cancels the other jobs: no disk
   pivots; once one device has switched, the pivot only goes forward;
 - QEMU gone before the outcome is journaled (outcome ``not-pivoted``; ``failed`` if a job had
-  already failed): the guest cannot have written to DEST except through a pivot that the journal
-  has not recorded; since blockcopy pauses the guest before completing jobs
-  and resumes it only after journaling the outcome, the *source* holds every acknowledged write. In
-  PIVOTING and FINALIZING the images are compared and ``both`` is recorded when identical;
+  already failed): before FINALIZING no ``job-finalize`` was sent, so the guest cannot have written
+  to DEST through a pivot, and the *source* holds every acknowledged write. In PIVOTING the images
+  are compared and ``both`` is recorded when identical. In FINALIZING a device may have switched:
+  identical images give ``both``; images that differ mean the guest ran after the pivot began,
+  which only someone else's ``cont`` allows (blockcopy resumes it only after the outcome is
+  journaled; a guest the user paused is the user's), and then which image it wrote to last is
+  unknown: outcome ``failed``, authoritative ``unknown``, never a guess;
 - QEMU gone after the outcome is journaled: the outcome stands.
 
 The outcome is always decided from ``query-block`` (which node the device uses), never from job
@@ -169,7 +170,7 @@ _NEEDS = {
     Phase.STARTING: frozenset({"jobs", "nodes"}),
     Phase.COPYING: frozenset({"status", "jobs"}),
     Phase.PIVOTING: frozenset({"status", "jobs", "block"}),
-    Phase.FINALIZING: frozenset({"jobs", "block"}),
+    Phase.FINALIZING: frozenset({"jobs", "block"}),  # forward only: the run state does not matter
     Phase.FINISHING: frozenset({"jobs", "block", "nodes"}),
     Phase.ABORTING: frozenset({"jobs", "block"}),
     Phase.SETTLING: ALL_QUERIES,
@@ -353,9 +354,9 @@ def _copying(op: Operation, obs: Observation) -> Step:
 
 def _pivoting(op: Operation, obs: Observation) -> Step:
     if any(_uses_dest(obs, d) for d in op.disks):
-        # A device switched: a job-finalize went out (this process's, before a crash, or another
-        # client's). The pivot can only go forward now; no journal record is needed to know that.
-        return _finalizing(op, obs)
+        # A device switched although the journal does not say FINALIZING: another client's
+        # job-finalize. The pivot can only go forward now; journal that first.
+        return Step(record=_replace(op, phase=Phase.FINALIZING), note="a device switched: go forward")
     trouble = _job_trouble(op, obs)
     if trouble:
         return _abort(op, f"pivot failed, no disk pivoted: {trouble}")
@@ -373,10 +374,11 @@ def _pivoting(op: Operation, obs: Observation) -> Step:
             # not name the image holding those writes.
             return _abort(op, "pivot abandoned, no disk pivoted: the guest was resumed by someone else "
                               "during the pivot")
-        # The point of no return is the first job-finalize. It needs no journal commit of its own
-        # (one fsync less while the guest is paused): should this process die now, the next one
-        # sees in query-block whether any device switched, and goes forward if one did.
-        return Step(commands=_finalizes(op, obs), wait=Wait.SETTLE, note="every job is pending: finalize")
+        # The point of no return is the first job-finalize, journaled before it (one fsync inside
+        # the pause): should QEMU die with the journal saying FINALIZING, a device may have
+        # switched, and only then may the guest have written to DEST.
+        return Step(record=_replace(op, phase=Phase.FINALIZING), commands=_finalizes(op, obs), wait=Wait.SETTLE,
+                    note="every job is pending: finalize")
     if obs.stalled:
         return _abort(op, "pivot failed, no disk pivoted: the jobs did not all reach 'pending' in time")
     ready = [(i, d) for i, d in enumerate(op.disks) if obs.jobs[d.job_id].status == "ready"]
@@ -415,7 +417,7 @@ def _finishing(op: Operation, obs: Observation) -> Step:
     if not op.forced:
         for disk in op.disks:
             job = _job(op, obs, disk)
-            if disk.consistent is not None:
+            if disk.mirror_ended:
                 continue  # its mirror was seen ending cleanly (journaled); the job may be dismissed now
             if job is None or job.error:
                 why = job.error if job is not None else "the job disappeared from QEMU"
@@ -454,32 +456,38 @@ def _finishing(op: Operation, obs: Observation) -> Step:
 
 
 def _close_destinations(op: Operation, obs: Observation) -> Step:
-    """Every mirror ended cleanly. DEST is a consistent copy only once QEMU has flushed and closed
-    it (until then qcow2 metadata may live in QEMU's cache only): journal what was seen, dismiss the
-    jobs and delete the DEST nodes, and claim consistency only where that succeeded."""
-    if any(d.consistent is None for d in op.disks):
-        record = op
-        for i, d in enumerate(op.disks):
-            record = record.with_disk(i, consistent=True) if d.consistent is None else record
+    """Every mirror ended cleanly. DEST is a consistent copy only once it is on stable storage:
+    qcow2 metadata may live in QEMU's cache until QEMU closes the node, and QEMU ignores a failed
+    flush on close. So: journal what was seen, dismiss the jobs and delete the DEST nodes, fsync each
+    DEST file, and claim consistency only where all of that succeeded."""
+    if not all(d.mirror_ended for d in op.disks):
+        record = _replace(op, disks=tuple(dataclasses.replace(d, mirror_ended=True) for d in op.disks))
         return Step(record=record, note="every mirror ended cleanly: close the destinations")
     failure = obs.failure
-    if failure is not None and failure.command.name == "blockdev-del" and failure.command.disk is not None:
+    closing_failed = failure is not None and (failure.command.name == "blockdev-del"
+                                              or failure.command.kind == "sync-dest")
+    if failure is not None and closing_failed and failure.command.disk is not None:
         index = failure.command.disk
-        warning = (f"disk {op.disks[index].name}: QEMU did not close the destination ({failure.message}); it is "
+        what = "close" if failure.command.name == "blockdev-del" else "write out"
+        warning = (f"disk {op.disks[index].name}: could not {what} the destination ({failure.message}); it is "
                    "not claimed to be a consistent copy")
-        return Step(record=_replace(op.with_disk(index, consistent=False, cleaned=False),
-                                    warnings=(*op.warnings, warning)), note="destination not closed")
+        return Step(record=_replace(op.with_disk(index, consistent=False), warnings=(*op.warnings, warning)),
+                    note="destination not closed")
     closing: list[Command] = []
     for i, d in enumerate(op.disks):
-        if not d.consistent:
-            continue  # could not be closed: SETTLING tries again and warns
+        if d.consistent is not None:
+            continue
         if _job(op, obs, d) is not None:
             closing.append(qmp("job-dismiss", {"id": d.job_id}, disk=i))
         if d.dest_node in obs.nodes:
             closing.append(qmp("blockdev-del", {"node-name": d.dest_node}, disk=i))
     if closing:
         return Step(commands=tuple(closing), wait=Wait.SETTLE, note="close the destinations (QEMU flushes them)")
-    record = _replace(op, disks=tuple(dataclasses.replace(d, cleaned=bool(d.consistent)) for d in op.disks))
+    syncs = tuple(Command("sync-dest", disk=i, after=op.with_disk(i, consistent=True))
+                  for i, d in enumerate(op.disks) if d.consistent is None)
+    if syncs:
+        return Step(commands=syncs, note="write the destinations out to stable storage")
+    record = _replace(op, disks=tuple(dataclasses.replace(d, cleaned=True) for d in op.disks))
     reason = "finished: the destination is a consistent copy; the guest stays on the source"
     if not all(d.consistent for d in op.disks):
         reason = "finished; see the warnings for the destinations that are not a consistent copy"
@@ -572,6 +580,15 @@ def _qemu_gone(op: Operation, obs: Observation) -> Step:
         return Step(commands=(Command("compare-images"),), note="QEMU exited mid-pivot: compare the images")
     both = paused and obs.identical is not None and all(obs.identical)
     where = "during the pivot" if paused else f"while {op.phase.value}"
+    if op.phase is Phase.FINALIZING and not both:
+        record = _replace(
+            op, phase=Phase.DONE, outcome=Outcome.FAILED, authoritative=Authority.UNKNOWN, identical=obs.identical,
+            error=op.error or "QEMU exited during the pivot after job-finalize, and the images differ",
+            reason="QEMU exited during the pivot, after the disks may have switched, and the source and the "
+                   "destination differ: someone resumed the guest during the pivot, so blockcopy cannot tell which "
+                   "image holds its latest writes. Compare both before booting the VM",
+            disks=tuple(dataclasses.replace(d, pivoted=None) for d in op.disks))
+        return Step(record=record, note="QEMU is gone; which image is newer is unknown")
     # QEMU exiting (the guest powered off, or someone killed it) is not an error of the copy: the
     # disks simply did not pivot. An error recorded before (a failed job) still makes it "failed".
     holds = ("the source and the destination hold identical data" if both
@@ -581,9 +598,9 @@ def _qemu_gone(op: Operation, obs: Observation) -> Step:
         authoritative=Authority.BOTH if both else Authority.SOURCE,
         identical=obs.identical,
         reason=f"QEMU exited {where}; {holds}",
-        # A destination that QEMU had not closed may lack data and metadata that lived in its cache.
-        disks=tuple(dataclasses.replace(d, pivoted=False, consistent=False if d.consistent else d.consistent)
-                    for d in op.disks),
+        # A finish's DEST that QEMU had not closed may lack data and metadata that lived in its cache.
+        disks=tuple(dataclasses.replace(d, pivoted=False, consistent=False if d.mirror_ended and not d.consistent
+                                        else d.consistent) for d in op.disks),
     )
     return Step(record=record, note="QEMU is gone")
 

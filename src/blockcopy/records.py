@@ -62,6 +62,9 @@ class Authority(enum.StrEnum):
     DESTINATION = "destination"
     BOTH = "both"  # proven identical
     MIXED = "mixed"  # a partial pivot: see each disk
+    #: QEMU exited mid-pivot after someone else resumed the guest: the images differ and nothing
+    #: tells which one it wrote to last. Never chosen when the journal can tell.
+    UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,10 @@ class DiskRecord:
     dest_dev: int | None = None
     dest_ino: int | None = None
     pivoted: bool | None = None  # per-disk outcome, from query-block
-    consistent: bool | None = None  # finish: the mirror was seen to conclude without error (DEST is a copy)
+    mirror_ended: bool = False  # finish: the mirror was seen to conclude without error (journaled fact)
+    #: finish: DEST is a consistent copy (its mirror ended cleanly, QEMU closed it, and an fsync of the
+    #: file succeeded), or is not (forced, or not closed); None while unknown
+    consistent: bool | None = None
     cleaned: bool = False  # leftover nodes and job removed from QEMU
     progress_current: int = 0
     progress_total: int = 0

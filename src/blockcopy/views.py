@@ -39,6 +39,9 @@ def _disk_authority(op: Operation, disk: DiskRecord) -> str | None:
         return None
     if op.authoritative is Authority.MIXED:
         return "destination" if disk.pivoted else "source"
+    if op.authoritative is Authority.UNKNOWN and op.identical is not None:
+        index = op.disks.index(disk)
+        return "both" if index < len(op.identical) and op.identical[index] else "unknown"
     return op.authoritative.value
 
 

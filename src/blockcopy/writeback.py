@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable
 
 log = logging.getLogger(__name__)
@@ -29,16 +30,18 @@ THRESHOLD = 8 * 1024 * 1024  # bytes of growth that make a file worth syncing
 
 
 def fdatasync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    # Never through a symlink, never blocking on a FIFO swapped in for DEST.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     try:
-        os.fdatasync(fd)
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fdatasync(fd)
     finally:
         os.close(fd)
 
 
 def allocated_bytes(path: str) -> int | None:
     try:
-        return os.stat(path).st_blocks * 512
+        return os.lstat(path).st_blocks * 512
     except OSError:
         return None  # not there (yet), or not a local file: nothing to do
 
