@@ -60,6 +60,9 @@ def test_legacy_drive_vm_pivots_twice(tmp_path: Path, bc: Blockcopy, accel: str)
         assert vm.device_node("vda")[1] == str(tmp_path / "two.qcow2")
         assert has_pattern(tmp_path / "two.qcow2", 0x44, 2 * MIB)
         assert f"bc-{first['id']}-0" not in node_names(vm)  # the intermediate copy was released
+        # ... with the fd set it came in: only the one the device uses now is left.
+        assert list(vm.blockcopy_fdsets().values()) == [str(tmp_path / "two.qcow2")]
+        assert second["disks"][0]["source"] == str(tmp_path / "one.qcow2")  # shown by path, not /dev/fdset
     finally:
         vm.kill()
 
@@ -81,8 +84,8 @@ def test_status_log_shows_the_journaled_steps(attached, bc: Blockcopy, tmp_path:
     log = bc.ok("status", job["id"], "--log", "--json").json["log"]
     phases = [entry["phase"] for entry in log]
     assert phases[0] == "starting" and phases[-1] == "done"
-    assert phases.index("copying") < phases.index("pivoting") < phases.index("settling")
-    assert "finalizing" not in phases  # the pivot journals no step of its own between intent and outcome
+    # The point of no return (FINALIZING) is journaled before the first job-finalize.
+    assert phases.index("copying") < phases.index("pivoting") < phases.index("finalizing") < phases.index("settling")
     text = bc.ok("status", job["id"], "--log").stdout
     assert "outcome: pivoted" in text and "authoritative image: destination" in text
 

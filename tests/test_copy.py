@@ -44,6 +44,8 @@ def test_copy_and_pivot_one_disk_keeps_every_write(attached, bc: Blockcopy, tmp_
     assert has_pattern(dest, 0x11, 0 + MIB, 3 * MIB)  # original data copied
     source = vm.disks[0].path
     assert not has_pattern(source, 0x51, 16 * MIB), "a post-pivot write reached the old source"
+    # QEMU opened DEST from the descriptor blockcopy passed, never by the path.
+    assert vm.cmd("query-block")[0]["inserted"]["file"].startswith("/dev/fdset/")
     # Nothing of blockcopy's is left in QEMU and the old source is unlocked (deleted nodes).
     assert qemu_jobs(vm) == []
     assert not {"vda-fmt", "vda-file"} & node_names(vm)
@@ -124,6 +126,7 @@ def test_abort_keeps_the_guest_on_an_intact_source(attached, bc: Blockcopy, tmp_
     assert vm.device_node("vda")[1] == vm.disks[0].path
     assert has_pattern(vm.disks[0].path, 0x71, 30 * MIB) and has_pattern(vm.disks[0].path, 0x11, 0, 4 * MIB)
     assert qemu_jobs(vm) == [] and f"bc-{job['id']}-0" not in node_names(vm)
+    assert vm.blockcopy_fdsets() == {}, "the fd set DEST was passed in is removed with it"
     assert vm.run_state() == "running"
     ok, report = images.check(vm.disks[0].path, "qcow2")
     assert ok, report

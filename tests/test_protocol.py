@@ -336,8 +336,10 @@ def test_finish_claims_a_consistent_copy_only_once_qemu_closed_the_destination()
     # ... and blockcopy fsyncs each DEST file (QEMU ignores a failed flush on close).
     closed = obs(None, None, nodes=frozenset({"src0", "src1"}))
     step = decide(ended, closed)
-    assert [c.kind for c in step.commands] == ["sync-dest", "sync-dest"] and step.record is None
-    assert all(c.after is not None and c.after.disks[c.disk or 0].consistent for c in step.commands)
+    assert [(c.kind, c.disk) for c in step.commands] == [("sync-dest", 0)] and step.record is None
+    after = step.commands[0].after
+    assert after is not None and [d.consistent for d in after.disks] == [True, None]
+    assert [(c.kind, c.disk) for c in decide(after, closed).commands] == [("sync-dest", 1)]
     synced = ended.with_disk(0, consistent=True).with_disk(1, consistent=True)
     step = decide(synced, closed)
     assert step.record is not None and step.record.outcome is Outcome.NOT_PIVOTED
@@ -554,7 +556,8 @@ def _restricted(o: Operation, ob: Observation) -> Observation:
         ob, run_state=ob.run_state if "status" in wanted else "",
         jobs=ob.jobs if "jobs" in wanted else {},
         device_nodes=ob.device_nodes if "block" in wanted else {},
-        nodes=ob.nodes if "nodes" in wanted else frozenset())
+        nodes=ob.nodes if "nodes" in wanted else frozenset(),
+        unused_fdsets=ob.unused_fdsets if "fdsets" in wanted else frozenset())
 
 
 def test_needs_names_everything_each_decision_reads() -> None:

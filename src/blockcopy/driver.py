@@ -10,13 +10,15 @@ STOP/RESUME timestamps, ``ready_at``); it carries them into every record it save
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
 
 from blockcopy import faults, images
 from blockcopy.errors import (
@@ -31,7 +33,7 @@ from blockcopy.errors import (
     TransitionStalled,
 )
 from blockcopy.journal import Journal
-from blockcopy.monitor import CommandRefused, Monitor
+from blockcopy.monitor import FDSET_OPAQUE_PREFIX, CommandRefused, Monitor, fdset_path
 from blockcopy.protocol import Command, Failure, Observation, Wait, decide, needs
 from blockcopy.qemuproc import QemuProcess
 from blockcopy.records import DiskRecord, Operation, Phase, Stage
@@ -139,6 +141,7 @@ class Driver:
         self.poll_interval = poll_interval
         self.transition_timeout = transition_timeout
         self._writeback: asyncio.Task[None] | None = None
+        self._sent_once: set[tuple[str, str, str]] = set()  # (op id, command, args) of `once` commands
 
     @property
     def monitor(self) -> Monitor | None:
@@ -210,7 +213,7 @@ class Driver:
             if step.record is not None:
                 op = self._save(step.record, op, step.note)
                 last_progress_save = time.monotonic()  # the record carries the progress too
-            op, failure, identical = await self._run_commands(step.commands, op)
+            op, failure, identical = await self._run_commands(self._not_sent_yet(op, step.commands), op)
             if step.record is not None or (step.commands and step.commands != previous_commands):
                 progress_at = time.monotonic()
             previous_commands = step.commands
@@ -234,6 +237,18 @@ class Driver:
                 await self._wait(self.poll_interval, seen)
             elif step.wait is Wait.SETTLE:
                 await self._wait(0.5, seen)
+
+    def _not_sent_yet(self, op: Operation, commands: tuple[Command, ...]) -> tuple[Command, ...]:
+        """The step's commands without the `once` commands this process already sent."""
+        kept = []
+        for command in commands:
+            key = (op.id, command.name, repr(sorted(command.args.items())))
+            if command.once:
+                if key in self._sent_once:
+                    continue
+                self._sent_once.add(key)
+            kept.append(command)
+        return tuple(kept)
 
     async def _run_commands(self, commands: tuple[Command, ...], op: Operation
                             ) -> tuple[Operation, Failure | None, tuple[bool, ...] | None]:
@@ -332,9 +347,15 @@ class Driver:
                 op = self.journal.save(op.with_disk(index, dest_dev=dev, dest_ino=ino),
                                        f"made the image for {disk.dest_path}")
 
-            images.create(disk.dest_path, disk.dest_format, disk.virtual_size, tag=op.id,
+            directory = (disk.dest_dir_dev, disk.dest_dir_ino) if disk.dest_dir_dev is not None and \
+                disk.dest_dir_ino is not None else None
+            images.create(disk.dest_path, disk.dest_format, disk.virtual_size, tag=f"{op.id}-{index}",
                           backing_file=disk.backing_file, backing_format=disk.backing_format,
-                          before_link=journal_identity)
+                          directory_identity=directory, before_link=journal_identity)
+            return op, None
+        if command.kind == "add-dest":
+            assert command.disk is not None
+            await self._add_dest(op.disks[command.disk], command.args)
             return op, None
         if command.kind == "sync-images":
             _sync_files(f for d in op.disks for f in (d.source_file, d.dest_path))
@@ -359,6 +380,36 @@ class Driver:
         elif command.name == "cont":
             op = dataclasses.replace(op, resume_ts=monitor.event_time_since("RESUME", seen, sent))
         return op, None
+
+    async def _add_dest(self, disk: DiskRecord, args: Mapping[str, Any]) -> None:
+        """blockdev-add DEST from a descriptor of the file the journal names (see
+        images.open_identified), passed to QEMU in an fd set: QEMU never opens DEST by a path that
+        someone could have swapped since it was checked. A read-only descriptor of the same file
+        joins the set, for QEMU's read-only reopen of a read-only disk at completion."""
+        monitor = self.monitor
+        if monitor is None:
+            raise ConnectionLost("not connected to QEMU for blockdev-add")
+        if disk.dest_ino is None or disk.dest_dev is None:
+            raise images.ImageError(f"the journal does not say which file {disk.dest_path} must be; refusing it")
+        fd = images.open_identified(disk.dest_path, (disk.dest_dev, disk.dest_ino))
+        try:
+            read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                opaque = f"{FDSET_OPAQUE_PREFIX}{disk.dest_path}"
+                fdset = await monitor.add_fd(fd, opaque)
+                await monitor.add_fd(read_only, opaque, fdset)
+            finally:
+                os.close(read_only)
+        finally:
+            os.close(fd)
+        added = dict(args)
+        added["file"] = {**dict(args["file"]), "filename": fdset_path(fdset)}
+        try:
+            await monitor.execute("blockdev-add", added)
+        except CommandRefused:
+            with contextlib.suppress(MonitorError):
+                await monitor.execute("remove-fd", {"fdset-id": fdset})
+            raise
 
     async def _wait(self, timeout: float, since: int) -> None:
         if self.monitor is not None and self.monitor.connected:

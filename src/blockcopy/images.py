@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,8 +64,28 @@ def info(path: str, fmt: str | None = None) -> ImageInfo:
                      data.get("backing-filename-format"))
 
 
+def open_identified(path: str, identity: tuple[int, int]) -> int:
+    """Open an image read-write, only if ``path`` still names the file whose (st_dev, st_ino) is
+    ``identity``: no symlink is followed, a FIFO does not block, and the check is on the opened
+    descriptor, so nothing can be swapped in between the check and the use.
+
+    :raise ImageError: the path names another file, or none.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise ImageError(f"cannot open {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != identity or not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        os.close(fd)
+        raise ImageError(f"{path} is not the file blockcopy checked or created (it was replaced); "
+                         "refusing to open it")
+    os.set_blocking(fd, True)
+    return fd
+
+
 def create(path: str, fmt: str, size: int, *, tag: str, backing_file: str | None = None,
-           backing_format: str | None = None, mode: int = 0o600,
+           backing_format: str | None = None, mode: int = 0o600, directory_identity: tuple[int, int] | None = None,
            before_link: Callable[[int, int], None] | None = None) -> tuple[int, int]:
     """Make a new image and give it the name ``path``, which must not exist; returns (st_dev, st_ino).
 
@@ -84,6 +105,8 @@ def create(path: str, fmt: str, size: int, *, tag: str, backing_file: str | None
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
             temp_name = f".{name}.blockcopy-{tag}"
+            with contextlib.suppress(FileNotFoundError):  # left by a crash: the name is this job's own
+                os.unlink(temp_name, dir_fd=dir_fd)
             fd = os.open(temp_name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
                          dir_fd=dir_fd)
         try:

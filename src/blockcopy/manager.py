@@ -337,8 +337,10 @@ class Manager:
                                  f"pivot, finish or abort it first (`blockcopy status {holder}`)")
             dest_format = request.format or device.format
             real, identity = _check_destination(dest, device, request, dest_format)
-            if request.reuse_external:
-                dest = real  # QEMU opens the file that was checked, not a symlink that may change
+            # Journaled as resolved: the file (reused) or directory (created) that was checked.
+            dest = real if request.reuse_external else os.path.join(os.path.realpath(os.path.dirname(dest)),
+                                                                     os.path.basename(dest))
+            directory = os.stat(os.path.dirname(dest)) if not request.reuse_external else None
             if real in seen_dests or real in busy_dests:
                 raise UsageError(f"destination {dest} is already the destination of another copy")
             seen_dests.add(real)
@@ -353,6 +355,8 @@ class Manager:
                 job_id=f"bcj-{op_id}-{index}", backing_file=backing_file,
                 backing_format=backing_format, dest_dev=identity[0] if identity else None,
                 dest_ino=identity[1] if identity else None,
+                dest_dir_dev=directory.st_dev if directory else None,
+                dest_dir_ino=directory.st_ino if directory else None,
                 stage=Stage.ADD if request.reuse_external else Stage.CREATE))
         bandwidth = int(request.bandwidth_mib * MIB) if request.bandwidth_mib else 0
         qemu = monitor.process

@@ -29,6 +29,9 @@ from blockcopy.qemuproc import QemuProcess, peer_process
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: The ``opaque`` of the fd sets blockcopy passes DEST in, followed by DEST's path.
+FDSET_OPAQUE_PREFIX = "blockcopy "
+
 #: Events that move the protocol forward; anything else is ignored.
 WATCHED_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_READY", "BLOCK_JOB_ERROR", "BLOCK_JOB_COMPLETED",
                   "BLOCK_JOB_CANCELLED", "STOP", "RESUME", "SHUTDOWN")
@@ -186,6 +189,26 @@ class Monitor:
         self._drain_events()
         return result
 
+    async def add_fd(self, fd: int, opaque: str, fdset_id: int | None = None) -> int:
+        """Pass ``fd`` to QEMU (SCM_RIGHTS) into an fd set; returns the set's id. QEMU then opens
+        ``/dev/fdset/ID`` by duplicating a descriptor of the set: the very file blockcopy opened and
+        checked, whatever the path names by then."""
+        self._client.send_fd_scm(fd)
+        args: dict[str, Any] = {"opaque": opaque}
+        if fdset_id is not None:
+            args["fdset-id"] = fdset_id
+        return int((await self.execute("add-fd", args))["fdset-id"])
+
+    async def fdsets(self) -> dict[int, str]:
+        """blockcopy's fd sets (opaque ``blockcopy PATH``): fdset id -> PATH."""
+        found: dict[int, str] = {}
+        for fdset in await self.execute("query-fdsets"):
+            for fd in fdset.get("fds", []):
+                opaque = str(fd.get("opaque") or "")
+                if opaque.startswith(FDSET_OPAQUE_PREFIX):
+                    found[int(fdset["fdset-id"])] = opaque.removeprefix(FDSET_OPAQUE_PREFIX)
+        return found
+
     def event_time_since(self, name: str, since: int, not_before: float) -> float | None:
         """QEMU's time of the latest ``name`` event that arrived after event number ``since`` and
         happened at or after ``not_before`` (wall clock, as QEMU stamps events): an event that was
@@ -238,26 +261,28 @@ class Monitor:
     async def named_nodes(self) -> list[dict[str, Any]]:
         return list(await self.execute("query-named-block-nodes", {"flat": True}))
 
-    async def node_names(self) -> frozenset[str]:
-        return frozenset(n["node-name"] for n in await self.named_nodes() if n.get("node-name"))
-
     async def devices(self) -> list[DeviceInfo]:
-        return devices_from_query_block(await self.block())
+        block, fdsets = await asyncio.gather(self.block(), self.fdsets())
+        return devices_from_query_block(block, fdsets)
 
     async def observe(self, needs: frozenset[str], dest_state: tuple[str, ...] = ()) -> Observation:
         """What the state machine needs (``needs``: see protocol.needs). Parts not asked for stay
         empty. Raises like :meth:`execute`; whether QEMU is gone is the caller's question."""
         # Sent together (QMP pipelines commands and answers them in order): one round trip
         # instead of up to four, which counts while the guest is paused.
-        run_state, jobs, block, nodes = await asyncio.gather(
+        run_state, jobs, block, named, fdsets = await asyncio.gather(
             self.run_state() if "status" in needs else _value(""),
             self.jobs() if "jobs" in needs else _value({}),
             self.block() if "block" in needs else _value([]),
-            self.node_names() if "nodes" in needs else _value(frozenset()))
+            self.named_nodes() if "nodes" in needs else _value([]),
+            self.fdsets() if "fdsets" in needs else _value({}))
         device_nodes = {_device_key(entry): entry["inserted"]["node-name"]
                         for entry in block if entry.get("inserted")}
+        in_use = {str(n.get("file")) for n in named}
         return Observation(alive=True, run_state=run_state, jobs=jobs, device_nodes=device_nodes,
-                           nodes=nodes, dest_state=dest_state)
+                           nodes=frozenset(str(n["node-name"]) for n in named if n.get("node-name")),
+                           unused_fdsets=frozenset(i for i in fdsets if fdset_path(i) not in in_use),
+                           dest_state=dest_state)
 
 
 async def _value(value: T) -> T:
@@ -278,7 +303,15 @@ def qdev_id(qdev: str) -> str | None:
     return None
 
 
-def devices_from_query_block(block: Iterable[Mapping[str, Any]]) -> list[DeviceInfo]:
+def fdset_path(fdset_id: int) -> str:
+    return f"/dev/fdset/{fdset_id}"
+
+
+def devices_from_query_block(block: Iterable[Mapping[str, Any]],
+                             fdsets: Mapping[int, str] | None = None) -> list[DeviceInfo]:
+    """Disks as ``query-block`` shows them; a file QEMU opened from one of blockcopy's fd sets is
+    named by the path blockcopy passed in (``fdsets``: id -> path)."""
+    by_fdset = {fdset_path(i): path for i, path in (fdsets or {}).items()}
     devices = []
     for entry in block:
         inserted = entry.get("inserted")
@@ -295,7 +328,8 @@ def devices_from_query_block(block: Iterable[Mapping[str, Any]]) -> list[DeviceI
         drive = str(entry.get("device") or "") or None
         devices.append(DeviceInfo(
             name=qid or drive or str(inserted["node-name"]), qdev_id=qid, drive_id=drive,
-            device_key=_device_key(entry), node=str(inserted["node-name"]), file=str(inserted["file"]),
+            device_key=_device_key(entry), node=str(inserted["node-name"]),
+            file=by_fdset.get(str(inserted["file"]), str(inserted["file"])),
             format=str(inserted["drv"]), virtual_size=int(image.get("virtual-size", 0)),
             backing_chain=tuple(chain), backing_format=backing_format, read_only=bool(inserted.get("ro"))))
     return devices

@@ -107,6 +107,7 @@ class Observation:
     jobs: Mapping[str, JobView] = field(default_factory=dict)
     device_nodes: Mapping[str, str] = field(default_factory=dict)  # device_key -> root node name
     nodes: frozenset[str] = frozenset()  # every named node (query-named-block-nodes)
+    unused_fdsets: frozenset[int] = frozenset()  # blockcopy's fd sets that no node uses (query-fdsets)
     #: per disk, in Stage.CREATE and Stage.ADD only: what DEST's path names now. "absent"; "ours":
     #: the file whose identity the record journaled; "foreign": anything else (another file, a
     #: symlink swapped in, a file that blockcopy cannot prove it made).
@@ -127,12 +128,19 @@ class Wait(enum.Enum):
 class Command:
     """An effect for the driver: a QMP command, or an image operation (``kind`` other than qmp)."""
 
-    kind: str  # "qmp", "create-image", "compare-images", "sync-images"
+    #: "qmp"; "add-dest": blockdev-add of DEST, opened by blockcopy and passed to QEMU as a file
+    #: descriptor once it proved to be the journaled file; "create-image", "compare-images",
+    #: "sync-images", "sync-dest"
+    kind: str
     name: str = ""  # QMP command name
     args: Mapping[str, Any] = field(default_factory=dict)
     disk: int | None = None
     after: Operation | None = None  # journaled once the command succeeded
     purpose: str = ""  # "cleanup" failures are warnings, not errors
+    #: send at most once per process: repeating it could change its meaning (a second soft cancel
+    #: of a mirror that has meanwhile left `ready` is a hard one). After a crash it is sent again,
+    #: once, since nothing says whether it went out.
+    once: bool = False
 
     def describe(self) -> str:
         if self.kind == "qmp":
@@ -141,8 +149,8 @@ class Command:
 
 
 def qmp(name: str, args: Mapping[str, Any] | None = None, *, disk: int | None = None,
-        after: Operation | None = None, purpose: str = "") -> Command:
-    return Command("qmp", name, dict(args or {}), disk=disk, after=after, purpose=purpose)
+        after: Operation | None = None, purpose: str = "", once: bool = False) -> Command:
+    return Command("qmp", name, dict(args or {}), disk=disk, after=after, purpose=purpose, once=once)
 
 
 @dataclass(frozen=True)
@@ -165,7 +173,7 @@ DONE_STEP = Step(note="done")
 
 #: What each phase's decision reads from QEMU. The driver queries only these, which keeps the
 #: observations inside the guest's pause short (each query is a QMP round trip).
-ALL_QUERIES = frozenset({"status", "jobs", "block", "nodes"})
+ALL_QUERIES = frozenset({"status", "jobs", "block", "nodes", "fdsets"})
 _NEEDS = {
     Phase.STARTING: frozenset({"jobs", "nodes"}),
     Phase.COPYING: frozenset({"status", "jobs"}),
@@ -293,7 +301,8 @@ def _starting(op: Operation, obs: Observation) -> Step:
             # Both re-observable (the node, the job), so one step: a crash in between resumes at
             # "node already added". The mirror starts one journal commit and round trip sooner.
             started = op.with_disk(index, stage=Stage.STARTED)
-            return Step(commands=(qmp("blockdev-add", _blockdev_add_args(op, disk), disk=index),
+            add = Command("add-dest", "blockdev-add", _blockdev_add_args(op, disk), disk=index)
+            return Step(commands=(add,
                                   qmp("blockdev-mirror", _mirror_args(op, disk), disk=index, after=started)),
                         note=f"add node {disk.dest_node} and start mirror {disk.job_id}")
         if disk.stage is Stage.MIRROR:
@@ -439,8 +448,10 @@ def _finishing(op: Operation, obs: Observation) -> Step:
             if job.status != "aborting" and obs.failure is None:
                 commands.append(qmp("job-cancel", {"id": d.job_id}, disk=i))
         elif job.status == "ready":
-            # Soft cancel of a ready mirror: it ends without pivoting and leaves DEST consistent.
-            commands.append(qmp("block-job-cancel", {"device": d.job_id}, disk=i))
+            # Soft cancel of a ready mirror: it ends without pivoting and leaves DEST consistent. The
+            # job stays `ready` while it converges; sent again then, as it leaves `ready`, QEMU would
+            # take it for a hard cancel ("Operation canceled").
+            commands.append(qmp("block-job-cancel", {"device": d.job_id}, disk=i, once=True))
         elif job.status == "pending":
             commands.append(qmp("job-finalize", {"id": d.job_id}, disk=i))
     if commands:
@@ -483,10 +494,10 @@ def _close_destinations(op: Operation, obs: Observation) -> Step:
             closing.append(qmp("blockdev-del", {"node-name": d.dest_node}, disk=i))
     if closing:
         return Step(commands=tuple(closing), wait=Wait.SETTLE, note="close the destinations (QEMU flushes them)")
-    syncs = tuple(Command("sync-dest", disk=i, after=op.with_disk(i, consistent=True))
-                  for i, d in enumerate(op.disks) if d.consistent is None)
-    if syncs:
-        return Step(commands=syncs, note="write the destinations out to stable storage")
+    for i, d in enumerate(op.disks):
+        if d.consistent is None:  # one per step: each after-record builds on the journaled one
+            return Step(commands=(Command("sync-dest", disk=i, after=op.with_disk(i, consistent=True)),),
+                        note=f"write {d.dest_path} out to stable storage")
     record = _replace(op, disks=tuple(dataclasses.replace(d, cleaned=True) for d in op.disks))
     reason = "finished: the destination is a consistent copy; the guest stays on the source"
     if not all(d.consistent for d in op.disks):
@@ -543,6 +554,11 @@ def _settling(op: Operation, obs: Observation) -> Step:
     # Every disk's leftovers go in one step (each job is dismissed before its target node is
     # deleted); the next observation shows what is left, and one record ends the operation.
     cleanup: list[Command] = []
+    if failure is None or failure.command.name != "remove-fd":
+        # fd sets that no node uses any more: this job's DEST after a failure or a finish, an
+        # earlier job's DEST after this pivot away from it, one left by a crash before its
+        # blockdev-add. Removing one that another job will still add is harmless: it passes DEST again.
+        cleanup.extend(qmp("remove-fd", {"fdset-id": i}, purpose="cleanup") for i in sorted(obs.unused_fdsets))
     for index, disk in enumerate(op.disks):
         if disk.cleaned:
             continue

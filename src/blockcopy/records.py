@@ -90,6 +90,8 @@ class DiskRecord:
     # or when a reused DEST is validated. DEST is opened for QEMU only while the path still names it.
     dest_dev: int | None = None
     dest_ino: int | None = None
+    dest_dir_dev: int | None = None  # the directory DEST is created in, as checked when planned
+    dest_dir_ino: int | None = None
     pivoted: bool | None = None  # per-disk outcome, from query-block
     mirror_ended: bool = False  # finish: the mirror was seen to conclude without error (journaled fact)
     #: finish: DEST is a consistent copy (its mirror ended cleanly, QEMU closed it, and an fsync of the

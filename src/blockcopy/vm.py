@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blockcopy.monitor import LeanQMPClient
+from blockcopy.monitor import FDSET_OPAQUE_PREFIX, LeanQMPClient, devices_from_query_block
 
 QEMU = "qemu-system-x86_64"
 
@@ -152,11 +152,17 @@ class ScratchVM:
         return str(self.cmd("query-status")["status"])
 
     def device_node(self, disk: str) -> tuple[str, str]:
-        """(node name, file) that the device ``disk`` uses now."""
-        for entry in self.cmd("query-block"):
-            if entry.get("qdev", "").startswith(f"/machine/peripheral/{disk}/") and entry.get("inserted"):
-                return entry["inserted"]["node-name"], entry["inserted"]["file"]
+        """(node name, file) that the device ``disk`` uses now; a file QEMU opened from one of
+        blockcopy's fd sets is named by the path blockcopy passed in."""
+        for device in devices_from_query_block(self.cmd("query-block"), self.blockcopy_fdsets()):
+            if device.qdev_id == disk:
+                return device.node, device.file
         raise KeyError(disk)
+
+    def blockcopy_fdsets(self) -> dict[int, str]:
+        return {int(s["fdset-id"]): str(fd["opaque"]).removeprefix(FDSET_OPAQUE_PREFIX)
+                for s in self.cmd("query-fdsets") for fd in s.get("fds", [])
+                if str(fd.get("opaque") or "").startswith(FDSET_OPAQUE_PREFIX)}
 
     def alive(self) -> bool:
         return self.process.poll() is None
