@@ -52,6 +52,11 @@ PROGRESS_SAVE_INTERVAL = 2.0
 _PAUSE_PHASES = frozenset({Phase.PIVOTING, Phase.FINALIZING, Phase.ABORTING, Phase.SETTLING})
 
 
+def holds_guest(op: Operation) -> bool:
+    """The journal says blockcopy paused the guest for a pivot and has not resumed it yet."""
+    return op.paused_by_us and not op.resumed and op.phase in _PAUSE_PHASES
+
+
 class Until(enum.Enum):
     """How long :meth:`Driver.run` keeps going."""
 
@@ -156,11 +161,38 @@ class Driver:
         :raise QemuUnreachable: QEMU runs but does not answer; nothing was decided.
         :raise JournalError: the journal could not be written (nothing was done for that step).
         :raise Interrupted: ``interrupt`` was set while waiting for a copy.
+
+        Cancelling the calling task while the guest is paused for a pivot does not stop the pivot:
+        it runs to its end (the transition time limit bounds it), then the cancellation goes on.
         """
+        task = asyncio.ensure_future(self._run_guarded(op, until))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            while not task.done() and holds_guest(self._last_saved(op)):
+                log.warning("job %s: cancelled while the guest is paused for its pivot: finishing the pivot "
+                            "first", op.id)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(task)
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.warning("job %s: %s", op.id, task.exception())
+            raise
+
+    def _last_saved(self, op: Operation) -> Operation:
+        try:
+            return self.journal.get(op.id) or op
+        except Exception:  # the journal cannot be read: the record in hand is the best there is
+            return op
+
+    async def _run_guarded(self, op: Operation, until: Until) -> Operation:
         try:
             return await self._run(op, until)
         except (JournalError, MonitorError) as exc:
-            held = self.journal.get(op.id) or op
+            held = self._last_saved(op)
             if await self._guest_held(held):
                 raise GuestLeftPaused(_held_message(held, exc, self.journal)) from exc
             raise
@@ -169,11 +201,11 @@ class Driver:
 
     async def _guest_held(self, op: Operation) -> bool:
         """Whether the guest may be paused by blockcopy with no outcome journaled."""
-        if not (op.paused_by_us and not op.resumed and op.phase in _PAUSE_PHASES):
+        if not holds_guest(op):
             return False
         monitor = self.link.monitor
-        if monitor is None or not monitor.connected:
-            return True  # cannot look: say so rather than claim it runs
+        if monitor is None or not monitor.connected or (op.qemu is not None and monitor.process != op.qemu):
+            return True  # cannot look at the job's own QEMU: say so rather than claim it runs
         try:
             return await asyncio.wait_for(monitor.run_state(), 2.0) != "running"
         except (MonitorError, TimeoutError):
@@ -216,7 +248,8 @@ class Driver:
             op, failure, identical = await self._run_commands(self._not_sent_yet(op, step.commands), op)
             if step.record is not None or (step.commands and step.commands != previous_commands):
                 progress_at = time.monotonic()
-            previous_commands = step.commands
+            if step.commands:  # a wait in between does not make the same commands new again
+                previous_commands = step.commands
             if step.terminal:
                 return op
             self._writeback_while_copying(op)
@@ -370,13 +403,19 @@ class Driver:
         monitor = self.monitor
         if monitor is None:
             raise ConnectionLost(f"not connected to QEMU for {command.name}")
-        seen, sent = monitor.event_seq, time.time() - 0.005
+        seen, sent = monitor.event_seq, time.time()  # QEMU stamps its events with the same clock
         await monitor.execute(command.name, command.args)
         # QEMU emits STOP/RESUME before it answers. Only an event stamped after this command was
         # sent belongs to this pivot: a `stop` of a guest that someone else paused just before
         # emits none, and that someone's STOP must not be taken for blockcopy's.
         if command.name == "stop":
             op = dataclasses.replace(op, stop_ts=monitor.event_time_since("STOP", seen, sent))
+            if op.stop_ts is None and op.paused_by_us:
+                # No STOP: the guest was paused already, by someone else since blockcopy's last look.
+                # It is theirs to resume, not blockcopy's.
+                op = self.journal.save(dataclasses.replace(op, paused_by_us=False),
+                                       "the guest was paused by someone else just before: blockcopy will not "
+                                       "resume it")
         elif command.name == "cont":
             op = dataclasses.replace(op, resume_ts=monitor.event_time_since("RESUME", seen, sent))
         return op, None

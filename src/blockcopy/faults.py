@@ -8,7 +8,8 @@ point is reached (1-based; default 1).
 - ``BLOCKCOPY_CRASH_AT=NAME[@N][,...]``: SIGKILL the process right after the point.
 - ``BLOCKCOPY_FAULT_AT=NAME[@N]=ACTION[,...]``: ``kill`` (as above), ``stop`` (SIGSTOP itself, so a
   test can change the world, e.g. fill the journal's file system, then SIGCONT it), or
-  ``sleep:SECONDS`` (the step took that much longer, e.g. a slow fsync).
+  ``sleep:SECONDS`` (the step took that much longer, e.g. a slow fsync). ``o-tmpfile=fail`` makes
+  the file system look as if it had no O_TMPFILE (see :func:`fails`).
 - ``BLOCKCOPY_TRACE_POINTS=FILE`` appends every point reached, as ``NAME@N``, to FILE: the tests use
   it to enumerate the crash points of a command.
 
@@ -46,6 +47,11 @@ def _armed() -> list[tuple[str, int, str]]:
 def serial() -> bool:
     """True while a fault is armed: batches then go to QEMU one command at a time."""
     return bool(os.environ.get(ENV) or os.environ.get(FAULT_ENV))
+
+
+def fails(name: str) -> bool:
+    """True when a test asked ``NAME=fail``: the code then takes its path for a missing feature."""
+    return any(wanted == name and action == "fail" for wanted, _nth, action in _armed())
 
 
 def point(name: str) -> None:

@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from blockcopy import faults
 from blockcopy.errors import BlockcopyError
 
 QEMU_IMG = "qemu-img"
@@ -100,6 +101,8 @@ def create(path: str, fmt: str, size: int, *, tag: str, backing_file: str | None
     temp_name: str | None = None
     try:
         try:
+            if faults.fails("o-tmpfile"):
+                raise OSError(errno.EOPNOTSUPP, "O_TMPFILE unsupported (test)")
             fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, mode, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):

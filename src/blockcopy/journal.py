@@ -86,34 +86,45 @@ class Journal:
             raise JournalError(f"no journal at {self.path}: nothing was ever recorded in this state directory. "
                                "Pass the --state-dir (or BLOCKCOPY_STATE_DIR) that blockcopy used, or start "
                                "with `blockcopy attach`")
+        umask = os.umask(0o077)  # the journal and SQLite's -wal and -shm files: owner only
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # Job records name image paths and sockets: private, even in a directory that existed.
-            os.chmod(state_dir, 0o700)
+            # Job records name image paths and sockets: private, even in a directory that existed
+            # (if it is blockcopy's user's own; another user's directory is left as it is).
+            st = os.stat(state_dir)
+            if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+                os.chmod(state_dir, 0o700)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             os.fchmod(fd, 0o600)
             os.close(fd)
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise JournalError(
-                    f"journal {self.path} has schema version {version}, newer than this blockcopy "
-                    f"understands ({SCHEMA_VERSION}); use a newer blockcopy. Nothing was changed.")
-            if version < SCHEMA_VERSION:
+            if self._version() < SCHEMA_VERSION:
                 with self._transaction():
-                    for statement in filter(str.strip, _SCHEMA.split(";")):
-                        self._db.execute(statement)
-                    for old in range(version or SCHEMA_VERSION, SCHEMA_VERSION):
-                        for statement in _MIGRATIONS[old]:
+                    version = self._version()  # again, inside the lock: another process may have upgraded
+                    if version < SCHEMA_VERSION:
+                        for statement in filter(str.strip, _SCHEMA.split(";")):
                             self._db.execute(statement)
-                    self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                        for old in range(version or SCHEMA_VERSION, SCHEMA_VERSION):
+                            for statement in _MIGRATIONS[old]:
+                                self._db.execute(statement)
+                        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"cannot read the journal {self.path}: {exc}. Nothing was changed; "
                                "move the file aside only if you know its jobs are finished.") from exc
         except OSError as exc:
             raise JournalError(f"cannot open the state directory {state_dir}: {exc}") from exc
+        finally:
+            os.umask(umask)
+
+    def _version(self) -> int:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"journal {self.path} has schema version {version}, newer than this blockcopy "
+                f"understands ({SCHEMA_VERSION}); use a newer blockcopy. Nothing was changed.")
+        return version
 
     def close(self) -> None:
         self._db.close()

@@ -12,12 +12,13 @@ import dataclasses
 import logging
 import os
 import secrets
+import stat
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from blockcopy import images
-from blockcopy.driver import TRANSITION_TIMEOUT, Driver, Interrupted, Link, ProgressCallback, Until
+from blockcopy.driver import TRANSITION_TIMEOUT, Driver, Interrupted, Link, ProgressCallback, Until, holds_guest
 from blockcopy.errors import (
     BlockcopyError,
     DomainBusy,
@@ -199,7 +200,9 @@ class Manager:
         :raise RecoveryIncomplete: some domains could not be reached; the others were recovered.
         """
         unfinished = self.journal.operations(domain=domain, unfinished=True)
-        names = sorted({op.domain for op in unfinished})
+        # Domains whose guest blockcopy holds paused first: nothing else may keep them waiting.
+        names = [op.domain for op in _guests_held_first(unfinished)]
+        names = sorted(set(names), key=names.index)
         problems: dict[str, BlockcopyError] = {}
 
         async def each_domain(reconcile: bool, until_goal: bool) -> None:
@@ -211,13 +214,21 @@ class Manager:
                         if until_goal:
                             for op in self.journal.operations(domain=name, unfinished=True):
                                 if op.goal is not Goal.COPY:
-                                    await self._drive(driver, op, Until.DONE)
+                                    try:
+                                        await self._drive(driver, op, Until.DONE, withdraw_goal=False)
+                                    except TransitionStalled as exc:  # the domain's other jobs go on
+                                        problems.setdefault(name, exc)
                 except (DomainBusy, MonitorError, TransitionStalled, GuestLeftPaused) as exc:
                     problems[name] = exc  # the other domains still get recovered
 
         await each_domain(reconcile=True, until_goal=False)
         if wait:
             await each_domain(reconcile=False, until_goal=True)
+        for op in unfinished:
+            current = self._operation(op.id)
+            if current.domain not in problems and current.phase not in (Phase.DONE, Phase.STARTING, Phase.COPYING):
+                problems[current.domain] = TransitionStalled(
+                    f"job {op.id} is still {current.phase.value}: QEMU did not carry it out in time")
         if problems:
             text = "; ".join(f"{name}: {exc}" for name, exc in problems.items())
             if any(isinstance(exc, GuestLeftPaused) for exc in problems.values()):
@@ -270,8 +281,10 @@ class Manager:
         with DomainLock(self.state_dir, name, wait=self.lock_wait):
             link = Link(domain.qmp_socket, lambda: self._connect(domain.qmp_socket))
             await link.open()
-            if isinstance(link.error, MonitorBusy):
-                unfinished = self.journal.operations(domain=name, unfinished=True)
+            unfinished = _guests_held_first(self.journal.operations(domain=name, unfinished=True))
+            if isinstance(link.error, MonitorBusy) and not (unfinished and holds_guest(unfinished[0])):
+                # (A guest that blockcopy holds paused goes on below: the driver retries a QEMU that
+                # does not answer for the time limit, then says plainly that the guest stays paused.)
                 if unfinished:
                     raise MonitorBusy(f"{link.error}. The unfinished jobs of domain {name} ("
                                       f"{', '.join(op.id for op in unfinished)}) stay as journaled; run "
@@ -281,18 +294,25 @@ class Manager:
                             transition_timeout=self.transition_timeout)
             try:
                 if reconcile:
-                    for op in self.journal.operations(domain=name, unfinished=True):
-                        await driver.run(op, Until.STARTED)
+                    for op in unfinished:
+                        try:
+                            await driver.run(self._operation(op.id), Until.STARTED)
+                        except TransitionStalled as exc:
+                            # One job that QEMU does not end (its storage hangs) must not keep the
+                            # others, or new commands on other disks, from going on.
+                            log.warning("domain %s: %s", name, exc)
                 yield link.monitor, driver
             finally:
                 await link.drop()
 
-    async def _drive(self, driver: Driver, op: Operation, until: Until) -> Operation:
+    async def _drive(self, driver: Driver, op: Operation, until: Until, *, withdraw_goal: bool = True) -> Operation:
+        """Run ``op``; an interrupted wait withdraws a --pivot/--finish wish of the command that waits
+        (``withdraw_goal``), never a goal journaled earlier that `recover` carries out."""
         try:
             return await driver.run(op, until)
         except Interrupted:
             current = self._operation(op.id)
-            if current.phase is Phase.COPYING and current.goal in (Goal.PIVOT, Goal.FINISH):
+            if withdraw_goal and current.phase is Phase.COPYING and current.goal in (Goal.PIVOT, Goal.FINISH):
                 self.journal.save(dataclasses.replace(current, goal=Goal.COPY),
                                   "interrupted while waiting: the job keeps copying")
             raise
@@ -360,11 +380,22 @@ class Manager:
                 stage=Stage.ADD if request.reuse_external else Stage.CREATE))
         bandwidth = int(request.bandwidth_mib * MIB) if request.bandwidth_mib else 0
         qemu = monitor.process
+        if qemu is None:
+            raise UsageError(
+                f"cannot tell which process serves the QMP socket {monitor.socket_path} (the kernel named no "
+                "process in this PID namespace, or /proc hides it). blockcopy must see QEMU's process to "
+                "decide after a crash whether QEMU exited; run blockcopy in QEMU's PID namespace with /proc "
+                "visible")
         return Operation(id=op_id, domain=request.domain, goal=request.goal, phase=Phase.STARTING,
-                         qemu_pid=qemu.pid if qemu else None, qemu_start=qemu.start_time if qemu else None,
+                         qemu_pid=qemu.pid, qemu_start=qemu.start_time, qemu_boot=qemu.boot_id,
                          disks=tuple(disks), mode=request.mode, shallow=request.shallow,
                          reuse_external=request.reuse_external, bandwidth=bandwidth,
                          buf_size=request.buf_size)
+
+
+def _guests_held_first(ops: Sequence[Operation]) -> list[Operation]:
+    """Operations that hold a guest paused first, then the rest, each in creation order."""
+    return sorted(ops, key=lambda op: not holds_guest(op))
 
 
 def _check_options(request: CopyRequest) -> None:
@@ -430,7 +461,13 @@ def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest,
     if not exists:
         raise UsageError(f"--reuse-external: destination {dest} does not exist; create it first "
                          "(e.g. qemu-img create) or drop --reuse-external")
-    st = os.stat(real)
+    # The identity journaled is that of the file checked here: taken before and after reading it.
+    try:
+        before = os.lstat(real)
+    except OSError as exc:
+        raise UsageError(f"--reuse-external: cannot use {dest}: {exc.strerror}") from None
+    if not (stat.S_ISREG(before.st_mode) or stat.S_ISBLK(before.st_mode)):
+        raise UsageError(f"--reuse-external: {dest} is not an image file or block device")
     try:
         info = images.info(real, dest_format)
     except images.ImageError as exc:
@@ -440,13 +477,16 @@ def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest,
             raise UsageError(f"--reuse-external: {dest} is not a readable {dest_format} image: {exc}") from None
         raise UsageError(f"--reuse-external: {dest} is a {found} image, not {dest_format}; "
                          f"pass --format {found} or use a {dest_format} image") from None
+    after = os.lstat(real)
+    if (before.st_dev, before.st_ino) != (after.st_dev, after.st_ino):
+        raise UsageError(f"--reuse-external: {dest} was replaced while blockcopy checked it; try again")
     if info.virtual_size != device.virtual_size:
         relation = "smaller than" if info.virtual_size < device.virtual_size else "larger than"
         raise UsageError(f"--reuse-external: {dest} has virtual size {info.virtual_size} bytes, "
                          f"{relation} disk {device.name} ({device.virtual_size} bytes); sizes must match")
     if request.shallow:
         _check_reused_backing(dest, info, device)
-    return real, (st.st_dev, st.st_ino)
+    return real, (before.st_dev, before.st_ino)
 
 
 def _check_reused_backing(dest: str, info: images.ImageInfo, device: DeviceInfo) -> None:
@@ -466,9 +506,12 @@ def _check_reused_backing(dest: str, info: images.ImageInfo, device: DeviceInfo)
     if os.path.realpath(have) != os.path.realpath(want):
         raise UsageError(f"--shallow --reuse-external: {dest}'s backing file is {have}, but disk {device.name} is "
                          f"backed by {want}; they must be the same image")
-    if info.backing_format and device.backing_format and info.backing_format != device.backing_format:
-        raise UsageError(f"--shallow --reuse-external: {dest} names its backing file as {info.backing_format}, "
-                         f"but it is {device.backing_format}")
+    if info.backing_format != (device.backing_format or "qcow2"):
+        # Without a backing format in the header QEMU would probe the base image's format.
+        raise UsageError(f"--shallow --reuse-external: {dest} names its backing file's format as "
+                         f"{info.backing_format or 'nothing'}, but {want} is {device.backing_format or 'qcow2'}. "
+                         f"Create it with `qemu-img create -f qcow2 -b {want} -F {device.backing_format or 'qcow2'} "
+                         f"{dest}`")
 
 
 def _progress_text(op: Operation) -> str:

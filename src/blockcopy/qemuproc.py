@@ -18,18 +18,31 @@ _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 
 @dataclass(frozen=True)
 class QemuProcess:
-    """One process for the life of the host: a pid alone is reused, pid + start time is not."""
+    """One process: a pid alone is reused, pid + start time is not during one boot, and the boot
+    id tells one boot from the next (the journal outlives a reboot; an autostarted VM may well get
+    the same pid at the same tick)."""
 
     pid: int
     start_time: int  # /proc/PID/stat field 22: clock ticks after boot
+    boot_id: str = ""  # /proc/sys/kernel/random/boot_id when recorded
 
     def exists(self) -> bool:
         """True while the process runs (a zombie, dead but not yet reaped, counts as gone)."""
+        if self.boot_id and self.boot_id != current_boot_id():
+            return False
         found = start_time_and_state(self.pid)
         return found is not None and found[0] == self.start_time and found[1] not in ("Z", "X")
 
     def __str__(self) -> str:
         return f"pid {self.pid}"
+
+
+def current_boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as boot:
+            return boot.read().strip()
+    except OSError:
+        return ""
 
 
 def start_time_and_state(pid: int) -> tuple[int, str] | None:
@@ -50,4 +63,4 @@ def peer_process(sock: socket.socket) -> QemuProcess | None:
     except OSError:
         return None
     found = start_time_and_state(pid) if pid > 0 else None
-    return QemuProcess(pid, found[0]) if found is not None else None
+    return QemuProcess(pid, found[0], current_boot_id()) if found is not None else None

@@ -117,6 +117,7 @@ class Operation:
     buf_size: int = 0  # mirror buffer (bytes of data in flight), 0 = QEMU's default
     qemu_pid: int | None = None  # the QEMU process the operation runs in (see qemuproc.py)
     qemu_start: int | None = None  # ... and its start time: pid + start time name one process
+    qemu_boot: str | None = None  # ... during this boot
     forced: bool = False  # a finish that stalled was force-cancelled: DEST is not a consistent copy
     vm_was_running: bool | None = None  # run state when the pivot began
     paused_by_us: bool = False  # blockcopy stops the VM for the pivot and must resume it
@@ -142,7 +143,7 @@ class Operation:
     def qemu(self) -> QemuProcess | None:
         if self.qemu_pid is None or self.qemu_start is None:
             return None  # journaled by a blockcopy that did not record it
-        return QemuProcess(self.qemu_pid, self.qemu_start)
+        return QemuProcess(self.qemu_pid, self.qemu_start, self.qemu_boot or "")
 
     @property
     def pause_window_ms(self) -> float | None:
