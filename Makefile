@@ -30,8 +30,9 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# Two workers: most of the time goes to waiting on QEMU, and the crash matrix is long.
 test: lint typecheck guest
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2
 
 # Figures, not pass/fail: writes bench/results/*.json and pause.png (a few minutes; --quick for less).
 bench: setup

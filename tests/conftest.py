@@ -231,23 +231,37 @@ def node_names(vm: ScratchVM) -> set[str]:
     return {n["node-name"] for n in vm.cmd("query-named-block-nodes", flat=True)}
 
 
-#: (command, crash point, what happened to QEMU, outcome/authoritative) rows of the crash matrix.
-MATRIX_RESULTS: list[tuple[str, str, str, str]] = []
-#: (what the soak iteration did, outcome/authoritative) rows.
-SOAK_RESULTS: list[tuple[str, str]] = []
-#: Figures measured by the real-guest tests (printed, never asserted on).
-GUEST_FIGURES: list[str] = []
+Report = Callable[[str, Any], None]
+
+
+@pytest.fixture
+def report(record_property: Callable[[str, Any], None]) -> Report:
+    """Record a figure or result row for the summary at the end of the run: ``report("matrix",
+    (command, point, after, result))``, ``report("soak", (context, result))``, ``report("guest",
+    text)``. Carried on the test's report, so it reaches the summary from pytest-xdist workers too.
+    Printed, never asserted on."""
+    return record_property
+
+
+def _reported(terminalreporter: Any, kind: str) -> list[Any]:
+    found = []
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            if getattr(rep, "when", None) == "call":
+                found.extend(value for name, value in getattr(rep, "user_properties", ()) if name == kind)
+    return found
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for figure in GUEST_FIGURES:
+    for figure in _reported(terminalreporter, "guest"):
         terminalreporter.write_line(f"guest: {figure}")
-    for context, result in SOAK_RESULTS:
+    for context, result in _reported(terminalreporter, "soak"):
         terminalreporter.write_line(f"soak {context} -> {result}")
-    if not MATRIX_RESULTS:
+    rows = _reported(terminalreporter, "matrix")
+    if not rows:
         return
     table: dict[tuple[str, str], dict[str, str]] = {}
-    for command, point, after, result in MATRIX_RESULTS:
+    for command, point, after, result in sorted(rows, key=lambda r: (r[0], _POINT_ORDER.get((r[0], r[1]), 0))):
         table.setdefault((command, point), {})[after] = result
     write = terminalreporter.write_line
     write("")
@@ -255,3 +269,13 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     write(f"{'command':<10} {'crash point':<24} {'QEMU alive':<24} {'QEMU killed':<24} {'QEMU quit':<24}")
     for (command, point), row in table.items():
         write(f"{command:<10} {point:<24} " + " ".join(f"{row.get(a, '-'):<24}" for a in ("alive", "kill", "quit")))
+
+
+def _point_order() -> dict[tuple[str, str], int]:
+    from crashpoints import POINTS
+
+    return {(f"{command} {disks}d", point): i for (command, disks), points in POINTS.items()
+            for i, point in enumerate(points)}
+
+
+_POINT_ORDER = _point_order()

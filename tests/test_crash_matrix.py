@@ -16,9 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import (
-    MATRIX_RESULTS,
     MIB,
-    SOAK_RESULTS,
     Blockcopy,
     has_pattern,
     node_names,
@@ -188,9 +186,9 @@ def recover_and_check(vm: ScratchVM, bc: Blockcopy, expected: set[tuple[str, str
 @pytest.mark.parametrize(("command", "disks", "point", "after"), CASES,
                          ids=[f"{c}-{d}disk-{p}-{a}" for c, d, p, a in CASES])
 def test_crash_point(vm_factory: Any, bc: Blockcopy, tmp_path: Path, command: str, disks: int, point: str,
-                     after: str) -> None:
+                     after: str, report: Any) -> None:
     job = run_case(vm_factory, bc, tmp_path, command, disks, point, after)
-    MATRIX_RESULTS.append((f"{command} {disks}d", point, after, f"{job['outcome']}/{job['authoritative']}"))
+    report("matrix", (f"{command} {disks}d", point, after, f"{job['outcome']}/{job['authoritative']}"))
 
 
 @pytest.mark.parametrize(("command", "disks"), list(POINTS))
@@ -228,9 +226,10 @@ def test_recovery_killed_during_recovery_still_converges(attached, bc: Blockcopy
 SOAK_ITERATIONS = 30
 
 
-def test_soak_random_sigkill_during_copy_pivot(vm_factory: Any, bc: Blockcopy, tmp_path: Path) -> None:
+def test_soak_random_sigkill_during_copy_pivot(vm_factory: Any, bc: Blockcopy, tmp_path: Path, report: Any) -> None:
     """SIGKILL `copy --pivot` at a random moment, do something random to QEMU, recover, check."""
     rng = random.Random(20121122)  # fixed: a failure names its iteration and can be replayed
+    results: list[tuple[str, str]] = []
     for iteration in range(SOAK_ITERATIONS):
         work = tmp_path / f"it{iteration}"
         work.mkdir()
@@ -252,7 +251,7 @@ def test_soak_random_sigkill_during_copy_pivot(vm_factory: Any, bc: Blockcopy, t
         context = f"iteration {iteration}: {disks} disk(s), killed after {delay:.3f} s, QEMU {after}"
         jobs = state.ok("jobs", "--json").json if (work / "state").exists() else []
         if not jobs:
-            SOAK_RESULTS.append((context, "killed before the job was journaled"))
+            results.append((context, "killed before the job was journaled"))
             continue
         expected = {("pivoted", "destination"), ("failed", "source")}
         if after != "alive":
@@ -261,10 +260,12 @@ def test_soak_random_sigkill_during_copy_pivot(vm_factory: Any, bc: Blockcopy, t
             job = recover_and_check(vm, state, expected)
         except AssertionError as exc:
             raise AssertionError(f"{context}: {exc}") from exc
-        SOAK_RESULTS.append((context, f"{job['outcome']}/{job['authoritative']}"))
+        results.append((context, f"{job['outcome']}/{job['authoritative']}"))
         vm.kill()
-    assert len(SOAK_RESULTS) == SOAK_ITERATIONS
-    assert sum("/" in r for _c, r in SOAK_RESULTS) >= SOAK_ITERATIONS // 2, "most kills must hit a journaled job"
+    for row in results:
+        report("soak", row)
+    assert len(results) == SOAK_ITERATIONS
+    assert sum("/" in r for _c, r in results) >= SOAK_ITERATIONS // 2, "most kills must hit a journaled job"
 
 
 @pytest.mark.parametrize("point", ["journal:pivoting@1", "qmp:job-complete@1", "journal:settling@1"])

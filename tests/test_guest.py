@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GUEST_FIGURES, MIB, Blockcopy
+from conftest import MIB, Blockcopy
 
 from blockcopy.guest.session import GuestVM, pick_guest_accel, verify, writes_present
 from blockcopy.journal import Journal
@@ -48,7 +48,8 @@ def _journal_op(bc: Blockcopy, job_id: str) -> Any:
 
 
 @pytest.mark.parametrize("disks", [1, 2])
-def test_pivot_while_the_guest_writes_loses_nothing(guest, bc: Blockcopy, tmp_path: Path, disks: int) -> None:
+def test_pivot_while_the_guest_writes_loses_nothing(guest, bc: Blockcopy, tmp_path: Path, disks: int,
+                                                     report: Any) -> None:
     vm = guest(disks)
     bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
     dests = [tmp_path / f"dest{i}.qcow2" for i in range(disks)]
@@ -73,7 +74,7 @@ def test_pivot_while_the_guest_writes_loses_nothing(guest, bc: Blockcopy, tmp_pa
         assert writes_present(vm.disks[i].path, "qcow2", after, i) == 0
         assert writes_present(str(dests[i]), "qcow2", after, i) == len(after)
     stall = vm.acklog.max_gap(op.stop_ts - 0.5, op.resume_ts + 0.5)
-    GUEST_FIGURES.append(f"pivot {disks} disk(s), guest writing ({vm.accel}): blockcopy pause window "
+    report("guest", f"pivot {disks} disk(s), guest writing ({vm.accel}): blockcopy pause window "
                          f"{op.pause_window_ms:.1f} ms, largest gap between guest acks around it "
                          f"{stall * 1000:.1f} ms, {len(acks)} acknowledged writes verified")
 
@@ -149,7 +150,7 @@ def test_guest_powers_off_during_the_copy(guest, bc: Blockcopy, tmp_path: Path) 
 
 
 def test_write_blocking_converges_under_load_and_background_is_reported(guest, bc: Blockcopy,
-                                                                          tmp_path: Path) -> None:
+                                                                          tmp_path: Path, report: Any) -> None:
     figures = {}
     for mode in ("write-blocking", "background"):
         vm = guest(1, size=32 * MIB, interval_us=0, name=f"g-{mode}")
@@ -172,5 +173,5 @@ def test_write_blocking_converges_under_load_and_background_is_reported(guest, b
         vm.kill()
         figures[mode] += f" ({writes} guest writes meanwhile)"
     assert figures["write-blocking"].startswith("ready")
-    GUEST_FIGURES.append(f"time to ready at 8 MiB/s with the guest writing flat out: write-blocking "
+    report("guest", f"time to ready at 8 MiB/s with the guest writing flat out: write-blocking "
                          f"{figures['write-blocking']}, background {figures['background']}")

@@ -437,7 +437,7 @@ def test_without_o_tmpfile_a_crash_before_linking_still_pivots_and_leaves_no_fil
 def test_recover_resumes_a_paused_guest_before_waiting_for_another_jobs_copy(attached, bc: Blockcopy,
                                                                              tmp_path: Path) -> None:
     vm = attached(2, size=16 * MIB)
-    slow = bc.spawn("copy", "vm", "vda", str(tmp_path / "a.qcow2"), "--pivot", "--bandwidth", "0.5")
+    slow = bc.spawn("copy", "vm", "vda", str(tmp_path / "a.qcow2"), "--pivot", "--bandwidth", "1")
     wait_for(lambda: any(j["status"] == "running" for j in qemu_jobs(vm)), what="the slow mirror to run")
     slow.send_signal(signal.SIGKILL)
     slow.wait(timeout=30)
