@@ -373,6 +373,12 @@ def fmt_of(tree: nodes.NodeTree) -> dict[str, Any]:
 
 
 REPORTED = ("cache.direct", "cache.no-flush", "detect-zeroes")
+#: What each configuration sets on its first disk's protocol node, as blockcopy must read it back.
+EXPECTED_PROTOCOL_OPTIONS: dict[str, dict[str, Any]] = {
+    "direct-native": {"cache.direct": True, "aio": "native", "discard": "unmap", "detect-zeroes": "unmap",
+                      "auto-read-only": True},
+    "legacy-drive": {"cache.direct": True, "aio": "native", "discard": "unmap"},
+}
 
 
 def assert_options_carried(before: nodes.NodeTree, after: nodes.NodeTree, dest_args: dict[str, Any]) -> None:
@@ -405,6 +411,9 @@ def test_pivot_keeps_everything_but_the_image(lab: Lab, name: str) -> None:
         dest = lab.dest_for(vm, disk)
         p = pivot(vm, disk.id, dest, is_block_device=vm.config.block_device, tag=f"d{i}")
         before, after = p.before, p.after
+        if i == 0:
+            for key, value in EXPECTED_PROTOCOL_OPTIONS.get(name, {}).items():
+                assert before.protocol.options.get(key) == value, f"source {key}: {before.protocol.options}"
         # DEST in place, everything else as it was
         assert after.image_filename == dest and after.image.name == p.dest_args["node-name"]
         assert after.root == (p.dest_args["node-name"] if not before.filters else before.root)
@@ -445,16 +454,33 @@ def within(measured: float, limit: float, tolerance: float = 0.2) -> bool:
     return abs(measured - limit) <= tolerance * limit
 
 
+def assert_limit_holds(vm: ConfigVM, disk_id: str, limit: float, *, what: str, size: int = 4096,
+                       count: int = 250, attempts: int = 3) -> list[float]:
+    """The throttle holds: no measurement exceeds the limit by more than 20%, and one comes within 20% of it.
+
+    A throttle is an upper bound; on a loaded host (CPU-starved QEMU fires its throttle timers late and
+    the bucket loses what it could not spend) a burst may run below it, so up to ``attempts`` bursts
+    are measured, at fresh offsets, until one reaches the limit.
+    """
+    rates: list[float] = []
+    for attempt in range(attempts):
+        rate = write_rate(vm, disk_id, count=count, size=size, offset=(8 + 8 * attempt) * MIB)
+        value = rate.iops if what == "iops" else rate.bps
+        rates.append(value)
+        assert value <= limit * 1.2, f"{what} {value:.1f} exceeds the limit {limit} (rates so far {rates})"
+        if within(value, limit) and not rate.lower_bound:
+            return rates
+    raise AssertionError(f"{what} never came within 20% of {limit}: {rates}")
+
+
 def test_throttle_filter_limit_holds_across_the_pivot(lab: Lab) -> None:
     vm = start_config(lab, "throttle-filter")
-    before = write_rate(vm, "vda", count=150)
-    assert within(before.iops, THROTTLE_IOPS), f"before the pivot: {before}"
+    assert_limit_holds(vm, "vda", THROTTLE_IOPS, what="iops")
     p = pivot(vm, "vda", lab.dest_for(vm, vm.config.disks[0]))
     assert p.mirror_args["device"] == "vda-throttle" and p.mirror_args["replaces"] == "vda-fmt"
     assert p.after.root == "vda-throttle" and p.after.format is not None
     assert p.after.format.name == p.dest_args["node-name"]
-    after = write_rate(vm, "vda", count=150)
-    assert within(after.iops, THROTTLE_IOPS), f"after the pivot: {after}"
+    assert_limit_holds(vm, "vda", THROTTLE_IOPS, what="iops")
     limits = vm.cmd("qom-get", path="/objects/tg0", property="limits")
     assert limits["iops-total"] == THROTTLE_IOPS
 
@@ -464,19 +490,16 @@ def test_without_replaces_the_pivot_drops_the_throttle_filter(lab: Lab) -> None:
     vm = start_config(lab, "throttle-filter")
     p = pivot(vm, "vda", lab.dest_for(vm, vm.config.disks[0]), use_replaces=False)
     assert p.after.filters == () and p.after.root == p.dest_args["node-name"]
-    after = write_rate(vm, "vda", count=150)
+    after = write_rate(vm, "vda")
     assert after.iops > 2 * THROTTLE_IOPS, f"still throttled without the filter? {after}"
 
 
 def test_backend_throttle_holds_across_the_pivot(lab: Lab) -> None:
     vm = start_config(lab, "backend-throttle")
-    size = 65536
-    before = write_rate(vm, "hda", count=100, size=size)
-    assert within(before.bps, BACKEND_BPS), f"before the pivot: {before}"
+    assert_limit_holds(vm, "hda", BACKEND_BPS, what="bps", size=65536, count=150)
     p = pivot(vm, "hda", lab.dest_for(vm, vm.config.disks[0]))
     assert p.after.backend_throttle == {"bps": BACKEND_BPS, "group": "hda"}
-    after = write_rate(vm, "hda", count=100, size=size)
-    assert within(after.bps, BACKEND_BPS), f"after the pivot: {after}"
+    assert_limit_holds(vm, "hda", BACKEND_BPS, what="bps", size=65536, count=150)
 
 
 @pytest.fixture
@@ -491,7 +514,9 @@ def ramfs(tmp_path: Path) -> Iterator[Path]:
 def test_o_direct_probe_predicts_what_qemu_does(lab: Lab, ramfs: Path, tmp_path: Path) -> None:
     vm = start_config(lab, "direct-native")
     tree = vm.tree("vda")
-    for where, expected in ((ramfs, False), (tmp_path, True)):
+    plain = tmp_path / "plain"  # the test's own file system (ext4 here)
+    plain.mkdir()
+    for where, expected in ((ramfs, False), (plain, True)):
         dest = str(where / "dest.qcow2")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", dest, str(64 * MIB)], check=True)
         args = nodes.dest_blockdev_args(tree, dest, "qcow2", f"t-{expected}", f"tp-{expected}",

@@ -647,6 +647,10 @@ def probe_o_direct(dest_path: str) -> bool:
         try:
             fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_DIRECT, 0o600)
         except OSError:
+            # Linux creates the file before it checks O_DIRECT (ramfs: EINVAL, file left behind);
+            # O_EXCL and the random name make it ours to remove.
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
             return False
         try:
             os.pwritev(fd, [buf], 0)
