@@ -25,11 +25,14 @@ from vmconfigs import (
     RUNAS_USER,
     THROTTLE_IOPS,
     ConfigVM,
+    Disk,
     Lab,
     LvmUnavailable,
+    VMConfig,
     ensure_user,
     has_pattern,
     pivot,
+    wait_job,
     write_rate,
 )
 
@@ -548,3 +551,38 @@ def test_runas_qemu_cannot_open_a_dest_it_does_not_own(lab: Lab) -> None:
     uid, gid = ensure_user(RUNAS_USER)
     os.chown(dest, uid, gid)
     vm.cmd("blockdev-add", **args)
+
+
+def test_stacked_filters_stay_in_order(lab: Lab) -> None:
+    vm = start_config(lab, "stacked-filters")
+    p = pivot(vm, "vda", lab.dest_for(vm, vm.config.disks[0]))
+    assert [(f.name, f.driver) for f in p.after.filters] == [("vda-throttle", "throttle"), ("vda-cor", "copy-on-read")]
+    assert p.mirror_args["device"] == "vda-throttle" and p.mirror_args["replaces"] == "vda-fmt"
+    assert p.after.format is not None and p.after.format.name == p.dest_args["node-name"]
+
+
+def test_read_only_reopen_at_completion_opens_dest_by_path_as_the_qemu_user(lab: Lab) -> None:
+    """QEMU 7.2 makes a read-only disk's DEST read-only at completion by opening it again by path, as
+    the (-runas) QEMU user; when that open fails the pivot still succeeds, silently leaving DEST
+    read-write. A caller must check ``ro`` after the pivot (and give DEST the QEMU user's access)."""
+    where = lab.shared_dir()
+    config = VMConfig("runasro", (Disk("vda", lab.image("vda.qcow2", where=where, owner=RUNAS_USER),
+                                       fmt_opts={"read-only": True}),), runas=RUNAS_USER)
+    vm = lab.start(config, workdir=where)
+    tree = vm.tree("vda")
+    assert tree.read_only
+    dest = lab.dest_for(vm, config.disks[0])
+    args = nodes.dest_blockdev_args(tree, dest, "qcow2", "x-fmt", "x-file", is_block_device=False, backing=None)
+    vm.cmd("blockdev-add", **args)
+    os.chmod(dest, 0)  # QEMU keeps its descriptor but can no longer open DEST by path
+    vm.cmd("blockdev-mirror", **{"job-id": "j", "target": "x-fmt", "sync": "full", "auto-finalize": False,
+                                 "auto-dismiss": False, **nodes.mirror_target_args(tree)})
+    wait_job(vm, "j", "ready")
+    vm.cmd("job-complete", id="j")
+    wait_job(vm, "j", "pending")
+    vm.cmd("job-finalize", id="j")
+    wait_job(vm, "j", "concluded")
+    assert not next(j for j in vm.cmd("query-jobs") if j["id"] == "j").get("error")
+    after = vm.tree("vda")
+    assert after.image_filename == dest  # pivoted...
+    assert not after.read_only and not vm.node("x-fmt")["ro"]  # ...but DEST stayed read-write

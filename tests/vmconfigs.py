@@ -49,6 +49,7 @@ class Disk:
     file_opts: Mapping[str, Any] = field(default_factory=dict)  # -blockdev options of the protocol node
     fmt_opts: Mapping[str, Any] = field(default_factory=dict)  # ... of the format node
     throttle_group: str | None = None  # a throttle filter node above the format node
+    copy_on_read: bool = False  # a copy-on-read filter node above the format node (below the throttle)
     iothread: str | None = None
     legacy: str | None = None  # "-drive" options (if=none and id are added) instead of -blockdev nodes
 
@@ -85,6 +86,10 @@ class VMConfig:
                 args += ["-blockdev", json.dumps({"driver": disk.format, "file": f"{disk.id}-file",
                                                   "node-name": f"{disk.id}-fmt", **ro, **disk.fmt_opts})]
                 top = f"{disk.id}-fmt"
+                if disk.copy_on_read:
+                    args += ["-blockdev", json.dumps({"driver": "copy-on-read", "file": top,
+                                                      "node-name": f"{disk.id}-cor"})]
+                    top = f"{disk.id}-cor"
                 if disk.throttle_group:
                     args += ["-blockdev", json.dumps({"driver": "throttle", "throttle-group": disk.throttle_group,
                                                       "file": top, "node-name": f"{disk.id}-throttle"})]
@@ -467,6 +472,13 @@ def throttle_filter(lab: Lab) -> VMConfig:
                     objects=({"qom-type": "throttle-group", "id": "tg0", "limits": {"iops-total": THROTTLE_IOPS}},))
 
 
+def stacked_filters(lab: Lab) -> VMConfig:
+    """Two filters above the image: throttle over copy-on-read over qcow2 (with cache.direct=on)."""
+    return VMConfig("stacked", (Disk("vda", lab.image("vda.qcow2"), throttle_group="tg1", copy_on_read=True,
+                                     file_opts={"cache": {"direct": True}}, fmt_opts={"cache": {"direct": True}}),),
+                    objects=({"qom-type": "throttle-group", "id": "tg1", "limits": {"bps-total": 64 * MIB}},))
+
+
 BACKEND_BPS = 2 * MIB
 
 
@@ -509,6 +521,7 @@ CONFIGS: dict[str, Callable[[Lab], VMConfig]] = {
     "legacy-drive": legacy_drive,
     "direct-native": direct_native,
     "throttle-filter": throttle_filter,
+    "stacked-filters": stacked_filters,
     "backend-throttle": backend_throttle,
     "read-only": read_only,
     "runas": runas,

@@ -75,6 +75,20 @@ The pivot with filters (``blockdev-mirror`` on QEMU 7.2)
   disk is bounded by its own limits.
 - BlockBackend-level throttling needs nothing: it stays on the BlockBackend.
 - The target is moved to the source's AioContext (a disk on an iothread) by ``blockdev-mirror`` itself.
+- A shallow copy works the same way: ``sync: top`` with ``device`` = the throttle root and ``replaces``
+  = the format node copies the top layer only, and DEST (added with ``backing`` = the source's
+  backing node, :attr:`NodeTree.backing`) ends as ``throttle -> DEST -> backing``.
+- A read-only source: QEMU reopens DEST read-only at completion, *by path*, as the QEMU user (a new
+  O_RDONLY descriptor). If that open fails (a ``-runas`` QEMU that cannot open DEST by path any
+  more) the pivot still succeeds and DEST silently stays read-write: check ``ro`` afterwards.
+
+QEMU running as another user (``-runas``)
+------------------------------------------
+Every node blockcopy adds is opened by QEMU after it dropped privileges: DEST's file (``blockdev-add``),
+DEST's backing file if QEMU opens it from the image header (not when ``backing`` names a node), and
+DEST again at completion for a read-only disk. A root-owned 0600 DEST fails ``blockdev-add`` with
+"Permission denied"; DEST must be owned (or readable/writable) by QEMU's user, with every directory
+above it searchable. The old source stays open through QEMU's descriptors until ``blockdev-del``.
 
 O_DIRECT on DEST's storage
 --------------------------
