@@ -494,7 +494,8 @@ def test_without_replaces_the_pivot_drops_the_throttle_filter(lab: Lab) -> None:
     p = pivot(vm, "vda", lab.dest_for(vm, vm.config.disks[0]), use_replaces=False)
     assert p.after.filters == () and p.after.root == p.dest_args["node-name"]
     after = write_rate(vm, "vda")
-    assert after.iops > 2 * THROTTLE_IOPS, f"still throttled without the filter? {after}"
+    # outside the band assert_limit_holds accepts (here 130-300 IOPS, bounded by how fast HMP queues)
+    assert after.iops > 1.2 * THROTTLE_IOPS, f"still throttled without the filter? {after}"
 
 
 def test_backend_throttle_holds_across_the_pivot(lab: Lab) -> None:
