@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
 from pathlib import Path
 
@@ -125,3 +126,16 @@ def test_missing_journal_is_a_clear_error_not_nothing_to_do(bc: Blockcopy) -> No
         assert result.returncode == 3, command
         assert "no journal at" in result.stderr and "--state-dir" in result.stderr
     assert not bc.state_dir.exists()  # nothing was created either
+
+
+def test_a_process_recorded_without_boot_id_or_namespace_is_still_recognised() -> None:
+    """Records of earlier versions name the process by pid and start time only."""
+    from blockcopy.qemuproc import QemuProcess
+
+    now = QemuProcess(4242, 777, "boot-a", 11)
+    assert QemuProcess(4242, 777).same_as(now) and now.same_as(QemuProcess(4242, 777))
+    assert not QemuProcess(4242, 778).same_as(now)
+    assert not QemuProcess(4242, 777, "boot-b").same_as(now)
+    assert not QemuProcess(4242, 777, "boot-a", 12).same_as(now)
+    assert QemuProcess(4242, 777, "", 1).state() == "unknown"  # seen from another PID namespace: cannot tell
+    assert QemuProcess(os.getpid(), 0, "", 0).state() == "gone"  # wrong start time: another process

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Blockcopy, wait_for
 from vmconfigs import (
     BACKEND_BPS,
     CONFIGS,
@@ -37,6 +38,7 @@ from vmconfigs import (
 )
 
 from blockcopy import nodes
+from blockcopy.journal import Journal
 from blockcopy.nodes import NodeTreeError
 
 # fmt: off
@@ -384,7 +386,8 @@ EXPECTED_PROTOCOL_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def assert_options_carried(before: nodes.NodeTree, after: nodes.NodeTree, dest_args: dict[str, Any]) -> None:
+def assert_options_carried(before: nodes.NodeTree, after: nodes.NodeTree, dest_args: dict[str, Any],
+                           *, not_carried: tuple[str, ...] = ()) -> None:
     """Options QEMU reports must read back equal; those only the command line told (not on it for DEST
     nodes) must be in the blockdev-add QEMU accepted."""
     sent = nodes.node_options(dest_args)
@@ -394,7 +397,7 @@ def assert_options_carried(before: nodes.NodeTree, after: nodes.NodeTree, dest_a
         for key in REPORTED:
             assert new.get(key) == old.get(key), f"{role} {key}: {old.get(key)} -> {new.get(key)}"
         for key in nodes.UNREPORTED:
-            if key in old:
+            if key in old and key not in not_carried:
                 outer, _, inner = key.partition(".")
                 value = node_sent.get(outer) if not inner else node_sent.get(outer, {}).get(inner)
                 assert value == old[key], f"{role} {key}: sent {value}, source has {old[key]}"
@@ -587,3 +590,176 @@ def test_read_only_reopen_at_completion_opens_dest_by_path_as_the_qemu_user(lab:
     after = vm.tree("vda")
     assert after.image_filename == dest  # pivoted...
     assert not after.read_only and not vm.node("x-fmt")["ro"]  # ...but DEST stayed read-write
+
+
+# --- the same configurations, copied and pivoted by blockcopy itself ------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(set(CONFIGS) - {"read-only"}))
+def test_blockcopy_pivot_keeps_everything_but_the_image(lab: Lab, name: str, tmp_path: Path) -> None:
+    """Every disk of the VM copied and pivoted at one instant by `blockcopy copy --pivot`; then the
+    device's node tree above and beside the image reads back as it was, DEST is what QEMU uses, a
+    created DEST has the source's owner and mode, and the data is complete."""
+    vm = start_config(lab, name)
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    before, iothreads, dests, created = {}, {}, {}, {}
+    for disk in vm.config.disks:
+        before[disk.id] = vm.tree(disk.id)
+        iothreads[disk.id] = (vm.cmd("qom-get", path=f"/machine/peripheral/{disk.id}", property="iothread")
+                              if disk.bus == "virtio" else None)
+        if not disk.read_only:
+            out = vm.io(disk.id, f"aio_write -P 0x77 {5 * MIB} 64k") + vm.io(disk.id, "aio_flush")
+            assert "error" not in out.lower(), out
+        if vm.config.block_device:
+            dests[disk.id], created[disk.id] = lab.block_dest(disk, before[disk.id].virtual_size), False
+        else:
+            dests[disk.id], created[disk.id] = str(Path(disk.path).parent / f"bc-dest-{Path(disk.path).name}"), True
+    extra = ["--reuse-external"] if vm.config.block_device else []
+    job = bc.ok("copy", "vm", *(f"--disk={d}={p}" for d, p in dests.items()), *extra, "--pivot", "--json").json
+    assert job["outcome"] == "pivoted" and [d["pivoted"] for d in job["disks"]] == [True] * len(dests)
+    journal = Journal(bc.state_dir, create=False)
+    record = journal.get(job["id"])
+    journal.close()
+    assert record is not None
+    fdsets = vm.blockcopy_fdsets()
+    for index, disk in enumerate(vm.config.disks):
+        old, new = before[disk.id], vm.tree(disk.id)
+        dest = dests[disk.id]
+        assert fdsets.get(int(new.image_filename.rsplit("/", 1)[-1]) if new.image_filename.startswith("/dev/fdset/")
+                          else -1, new.image_filename) == dest, "QEMU does not use DEST"
+        assert new.image.name == f"bc-{job['id']}-{index}"
+        assert new.root == (new.image.name if not old.filters else old.root)
+        assert new.filters == old.filters, "the filters above the image must stay"
+        assert new.read_only == old.read_only and new.backend_throttle == old.backend_throttle
+        assert new.protocol.driver == ("host_device" if vm.config.block_device else "file")
+        # blockcopy opens DEST read-write from the one descriptor it passes (Driver._add_dest)
+        assert_options_carried(old, new, dict(record.disks[index].dest_args or {}), not_carried=("auto-read-only",))
+        if iothreads[disk.id] is not None:
+            assert vm.cmd("qom-get", path=f"/machine/peripheral/{disk.id}", property="iothread") == iothreads[disk.id]
+        flags = vm.open_files()
+        dest_flags = flags.get(dest, flags.get(os.path.realpath(dest), 0))
+        assert dest_flags, f"QEMU does not hold {dest}: {flags}"
+        assert bool(dest_flags & os.O_DIRECT) == bool(old.protocol.options.get("cache.direct")), oct(dest_flags)
+        if created[disk.id]:
+            src, dst = os.stat(disk.path), os.stat(dest)
+            assert (dst.st_uid, dst.st_gid, dst.st_mode & 0o777) == (src.st_uid, src.st_gid, src.st_mode & 0o666)
+        if not disk.read_only:
+            out = vm.io(disk.id, f"aio_write -P 0x78 {6 * MIB} 64k") + vm.io(disk.id, "aio_flush")
+            assert "error" not in out.lower(), out
+    if vm.config.runas:
+        assert vm.uid() == ensure_user(RUNAS_USER)[0]
+    vm.cmd("stop")  # flushes every image
+    for disk in vm.config.disks:
+        dest = dests[disk.id]
+        assert has_pattern(dest, disk.format, FILL, 0, 4 * MIB), f"{disk.id}: DEST lacks the source's data"
+        if not disk.read_only:
+            assert has_pattern(dest, disk.format, 0x77, 5 * MIB, 65536), f"{disk.id}: DEST lacks the write before"
+            assert has_pattern(dest, disk.format, 0x78, 6 * MIB, 65536), f"{disk.id}: DEST lacks the write after"
+            assert not has_pattern(disk.path, disk.format, 0x78, 6 * MIB, 65536), "the write after went to the source"
+
+
+def test_blockcopy_refuses_read_only_disks_clearly(lab: Lab, tmp_path: Path) -> None:
+    vm = start_config(lab, "read-only")
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    for disk in ("vda", "cd0"):
+        result = bc("copy", "vm", disk, str(tmp_path / f"{disk}.img"), "--format", "raw")
+        assert result.returncode == 2 and "is read-only" in result.stderr and "qemu-img convert" in result.stderr
+    assert vm.cmd("query-jobs") == [] and not list(tmp_path.glob("*.img"))
+
+
+def test_blockcopy_keeps_a_throttle_filter_limit(lab: Lab, tmp_path: Path) -> None:
+    vm = start_config(lab, "throttle-filter")
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    assert_limit_holds(vm, "vda", THROTTLE_IOPS, what="iops")
+    dest = str(tmp_path / "dest.qcow2")
+    job = bc.ok("copy", "vm", "vda", dest, "--pivot", "--json").json
+    assert job["outcome"] == "pivoted" and any("stay in place" in w for w in job["warnings"])
+    assert vm.tree("vda").root == "vda-throttle"
+    assert_limit_holds(vm, "vda", THROTTLE_IOPS, what="iops")
+
+
+def test_blockcopy_keeps_blockbackend_throttling(lab: Lab, tmp_path: Path) -> None:
+    vm = start_config(lab, "backend-throttle")
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    bc.ok("copy", "vm", "hda", str(tmp_path / "dest.qcow2"), "--pivot")
+    assert vm.tree("hda").backend_throttle == {"bps": BACKEND_BPS, "group": "hda"}
+    assert_limit_holds(vm, "hda", BACKEND_BPS, what="bps", size=65536, count=150)
+
+
+def test_blockcopy_refuses_o_direct_options_on_storage_without_o_direct(lab: Lab, ramfs: Path, tmp_path: Path) -> None:
+    vm = start_config(lab, "direct-native")
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    result = bc("copy", "vm", "vda", str(ramfs / "d.qcow2"), "--pivot")
+    assert result.returncode == 2 and "refuses O_DIRECT" in result.stderr
+    assert list(ramfs.iterdir()) == [] and vm.cmd("query-jobs") == []
+    # ... unless the operator says so: then DEST goes through the page cache, as asked.
+    ok = bc.ok("copy", "vm", "vda", str(ramfs / "d.qcow2"), "--dest-option", "cache.direct=off",
+               "--dest-option", "aio=threads", "--pivot", "--json").json
+    assert ok["outcome"] == "pivoted" and vm.tree("vda").protocol.options["cache.direct"] is False
+
+
+def test_blockcopy_refuses_a_destination_another_vm_has_open(lab: Lab, tmp_path: Path) -> None:
+    first = start_config(lab, "scsi-hd")
+    other = lab.start(CONFIGS["ide-hd"](lab), workdir=tmp_path)
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(first.qmp_socket))
+    taken = other.config.disks[0].path  # the other VM's disk, same size and format
+    before = Path(taken).read_bytes()
+    result = bc("copy", "vm", "sda", taken, "--reuse-external", "--pivot")
+    assert result.returncode == 2 and "in use by another process" in result.stderr
+    assert Path(taken).read_bytes() == before and first.cmd("query-jobs") == []
+
+
+def test_blockcopy_refuses_a_vm_being_migrated(lab: Lab, tmp_path: Path) -> None:
+    vm = start_config(lab, "virtio-iothread")
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    vm.cmd("migrate-set-parameters", **{"max-bandwidth": 1})  # a migration that takes its time
+    vm.cmd("migrate", uri=f"exec:cat > {tmp_path / 'migration'}")
+    try:
+        result = bc("copy", "vm", "vda", str(tmp_path / "d.qcow2"))
+        assert result.returncode == 2 and "is being migrated" in result.stderr
+        assert vm.cmd("query-jobs") == [] and not (tmp_path / "d.qcow2").exists()
+    finally:
+        vm.cmd("migrate_cancel")
+
+
+def test_a_disk_unplugged_during_the_copy_ends_the_job_on_the_source(lab: Lab, tmp_path: Path) -> None:
+    vm = start_config(lab, "scsi-hd")
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    job = bc.ok("copy", "vm", "sda", str(tmp_path / "d.qcow2"), "--bandwidth", "1", "--json").json
+    vm.cmd("device_del", id="sda")
+    wait_for(lambda: not any(e.get("qdev") == "sda" for e in vm.cmd("query-block")), what="the unplug")
+    result = bc("pivot", job["id"], "--wait", "--json")
+    assert result.returncode == 7, result.stderr
+    status = bc.ok("status", job["id"], "--json").json
+    assert status["outcome"] == "failed" and status["authoritative"] == "source"
+    assert "unplugged" in status["error"] and vm.cmd("query-jobs") == []
+
+
+def test_a_created_destination_gets_the_options_asked_for(lab: Lab, tmp_path: Path) -> None:
+    vm = start_config(lab, "virtio-iothread")
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    dest = tmp_path / "d.qcow2"
+    bc.ok("copy", "vm", "vda", str(dest), "--cluster-size", "128K", "--preallocation", "metadata",
+          "--owner", "65534:65534", "--file-mode", "0640", "--finish")
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U", str(dest)], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert info["cluster-size"] == 128 * 1024
+    st = dest.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o640)
+    raw = tmp_path / "d.raw"
+    bc.ok("copy", "vm", "vda", str(raw), "--format", "raw", "--finish")
+    assert raw.stat().st_blocks * 512 < raw.stat().st_size, "a raw DEST is sparse by default"
+    default = tmp_path / "default.qcow2"
+    bc.ok("copy", "vm", "vda", str(default), "--finish")
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U", str(default)], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert info["cluster-size"] == vm.tree("vda").cluster_size  # the source's

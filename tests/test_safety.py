@@ -344,6 +344,46 @@ def test_a_copy_is_refused_where_qemus_process_cannot_be_seen(attached, bc: Bloc
     assert qemu_jobs(vm) == [] and not (tmp_path / "d.qcow2").exists()
 
 
+@pytest.mark.parametrize("command", ["status", "recover"])
+def test_where_qemus_process_cannot_be_seen_nothing_is_declared_gone(attached, bc: Blockcopy, tmp_path: Path,
+                                                                     command: str) -> None:
+    vm = attached(1)
+    crashed = bc("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--pivot", crash_at="qmp:job-complete")
+    assert crashed.returncode == -signal.SIGKILL and vm.run_state() == "paused"
+    # `jobs`/`status` here would reconcile from this namespace: read the id from the journal itself.
+    args = ["status", _only_job_id(bc), "--json"] if command == "status" else ["recover"]
+    argv = ["unshare", "--pid", "--fork", "--mount-proc", *bc.argv("--transition-timeout", "1", *args)]
+    result = subprocess.run(argv, capture_output=True, text=True, env=bc.env, timeout=120, check=False)
+    assert "cannot tell whether QEMU" in result.stderr, result.stderr
+    if command == "recover":
+        assert result.returncode == 9 and "stays PAUSED" in result.stderr
+    # Nothing was decided from there: back where QEMU's process is visible, recovery goes on.
+    assert vm.run_state() == "paused" and len(qemu_jobs(vm)) == 1
+    done = bc.ok("recover", "--json").json[0]
+    assert done["outcome"] == "pivoted" and vm.run_state() == "running"
+
+
+def _only_job_id(bc: Blockcopy) -> str:
+    from blockcopy.journal import Journal
+
+    journal = Journal(bc.state_dir, create=False)
+    try:
+        return journal.operations()[0].id
+    finally:
+        journal.close()
+
+
+@pytest.mark.parametrize("command", ["finish", "abort"])
+def test_finish_and_abort_of_a_paused_guest_end(attached, bc: Blockcopy, tmp_path: Path, command: str) -> None:
+    """fd sets of a paused guest stay listed after remove-fd: the cleanup must end anyway."""
+    vm = attached(1, size=16 * MIB)
+    job = bc.ok("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--wait", "--json").json
+    vm.cmd("stop")
+    done = bc.ok(command, job["id"], "--json", timeout=60).json
+    assert done["state"] == "concluded" and done["outcome"] == "not-pivoted"
+    assert vm.run_state() == "paused" and qemu_jobs(vm) == []
+
+
 def test_another_qemu_on_the_same_socket_path_is_not_the_jobs_qemu(vm_factory, bc: Blockcopy, tmp_path: Path) -> None:
     vm = vm_factory(1, size=16 * MIB)
     bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
@@ -401,6 +441,25 @@ def test_a_symlink_swapped_in_for_the_destination_is_never_written_through(attac
     assert not {n for n in node_names(vm) if n.startswith("bc-")}
 
 
+def test_a_directory_swapped_in_for_the_destinations_is_never_written_into(attached, bc: Blockcopy,
+                                                                            tmp_path: Path) -> None:
+    vm = attached(1)
+    tenant, elsewhere = tmp_path / "tenant", tmp_path / "root-only"
+    tenant.mkdir()
+    elsewhere.mkdir(mode=0o700)
+    proc = _spawn(bc, "copy", "vm", "vda", str(tenant / "d.qcow2"), "--pivot", fault="journal:starting@1=stop")
+    _stopped(proc)
+    tenant.rename(tmp_path / "tenant-moved")
+    tenant.symlink_to(elsewhere)  # the tenant's directory is now a symlink to somewhere else
+    os.kill(proc.pid, signal.SIGCONT)
+    code, _out, err = _finish(proc)
+    assert code == 7, err
+    job = bc.ok("jobs", "--json").json[0]
+    assert job["outcome"] == "failed" and "not the one checked" in job["error"]
+    assert list(elsewhere.iterdir()) == [], "DEST was created in the swapped-in directory"
+    assert vm.device_node("vda")[1] == vm.disks[0].path and qemu_jobs(vm) == []
+
+
 def test_a_kill_right_after_creating_the_destination_still_pivots_after_recover(attached, bc: Blockcopy,
                                                                                 tmp_path: Path) -> None:
     vm = attached(1)
@@ -429,6 +488,19 @@ def test_without_o_tmpfile_a_crash_before_linking_still_pivots_and_leaves_no_fil
     assert (job["outcome"], job["authoritative"]) == ("pivoted", "destination")
     assert vm.device_node("vda")[1] == str(dest)
     assert not list(tmp_path.glob(".d.qcow2.blockcopy-*")), "temporary file left behind"
+
+
+def test_without_o_tmpfile_a_crash_between_link_and_unlink_leaves_no_second_name(attached, bc: Blockcopy,
+                                                                                  tmp_path: Path) -> None:
+    attached(1)
+    dest = tmp_path / "d.qcow2"
+    env = {**bc.env, "BLOCKCOPY_FAULT_AT": "o-tmpfile=fail,create-image=kill"}
+    crashed = subprocess.run(bc.argv("copy", "vm", "vda", str(dest), "--pivot"), capture_output=True, text=True,
+                             env=env, timeout=120, check=False)
+    assert crashed.returncode == -signal.SIGKILL and dest.exists()
+    job = bc.ok("recover", "--json").json[0]
+    assert job["outcome"] == "pivoted"
+    assert dest.stat().st_nlink == 1 and not list(tmp_path.glob(".d.qcow2.blockcopy-*"))
 
 
 # --- 7. recover never keeps a guest paused while another job copies -----------------------------

@@ -514,7 +514,18 @@ def lvm_raw(lab: Lab) -> VMConfig:
                     block_device=True)
 
 
+def production_pair(lab: Lab) -> VMConfig:
+    """Two disks as production VMs have them: libvirt-style cache.direct=on + aio=native nodes under a
+    throttle filter each (one group), on virtio-blk with an iothread."""
+    group = {"qom-type": "throttle-group", "id": "tgp", "limits": {"iops-total": 2000, "bps-total": 512 * MIB}}
+    return VMConfig("pair", tuple(Disk(name, lab.image(f"{name}.qcow2", size=16 * MIB), file_opts=LIBVIRT_FILE_OPTS,
+                                       fmt_opts=LIBVIRT_FMT_OPTS, throttle_group="tgp", iothread="iop")
+                                  for name in ("vda", "vdb")),
+                    objects=({"qom-type": "iothread", "id": "iop"}, group))
+
+
 CONFIGS: dict[str, Callable[[Lab], VMConfig]] = {
+    "production-pair": production_pair,
     "virtio-iothread": virtio_iothread,
     "scsi-hd": scsi_hd,
     "ide-hd": ide_hd,

@@ -16,10 +16,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from blockcopy import __version__, views
+from blockcopy import __version__, nodes, views
 from blockcopy.driver import TRANSITION_TIMEOUT, Interrupted, Until
 from blockcopy.errors import BlockcopyError, UsageError
-from blockcopy.manager import DEFAULT_BUF_SIZE, FORMATS, MODES, CopyRequest, Manager
+from blockcopy.manager import DEFAULT_BUF_SIZE, FORMATS, MODES, PREALLOCATIONS, CopyRequest, Manager
 from blockcopy.monitor import Monitor
 from blockcopy.records import Goal, Operation, Outcome
 from blockcopy.ui import describe, progress_display
@@ -66,6 +66,38 @@ def _size(text: str) -> int:
                                          ) from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, not {text}")
+    return value
+
+
+def _owner(text: str) -> tuple[int, int]:
+    """USER[:GROUP] as names or numbers; the group defaults to the user's."""
+    import grp
+    import pwd
+
+    user, _, group = text.partition(":")
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        if not user.isdigit():
+            raise argparse.ArgumentTypeError(f"unknown user {user!r}") from None
+        uid, gid = int(user), int(user)
+    else:
+        uid, gid = entry.pw_uid, entry.pw_gid
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"unknown group {group!r}") from None
+    return uid, gid
+
+
+def _octal_mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0660") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode {text} is out of range (0000-0777)")
     return value
 
 
@@ -137,6 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buf-size", type=_size, default=DEFAULT_BUF_SIZE, metavar="SIZE",
                    help="mirror buffer, the data in flight per disk (default 1M; QEMU's own default, "
                    "16M, is no faster here and costs pause time when freed at the pivot)")
+    p.add_argument("--dest-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a node option of DEST instead of the source's (cache.direct, cache.no-flush, aio, "
+                   "discard, detect-zeroes, locking, auto-read-only); repeatable. By default DEST gets the "
+                   "source's options that QEMU reports or its command line shows")
+    p.add_argument("--owner", type=_owner, metavar="USER[:GROUP]",
+                   help="owner of a DEST that blockcopy creates (default: the source file's)")
+    p.add_argument("--file-mode", type=_octal_mode, metavar="MODE",
+                   help="permission bits of a DEST that blockcopy creates, e.g. 0660 (default: the source file's)")
+    p.add_argument("--cluster-size", type=_size, metavar="SIZE",
+                   help="cluster size of a created qcow2 DEST (default: the source's)")
+    p.add_argument("--preallocation", choices=PREALLOCATIONS,
+                   help="preallocation of a created DEST (default off: sparse)")
     p.add_argument("--mode", choices=MODES, default="write-blocking",
                    help="write-blocking (default): guest writes reach both images once ready, so the "
                    "copy always converges; background: faster guest writes, may never converge")
@@ -241,9 +285,15 @@ async def _copy(args: argparse.Namespace, manager: Manager, out: Output, show_pr
         targets.append((args.pair[0], args.pair[1]))
     goal = Goal.PIVOT if args.pivot else Goal.FINISH if args.finish else Goal.COPY
     until = Until.READY if args.wait else Until.STARTED
+    try:
+        dest_options = dict(nodes.parse_dest_option(text) for text in args.dest_option)
+    except nodes.NodeTreeError as exc:
+        raise UsageError(str(exc)) from None
     request = CopyRequest(domain=args.domain, targets=targets, format=args.format, shallow=args.shallow,
                           reuse_external=args.reuse_external, bandwidth_mib=args.bandwidth,
-                          mode=args.mode, goal=goal, buf_size=args.buf_size)
+                          mode=args.mode, goal=goal, buf_size=args.buf_size, dest_options=dest_options,
+                          owner=args.owner, mode_bits=args.file_mode, cluster_size=args.cluster_size,
+                          preallocation=args.preallocation)
     waits = args.wait or args.pivot or args.finish
     with progress_display(show_progress and waits) as progress:
         op = await manager.copy(request, until=until, on_progress=progress)

@@ -52,6 +52,11 @@ PROGRESS_SAVE_INTERVAL = 2.0
 _PAUSE_PHASES = frozenset({Phase.PIVOTING, Phase.FINALIZING, Phase.ABORTING, Phase.SETTLING})
 
 
+def _mid_pivot(op: Operation) -> bool:
+    """A pivot is under way (jobs may be pending, which drains the source): it runs to its end."""
+    return holds_guest(op) or op.phase in (Phase.PIVOTING, Phase.FINALIZING)
+
+
 def holds_guest(op: Operation) -> bool:
     """The journal says blockcopy paused the guest for a pivot and has not resumed it yet."""
     return op.paused_by_us and not op.resumed and op.phase in _PAUSE_PHASES
@@ -119,18 +124,24 @@ class Link:
         """
         monitor = await self.open()
         expected = op.qemu
-        if monitor is not None and (expected is None or monitor.process == expected):
+        if monitor is not None and (expected is None or expected.same_as(monitor.process)):
             return monitor
         if expected is None:  # an older record: the socket is all there is to go by
             if isinstance(self.error, NoListener):
                 return None
             raise self.error or MonitorError(f"cannot reach QEMU at {self.socket_path}")
-        if not expected.exists():
+        state = expected.state()
+        if state == "unknown":
+            raise QemuUnreachable(f"cannot tell whether QEMU {expected} of job {op.id} still runs (blockcopy runs "
+                                  "in another PID namespace, or /proc hides it); nothing was decided. Run blockcopy "
+                                  "where it sees QEMU's process")
+        if state == "gone":
             return None  # the process exited; whatever answers the socket now is another QEMU
         if monitor is not None:
+            who = str(monitor.process) if monitor.process is not None else "a process blockcopy cannot see"
             raise QemuUnreachable(
-                f"the QMP socket {self.socket_path} is now served by another process ({monitor.process}) while "
-                f"QEMU {expected} of job {op.id} still runs; nothing was decided. Give that QEMU its socket back")
+                f"the QMP socket {self.socket_path} is now served by {who} while QEMU {expected} of job {op.id} "
+                "still runs; nothing was decided. Give that QEMU its socket back")
         raise QemuUnreachable(f"QEMU {expected} of job {op.id} still runs, but its QMP socket {self.socket_path} "
                               f"does not answer ({self.error or 'no answer'})")
 
@@ -162,14 +173,14 @@ class Driver:
         :raise JournalError: the journal could not be written (nothing was done for that step).
         :raise Interrupted: ``interrupt`` was set while waiting for a copy.
 
-        Cancelling the calling task while the guest is paused for a pivot does not stop the pivot:
-        it runs to its end (the transition time limit bounds it), then the cancellation goes on.
+        Cancelling the calling task during a pivot does not stop the pivot: it runs to its end (the
+        transition time limit bounds it), then the cancellation goes on.
         """
         task = asyncio.ensure_future(self._run_guarded(op, until))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            while not task.done() and holds_guest(self._last_saved(op)):
+            while not task.done() and _mid_pivot(self._last_saved(op)):
                 log.warning("job %s: cancelled while the guest is paused for its pivot: finishing the pivot "
                             "first", op.id)
                 with contextlib.suppress(asyncio.CancelledError):
@@ -204,7 +215,7 @@ class Driver:
         if not holds_guest(op):
             return False
         monitor = self.link.monitor
-        if monitor is None or not monitor.connected or (op.qemu is not None and monitor.process != op.qemu):
+        if monitor is None or not monitor.connected or (op.qemu is not None and not op.qemu.same_as(monitor.process)):
             return True  # cannot look at the job's own QEMU: say so rather than claim it runs
         try:
             return await asyncio.wait_for(monitor.run_state(), 2.0) != "running"
@@ -384,11 +395,16 @@ class Driver:
                 disk.dest_dir_ino is not None else None
             images.create(disk.dest_path, disk.dest_format, disk.virtual_size, tag=f"{op.id}-{index}",
                           backing_file=disk.backing_file, backing_format=disk.backing_format,
+                          mode=0o600 if disk.dest_mode is None else disk.dest_mode, owner=disk.dest_owner,
+                          cluster_size=disk.cluster_size, preallocation=disk.preallocation,
                           directory_identity=directory, before_link=journal_identity)
             return op, None
         if command.kind == "add-dest":
             assert command.disk is not None
-            await self._add_dest(op.disks[command.disk], command.args)
+            disk = op.disks[command.disk]
+            if disk.dest_created and disk.dest_dev is not None and disk.dest_ino is not None:
+                images.forget_temp_name(disk.dest_path, f"{op.id}-{command.disk}", (disk.dest_dev, disk.dest_ino))
+            await self._add_dest(disk, command.args)
             return op, None
         if command.kind == "sync-images":
             _sync_files(f for d in op.disks for f in (d.source_file, d.dest_path))
@@ -403,28 +419,45 @@ class Driver:
         monitor = self.monitor
         if monitor is None:
             raise ConnectionLost(f"not connected to QEMU for {command.name}")
-        seen, sent = monitor.event_seq, time.time()  # QEMU stamps its events with the same clock
-        await monitor.execute(command.name, command.args)
-        # QEMU emits STOP/RESUME before it answers. Only an event stamped after this command was
-        # sent belongs to this pivot: a `stop` of a guest that someone else paused just before
-        # emits none, and that someone's STOP must not be taken for blockcopy's.
         if command.name == "stop":
-            op = dataclasses.replace(op, stop_ts=monitor.event_time_since("STOP", seen, sent))
-            if op.stop_ts is None and op.paused_by_us:
-                # No STOP: the guest was paused already, by someone else since blockcopy's last look.
-                # It is theirs to resume, not blockcopy's.
-                op = self.journal.save(dataclasses.replace(op, paused_by_us=False),
-                                       "the guest was paused by someone else just before: blockcopy will not "
-                                       "resume it")
-        elif command.name == "cont":
-            op = dataclasses.replace(op, resume_ts=monitor.event_time_since("RESUME", seen, sent))
+            return await self._stop(monitor, op), None
+        seen = monitor.event_seq
+        await monitor.execute(command.name, command.args)
+        if command.name == "cont":
+            op = dataclasses.replace(op, resume_ts=monitor.event_time_since("RESUME", seen))
         return op, None
+
+    async def _stop(self, monitor: Monitor, op: Operation) -> Operation:
+        """Pause the guest for the pivot. Its run state is read first: every event QEMU sent before
+        that answer has arrived by then, so a STOP that comes after belongs to this `stop` (no
+        clock is compared). A guest that someone else paused since blockcopy's last look is theirs
+        to resume, not blockcopy's: that is journaled before the jobs are completed."""
+        if await monitor.run_state() != "running":
+            return self._not_ours_to_resume(op)
+        seen = monitor.event_seq
+        await monitor.execute("stop")
+        stop_ts = monitor.event_time_since("STOP", seen)
+        if stop_ts is None:  # someone else's `stop` came in between: QEMU had nothing to stop
+            return self._not_ours_to_resume(op)
+        return dataclasses.replace(op, stop_ts=stop_ts)
+
+    def _not_ours_to_resume(self, op: Operation) -> Operation:
+        if not op.paused_by_us:
+            return op
+        return self.journal.save(dataclasses.replace(op, paused_by_us=False),
+                                 "the guest was paused by someone else just before: blockcopy will not resume it")
 
     async def _add_dest(self, disk: DiskRecord, args: Mapping[str, Any]) -> None:
         """blockdev-add DEST from a descriptor of the file the journal names (see
         images.open_identified), passed to QEMU in an fd set: QEMU never opens DEST by a path that
-        someone could have swapped since it was checked. A read-only descriptor of the same file
-        joins the set, for QEMU's read-only reopen of a read-only disk at completion."""
+        someone could have swapped since it was checked.
+
+        One read-write descriptor only: every open QEMU makes of ``/dev/fdset/N`` duplicates it, so
+        they share one open file description and QEMU's image locks on it never conflict with each
+        other (a second, read-only description in the set kept the shared locks of an earlier
+        read-only open and made QEMU refuse its own write lock). So DEST is opened read-write
+        (``auto-read-only`` is not carried), and a read-only disk's DEST stays open read-write after
+        the pivot; the device still only reads."""
         monitor = self.monitor
         if monitor is None:
             raise ConnectionLost("not connected to QEMU for blockdev-add")
@@ -432,17 +465,10 @@ class Driver:
             raise images.ImageError(f"the journal does not say which file {disk.dest_path} must be; refusing it")
         fd = images.open_identified(disk.dest_path, (disk.dest_dev, disk.dest_ino))
         try:
-            read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                opaque = f"{FDSET_OPAQUE_PREFIX}{disk.dest_path}"
-                fdset = await monitor.add_fd(fd, opaque)
-                await monitor.add_fd(read_only, opaque, fdset)
-            finally:
-                os.close(read_only)
+            fdset = await monitor.add_fd(fd, f"{FDSET_OPAQUE_PREFIX}{disk.dest_path}")
         finally:
             os.close(fd)
-        added = dict(args)
-        added["file"] = {**dict(args["file"]), "filename": fdset_path(fdset)}
+        added = _opened_from(args, fdset_path(fdset))
         try:
             await monitor.execute("blockdev-add", added)
         except CommandRefused:
@@ -455,6 +481,18 @@ class Driver:
             await self.monitor.wait_event(timeout, since)
         else:
             await asyncio.sleep(min(timeout, 0.2))
+
+
+def _opened_from(args: Mapping[str, Any], filename: str) -> dict[str, Any]:
+    """``args`` with the protocol node (file or host_device, below any filters) opening ``filename``."""
+    out = dict(args)
+    if out.get("driver") in ("file", "host_device"):
+        out["filename"] = filename
+    elif isinstance(out.get("file"), Mapping):
+        out["file"] = _opened_from(out["file"], filename)
+    else:
+        raise images.ImageError(f"DEST's blockdev-add has no protocol node: {dict(args)}")
+    return out
 
 
 def _held_message(op: Operation, cause: BaseException, journal: Journal) -> str:

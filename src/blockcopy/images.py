@@ -85,8 +85,19 @@ def open_identified(path: str, identity: tuple[int, int]) -> int:
     return fd
 
 
+def locked_by(path: str, fmt: str) -> str | None:
+    """Why an image is in use by another process (a QEMU holding its image locks), or None."""
+    proc = _run([QEMU_IMG, "info", "--output=json", "-f", fmt, path])
+    if proc.returncode == 0:
+        return None
+    message = proc.stderr.strip()
+    return message if "lock" in message.lower() else None
+
+
 def create(path: str, fmt: str, size: int, *, tag: str, backing_file: str | None = None,
-           backing_format: str | None = None, mode: int = 0o600, directory_identity: tuple[int, int] | None = None,
+           backing_format: str | None = None, mode: int = 0o600, owner: tuple[int, int] | None = None,
+           cluster_size: int | None = None, preallocation: str | None = None,
+           directory_identity: tuple[int, int] | None = None,
            before_link: Callable[[int, int], None] | None = None) -> tuple[int, int]:
     """Make a new image and give it the name ``path``, which must not exist; returns (st_dev, st_ino).
 
@@ -95,11 +106,19 @@ def create(path: str, fmt: str, size: int, *, tag: str, backing_file: str | None
     name (O_TMPFILE; on file systems without it, a name derived from ``tag`` created with
     O_EXCL|O_NOFOLLOW), ``qemu-img`` writes it through ``/dev/fd``, ``before_link`` is told its
     identity (to journal it), and it is linked into place with link(2), which never replaces a file.
+    ``directory_identity``: the directory must still be the one checked when the job was planned
+    (not a symlink or another directory swapped in for it since).
+
+    :raise ImageError: the directory was replaced, ``path`` appeared meanwhile, or qemu-img failed.
     """
     directory, name = os.path.split(path)
     dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     temp_name: str | None = None
     try:
+        st_dir = os.fstat(dir_fd)
+        if directory_identity is not None and (st_dir.st_dev, st_dir.st_ino) != directory_identity:
+            raise ImageError(f"the directory {directory} is not the one checked when the copy was planned "
+                             "(replaced, or a symlink swapped in); nothing was created there")
         try:
             if faults.fails("o-tmpfile"):
                 raise OSError(errno.EOPNOTSUPP, "O_TMPFILE unsupported (test)")
@@ -107,14 +126,16 @@ def create(path: str, fmt: str, size: int, *, tag: str, backing_file: str | None
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
-            temp_name = f".{name}.blockcopy-{tag}"
+            temp_name = temp_name_for(name, tag)
             with contextlib.suppress(FileNotFoundError):  # left by a crash: the name is this job's own
                 os.unlink(temp_name, dir_fd=dir_fd)
             fd = os.open(temp_name, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
                          dir_fd=dir_fd)
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)  # a QEMU running as its own user opens DEST again after a restart
             os.fchmod(fd, mode)  # whatever the umask
-            _make_image(fd, path, fmt, size, backing_file, backing_format)
+            _make_image(fd, path, fmt, size, backing_file, backing_format, cluster_size, preallocation)
             os.fsync(fd)
             st = os.fstat(fd)
             if before_link is not None:
@@ -134,12 +155,42 @@ def create(path: str, fmt: str, size: int, *, tag: str, backing_file: str | None
         os.close(dir_fd)
 
 
+def temp_name_for(name: str, tag: str) -> str:
+    """The name a job makes DEST under where the file system has no O_TMPFILE."""
+    return f".{name}.blockcopy-{tag}"
+
+
+def forget_temp_name(path: str, tag: str, identity: tuple[int, int]) -> None:
+    """Remove the job's temporary name of DEST, left when a crash fell between link and unlink (it
+    would keep DEST's data alive after DEST is deleted); only if it is that very file."""
+    directory, name = os.path.split(path)
+    try:
+        dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        temp = temp_name_for(name, tag)
+        with contextlib.suppress(OSError):
+            st = os.stat(temp, dir_fd=dir_fd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == identity:
+                os.unlink(temp, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _make_image(fd: int, path: str, fmt: str, size: int, backing_file: str | None,
-                backing_format: str | None) -> None:
-    if fmt == "raw":
-        os.ftruncate(fd, size)
+                backing_format: str | None, cluster_size: int | None, preallocation: str | None) -> None:
+    if fmt == "raw" and preallocation in (None, "off"):
+        os.ftruncate(fd, size)  # sparse
         return
     args = [QEMU_IMG, "create", "-q", "-f", fmt]
+    options = []
+    if cluster_size and fmt == "qcow2":
+        options.append(f"cluster_size={cluster_size}")
+    if preallocation:
+        options.append(f"preallocation={preallocation}")
+    if options:
+        args += ["-o", ",".join(options)]
     if backing_file is not None:
         args += ["-b", backing_file, "-F", backing_format or "qcow2"]
     # qemu-img writes the file blockcopy holds open (/dev/fd/N reopens that very file), never a path.

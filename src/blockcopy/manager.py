@@ -13,11 +13,12 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
-from blockcopy import images
+from blockcopy import images, nodes
 from blockcopy.driver import TRANSITION_TIMEOUT, Driver, Interrupted, Link, ProgressCallback, Until, holds_guest
 from blockcopy.errors import (
     BlockcopyError,
@@ -34,12 +35,13 @@ from blockcopy.errors import (
 )
 from blockcopy.journal import Domain, Journal, default_state_dir
 from blockcopy.locking import DomainLock
-from blockcopy.monitor import DeviceInfo, Monitor
+from blockcopy.monitor import DeviceInfo, Monitor, devices_from_query_block
 from blockcopy.records import DiskRecord, Goal, Operation, Outcome, Phase, Stage
 
 log = logging.getLogger(__name__)
 
 MODES = ("write-blocking", "background")
+PREALLOCATIONS = ("off", "metadata", "falloc", "full")
 FORMATS = ("qcow2", "raw")
 MIB = 1024 * 1024
 #: The mirror's buffer. QEMU's default is 16 MiB; QEMU frees it when the job completes, which is
@@ -62,6 +64,11 @@ class CopyRequest:
     mode: str = "write-blocking"
     buf_size: int = DEFAULT_BUF_SIZE  # bytes
     goal: Goal = Goal.COPY
+    dest_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # nodes.parse_dest_option
+    owner: tuple[int, int] | None = None  # a created DEST's uid, gid (default: the source file's)
+    mode_bits: int | None = None  # a created DEST's permission bits (default: the source file's)
+    cluster_size: int | None = None  # a created qcow2 DEST's (default: the source's)
+    preallocation: str | None = None  # a created DEST's: off, metadata, falloc, full
 
 
 class Manager:
@@ -337,15 +344,26 @@ class Manager:
 
     async def _plan(self, request: CopyRequest, monitor: Monitor) -> Operation:
         """Check every input against QEMU and the journal; nothing is touched before this passes."""
-        devices = await monitor.devices()
+        qemu = monitor.process
+        if qemu is None:
+            raise UsageError(
+                f"cannot tell which process serves the QMP socket {monitor.socket_path} (the kernel named no "
+                "process in this PID namespace, or /proc hides it). blockcopy must see QEMU's process to "
+                "decide after a crash whether QEMU exited; run blockcopy in QEMU's PID namespace with /proc "
+                "visible")
+        await _refuse_migration(monitor, request.domain)
+        block, named, graph, fdsets = await asyncio.gather(
+            monitor.block(), monitor.named_nodes(), monitor.execute("x-debug-query-block-graph"), monitor.fdsets())
+        devices = devices_from_query_block(block, fdsets)
+        argv = nodes.options_from_argv(_cmdline(qemu.pid))
         active = self.journal.operations(unfinished=True)
         busy_keys = {(op.domain, d.device_key): op.id for op in active for d in op.disks}
         busy_dests = {os.path.realpath(d.dest_path): op.id for op in active for d in op.disks}
         op_id = secrets.token_hex(8)  # 64 random bits; and the first save refuses a taken id
         disks: list[DiskRecord] = []
+        warnings: list[str] = []
         seen_devices: set[str] = set()
         seen_dests: set[str] = set()
-        nodes = await monitor.named_nodes()
         for index, (disk_name, dest) in enumerate(request.targets):
             device = _find_device(devices, disk_name, request.domain)
             if device.device_key in seen_devices:
@@ -355,8 +373,20 @@ class Manager:
             if holder:
                 raise UsageError(f"disk {device.name} already has block copy job {holder}; "
                                  f"pivot, finish or abort it first (`blockcopy status {holder}`)")
+            if device.read_only:
+                raise UsageError(f"disk {device.name} is read-only: blockcopy moves disks the guest writes. A "
+                                 "read-only image does not change; copy it with `qemu-img convert` and switch "
+                                 "the medium (QMP blockdev-change-medium) or the VM's configuration")
+            entry = next(e for e in block if e.get("inserted") and _device_key_of(e) == device.device_key)
+            try:
+                tree = nodes.node_tree(entry, named, graph, argv=argv)
+            except nodes.NodeTreeError as exc:
+                raise UsageError(f"disk {device.name}: {exc}") from None
             dest_format = request.format or device.format
-            real, identity = _check_destination(dest, device, request, dest_format)
+            if tree.format is None and dest_format != "raw":
+                raise UsageError(f"disk {device.name} is a raw {tree.protocol.driver} node without a format node; "
+                                 "its destination must be raw (--format raw)")
+            real, identity, is_block = _check_destination(dest, device, request, dest_format)
             # Journaled as resolved: the file (reused) or directory (created) that was checked.
             dest = real if request.reuse_external else os.path.join(os.path.realpath(os.path.dirname(dest)),
                                                                      os.path.basename(dest))
@@ -367,30 +397,121 @@ class Manager:
             backing_file = backing_format = None
             if request.shallow and device.backing_chain and not request.reuse_external:
                 backing_file, backing_format = device.backing_chain[0], device.backing_format
+            dest_node = f"bc-{op_id}-{index}"
+            try:
+                dest_args = nodes.dest_blockdev_args(
+                    tree, dest, dest_format, dest_node, f"{dest_node}-file" if tree.format else dest_node,
+                    is_block_device=is_block, overrides=request.dest_options,
+                    # A full copy stands alone (never a backing file named in DEST); a shallow one
+                    # sits on the source's own backing node, as the source does.
+                    **({} if dest_format != "qcow2" else
+                       {"backing": tree.backing if request.shallow and tree.backing else None}))
+            except nodes.NodeTreeError as exc:
+                raise UsageError(f"disk {device.name}: {exc}") from None
+            dest_args = _without_auto_read_only(dest_args)
+            if is_block and dest_format == "raw" and _block_size(real) > device.virtual_size:
+                # The guest must see the disk it had, not the whole (larger) device.
+                dest_args = _raw_size(dest_args, device.virtual_size)
+            refusal = nodes.o_direct_refusal(dest_args, dest, nodes.probe_o_direct(dest))
+            if refusal:
+                raise UsageError(f"disk {device.name}: {refusal}")
+            warnings.extend(f"disk {device.name}: {w}" for w in nodes.unknown_option_warnings(tree)
+                            if not any(f"--dest-option {k}=" in w for k in request.dest_options))
+            if tree.filters:
+                names = ", ".join(f"{f.driver} {f.name}" for f in tree.filters)
+                warnings.append(f"disk {device.name}: the filters above its image ({names}) stay in place; a "
+                                "throttle limits the copy too, as the mirror reads through it")
             disks.append(DiskRecord(
-                name=device.name, device_key=device.device_key, source_node=device.node,
-                source_file=device.file, source_format=device.format,
-                source_file_node=_file_node(nodes, device), virtual_size=device.virtual_size,
-                dest_path=dest, dest_format=dest_format, dest_node=f"bc-{op_id}-{index}",
+                name=device.name, device_key=device.device_key, source_node=tree.root,
+                source_file=device.file, source_format=tree.image_format,
+                source_file_node=tree.protocol.name if tree.format else None, virtual_size=device.virtual_size,
+                dest_path=dest, dest_format=dest_format, dest_node=dest_node,
                 job_id=f"bcj-{op_id}-{index}", backing_file=backing_file,
                 backing_format=backing_format, dest_dev=identity[0] if identity else None,
                 dest_ino=identity[1] if identity else None,
                 dest_dir_dev=directory.st_dev if directory else None,
                 dest_dir_ino=directory.st_ino if directory else None,
+                dest_args=dest_args, replaces=tree.image.name if tree.filters else None,
+                dest_owner=_dest_owner(request, device.file), dest_mode=_dest_mode(request, device.file),
+                cluster_size=request.cluster_size or (tree.cluster_size if dest_format == "qcow2" else None),
+                preallocation=request.preallocation,
                 stage=Stage.ADD if request.reuse_external else Stage.CREATE))
         bandwidth = int(request.bandwidth_mib * MIB) if request.bandwidth_mib else 0
-        qemu = monitor.process
-        if qemu is None:
-            raise UsageError(
-                f"cannot tell which process serves the QMP socket {monitor.socket_path} (the kernel named no "
-                "process in this PID namespace, or /proc hides it). blockcopy must see QEMU's process to "
-                "decide after a crash whether QEMU exited; run blockcopy in QEMU's PID namespace with /proc "
-                "visible")
         return Operation(id=op_id, domain=request.domain, goal=request.goal, phase=Phase.STARTING,
                          qemu_pid=qemu.pid, qemu_start=qemu.start_time, qemu_boot=qemu.boot_id,
+                         qemu_pidns=qemu.pid_ns,
                          disks=tuple(disks), mode=request.mode, shallow=request.shallow,
                          reuse_external=request.reuse_external, bandwidth=bandwidth,
-                         buf_size=request.buf_size)
+                         buf_size=request.buf_size, warnings=tuple(warnings))
+
+
+async def _refuse_migration(monitor: Monitor, domain: str) -> None:
+    """A VM being migrated (or paused for it) is not copied: its disks are about to change hands."""
+    state = await monitor.run_state()
+    migration = str((await monitor.execute("query-migrate")).get("status", "none"))
+    if state in ("inmigrate", "postmigrate", "finish-migrate", "prelaunch") or migration not in (
+            "none", "completed", "failed", "cancelled"):
+        raise UsageError(f"domain {domain} is being migrated (run state {state}, migration {migration}); "
+                         "copy its disks before or after the migration, not during it")
+
+
+def _cmdline(pid: int) -> list[str]:
+    """QEMU's command line: the one place where options QMP never reports (aio, discard) are written."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as raw:
+            return [part.decode(errors="replace") for part in raw.read().split(b"\0") if part]
+    except OSError:
+        return []
+
+
+def _device_key_of(entry: Mapping[str, Any]) -> str:
+    return str(entry.get("qdev") or entry.get("device") or "")
+
+
+def _block_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def _without_auto_read_only(args: Mapping[str, Any]) -> dict[str, Any]:
+    """DEST is opened read-write from its one descriptor (see Driver._add_dest): not read-only first."""
+    out = {k: v for k, v in args.items() if k != "auto-read-only"}
+    if isinstance(out.get("file"), Mapping):
+        out["file"] = _without_auto_read_only(out["file"])
+    return out
+
+
+def _raw_size(args: Mapping[str, Any], size: int) -> dict[str, Any]:
+    """A raw node on a block device larger than the disk, limited to the disk's size."""
+    out = dict(args)
+    if out.get("driver") == "raw":
+        out["size"] = size
+    return out
+
+
+def _dest_owner(request: CopyRequest, source: str) -> tuple[int, int] | None:
+    """DEST's owner: asked for, else the source file's (a QEMU that runs as its own user opens DEST
+    again by path after a restart)."""
+    if request.owner is not None:
+        return request.owner
+    try:
+        st = os.stat(source)
+    except OSError:
+        return None
+    return st.st_uid, st.st_gid
+
+
+def _dest_mode(request: CopyRequest, source: str) -> int | None:
+    if request.mode_bits is not None:
+        return request.mode_bits
+    try:
+        st = os.stat(source)
+    except OSError:
+        return None
+    return stat.S_IMODE(st.st_mode) & 0o666
 
 
 def _guests_held_first(ops: Sequence[Operation]) -> list[Operation]:
@@ -412,6 +533,15 @@ def _check_options(request: CopyRequest) -> None:
                          f"{request.buf_size} (QEMU rounds it up to the job's granularity)")
     if request.shallow and request.format == "raw":
         raise UsageError("--shallow needs a qcow2 destination (raw images cannot have a backing file)")
+    if request.preallocation is not None and request.preallocation not in PREALLOCATIONS:
+        raise UsageError(f"unknown preallocation {request.preallocation!r}: use one of {', '.join(PREALLOCATIONS)}")
+    if request.preallocation == "metadata" and request.format == "raw":
+        raise UsageError("--preallocation metadata is for qcow2 destinations; raw takes off, falloc or full")
+    if request.cluster_size is not None and not (512 <= request.cluster_size <= 2 * MIB
+                                                 and request.cluster_size & (request.cluster_size - 1) == 0):
+        raise UsageError(f"cluster size must be a power of two from 512 bytes to 2 MiB, not {request.cluster_size}")
+    if request.mode_bits is not None and not 0 <= request.mode_bits <= 0o777:
+        raise UsageError(f"file mode must be between 0000 and 0777, not {request.mode_bits:o}")
 
 
 def _find_device(devices: Sequence[DeviceInfo], name: str, domain: str) -> DeviceInfo:
@@ -434,9 +564,9 @@ def _file_node(nodes: Sequence[dict[str, object]], device: DeviceInfo) -> str | 
 
 
 def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest,
-                       dest_format: str) -> tuple[str, tuple[int, int] | None]:
-    """Refuse any destination that could lose data; returns its resolved path and, for a reused
-    DEST, the identity (st_dev, st_ino) of the file that was checked."""
+                       dest_format: str) -> tuple[str, tuple[int, int] | None, bool]:
+    """Refuse any destination that could lose data; returns its resolved path, for a reused DEST
+    the identity (st_dev, st_ino) of the file that was checked, and whether it is a block device."""
     if not os.path.isabs(dest):
         raise UsageError(f"destination {dest!r} must be an absolute path (QEMU does not share "
                          "blockcopy's working directory)")
@@ -448,6 +578,9 @@ def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest,
     if request.shallow and dest_format == "raw":
         raise UsageError("--shallow needs a qcow2 destination (raw images cannot have a backing file)")
     parent = os.path.dirname(real)
+    if os.path.exists(real) and stat.S_ISBLK(os.stat(real).st_mode) and not request.reuse_external:
+        raise UsageError(f"destination {dest} is a block device: blockcopy never creates or truncates one. "
+                         "Pass --reuse-external to copy onto it (its size must fit the disk)")
     if not os.path.isdir(parent):
         raise UsageError(f"the directory of destination {dest} does not exist; create {parent} first")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -457,7 +590,7 @@ def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest,
         if exists:
             raise UsageError(f"destination {dest} already exists; blockcopy never overwrites a file. "
                              "Choose a new path, or pass --reuse-external to use this image as it is")
-        return real, None
+        return real, None, False
     if not exists:
         raise UsageError(f"--reuse-external: destination {dest} does not exist; create it first "
                          "(e.g. qemu-img create) or drop --reuse-external")
@@ -480,13 +613,23 @@ def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest,
     after = os.lstat(real)
     if (before.st_dev, before.st_ino) != (after.st_dev, after.st_ino):
         raise UsageError(f"--reuse-external: {dest} was replaced while blockcopy checked it; try again")
-    if info.virtual_size != device.virtual_size:
+    in_use = images.locked_by(real, dest_format)
+    if in_use:
+        raise UsageError(f"--reuse-external: {dest} is in use by another process ({in_use}): another VM's disk? "
+                         "blockcopy never mirrors onto an image someone else has open")
+    is_block = stat.S_ISBLK(before.st_mode)
+    if is_block and dest_format == "raw":
+        size = _block_size(real)
+        if size < device.virtual_size:
+            raise UsageError(f"--reuse-external: block device {dest} holds {size} bytes, less than disk "
+                             f"{device.name} ({device.virtual_size} bytes)")
+    elif info.virtual_size != device.virtual_size:
         relation = "smaller than" if info.virtual_size < device.virtual_size else "larger than"
         raise UsageError(f"--reuse-external: {dest} has virtual size {info.virtual_size} bytes, "
                          f"{relation} disk {device.name} ({device.virtual_size} bytes); sizes must match")
     if request.shallow:
         _check_reused_backing(dest, info, device)
-    return real, (before.st_dev, before.st_ino)
+    return real, (before.st_dev, before.st_ino), is_block
 
 
 def _check_reused_backing(dest: str, info: images.ImageInfo, device: DeviceInfo) -> None:

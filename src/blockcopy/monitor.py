@@ -23,6 +23,7 @@ from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, Message,
 from qemu.qmp.protocol import ConnectError, Runstate
 
 from blockcopy.errors import ConnectionLost, MonitorBusy, MonitorError, MonitorTimeout, NoListener
+from blockcopy.nodes import FILTER_DRIVERS, image_below
 from blockcopy.protocol import JobView, Observation
 from blockcopy.qemuproc import QemuProcess, peer_process
 
@@ -209,13 +210,11 @@ class Monitor:
                     found[int(fdset["fdset-id"])] = opaque.removeprefix(FDSET_OPAQUE_PREFIX)
         return found
 
-    def event_time_since(self, name: str, since: int, not_before: float) -> float | None:
-        """QEMU's time of the latest ``name`` event that arrived after event number ``since`` and
-        happened at or after ``not_before`` (wall clock, as QEMU stamps events): an event that was
-        still on its way when ``since`` was read is not taken for a newer one."""
+    def event_time_since(self, name: str, since: int) -> float | None:
+        """QEMU's time of the latest ``name`` event that arrived after event number ``since``."""
         self._drain_events()
         seq, at = self.last_events.get(name, (0, 0.0))
-        return at if seq > since and at >= not_before else None
+        return at if seq > since else None
 
     async def hmp(self, command_line: str) -> str:
         """Human monitor command; for tests and the demo (guest-like writes via qemu-io)."""
@@ -270,16 +269,20 @@ class Monitor:
         empty. Raises like :meth:`execute`; whether QEMU is gone is the caller's question."""
         # Sent together (QMP pipelines commands and answers them in order): one round trip
         # instead of up to four, which counts while the guest is paused.
-        run_state, jobs, block, named, fdsets = await asyncio.gather(
+        run_state, jobs, block, named, fdsets, graph = await asyncio.gather(
             self.run_state() if "status" in needs else _value(""),
             self.jobs() if "jobs" in needs else _value({}),
             self.block() if "block" in needs else _value([]),
-            self.named_nodes() if "nodes" in needs else _value([]),
-            self.fdsets() if "fdsets" in needs else _value({}))
+            self.named_nodes() if "nodes" in needs or "graph" in needs else _value([]),
+            self.fdsets() if "fdsets" in needs else _value({}),
+            self.execute("x-debug-query-block-graph") if "graph" in needs else _value({}))
         device_nodes = {_device_key(entry): entry["inserted"]["node-name"]
                         for entry in block if entry.get("inserted")}
+        device_images = ({key: image_below(root, named, graph) for key, root in device_nodes.items()}
+                         if "graph" in needs else {})
         in_use = {str(n.get("file")) for n in named}
         return Observation(alive=True, run_state=run_state, jobs=jobs, device_nodes=device_nodes,
+                           device_images=device_images,
                            nodes=frozenset(str(n["node-name"]) for n in named if n.get("node-name")),
                            unused_fdsets=frozenset(i for i in fdsets if fdset_path(i) not in in_use),
                            dest_state=dest_state)
@@ -318,6 +321,9 @@ def devices_from_query_block(block: Iterable[Mapping[str, Any]],
         if not inserted:
             continue  # an empty CD-ROM drive and the like
         image = inserted.get("image", {})
+        while image.get("format") in FILTER_DRIVERS and image.get("backing-image"):
+            image = image["backing-image"]  # a filter (throttle...) shows the image below as its backing
+        filename = str(inserted["file"]) if image is inserted.get("image") else str(image.get("filename", ""))
         chain = []
         backing = image.get("backing-image")
         backing_format = backing.get("format") if backing else None
@@ -329,8 +335,8 @@ def devices_from_query_block(block: Iterable[Mapping[str, Any]],
         devices.append(DeviceInfo(
             name=qid or drive or str(inserted["node-name"]), qdev_id=qid, drive_id=drive,
             device_key=_device_key(entry), node=str(inserted["node-name"]),
-            file=by_fdset.get(str(inserted["file"]), str(inserted["file"])),
-            format=str(inserted["drv"]), virtual_size=int(image.get("virtual-size", 0)),
+            file=by_fdset.get(filename, filename), format=str(image.get("format") or inserted["drv"]),
+            virtual_size=int(image.get("virtual-size", 0)),
             backing_chain=tuple(chain), backing_format=backing_format, read_only=bool(inserted.get("ro"))))
     return devices
 

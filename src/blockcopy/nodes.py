@@ -298,6 +298,22 @@ def node_tree(block_entry: Mapping[str, Any], named_nodes: Iterable[Mapping[str,
         backend_throttle=_backend_throttle(inserted))
 
 
+def image_below(root: str, named_nodes: Iterable[Mapping[str, Any]], graph: Mapping[str, Any]) -> str:
+    """The node right below the filters that start at ``root`` (``root`` itself without filters):
+    the image a pivot with ``replaces`` swaps. A running job's filter (mirror_top) counts as one."""
+    drivers = {str(n["node-name"]): _driver(n) for n in named_nodes if n.get("node-name")}
+    children = _children(graph)
+    current, seen = root, set()
+    while drivers.get(current) in FILTER_DRIVERS | JOB_FILTER_DRIVERS and current not in seen:
+        seen.add(current)
+        below = children.get(current, {})
+        nxt = below.get("file") or below.get("backing")
+        if nxt is None:
+            break
+        current = nxt
+    return current
+
+
 def _driver(node: Mapping[str, Any]) -> str:
     return str(node.get("drv", ""))
 

@@ -106,6 +106,9 @@ class Observation:
     run_state: str = "running"  # query-status "status"
     jobs: Mapping[str, JobView] = field(default_factory=dict)
     device_nodes: Mapping[str, str] = field(default_factory=dict)  # device_key -> root node name
+    #: device_key -> the node right below the device's filters (x-debug-query-block-graph); read
+    #: only for disks with filters above the image (``DiskRecord.replaces``)
+    device_images: Mapping[str, str] = field(default_factory=dict)
     nodes: frozenset[str] = frozenset()  # every named node (query-named-block-nodes)
     unused_fdsets: frozenset[int] = frozenset()  # blockcopy's fd sets that no node uses (query-fdsets)
     #: per disk, in Stage.CREATE and Stage.ADD only: what DEST's path names now. "absent"; "ours":
@@ -176,7 +179,7 @@ DONE_STEP = Step(note="done")
 ALL_QUERIES = frozenset({"status", "jobs", "block", "nodes", "fdsets"})
 _NEEDS = {
     Phase.STARTING: frozenset({"jobs", "nodes"}),
-    Phase.COPYING: frozenset({"status", "jobs"}),
+    Phase.COPYING: frozenset({"status", "jobs", "block"}),
     Phase.PIVOTING: frozenset({"status", "jobs", "block"}),
     Phase.FINALIZING: frozenset({"jobs", "block"}),  # forward only: the run state does not matter
     Phase.FINISHING: frozenset({"jobs", "block", "nodes"}),
@@ -190,7 +193,10 @@ def needs(op: Operation) -> frozenset[str]:
     """The QEMU queries whose answers :func:`decide` reads for ``op`` now."""
     if op.phase is Phase.SETTLING and op.paused_by_us and not op.resumed:
         return frozenset({"status"})  # resume first, as fast as possible; clean up afterwards
-    return _NEEDS[op.phase]
+    wanted = _NEEDS[op.phase]
+    if "block" in wanted and any(d.replaces for d in op.disks):
+        wanted = wanted | {"graph"}  # which image a filter sits on: only the block graph says
+    return wanted
 
 
 def decide(op: Operation, obs: Observation) -> Step:
@@ -219,8 +225,12 @@ def _job(op: Operation, obs: Observation, disk: DiskRecord) -> JobView | None:
 
 
 def _job_trouble(op: Operation, obs: Observation) -> str | None:
-    """Why a job cannot reach its goal any more: vanished, failed, or concluded/cancelled by others."""
+    """Why a job cannot reach its goal any more: its disk was unplugged, or the job vanished, failed,
+    or was concluded/cancelled by others."""
     for disk in op.disks:
+        if disk.device_key not in obs.device_nodes:  # COPYING and PIVOTING read query-block
+            return (f"disk {disk.name} was unplugged from the guest; the copy is cancelled and the source keeps "
+                    "its data")
         job = _job(op, obs, disk)
         if job is None:
             return f"disk {disk.name}: job {disk.job_id} disappeared from QEMU"
@@ -231,6 +241,9 @@ def _job_trouble(op: Operation, obs: Observation) -> str | None:
 
 
 def _uses_dest(obs: Observation, disk: DiskRecord) -> bool:
+    """The device uses DEST: as its root node, or, below its filters, as the image they sit on."""
+    if disk.replaces:
+        return obs.device_images.get(disk.device_key) == disk.dest_node
     return obs.device_nodes.get(disk.device_key) == disk.dest_node
 
 
@@ -315,6 +328,8 @@ def _starting(op: Operation, obs: Observation) -> Step:
 
 
 def _blockdev_add_args(op: Operation, disk: DiskRecord) -> dict[str, Any]:
+    if disk.dest_args is not None:
+        return dict(disk.dest_args)
     args: dict[str, Any] = {
         "driver": disk.dest_format,
         "node-name": disk.dest_node,
@@ -338,6 +353,8 @@ def _mirror_args(op: Operation, disk: DiskRecord) -> dict[str, Any]:
         "auto-finalize": False,
         "auto-dismiss": False,
     }
+    if disk.replaces:
+        args["replaces"] = disk.replaces  # the filters above the image stay; only the image is swapped
     if op.bandwidth:
         args["speed"] = op.bandwidth
     if op.buf_size:
@@ -554,11 +571,6 @@ def _settling(op: Operation, obs: Observation) -> Step:
     # Every disk's leftovers go in one step (each job is dismissed before its target node is
     # deleted); the next observation shows what is left, and one record ends the operation.
     cleanup: list[Command] = []
-    if failure is None or failure.command.name != "remove-fd":
-        # fd sets that no node uses any more: this job's DEST after a failure or a finish, an
-        # earlier job's DEST after this pivot away from it, one left by a crash before its
-        # blockdev-add. Removing one that another job will still add is harmless: it passes DEST again.
-        cleanup.extend(qmp("remove-fd", {"fdset-id": i}, purpose="cleanup") for i in sorted(obs.unused_fdsets))
     for index, disk in enumerate(op.disks):
         if disk.cleaned:
             continue
@@ -570,6 +582,19 @@ def _settling(op: Operation, obs: Observation) -> Step:
                        if node in obs.nodes and obs.device_nodes.get(disk.device_key) != node)
     if cleanup:
         return Step(commands=tuple(cleanup), note="dismiss the jobs, delete the nodes no device uses")
+    # fd sets that no node uses any more (this job's DEST after a failure or a finish, an earlier
+    # job's DEST after this pivot away from it, one left by a crash before its blockdev-add) are
+    # removed once: QEMU keeps a removed descriptor while the guest is not running, so the set can
+    # look unused again. Removing a set that another job will add again is harmless.
+    if failure is not None and failure.command.name == "remove-fd":
+        record = _replace(op, fdsets_released=True, warnings=(*op.warnings, f"cleanup: {failure.message}"))
+        return Step(record=record, note="remove-fd refused, recorded as a warning")
+    if obs.unused_fdsets and not op.fdsets_released:
+        ids = sorted(obs.unused_fdsets)
+        removals = [qmp("remove-fd", {"fdset-id": i}, purpose="cleanup") for i in ids[:-1]]
+        removals.append(qmp("remove-fd", {"fdset-id": ids[-1]}, purpose="cleanup",
+                            after=_replace(op, fdsets_released=True)))
+        return Step(commands=tuple(removals), note="remove the fd sets no node uses")
     return Step(record=_replace(op, phase=Phase.DONE, disks=tuple(dataclasses.replace(d, cleaned=True)
                                                                    for d in op.disks)),
                 note="done")
@@ -578,9 +603,10 @@ def _settling(op: Operation, obs: Observation) -> Step:
 def _leftover_nodes(disk: DiskRecord) -> list[str]:
     """Nodes that no device uses once the outcome is known, in the order they must be deleted."""
     if disk.pivoted:
-        # The old source stays open (and its file locked) until deleted. Nodes QEMU named itself
-        # ('#block...', from -drive) are not the monitor's to delete: QEMU frees them on its own.
-        return [n for n in (disk.source_node, disk.source_file_node) if n and not n.startswith("#")]
+        # The old source stays open (and its file locked) until deleted: the image node the pivot
+        # swapped out (never the filters above it, which the device still uses). Nodes QEMU named
+        # itself ('#block...', from -drive) are not the monitor's to delete: QEMU frees them on its own.
+        return [n for n in (disk.replaces or disk.source_node, disk.source_file_node) if n and not n.startswith("#")]
     return [disk.dest_node]
 
 

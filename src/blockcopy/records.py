@@ -84,6 +84,17 @@ class DiskRecord:
     job_id: str
     backing_file: str | None = None  # for shallow copies: the destination's backing file
     backing_format: str | None = None
+    #: DEST's blockdev-add, carrying the source's node options (see nodes.py); its protocol node's
+    #: filename is DEST's path, which the driver replaces with the fd set it passes DEST in. None in
+    #: records of older blockcopy versions (plain file + format nodes).
+    dest_args: Mapping[str, Any] | None = None
+    #: the image node below the device's filters (throttle...), swapped by the pivot while the
+    #: filters stay; None when the device's root is the image itself
+    replaces: str | None = None
+    dest_owner: tuple[int, int] | None = None  # a created DEST's uid, gid
+    dest_mode: int | None = None  # a created DEST's permission bits
+    cluster_size: int | None = None  # a created qcow2 DEST's
+    preallocation: str | None = None  # a created DEST's
     stage: Stage = Stage.CREATE
     dest_created: bool = False  # blockcopy created dest_path (it did not exist before)
     # Which file DEST is (st_dev, st_ino): journaled before blockcopy links a file it made into place,
@@ -118,7 +129,9 @@ class Operation:
     qemu_pid: int | None = None  # the QEMU process the operation runs in (see qemuproc.py)
     qemu_start: int | None = None  # ... and its start time: pid + start time name one process
     qemu_boot: str | None = None  # ... during this boot
+    qemu_pidns: int | None = None  # ... seen from this PID namespace
     forced: bool = False  # a finish that stalled was force-cancelled: DEST is not a consistent copy
+    fdsets_released: bool = False  # remove-fd was sent for the fd sets no node used (once: see SETTLING)
     vm_was_running: bool | None = None  # run state when the pivot began
     paused_by_us: bool = False  # blockcopy stops the VM for the pivot and must resume it
     resumed: bool = False
@@ -143,7 +156,7 @@ class Operation:
     def qemu(self) -> QemuProcess | None:
         if self.qemu_pid is None or self.qemu_start is None:
             return None  # journaled by a blockcopy that did not record it
-        return QemuProcess(self.qemu_pid, self.qemu_start, self.qemu_boot or "")
+        return QemuProcess(self.qemu_pid, self.qemu_start, self.qemu_boot or "", self.qemu_pidns or 0)
 
     @property
     def pause_window_ms(self) -> float | None:
@@ -174,6 +187,8 @@ class Operation:
         for disk in values["disks"]:
             d = dict(disk)
             d["stage"] = Stage(d["stage"])
+            if d.get("dest_owner") is not None:
+                d["dest_owner"] = tuple(d["dest_owner"])
             disks.append(DiskRecord(**d))
         values["disks"] = tuple(disks)
         known = {f.name for f in dataclasses.fields(cls)}
