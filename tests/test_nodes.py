@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -763,3 +764,49 @@ def test_a_created_destination_gets_the_options_asked_for(lab: Lab, tmp_path: Pa
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U", str(default)], capture_output=True,
                                      text=True, check=True).stdout)
     assert info["cluster-size"] == vm.tree("vda").cluster_size  # the source's
+
+
+PAIR_POINTS = ["journal:pivoting@1", "qmp:stop@1", "qmp:job-complete@2", "journal:finalizing@1",
+               "qmp:job-finalize@1", "journal:settling@1", "qmp:cont@1"]
+
+
+@pytest.mark.parametrize("after", ["alive", "kill"])
+@pytest.mark.parametrize("point", PAIR_POINTS)
+def test_crash_points_on_a_throttled_iothread_direct_pair(lab: Lab, tmp_path: Path, point: str, after: str) -> None:
+    """The crash matrix's pivot points once more on the disks production VMs have: two libvirt-style
+    cache.direct=on, aio=native disks, each under a throttle filter, on virtio-blk with an iothread."""
+    vm = start_config(lab, "production-pair")
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    disks = [d.id for d in vm.config.disks]
+    before = {d: vm.tree(d) for d in disks}
+    for i, d in enumerate(disks):
+        out = vm.io(d, f"aio_write -P {0x60 + i:#x} {8 * MIB} 64k") + vm.io(d, "aio_flush") + vm.io(d, "flush")
+        assert "error" not in out.lower(), out
+    dests = {d: str(tmp_path / f"dest-{d}.qcow2") for d in disks}
+    crashed = bc("copy", "vm", *(f"--disk={d}={p}" for d, p in dests.items()), "--pivot", crash_at=point)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    if after == "kill":
+        vm.kill()
+    result = bc("recover", "--json")
+    assert result.returncode in (0, 7), result.stderr
+    job = bc.ok("jobs", "--json").json[-1]
+    journaled = PAIR_POINTS.index(point) >= PAIR_POINTS.index("journal:settling@1")
+    if after == "alive" or journaled:
+        assert (job["outcome"], job["authoritative"]) == ("pivoted", "destination")
+    else:
+        assert (job["outcome"], job["authoritative"]) in {("not-pivoted", "source"), ("not-pivoted", "both")}
+    assert len({d["pivoted"] for d in job["disks"]}) == 1, "all or nothing"
+    for i, d in enumerate(disks):
+        images = {"destination": [dests[d]], "source": [job["disks"][i]["source"]],
+                  "both": [job["disks"][i]["source"], dests[d]]}[job["disks"][i]["authoritative"]]
+        for image in images:
+            assert has_pattern(image, "qcow2", 0x60 + i, 8 * MIB, 65536), f"{image} lost the acknowledged write"
+            assert has_pattern(image, "qcow2", FILL, 0, 4 * MIB), f"{image} lost the original data"
+    if after == "alive":
+        assert vm.run_state() == "running" and vm.cmd("query-jobs") == []
+        for d in disks:
+            tree = vm.tree(d)
+            assert tree.filters == before[d].filters and tree.image.name.startswith("bc-")
+            assert tree.protocol.options["cache.direct"] is True
+            assert vm.cmd("qom-get", path=f"/machine/peripheral/{d}", property="iothread") == "iop"
