@@ -583,13 +583,21 @@ def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, buf16: boo
     for rep in range(reps):
         order = names[rep % len(names):] + names[:rep % len(names)]  # rotating, so position hits all alike
         for name in order:
-            result = tools[name]()
+            try:
+                result = tools[name]()
+            except (RuntimeError, AssertionError, subprocess.CalledProcessError) as exc:  # recorded, not fatal
+                raw[name].append({"rep": rep, "error": str(exc)})
+                print(f"  {label} rep {rep} {name:>13}: FAILED {exc}", flush=True)
+                for dest in (rig.work / "dest.qcow2", rig.lv / "dest.qcow2", rig.bc / "dest.qcow2"):
+                    dest.unlink(missing_ok=True)
+                continue
             dest = result.pop("dest")
             result["equal"] = images_equal(master, dest)
             result["rep"] = rep
             if result.get("created") and result.get("ready"):
                 result["mirror_s"] = result["ready"] - result["created"]
                 result["start_to_created_s"] = result["created"] - result["start"]
+                result["ready_to_end_s"] = result["start"] + result["seconds"] - result["ready"]
             raw[name].append(result)
             dest.unlink()
             os.sync()
@@ -607,10 +615,10 @@ def _median(values: list[float]) -> float | None:
 
 
 def summarize_throughput(label: str, size_mib: int, raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    secs = {name: [r["seconds"] for r in rows] for name, rows in raw.items()}
+    secs = {name: {r["rep"]: r["seconds"] for r in rows if "seconds" in r} for name, rows in raw.items()}
 
-    def ratios(a: str, b: str) -> list[float]:  # throughput of a / throughput of b, per rep
-        return [round(tb / ta, 3) for ta, tb in zip(secs[a], secs[b], strict=True)]
+    def ratios(a: str, b: str) -> list[float]:  # throughput of a / throughput of b, per rep (both ran)
+        return [round(secs[b][rep] / secs[a][rep], 3) for rep in sorted(secs[a]) if rep in secs[b]]
 
     pairs = [("blockcopy", "libvirt"), ("blockcopy", "qemu-img"), ("libvirt", "qemu-img"), ("blockcopy", "cp")]
     if "blockcopy-16M" in secs:
@@ -618,29 +626,33 @@ def summarize_throughput(label: str, size_mib: int, raw: dict[str, list[dict[str
     per_rep = {f"{a}/{b}": ratios(a, b) for a, b in pairs}
     tools = {}
     for name, rows in raw.items():
-        med = statistics.median(secs[name])
-        tools[name] = {"median_s": round(med, 3), "mib_s": round(size_mib / med, 1),
-                       "mirror_median_s": _median([r["mirror_s"] for r in rows if "mirror_s" in r]),
-                       "start_to_created_median_s": _median([r["start_to_created_s"] for r in rows
-                                                             if "start_to_created_s" in r]),
-                       "all_equal": all(r["equal"] for r in rows), "runs": rows}
+        ok = [r for r in rows if "seconds" in r]
+        med = statistics.median(r["seconds"] for r in ok)
+        tools[name] = {"median_s": round(med, 3), "mib_s": round(size_mib / med, 1), "failed": len(rows) - len(ok),
+                       **{f"{key}_median_s": _median([r[f"{key}_s"] for r in ok if f"{key}_s" in r])
+                          for key in ("mirror", "start_to_created", "ready_to_end")},
+                       "all_equal": all(r["equal"] for r in ok), "runs": rows}
     return {"image": label, "size_mib": size_mib, "tools": tools, "ratios_per_rep": per_rep,
-            "ratio_medians": {k: round(statistics.median(v), 3) for k, v in per_rep.items()}}
+            "ratio_medians": {k: _median(v) for k, v in per_rep.items()}}
 
 
 def print_throughput(cases: list[dict[str, Any]]) -> None:
     print(f"\n{'image':>24} {'tool':>14} {'median s':>9} {'MiB/s':>8} {'mirror s':>9} {'start->job s':>12} "
-          f"{'equal':>6}")
+          f"{'READY->end s':>12} {'equal':>6}")
+
+    def cell(value: float | None, width: int) -> str:
+        return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
+
     for case in cases:
         for name, t in case["tools"].items():
             print(f"{case['image']:>24} {name:>14} {t['median_s']:>9.3f} {t['mib_s']:>8.1f} "
-                  f"{t['mirror_median_s'] if t['mirror_median_s'] is not None else '-':>9} "
-                  f"{t['start_to_created_median_s'] if t['start_to_created_median_s'] is not None else '-':>12} "
-                  f"{'yes' if t['all_equal'] else 'NO':>6}")
+                  f"{cell(t['mirror_median_s'], 9)} {cell(t['start_to_created_median_s'], 12)} "
+                  f"{cell(t['ready_to_end_median_s'], 12)} {'yes' if t['all_equal'] else 'NO':>6}"
+                  + (f"  ({t['failed']} failed)" if t["failed"] else ""))
     print(f"\n{'image':>24} {'throughput ratio':>26} {'median':>7}  per rep")
     for case in cases:
         for key, values in case["ratios_per_rep"].items():
-            print(f"{case['image']:>24} {key:>26} {case['ratio_medians'][key]:>7.3f}  "
+            print(f"{case['image']:>24} {key:>26} {cell(case['ratio_medians'][key], 7)}  "
                   f"{' '.join(f'{v:.2f}' for v in values)}")
 
 
@@ -759,7 +771,12 @@ def bench_stall(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     for n in range(args.reps):
         for side in (("libvirt", "blockcopy") if n % 2 == 0 else ("blockcopy", "libvirt")):
-            row = stall_run(rig, side, master, guest, n)
+            try:
+                row = stall_run(rig, side, master, guest, n)
+            except (RuntimeError, AssertionError, TimeoutError, subprocess.CalledProcessError) as exc:
+                runs.append({"tool": side, "run": n, "error": str(exc)})  # recorded, not fatal
+                print(f"  run {n} {side:>9}: FAILED {exc}", flush=True)
+                continue
             runs.append(row)
             print(f"  run {n} {side:>9}: {row['seconds']:.2f} s, mirror {row['mirror_s']:.2f} s, pivot window "
                   f"{row['pivot_window_ms']} ms, pivot stall {row['pivot_stall_ms']} ms, copying gap "
@@ -770,8 +787,13 @@ def bench_stall(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
     keys = ("pivot_stall_ms", "pivot_window_ms", "copying_gap_ms", "pre_ready_gap_ms", "mirror_s", "seconds")
     print(f"\n{'tool':>9} " + " ".join(f"{k:>16}" for k in keys) + "   (medians; max in brackets)")
     for side in ("libvirt", "blockcopy"):
-        rows = [r for r in runs if r["tool"] == side]
+        rows = [r for r in runs if r["tool"] == side and "error" not in r]
+        if not rows:
+            continue
         summary[side] = {k: {"median": _median([r[k] for r in rows]), "max": max(r[k] for r in rows)} for k in keys}
+        lower = [r["pivot_stall_to_dismiss_ms"] for r in rows if r.get("pivot_stall_to_dismiss_ms") is not None]
+        if lower:
+            summary[side]["pivot_stall_to_dismiss_ms"] = {"median": _median(lower), "max": max(lower)}
         cells = [f"{summary[side][k]['median']} [{summary[side][k]['max']}]" for k in keys]
         print(f"{side:>9} " + " ".join(f"{c:>16}" for c in cells))
     return {"guest_accel": accel, "libvirt_command_line": rig.libvirt_args, "standalone_command_line": rig.standalone,
