@@ -29,12 +29,16 @@ throughput: per rep, in a rotating order, each tool after `sync; echo 3 > drop_c
 
 stall: the writer guest (TCG unless it boots under KVM) copied and pivoted by libvirt and by
 blockcopy, alternating; stall = the largest gap between consecutive host-stamped guest
-acknowledgements that overlaps the pivot window (libvirt: its first pivot-related QMP command to its
-last cleanup reply, from libvirtd's debug log; blockcopy: QEMU's STOP event to the reply of its
-last cleanup command, from `status --log`); also the largest gap while copying (job created ->
-READY) and in the last second before READY. Same gap code (AckLog.max_gap) for both.
+acknowledgements that overlaps the pivot window (libvirt: its first pivot-related QMP command (a
+bitmap `transaction`, then `job-complete`) to its last cleanup reply (`blockdev-del`), from
+libvirtd's debug log, millisecond stamps; blockcopy: QEMU's STOP event to the journaled end in
+`status --log`, which follows the reply of its last cleanup command, so a bound from above; the
+JSON also has blockcopy's stall up to QEMU's job-dismiss event, a bound from below); also the
+largest gap while copying (job created -> READY) and in the last second before READY. Same gap code
+(AckLog.max_gap) for both. Every acknowledged write is checked on DEST afterwards (VM paused).
 
-Writes bench/results/libvirt.json.
+libvirtd logs its monitor traffic (log_filters 1:qemu.qemu_monitor) in both modes: that is where
+its pivot window comes from. Writes bench/results/libvirt.json (one section per mode).
 """
 
 from __future__ import annotations
