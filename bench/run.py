@@ -11,6 +11,8 @@ bench/results/. Every result records the QEMU version, accelerator and file syst
               `recover` time with 1/10/100 unfinished jobs
   qmp         QMP round trip against the length of the command (why blockcopy keeps the
               commands it sends while the guest is paused short)
+  libvirt     blockcopy vs `virsh blockcopy` on libvirt's own rig, same run (bench/libvirt_rig.py:
+              installs and starts libvirt; only when named, never part of the default set)
 """
 
 from __future__ import annotations
@@ -420,6 +422,16 @@ def bench_qmp(args: argparse.Namespace) -> None:
     save("qmp", {"environment": environment(args.workdir), "results": results, "us_per_byte": round(per_byte, 2)})
 
 
+def bench_libvirt(args: argparse.Namespace) -> None:
+    """bench/libvirt_rig.py, both modes (throughput and stall)."""
+    import libvirt_rig  # beside this file; imported here because it installs and starts libvirt
+
+    argv = ["all", "--workdir", str(args.workdir)] + (["--quick"] if args.quick else [])
+    if args.reps_given:
+        argv += ["--reps", str(args.reps_given)]
+    libvirt_rig.main(argv)
+
+
 def bench_plot(args: argparse.Namespace) -> None:
     """Redraw pause.png from the last pause.json."""
     _plot_pause(json.loads((RESULTS / "pause.json").read_text())["results"])
@@ -431,20 +443,23 @@ BENCHMARKS = {"pause": bench_pause, "throughput": bench_throughput, "modes": ben
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, "plot", []],
-                        help="benchmarks to run (default: all); plot redraws pause.png from pause.json")
+    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, "plot", "libvirt", []],
+                        help="benchmarks to run (default: all but libvirt); plot redraws pause.png from pause.json")
     parser.add_argument("--quick", action="store_true", help="smaller and fewer runs (a smoke test)")
     parser.add_argument("--pivots", type=int, default=50, help="pivots per pause series (default 50)")
-    parser.add_argument("--reps", type=int, default=5, help="repetitions per throughput method (default 5)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="repetitions per throughput method (default 5; libvirt: 7)")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                         help="where images go (its file system is measured)")
     args = parser.parse_args()
+    args.reps_given, args.reps = args.reps, args.reps or 5
     if args.quick:
         args.pivots = min(args.pivots, 10)
         args.reps = min(args.reps, 2)
+    runners = {**BENCHMARKS, "plot": bench_plot, "libvirt": bench_libvirt}
     for name in args.names or list(BENCHMARKS):
         print(f"== {name}")
-        (bench_plot if name == "plot" else BENCHMARKS[name])(args)
+        runners[name](args)
     return 0
 
 

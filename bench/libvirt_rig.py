@@ -1,0 +1,863 @@
+"""blockcopy vs libvirt's `virsh blockcopy` on libvirt's own rig, in one run, interleaved (issue 11).
+
+    .venv/bin/python bench/libvirt_rig.py [throughput|stall|all] [--reps N] [--quick]
+
+Not part of `make test`: it installs Debian's libvirt if missing (apt-get), starts libvirtd itself
+(no systemd here) in a private mount namespace whose /etc/libvirt/qemu.conf is this benchmark's own
+(QEMU runs as root, as the standalone QEMU does, since /dev/kvm is root-only here; serial output to
+plain files), and stops it at the end. Nothing under /etc is changed.
+
+The rig: a *transient* libvirt domain (`virsh create`) with a `cache='none'` qcow2 virtio disk on
+machine pc-i440fx, no guest OS (throughput) or the project's writer guest (stall). The QEMU command
+line that libvirt runs (/proc/PID/cmdline) is the rig: blockcopy's VM is a standalone QEMU started
+with that same command line, less what belongs to libvirt (its monitor chardev and -mon, the
+master-key secret object, -sandbox, -S), pointed at its own copy of the same source image, plus
+`-qmp` for blockcopy. Both VMs get the same extra, passive QMP monitor (for libvirt through
+`<qemu:commandline>`), on which this script only listens to QEMU's events: job created / READY /
+STOP / RESUME with QEMU's own timestamps, read the same way for both tools.
+
+throughput: per rep, in a rotating order, each tool after `sync; echo 3 > drop_caches`:
+  libvirt     virsh blockcopy DOM vda DEST --wait --pivot --transient-job; sync -f DEST
+              (libvirt creates DEST itself, as users run it: blockdev-create, format = the source's)
+  qemu-img    qemu-img convert -O qcow2 SRC DEST; sync -f DEST
+  cp          cp --sparse=always SRC DEST; sync -f DEST
+  blockcopy   blockcopy copy DOM virtio-disk0 DEST --pivot; sync -f DEST (the worktree's CLI, its own
+              --state-dir, `attach` done before and not timed; it creates DEST itself)
+  blockcopy-16M  the same with --buf-size 16M (QEMU's and libvirt's default buffer)
+  timed end to end (command start -> sync done); mirror phase = job created -> BLOCK_JOB_READY from
+  QEMU's event times; every DEST checked equal to the source with `qemu-img compare` afterwards.
+
+stall: the writer guest (TCG unless it boots under KVM) copied and pivoted by libvirt and by
+blockcopy, alternating; stall = the largest gap between consecutive host-stamped guest
+acknowledgements that overlaps the pivot window (libvirt: its first pivot-related QMP command (a
+bitmap `transaction`, then `job-complete`) to its last cleanup reply (`blockdev-del`), from
+libvirtd's debug log, millisecond stamps; blockcopy: QEMU's STOP event to the journaled end in
+`status --log`, which follows the reply of its last cleanup command, so a bound from above; the
+JSON also has blockcopy's stall up to QEMU's job-dismiss event, a bound from below); also the
+largest gap while copying (job created -> READY) and in the last second before READY. Same gap code
+(AckLog.max_gap) for both. Every acknowledged write is checked on DEST afterwards (VM paused).
+
+libvirtd logs its monitor traffic (log_filters 1:qemu.qemu_monitor) in both modes: that is where
+its pivot window comes from. Writes bench/results/libvirt.json (one section per mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import functools
+import json
+import os
+import platform
+import queue
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blockcopy.vm import pick_accel
+
+MIB = 1024 * 1024
+RESULTS = Path(__file__).with_name("results")
+URI = "qemu:///system"
+DOMAIN = "bcbench"
+DISK_TARGET = "vda"  # libvirt's name for the disk
+QDEV = "virtio-disk0"  # the qdev id libvirt gives it, which blockcopy uses (no "vda" on this command line)
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+LIBVIRTD = "/usr/sbin/libvirtd"
+GUEST_MIB = 256
+
+
+def blockcopy_cli() -> list[str]:
+    """The worktree's CLI as a user runs it (the venv's entry script), else ``python -m blockcopy``."""
+    script = Path(sys.executable).with_name("blockcopy")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "blockcopy"]
+
+
+def run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    kwargs.setdefault("check", True)
+    kwargs.setdefault("capture_output", True)
+    return subprocess.run(args, text=True, **kwargs)
+
+
+def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run(["virsh", "-c", URI, *args], check=check)
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def sync_file(path: Path) -> None:
+    run(["sync", "-f", str(path)])
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def wait_for_path(path: Path, timeout: float = 30.0, alive: Callable[[], bool] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if alive is not None and not alive():
+            raise RuntimeError(f"process exited before creating {path}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.01)
+
+
+# --- libvirtd --------------------------------------------------------------------------------------
+
+
+def ensure_libvirt() -> None:
+    if shutil.which("virsh") and Path(LIBVIRTD).exists():
+        return
+    packages = ["libvirt-daemon-system", "libvirt-clients"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    print(f"installing {' '.join(packages)} (apt-get)")
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
+    if subprocess.run(install, env=env, check=False).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, check=True)
+        subprocess.run(install, env=env, check=True)
+
+
+def _private_qemu_conf(conf: bytes) -> None:
+    """In the child before exec: a private mount namespace whose /etc/libvirt/qemu.conf is ``conf``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newns, ms_rec, ms_private, ms_bind = 0x00020000, 0x4000, 1 << 18, 0x1000
+    if libc.unshare(clone_newns) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    if libc.mount(b"none", b"/", None, ms_rec | ms_private, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+    if libc.mount(conf, b"/etc/libvirt/qemu.conf", None, ms_bind, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount --bind qemu.conf")
+
+
+class Libvirtd:
+    """libvirtd started by this benchmark (foreground process, stopped with SIGTERM), debug log of
+    the QEMU monitor traffic in ``log``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir / "libvirtd"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log = self.dir / "libvirtd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        ensure_libvirt()
+        if virsh("version", check=False).returncode == 0:
+            raise RuntimeError("a libvirtd already answers on qemu:///system; this benchmark starts and stops its own")
+        qemu_conf = self.dir / "qemu.conf"
+        qemu_conf.write_text('user = "+0"\ngroup = "+0"\nstdio_handler = "file"\n')
+        conf = self.dir / "libvirtd.conf"
+        conf.write_text(f'log_filters = "1:qemu.qemu_monitor 3:*"\nlog_outputs = "1:file:{self.log}"\n')
+        with open(self.dir / "libvirtd.stderr", "wb") as err:
+            self.proc = subprocess.Popen(
+                [LIBVIRTD, "-f", str(conf), "-p", str(self.dir / "libvirtd.pid")], stdin=subprocess.DEVNULL,
+                stdout=err, stderr=err, preexec_fn=functools.partial(_private_qemu_conf, bytes(qemu_conf)))
+        deadline = time.monotonic() + 30
+        while virsh("version", check=False).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"libvirtd did not start: {(self.dir / 'libvirtd.stderr').read_text()}")
+            time.sleep(0.2)
+
+    def version(self) -> str:
+        return virsh("version").stdout.strip().replace("\n", "; ")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        virsh("destroy", DOMAIN, check=False)
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def log_offset(self) -> int:
+        return self.log.stat().st_size if self.log.exists() else 0
+
+    def monitor_traffic(self, since: int) -> list[dict[str, Any]]:
+        """QMP messages libvirt sent and received since the log offset ``since``, with libvirt's times."""
+        with open(self.log, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        out = []
+        for m in _LOG_LINE.finditer(text):
+            stamp = datetime.datetime.strptime(m["at"], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=datetime.UTC)
+            try:
+                body = json.loads(m["body"])
+            except json.JSONDecodeError:
+                continue
+            out.append({"at": stamp.timestamp(), "kind": m["kind"], "body": body})
+        return out
+
+
+_LOG_LINE = re.compile(r"^(?P<at>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\+0000: \d+: \w+ : \w+:\d+ : "
+                       r"QEMU_MONITOR_(?P<kind>SEND_MSG|RECV_REPLY|RECV_EVENT): mon=\S+ \w+=(?P<body>\{.*\})\s*$",
+                       re.MULTILINE)
+
+
+def libvirt_pivot_window(traffic: list[dict[str, Any]]) -> dict[str, Any]:
+    """libvirt's pivot: from its first command after READY that is not a query (its pivot starts
+    with a bitmap transaction, then job-complete) to the reply of its last cleanup command
+    (blockdev-del of the old nodes)."""
+    ready = next((t["at"] for t in traffic if t["kind"] == "RECV_EVENT"
+                  and t["body"].get("event") == "BLOCK_JOB_READY"), None)
+    if ready is None:
+        return {}
+    sent = {t["body"].get("id"): t for t in traffic if t["kind"] == "SEND_MSG"}
+    start = next((t for t in traffic if t["kind"] == "SEND_MSG" and t["at"] >= ready
+                  and not t["body"].get("execute", "").startswith("query-")), None)
+    if start is None:
+        return {}
+    replies = [t for t in traffic if t["kind"] == "RECV_REPLY" and t["at"] >= start["at"]]
+    cleanup = [t for t in replies if sent.get(t["body"].get("id"), {}).get("body", {}).get("execute")
+               in ("blockdev-del", "job-dismiss")]
+    end = (cleanup or replies)[-1]
+    commands = [(round(t["at"], 3), t["body"].get("execute")) for t in traffic
+                if t["kind"] == "SEND_MSG" and start["at"] <= t["at"] <= end["at"]]
+    return {"start": start["at"], "end": end["at"], "first": start["body"].get("execute"), "commands": commands}
+
+
+# --- QEMU event tap ----------------------------------------------------------------------------------
+
+
+class EventTap:
+    """A passive QMP client on the extra monitor both VMs have: records every event (QEMU's
+    timestamp and the host's receive time). ``command`` is used only outside the measurements."""
+
+    def __init__(self, path: Path, alive: Callable[[], bool] | None = None) -> None:
+        wait_for_path(path, alive=alive)
+        deadline = time.monotonic() + 30
+        while True:  # the socket file exists from QEMU's bind(), connections work from its listen()
+            self.sock = socket.socket(socket.AF_UNIX)
+            try:
+                self.sock.connect(str(path))
+                break
+            except ConnectionRefusedError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        self.stream = self.sock.makefile("rwb", buffering=0)
+        self.events: list[dict[str, Any]] = []
+        self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
+        json.loads(self.stream.readline())  # greeting
+        self.thread = threading.Thread(target=self._read, daemon=True, name="event-tap")
+        self.thread.start()
+        self.command("qmp_capabilities")
+
+    def _read(self) -> None:
+        for line in self.stream:
+            msg = json.loads(line)
+            if "event" in msg:
+                stamp = msg.get("timestamp", {})
+                msg["qemu_at"] = stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6
+                msg["host_at"] = time.time()
+                self.events.append(msg)
+            else:
+                self.replies.put(msg)
+
+    def command(self, name: str, arguments: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
+        msg: dict[str, Any] = {"execute": name}
+        if arguments:
+            msg["arguments"] = arguments
+        self.stream.write(json.dumps(msg).encode() + b"\n")
+        reply = self.replies.get(timeout=timeout)
+        if "error" in reply:
+            raise RuntimeError(f"{name}: {reply['error']}")
+        return reply.get("return")
+
+    def first(self, event: str, pred: Callable[[dict[str, Any]], bool] = lambda _e: True) -> float | None:
+        return next((e["qemu_at"] for e in self.events if e["event"] == event and pred(e)), None)
+
+    def mirror_times(self) -> tuple[float | None, float | None]:
+        """(created, READY) of the mirror job, by QEMU's clock (libvirt's blockdev-create job excluded)."""
+        def mirror(e: dict[str, Any]) -> bool:
+            return not str(e["data"].get("id", "")).startswith("create-")
+
+        created = self.first("JOB_STATUS_CHANGE", lambda e: e["data"].get("status") == "created" and mirror(e))
+        return created, self.first("BLOCK_JOB_READY")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(timeout=5)
+
+
+# --- the rig: libvirt domain and the standalone copy of its command line -------------------------
+
+
+@dataclass(frozen=True)
+class Guest:
+    kernel: Path
+    initrd: Path
+    cmdline: str
+
+
+def domain_xml(accel: str, image: Path, files: Path, guest: Guest | None) -> str:
+    ET.register_namespace("qemu", QEMU_NS)
+    dom = ET.Element("domain", type="kvm" if accel == "kvm" else "qemu")
+    ET.SubElement(dom, "name").text = DOMAIN
+    ET.SubElement(dom, "memory", unit="MiB").text = str(GUEST_MIB)
+    ET.SubElement(dom, "vcpu").text = "1"
+    os_ = ET.SubElement(dom, "os")
+    ET.SubElement(os_, "type", arch="x86_64", machine="pc-i440fx-7.2").text = "hvm"
+    if guest is not None:
+        ET.SubElement(os_, "kernel").text = str(guest.kernel)
+        ET.SubElement(os_, "initrd").text = str(guest.initrd)
+        ET.SubElement(os_, "cmdline").text = guest.cmdline
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        ET.SubElement(dom, event).text = "destroy"
+    devices = ET.SubElement(dom, "devices")
+    ET.SubElement(devices, "emulator").text = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+    disk = ET.SubElement(devices, "disk", type="file", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type="qcow2", cache="none")
+    ET.SubElement(disk, "source", file=str(image))
+    ET.SubElement(disk, "target", dev=DISK_TARGET, bus="virtio")
+    if guest is not None:  # as GuestVM: console on the first serial port, acks on the second
+        for port, name in enumerate(("guest.console", "guest.acks")):
+            serial = ET.SubElement(devices, "serial", type="file")
+            ET.SubElement(serial, "source", path=str(files / name))
+            ET.SubElement(serial, "target", port=str(port))
+    ET.SubElement(ET.SubElement(devices, "video"), "model", type="none")
+    ET.SubElement(devices, "memballoon", model="none")
+    extra = ET.SubElement(dom, f"{{{QEMU_NS}}}commandline")
+    for value in ("-qmp", f"unix:{files / 'events.qmp'},server=on,wait=off"):
+        ET.SubElement(extra, f"{{{QEMU_NS}}}arg", value=value)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def qemu_pid_of_domain() -> int:
+    pid_file = Path(f"/run/libvirt/qemu/{DOMAIN}.pid")
+    return int(pid_file.read_text().strip())
+
+
+def cmdline_of(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").decode().split("\0")
+
+
+def fdsets_of(pid: int, tap: EventTap) -> dict[str, str]:
+    """The file behind each fd set libvirt passed to QEMU (``-add-fd``; set -> path), from
+    ``query-fdsets`` (QEMU keeps its own copy of each fd) and /proc."""
+    return {str(fdset["fdset-id"]): os.readlink(f"/proc/{pid}/fd/{fdset['fds'][0]['fd']}")
+            for fdset in tap.command("query-fdsets") if fdset.get("fds")}
+
+
+def standalone_args(libvirt_args: list[str], fdsets: dict[str, str], lv_dir: Path, bc_dir: Path,
+                    qmp: Path) -> tuple[list[str], list[str]]:
+    """libvirt's QEMU command line for a standalone QEMU: libvirt's own parts removed, the files libvirt
+    passes as fd sets (``-add-fd``, ``/dev/fdset/N``: the serial files) named by their paths, every
+    path in ``lv_dir`` moved to ``bc_dir``, blockcopy's QMP socket added. Returns (args, removed)."""
+
+    def moved(value: str) -> str:
+        value = re.sub(r"/dev/fdset/(\d+)", lambda m: fdsets[m[1]], value)
+        return value.replace(f"{lv_dir}/", f"{bc_dir}/")
+
+    out, removed = [libvirt_args[0]], []
+    args = iter(libvirt_args[1:])
+    for arg in args:
+        if arg == "-S":  # libvirt starts QEMU stopped and sends `cont` when it is set up
+            removed.append(arg)
+            continue
+        if arg in ("-mon", "-sandbox", "-chardev", "-object", "-add-fd", "-name"):
+            value = next(args)
+            libvirts = (arg in ("-mon", "-sandbox", "-add-fd") or (arg == "-chardev" and "charmonitor" in value)
+                        or (arg == "-object" and '"secret"' in value))
+            if libvirts:
+                removed += [arg, value]
+                continue
+            if arg == "-name":
+                value = value.replace(f"guest={DOMAIN},", f"guest={DOMAIN}-bc,")
+            out += [arg, moved(value)]
+            continue
+        out.append(moved(arg))
+    out += ["-qmp", f"unix:{qmp},server=on,wait=off"]
+    return out, removed
+
+
+@dataclass
+class VM:
+    """One running VM of the rig: libvirt's domain or the standalone QEMU."""
+
+    side: str  # "libvirt" or "blockcopy"
+    dir: Path
+    tap: EventTap
+    args: list[str]
+    proc: subprocess.Popen[bytes] | None = None  # the standalone QEMU
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def pause(self) -> None:
+        """Stop the guest (QEMU flushes every image), so the image files can be read."""
+        if self.proc is None:
+            virsh("suspend", DOMAIN)
+        else:
+            self.tap.command("stop")
+
+    def kill(self) -> None:
+        self.tap.close()
+        if self.proc is None:
+            virsh("destroy", DOMAIN, check=False)
+        else:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def start_libvirt_vm(lv_dir: Path, image: Path, accel: str, guest: Guest | None) -> VM:
+    (lv_dir / "events.qmp").unlink(missing_ok=True)
+    xml = lv_dir / "domain.xml"
+    xml.write_text(domain_xml(accel, image, lv_dir, guest))
+    virsh("create", str(xml))
+    pid = qemu_pid_of_domain()
+    tap = EventTap(lv_dir / "events.qmp", alive=lambda: Path(f"/proc/{pid}").exists())
+    args = cmdline_of(pid)
+    return VM("libvirt", lv_dir, tap, args, extra={"fdsets": fdsets_of(pid, tap)})
+
+
+def start_standalone_vm(rig: Rig) -> VM:
+    bc_dir = rig.bc
+    qmp = bc_dir / "blockcopy.qmp"
+    for stale in (qmp, bc_dir / "events.qmp"):
+        stale.unlink(missing_ok=True)
+    args, removed = standalone_args(rig.libvirt_args, rig.fdsets, rig.lv, bc_dir, qmp)
+    with open(bc_dir / "qemu.log", "wb") as log:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        wait_for_path(qmp, alive=lambda: proc.poll() is None)
+        tap = EventTap(bc_dir / "events.qmp", alive=lambda: proc.poll() is None)
+    except BaseException as exc:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"standalone QEMU failed: {(bc_dir / 'qemu.log').read_text(errors='replace')}") from exc
+    return VM("blockcopy", bc_dir, tap, args, proc, {"removed": removed, "qmp": qmp})
+
+
+# --- throughput ------------------------------------------------------------------------------------
+
+
+def make_source(path: Path, size_mib: int, sparse: bool) -> None:
+    raw = path.with_suffix(".raw")
+    with open(raw, "wb") as out:
+        for mib in range(size_mib):
+            if sparse and mib % 2:
+                out.seek(MIB, os.SEEK_CUR)
+            else:
+                out.write(os.urandom(MIB))
+        out.truncate(size_mib * MIB)
+    run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(path)])
+    raw.unlink()
+    fsync_path(path)
+
+
+def copy_image(src: Path, dst: Path) -> None:
+    run(["cp", "--sparse=always", str(src), str(dst)])
+    fsync_path(dst)
+
+
+def images_equal(a: Path, b: Path) -> bool:
+    return run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", str(a), str(b)], check=False).returncode == 0
+
+
+@dataclass
+class Rig:
+    work: Path
+    libvirtd: Libvirtd
+    accel: str
+    libvirt_args: list[str] = field(default_factory=list)
+    fdsets: dict[str, str] = field(default_factory=dict)
+    standalone: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    @property
+    def lv(self) -> Path:
+        return self.work / "lv"
+
+    @property
+    def bc(self) -> Path:
+        return self.work / "bc"
+
+
+def probe_command_lines(rig: Rig, image: Path, guest: Guest | None) -> None:
+    """Start libvirt's domain once to read its command line, and derive the standalone one from it."""
+    vm = start_libvirt_vm(rig.lv, image, rig.accel, guest)
+    try:
+        rig.libvirt_args, rig.fdsets = vm.args, vm.extra["fdsets"]
+    finally:
+        vm.kill()
+    rig.standalone, rig.removed = standalone_args(rig.libvirt_args, rig.fdsets, rig.lv, rig.bc,
+                                                  rig.bc / "blockcopy.qmp")
+
+
+def timed(argv: list[str], dest: Path) -> tuple[float, float, float, subprocess.CompletedProcess[str]]:
+    """(seconds, wall start, wall end) of ``argv`` then ``sync -f DEST``."""
+    wall = time.time()
+    started = time.perf_counter()
+    proc = run(argv, check=False)
+    if proc.returncode == 0:
+        sync_file(dest)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return elapsed, wall, wall + elapsed, proc
+
+
+def tool_libvirt(rig: Rig) -> dict[str, Any]:
+    vm = start_libvirt_vm(rig.lv, rig.lv / "source.qcow2", rig.accel, None)
+    dest = rig.lv / "dest.qcow2"
+    try:
+        drop_caches()
+        offset = rig.libvirtd.log_offset()
+        seconds, start, _end, _p = timed(["virsh", "-c", URI, "blockcopy", DOMAIN, DISK_TARGET, str(dest),
+                                          "--wait", "--pivot", "--transient-job"], dest)
+        created, ready = vm.tap.mirror_times()
+        traffic = rig.libvirtd.monitor_traffic(offset)
+        pivot = libvirt_pivot_window(traffic)
+    finally:
+        vm.kill()
+    return {"seconds": seconds, "start": start, "created": created, "ready": ready,
+            "pivot_window_ms": round((pivot["end"] - pivot["start"]) * 1000, 2) if pivot else None, "dest": dest}
+
+
+def tool_blockcopy(rig: Rig, extra: list[str]) -> dict[str, Any]:
+    vm = start_standalone_vm(rig)
+    dest = rig.bc / "dest.qcow2"
+    state = rig.bc / "state"
+    shutil.rmtree(state, ignore_errors=True)
+    cli = blockcopy_cli()
+    try:
+        run([*cli, "attach", DOMAIN, "--qmp", str(vm.extra["qmp"]), "--state-dir", str(state)])
+        drop_caches()
+        seconds, start, _end, proc = timed([*cli, "copy", DOMAIN, QDEV, str(dest), "--pivot", "--json",
+                                            "--state-dir", str(state), *extra], dest)
+        created, ready = vm.tap.mirror_times()
+        op = json.loads(proc.stdout)
+    finally:
+        vm.kill()
+    assert op["outcome"] == "pivoted", op
+    return {"seconds": seconds, "start": start, "created": created, "ready": ready,
+            "pause_window_ms": op.get("pause_window_ms"), "dest": dest}
+
+
+def tool_command(argv: list[str], dest: Path) -> dict[str, Any]:
+    drop_caches()
+    seconds, start, _end, _p = timed(argv, dest)
+    return {"seconds": seconds, "start": start, "dest": dest}
+
+
+def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, buf16: bool) -> dict[str, Any]:
+    master = rig.work / "source.qcow2"
+    make_source(master, size_mib, sparse)
+    for side in (rig.lv, rig.bc):  # the disk of each VM, a copy of the same image
+        copy_image(master, side / "source.qcow2")
+    tools: dict[str, Callable[[], dict[str, Any]]] = {
+        "libvirt": lambda: tool_libvirt(rig),
+        "qemu-img": lambda: tool_command(["qemu-img", "convert", "-O", "qcow2", str(master),
+                                          str(rig.work / "dest.qcow2")], rig.work / "dest.qcow2"),
+        "cp": lambda: tool_command(["cp", "--sparse=always", str(master), str(rig.work / "dest.qcow2")],
+                                   rig.work / "dest.qcow2"),
+        "blockcopy": lambda: tool_blockcopy(rig, []),
+    }
+    if buf16:
+        tools["blockcopy-16M"] = lambda: tool_blockcopy(rig, ["--buf-size", "16M"])
+    names = list(tools)
+    raw: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    label = f"{size_mib} MiB{' half sparse' if sparse else ''} random"
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]  # rotating, so position hits all alike
+        for name in order:
+            try:
+                result = tools[name]()
+            except (RuntimeError, AssertionError, subprocess.CalledProcessError) as exc:  # recorded, not fatal
+                raw[name].append({"rep": rep, "error": str(exc)})
+                print(f"  {label} rep {rep} {name:>13}: FAILED {exc}", flush=True)
+                for dest in (rig.work / "dest.qcow2", rig.lv / "dest.qcow2", rig.bc / "dest.qcow2"):
+                    dest.unlink(missing_ok=True)
+                continue
+            dest = result.pop("dest")
+            result["equal"] = images_equal(master, dest)
+            result["rep"] = rep
+            if result.get("created") and result.get("ready"):
+                result["mirror_s"] = result["ready"] - result["created"]
+                result["start_to_created_s"] = result["created"] - result["start"]
+                result["ready_to_end_s"] = result["start"] + result["seconds"] - result["ready"]
+            raw[name].append(result)
+            dest.unlink()
+            os.sync()
+            print(f"  {label} rep {rep} {name:>13}: {result['seconds']:.3f} s"
+                  + (f", mirror {result['mirror_s']:.3f} s" if "mirror_s" in result else "")
+                  + ("" if result["equal"] else "  COPY DIFFERS"), flush=True)
+    master.unlink()
+    for side in (rig.lv, rig.bc):
+        (side / "source.qcow2").unlink()
+    return summarize_throughput(label, size_mib, raw)
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
+def summarize_throughput(label: str, size_mib: int, raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    secs = {name: {r["rep"]: r["seconds"] for r in rows if "seconds" in r} for name, rows in raw.items()}
+
+    def ratios(a: str, b: str) -> list[float]:  # throughput of a / throughput of b, per rep (both ran)
+        return [round(secs[b][rep] / secs[a][rep], 3) for rep in sorted(secs[a]) if rep in secs[b]]
+
+    pairs = [("blockcopy", "libvirt"), ("blockcopy", "qemu-img"), ("libvirt", "qemu-img"), ("blockcopy", "cp")]
+    if "blockcopy-16M" in secs:
+        pairs += [("blockcopy-16M", "libvirt"), ("blockcopy-16M", "qemu-img"), ("blockcopy-16M", "blockcopy")]
+    per_rep = {f"{a}/{b}": ratios(a, b) for a, b in pairs}
+    tools = {}
+    for name, rows in raw.items():
+        ok = [r for r in rows if "seconds" in r]
+        med = statistics.median(r["seconds"] for r in ok)
+        tools[name] = {"median_s": round(med, 3), "mib_s": round(size_mib / med, 1), "failed": len(rows) - len(ok),
+                       **{f"{key}_median_s": _median([r[f"{key}_s"] for r in ok if f"{key}_s" in r])
+                          for key in ("mirror", "start_to_created", "ready_to_end")},
+                       "all_equal": all(r["equal"] for r in ok), "runs": rows}
+    return {"image": label, "size_mib": size_mib, "tools": tools, "ratios_per_rep": per_rep,
+            "ratio_medians": {k: _median(v) for k, v in per_rep.items()}}
+
+
+def print_throughput(cases: list[dict[str, Any]]) -> None:
+    print(f"\n{'image':>24} {'tool':>14} {'median s':>9} {'MiB/s':>8} {'mirror s':>9} {'start->job s':>12} "
+          f"{'READY->end s':>12} {'equal':>6}")
+
+    def cell(value: float | None, width: int) -> str:
+        return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
+
+    for case in cases:
+        for name, t in case["tools"].items():
+            print(f"{case['image']:>24} {name:>14} {t['median_s']:>9.3f} {t['mib_s']:>8.1f} "
+                  f"{cell(t['mirror_median_s'], 9)} {cell(t['start_to_created_median_s'], 12)} "
+                  f"{cell(t['ready_to_end_median_s'], 12)} {'yes' if t['all_equal'] else 'NO':>6}"
+                  + (f"  ({t['failed']} failed)" if t["failed"] else ""))
+    print(f"\n{'image':>24} {'throughput ratio':>26} {'median':>7}  per rep")
+    for case in cases:
+        for key, values in case["ratios_per_rep"].items():
+            print(f"{case['image']:>24} {key:>26} {cell(case['ratio_medians'][key], 7)}  "
+                  f"{' '.join(f'{v:.2f}' for v in values)}")
+
+
+def bench_throughput(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
+    cases = [(1024, False)] if args.quick else [(1024, False), (1024, True), (4096, False)]
+    probe = rig.lv / "source.qcow2"  # the path every libvirt run uses, so that the standalone's is bc/source.qcow2
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(probe), "64M"])
+    probe_command_lines(rig, probe, None)
+    probe.unlink()
+    print_command_lines(rig)
+    results = [throughput_case(rig, size, sparse, args.reps, not args.no_buf16) for size, sparse in cases]
+    print_throughput(results)
+    return {"libvirt_command_line": rig.libvirt_args, "standalone_command_line": rig.standalone,
+            "removed_from_libvirt_command_line": rig.removed, "accel": rig.accel, "reps": args.reps,
+            "cases": results}
+
+
+def print_command_lines(rig: Rig) -> None:
+    print("libvirt's QEMU command line:\n  " + " ".join(rig.libvirt_args))
+    print("standalone QEMU for blockcopy:\n  " + " ".join(rig.standalone))
+    print("removed from libvirt's: " + " ".join(rig.removed))
+
+
+# --- stall ----------------------------------------------------------------------------------------
+
+
+def blockcopy_pivot_window(state: Path, job: str, tap: EventTap) -> dict[str, Any]:
+    """blockcopy's pivot: QEMU's STOP event to the journaled end, which follows the reply of its last
+    cleanup command (job-dismiss and blockdev-del, sent together)."""
+    status = json.loads(run([*blockcopy_cli(), "status", job, "--log", "--json", "--state-dir", str(state)]).stdout)
+    stop = tap.first("STOP")
+    log = status.get("log", [])
+    end = log[-1]["at"] if log else None  # journaled after the cleanup replies: a bound from above
+    dismissed = tap.first("JOB_STATUS_CHANGE", lambda e: e["data"].get("status") == "null")
+    return {"start": stop, "end": end, "dismissed": dismissed, "resume": tap.first("RESUME"), "log": log,
+            "pause_window_ms": status.get("pause_window_ms")}
+
+
+def stall_run(rig: Rig, side: str, master: Path, guest: Guest, run_no: int) -> dict[str, Any]:
+    from blockcopy.guest.session import AckLog, verify
+
+    side_dir = rig.lv if side == "libvirt" else rig.bc
+    for stale in ("guest.acks", "guest.console"):
+        (side_dir / stale).unlink(missing_ok=True)
+    source = side_dir / "source.qcow2"
+    copy_image(master, source)
+    dest = side_dir / "dest.qcow2"
+    vm = start_libvirt_vm(rig.lv, source, rig.accel, guest) if side == "libvirt" else start_standalone_vm(rig)
+    acklog = AckLog(side_dir / "guest.acks")
+    row: dict[str, Any] = {"tool": side, "run": run_no}
+    try:
+        acklog.wait_for(50)
+        if side == "libvirt":
+            drop_caches()
+            offset = rig.libvirtd.log_offset()
+            seconds, _s, _e, _p = timed(["virsh", "-c", URI, "blockcopy", DOMAIN, DISK_TARGET, str(dest),
+                                         "--wait", "--pivot", "--transient-job"], dest)
+            window = libvirt_pivot_window(rig.libvirtd.monitor_traffic(offset))
+        else:
+            state = rig.bc / "state"
+            shutil.rmtree(state, ignore_errors=True)
+            cli = blockcopy_cli()
+            run([*cli, "attach", DOMAIN, "--qmp", str(vm.extra["qmp"]), "--state-dir", str(state)])
+            drop_caches()
+            seconds, _s, _e, proc = timed([*cli, "copy", DOMAIN, QDEV, str(dest), "--pivot", "--json",
+                                           "--state-dir", str(state)], dest)
+            op = json.loads(proc.stdout)
+            assert op["outcome"] == "pivoted", op
+            window = blockcopy_pivot_window(state, op["id"], vm.tap)
+        time.sleep(1.0)  # the guest writes on, on DEST
+        vm.pause()
+        time.sleep(0.2)
+        created, ready = vm.tap.mirror_times()
+        acks = list(acklog.acks)
+        check = verify(str(dest), "qcow2", acks, 0, 1)
+    finally:
+        vm.kill()
+        acklog.stop()
+        source.unlink(missing_ok=True)
+        dest.unlink(missing_ok=True)
+    assert created is not None and ready is not None and window.get("start") and window.get("end"), (created, ready,
+                                                                                                         window)
+    row.update({
+        "seconds": round(seconds, 3), "mirror_s": round(ready - created, 3),
+        "pivot_window_ms": round((window["end"] - window["start"]) * 1000, 2),
+        "pivot_stall_ms": round(acklog.max_gap(window["start"], window["end"]) * 1000, 2),
+        # blockcopy only: to QEMU's job-dismiss event (sent with the blockdev-del), a bound from below
+        "pivot_stall_to_dismiss_ms": (round(acklog.max_gap(window["start"], window["dismissed"]) * 1000, 2)
+                                      if window.get("dismissed") else None),
+        "copying_gap_ms": round(acklog.max_gap(created, ready) * 1000, 2),
+        "pre_ready_gap_ms": round(acklog.max_gap(ready - 1.0, ready) * 1000, 2),
+        "acks": len(acks), "acked_writes_checked_on_dest": check.checked, "problems": check.problems[:5],
+        "pause_window_ms": window.get("pause_window_ms"),
+        "pivot_commands": window.get("commands") or [(round(e["at"], 3), e["note"]) for e in window.get("log", [])],
+    })
+    return row
+
+
+def bench_stall(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
+    from blockcopy.guest.build import build
+    from blockcopy.guest.session import pick_guest_accel
+
+    image = build()
+    accel = pick_guest_accel()
+    rig = Rig(rig.work, rig.libvirtd, accel)
+    guest = Guest(image.kernel, image.initrd,
+                  f"console=ttyS0 quiet panic=-1 bc.disks={DISK_TARGET} bc.args=-r,1,-n,1024,-i,2000")
+    master = rig.work / "guest-source.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(master), f"{GUEST_MIB}M"])
+    run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5c 8M {GUEST_MIB - 8}M", str(master)])
+    fsync_path(master)
+    copy_image(master, rig.lv / "source.qcow2")
+    probe_command_lines(rig, rig.lv / "source.qcow2", guest)
+    print(f"guest on {accel}, {GUEST_MIB} MiB disk, writer 4 KiB O_DIRECT every 2 ms")
+    print_command_lines(rig)
+    runs = []
+    for n in range(args.reps):
+        for side in (("libvirt", "blockcopy") if n % 2 == 0 else ("blockcopy", "libvirt")):
+            try:
+                row = stall_run(rig, side, master, guest, n)
+            except (RuntimeError, AssertionError, TimeoutError, subprocess.CalledProcessError) as exc:
+                runs.append({"tool": side, "run": n, "error": str(exc)})  # recorded, not fatal
+                print(f"  run {n} {side:>9}: FAILED {exc}", flush=True)
+                continue
+            runs.append(row)
+            print(f"  run {n} {side:>9}: {row['seconds']:.2f} s, mirror {row['mirror_s']:.2f} s, pivot window "
+                  f"{row['pivot_window_ms']} ms, pivot stall {row['pivot_stall_ms']} ms, copying gap "
+                  f"{row['copying_gap_ms']} ms, pre-READY gap {row['pre_ready_gap_ms']} ms"
+                  + (f", PROBLEMS {row['problems']}" if row["problems"] else ""), flush=True)
+    master.unlink()
+    summary = {}
+    keys = ("pivot_stall_ms", "pivot_window_ms", "copying_gap_ms", "pre_ready_gap_ms", "mirror_s", "seconds")
+    print(f"\n{'tool':>9} " + " ".join(f"{k:>16}" for k in keys) + "   (medians; max in brackets)")
+    for side in ("libvirt", "blockcopy"):
+        rows = [r for r in runs if r["tool"] == side and "error" not in r]
+        if not rows:
+            continue
+        summary[side] = {k: {"median": _median([r[k] for r in rows]), "max": max(r[k] for r in rows)} for k in keys}
+        lower = [r["pivot_stall_to_dismiss_ms"] for r in rows if r.get("pivot_stall_to_dismiss_ms") is not None]
+        if lower:
+            summary[side]["pivot_stall_to_dismiss_ms"] = {"median": _median(lower), "max": max(lower)}
+        cells = [f"{summary[side][k]['median']} [{summary[side][k]['max']}]" for k in keys]
+        print(f"{side:>9} " + " ".join(f"{c:>16}" for c in cells))
+    return {"guest_accel": accel, "libvirt_command_line": rig.libvirt_args, "standalone_command_line": rig.standalone,
+            "removed_from_libvirt_command_line": rig.removed, "guest_cmdline": guest.cmdline, "runs": runs,
+            "summary": summary}
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def environment(workdir: Path, libvirtd: Libvirtd) -> dict[str, Any]:
+    qemu = run(["qemu-system-x86_64", "--version"]).stdout.split("\n")[0]
+    fs = run(["findmnt", "-no", "FSTYPE,SOURCE,OPTIONS", "-T", str(workdir)]).stdout.strip()
+    return {"qemu": qemu, "libvirt": libvirtd.version(), "accel": pick_accel(), "filesystem": fs,
+            "kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "cache": "cache=none (cache.direct=on), page cache dropped "
+            "before every tool", "blockcopy_cli": blockcopy_cli()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", nargs="?", default="all", choices=["throughput", "stall", "all"])
+    parser.add_argument("--reps", type=int, default=None, help="reps per tool (default 7; --quick: 3)")
+    parser.add_argument("--quick", action="store_true", help="1 GiB random only, 3 reps")
+    parser.add_argument("--no-buf16", action="store_true", help="skip the blockcopy --buf-size 16M column")
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
+                        help="where images go (its file system is measured)")
+    args = parser.parse_args(argv)
+    args.reps = args.reps or (3 if args.quick else 7)
+    if os.geteuid() != 0:
+        parser.error("run as root (libvirtd, drop_caches)")
+    with tempfile.TemporaryDirectory(prefix="bc-libvirt-", dir=args.workdir) as tmp:
+        work = Path(tmp)
+        for sub in ("lv", "bc"):
+            (work / sub).mkdir()
+        libvirtd = Libvirtd(work)
+        libvirtd.start()
+        try:
+            rig = Rig(work, libvirtd, pick_accel())
+            env = environment(args.workdir, libvirtd)
+            if args.mode in ("throughput", "all"):
+                print("== throughput")
+                save("throughput", {"environment": env, "quick": args.quick, **bench_throughput(rig, args)})
+            if args.mode in ("stall", "all"):
+                print("== stall")
+                save("stall", {"environment": env, "quick": args.quick, **bench_stall(rig, args)})
+        finally:
+            libvirtd.stop()
+    return 0
+
+
+def save(section: str, data: dict[str, Any]) -> None:
+    """Write one mode's results into bench/results/libvirt.json, keeping the other mode's."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "libvirt.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved[section] = data
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True, default=str))
+    print(f"wrote {path} ({section})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
