@@ -570,3 +570,32 @@ def test_needs_names_everything_each_decision_reads() -> None:
 def test_pivot_syncs_images_before_stopping_the_guest() -> None:
     o = op(Phase.PIVOTING, paused_by_us=True)
     assert names(decide(o, obs("ready")).commands) == ["sync-images", "stop", "job-complete"]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_qemu_gone_never_names_an_image_the_journal_cannot_vouch_for(phase: Phase) -> None:
+    """QEMU gone, across paused/not, outcome journaled or not, and every comparison result: the
+    image named holds the guest's acknowledged writes, or none is named ('unknown')."""
+    for paused_by_us, identical, journaled in itertools.product(
+            (False, True), (None, (True, True), (True, False), (False, False)), (False, True)):
+        outcome = Outcome.PIVOTED if journaled else None
+        o = op(phase, n=2, paused_by_us=paused_by_us, outcome=outcome,
+               authoritative=Authority.DESTINATION if journaled else None)
+        step = decide(o, Observation(alive=False, identical=identical))
+        where = (phase, paused_by_us, identical, journaled)
+        if step.commands:
+            assert [c.kind for c in step.commands] == ["compare-images"] and identical is None, where
+            assert phase in (Phase.PIVOTING, Phase.FINALIZING) and not journaled, where
+            continue
+        record = step.record
+        assert record is not None and record.phase is Phase.DONE and record.outcome is not None, where
+        if journaled:
+            assert record.authoritative is Authority.DESTINATION, where  # the outcome stands
+        elif record.authoritative is Authority.BOTH:
+            assert identical is not None and all(identical), where
+        elif phase is Phase.FINALIZING:
+            # a device may have switched and the guest may have run: only identical images vouch
+            assert record.authoritative is Authority.UNKNOWN and record.outcome is Outcome.FAILED, where
+        else:
+            # no job-finalize went out: the source holds every acknowledged write
+            assert record.authoritative is Authority.SOURCE, where
