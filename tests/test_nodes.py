@@ -208,6 +208,17 @@ def test_without_the_command_line_aio_is_unknown_and_discard_inferred_from_detec
     assert any("locking" in w for w in warnings)
 
 
+def test_an_option_a_command_line_node_does_not_set_is_qemus_default_not_unknown() -> None:
+    # The node is on the command line without aio/discard/locking: QEMU's defaults, as DEST gets.
+    argv = nodes.options_from_argv(["qemu", "-blockdev", "driver=file,filename=/a.qcow2,node-name=vda-file",
+                                    "-blockdev", "driver=qcow2,file=vda-file,node-name=vda-fmt"])
+    plain = nodes._node_info({"node-name": "vda-file", "drv": "file"}, {}, role="protocol", on_cmdline=True)
+    assert plain.unknown == frozenset() and "aio" not in plain.options
+    hotplugged = nodes._node_info({"node-name": "x", "drv": "file"}, {}, role="protocol")
+    assert hotplugged.unknown == {"aio", "discard", "locking", "auto-read-only"}
+    assert "vda-file" in argv.nodes
+
+
 def test_throttle_filter_is_kept_and_the_mirror_replaces_the_image_below_it() -> None:
     tree = tree_of("throttle-filter")
     assert tree.root == "vda-throttle"

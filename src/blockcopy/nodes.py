@@ -270,7 +270,7 @@ def node_tree(block_entry: Mapping[str, Any], named_nodes: Iterable[Mapping[str,
         proto_name = current
     else:
         fmt_hint = _argv_for(argv, current, drive_id, "format")
-        fmt = _node_info(fmt_raw, fmt_hint, role="format")
+        fmt = _node_info(fmt_raw, fmt_hint, role="format", on_cmdline=_on_cmdline(argv, current, drive_id))
         below = child(current, "file")
         if below is None or below not in nodes:
             raise NodeTreeError(f"format node {current} ({fmt.driver}) has no named file child")
@@ -285,7 +285,8 @@ def node_tree(block_entry: Mapping[str, Any], named_nodes: Iterable[Mapping[str,
     if _driver(proto_raw) not in PROTOCOL_DRIVERS:
         raise NodeTreeError(f"the image's bottom node {proto_name} uses driver {_driver(proto_raw)}; blockcopy "
                             f"replaces images on {', '.join(sorted(PROTOCOL_DRIVERS))} nodes only")
-    proto = _node_info(proto_raw, _argv_for(argv, proto_name, drive_id, "protocol"), role="protocol")
+    proto = _node_info(proto_raw, _argv_for(argv, proto_name, drive_id, "protocol"), role="protocol",
+                       on_cmdline=_on_cmdline(argv, proto_name, drive_id))
     image_node = nodes[current] if fmt is not None else proto_raw
     image = image_node.get("image") or {}
     return NodeTree(
@@ -353,7 +354,10 @@ def _filter_options(node: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k not in ("driver", "file", "backing") and not isinstance(v, dict)}
 
 
-def _node_info(node: Mapping[str, Any], argv_opts: Mapping[str, Any], *, role: str) -> NodeInfo:
+def _node_info(node: Mapping[str, Any], argv_opts: Mapping[str, Any], *, role: str,
+               on_cmdline: bool = False) -> NodeInfo:
+    """``on_cmdline``: the node was defined on QEMU's command line, so an option not written there
+    has QEMU's default: known, and nothing to carry (DEST gets the same default)."""
     cache = node.get("cache") or {}
     options: dict[str, Any] = {
         "cache.direct": bool(cache.get("direct", False)),
@@ -369,9 +373,13 @@ def _node_info(node: Mapping[str, Any], argv_opts: Mapping[str, Any], *, role: s
         pass  # threads or io_uring; native is impossible without O_DIRECT, still unknown which
     allowed = CARRIED_OPTIONS if role == "protocol" else FORMAT_NODE_OPTIONS
     options = {k: v for k, v in options.items() if k in allowed}
-    unknown = frozenset(k for k in UNREPORTED if k in allowed and k not in options)
+    unknown = frozenset() if on_cmdline else frozenset(k for k in UNREPORTED if k in allowed and k not in options)
     return NodeInfo(name=str(node["node-name"]), driver=_driver(node), filename=str(node.get("file", "")),
                     read_only=bool(node.get("ro")), options=options, unknown=unknown)
+
+
+def _on_cmdline(argv: ArgvOptions, node: str, drive_id: str | None) -> bool:
+    return node in argv.nodes or bool(drive_id and drive_id in argv.drives)
 
 
 def _argv_for(argv: ArgvOptions, node: str, drive_id: str | None, role: str) -> Mapping[str, Any]:
