@@ -820,4 +820,4 @@ def test_crash_points_on_a_throttled_iothread_direct_pair(lab: Lab, tmp_path: Pa
             tree = vm.tree(d)
             assert tree.filters == before[d].filters and tree.image.name.startswith("bc-")
             assert tree.protocol.options["cache.direct"] is True
-            assert vm.cmd("qom-get", path=f"/machine/peripheral/{d}", property="iothread") == "iop"
+            assert vm.cmd("qom-get", path=f"/machine/peripheral/{d}", property="iothread") == "/objects/iop"
