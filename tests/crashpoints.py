@@ -27,7 +27,7 @@ POINTS: dict[tuple[str, int], list[str]] = {
     ("pivot", 2): [*_START_2, "journal:copying@1", "journal:pivoting@1", "sync-images@1", "qmp:stop@1",
                    "qmp:job-complete@1", "qmp:job-complete@2", "journal:finalizing@1", "qmp:job-finalize@1",
                    "qmp:job-finalize@2", "journal:settling@1", "qmp:cont@1", "journal:settling@2",
-                   "qmp:job-dismiss@1", "qmp:blockdev-del@1", "qmp:blockdev-del@2", "qmp:job-dismiss@2",
+                   "qmp:job-dismiss@1", "qmp:blockdev-del@1", "qmp:job-dismiss@2", "qmp:blockdev-del@2",
                    "qmp:blockdev-del@3", "qmp:blockdev-del@4", "journal:done@1"],
     # finishing@2: every mirror seen ending cleanly; then DEST closed and fsynced, one record per disk.
     ("finish", 1): [*_START_1, "journal:copying@1", "journal:finishing@1", "qmp:block-job-cancel@1",

@@ -195,7 +195,9 @@ def test_libvirt_style_disk_options_read_from_qmp_and_the_command_line() -> None
                                    "discard": "unmap"}
     assert tree.protocol.options == {"cache.direct": True, "cache.no-flush": False, "detect-zeroes": "unmap",
                                      "aio": "native", "discard": "unmap", "auto-read-only": True}
-    assert tree.unknown == {"protocol": frozenset({"locking"}), "format": frozenset({"auto-read-only"})}
+    # What the command line leaves unset (locking, the format node's auto-read-only) is QEMU's default,
+    # which DEST gets too: nothing unknown, nothing to warn about.
+    assert tree.unknown == {} and nodes.unknown_option_warnings(tree) == []
 
 
 def test_without_the_command_line_aio_is_unknown_and_discard_inferred_from_detect_zeroes() -> None:
@@ -821,3 +823,26 @@ def test_crash_points_on_a_throttled_iothread_direct_pair(lab: Lab, tmp_path: Pa
             assert tree.filters == before[d].filters and tree.image.name.startswith("bc-")
             assert tree.protocol.options["cache.direct"] is True
             assert vm.cmd("qom-get", path=f"/machine/peripheral/{d}", property="iothread") == "/objects/iop"
+
+
+@pytest.mark.parametrize("point", ["qmp:blockdev-reopen@1", "journal:pivoting@1"])
+def test_a_crash_around_the_reopen_to_o_direct_ends_pivoted_with_an_o_direct_destination(
+        lab: Lab, tmp_path: Path, point: str) -> None:
+    """DEST is filled through the page cache and reopened with cache.direct=on once ready: a crash
+    right after the reopen was sent (or after it took effect) must still end with a DEST that QEMU
+    holds with O_DIRECT, as the source is."""
+    vm = start_config(lab, "stacked-filters")
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    dest = tmp_path / "d.qcow2"
+    crashed = bc("copy", "vm", "vda", str(dest), "--pivot", crash_at=point)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    bc.ok("recover")
+    job = bc.ok("jobs", "--json").json[-1]
+    assert (job["outcome"], job["authoritative"]) == ("pivoted", "destination")
+    tree = vm.tree("vda")
+    assert tree.image.name.startswith("bc-") and tree.protocol.options["cache.direct"] is True
+    assert tree.format is not None and tree.format.options["cache.direct"] is True
+    flags = vm.open_files()
+    assert bool(flags.get(str(dest), 0) & os.O_DIRECT), f"QEMU's fd for DEST is not O_DIRECT: {flags}"
+    assert has_pattern(str(dest), "qcow2", FILL, 0, 4 * MIB)

@@ -128,6 +128,55 @@ def test_copying_waits_then_follows_the_goal() -> None:
     assert step.record is not None and step.record.phase is Phase.FINISHING
 
 
+def _direct_dest(i: int, aio: str = "threads") -> DiskRecord:
+    """A DEST journaled with the source's libvirt-style options: O_DIRECT on both nodes."""
+    args = {"driver": "qcow2", "node-name": f"bc-op-{i}", "cache": {"direct": True, "no-flush": False},
+            "file": {"driver": "file", "node-name": f"bc-op-{i}-file", "filename": "/dev/fdset/7", "aio": aio,
+                     "cache": {"direct": True, "no-flush": False}}}
+    return dataclasses.replace(disk(i), dest_args=args)
+
+
+def test_a_direct_destination_is_filled_through_the_page_cache_then_reopened_before_the_pivot() -> None:
+    o = dataclasses.replace(op(Phase.STARTING), disks=(dataclasses.replace(_direct_dest(0), stage=Stage.ADD),))
+    added = decide(o, obs(None, nodes=frozenset())).commands[0].args
+    assert added["cache"]["direct"] is False and added["file"]["cache"]["direct"] is False
+    assert added["file"]["aio"] == "threads" and added["file"]["filename"] == "/dev/fdset/7"
+    o = dataclasses.replace(op(Phase.COPYING, n=2), disks=(_direct_dest(0), _direct_dest(1)))
+    buffered = {"bc-op-0": (False, "json:{...}"), "bc-op-0-file": (False, "/dev/fdset/7"),
+                "bc-op-1": (True, "json:{...}"), "bc-op-1-file": (True, "/dev/fdset/8")}
+    assert decide(o, obs("ready", "running", node_cache=buffered)).wait is Wait.COPY, "not before every job is ready"
+    step = decide(o, obs("ready", "ready", node_cache=buffered))
+    assert step.record is None, "a reopen is re-observable: nothing to journal"
+    assert names(step.commands) == ["blockdev-reopen"], "only the DEST that is still buffered"
+    assert step.commands[0].args == {"options": [
+        {"driver": "qcow2", "node-name": "bc-op-0", "cache": {"direct": True, "no-flush": False},
+         "file": "bc-op-0-file"},
+        {"driver": "file", "node-name": "bc-op-0-file", "filename": "/dev/fdset/7", "aio": "threads",
+         "cache": {"direct": True, "no-flush": False}}]}
+    direct = {**buffered, "bc-op-0": (True, ""), "bc-op-0-file": (True, "/dev/fdset/7")}
+    step = decide(o, obs("ready", "ready", node_cache=direct))
+    assert step.record is not None and step.record.phase is Phase.PIVOTING
+    # A reopen QEMU refuses gives the copy up with the reason, before the guest is touched.
+    refused = Failure(qmp("blockdev-reopen", {}), "Could not reopen file: Invalid argument")
+    step = decide(o, obs("ready", "ready", node_cache=buffered, failure=refused))
+    assert step.record is not None and step.record.phase is Phase.ABORTING and "O_DIRECT" in (step.record.error or "")
+
+
+@pytest.mark.parametrize("case", ["finish", "aio-native", "not-direct"])
+def test_no_reopen_when_the_destination_is_not_kept(case: str) -> None:
+    dest = _direct_dest(0, aio="native" if case == "aio-native" else "threads")
+    if case == "not-direct":
+        dest = dataclasses.replace(disk(0), dest_args={"driver": "qcow2", "node-name": "bc-op-0",
+                                                         "file": {"driver": "file", "filename": "/dev/fdset/7"}})
+    o = dataclasses.replace(op(Phase.COPYING, Goal.FINISH if case == "finish" else Goal.PIVOT), disks=(dest,))
+    step = decide(o, obs("ready", node_cache={"bc-op-0": (False, ""), "bc-op-0-file": (False, "/dev/fdset/7")}))
+    assert not step.commands and step.record is not None
+    assert step.record.phase is (Phase.FINISHING if case == "finish" else Phase.PIVOTING)
+    if case == "aio-native":  # aio=native needs O_DIRECT from the start: added as journaled
+        start = dataclasses.replace(o, phase=Phase.STARTING, disks=(dataclasses.replace(dest, stage=Stage.ADD),))
+        assert decide(start, obs(None, nodes=frozenset())).commands[0].args["cache"]["direct"] is True
+
+
 def test_two_disks_pivot_only_when_both_are_ready() -> None:
     assert decide(op(Phase.COPYING, n=2), obs("ready", "running")).wait is Wait.COPY
 
@@ -242,11 +291,14 @@ def test_settling_cleans_every_disk_in_one_step_then_ends_with_one_record() -> N
     o = obs("concluded", "concluded", pivoted=(True, True),
             nodes=frozenset({"bc-op-0", "bc-op-1", "src0", "src0-file", "src1", "src1-file"}))
     step = decide(s, o)
+    # Top nodes first, one per disk and step: a protocol node defined inline goes with its parent.
     assert [(c.name, c.args) for c in step.commands] == [
         ("job-dismiss", {"id": "job0"}), ("blockdev-del", {"node-name": "src0"}),
-        ("blockdev-del", {"node-name": "src0-file"}),
-        ("job-dismiss", {"id": "job1"}), ("blockdev-del", {"node-name": "src1"}),
-        ("blockdev-del", {"node-name": "src1-file"})]
+        ("job-dismiss", {"id": "job1"}), ("blockdev-del", {"node-name": "src1"})]
+    step = decide(s, obs(None, None, pivoted=(True, True),
+                         nodes=frozenset({"bc-op-0", "bc-op-1", "src0-file", "src1-file"})))
+    assert [(c.name, c.args) for c in step.commands] == [
+        ("blockdev-del", {"node-name": "src0-file"}), ("blockdev-del", {"node-name": "src1-file"})]
     assert step.record is None and all(c.purpose == "cleanup" for c in step.commands)
     step = decide(s, obs(None, None, pivoted=(True, True), nodes=frozenset({"bc-op-0", "bc-op-1"})))
     assert step.record is not None and step.record.phase is Phase.DONE and not step.commands

@@ -243,10 +243,18 @@ class Driver:
         progress_at = time.monotonic()
         previous_commands: tuple[Command, ...] = ()
         last_progress_save = 0.0
+        ahead: asyncio.Task[Observation] | None = None  # an observation sent right behind the commands
         while True:
             stalled = time.monotonic() - progress_at > self.transition_timeout
             seen = self.monitor.event_seq if self.monitor is not None else 0
-            obs = await self._observe(op, failure, identical, stalled)
+            if ahead is not None and failure is None:
+                obs = dataclasses.replace(await ahead, stalled=stalled)
+            else:
+                if ahead is not None:  # a command was refused: read what QEMU says after that
+                    with contextlib.suppress(Exception):
+                        await ahead
+                obs = await self._observe(op, failure, identical, stalled)
+            ahead = None
             op = self._measure(op, obs)
             step = decide(op, obs)
             if step.record is not None or step.commands:
@@ -256,7 +264,15 @@ class Driver:
             if step.record is not None:
                 op = self._save(step.record, op, step.note)
                 last_progress_save = time.monotonic()  # the record carries the progress too
-            op, failure, identical = await self._run_commands(self._not_sent_yet(op, step.commands), op)
+            commands = self._not_sent_yet(op, step.commands)
+            if step.observe_at_once and commands:
+                # QEMU answers in order: queries queued right behind the commands see their effect.
+                running = asyncio.ensure_future(self._run_commands(commands, op))
+                await asyncio.sleep(0)  # let the commands be queued first
+                ahead = asyncio.ensure_future(self._observe(op, None, identical, False))
+                op, failure, identical = await running
+            else:
+                op, failure, identical = await self._run_commands(commands, op)
             if step.record is not None or (step.commands and step.commands != previous_commands):
                 progress_at = time.monotonic()
             if step.commands:  # a wait in between does not make the same commands new again

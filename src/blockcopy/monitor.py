@@ -281,8 +281,10 @@ class Monitor:
         device_images = ({key: image_below(root, named, graph) for key, root in device_nodes.items()}
                          if "graph" in needs else {})
         in_use = {str(n.get("file")) for n in named}
+        node_cache = {str(n["node-name"]): (bool((n.get("cache") or {}).get("direct")), str(n.get("file", "")))
+                      for n in named if n.get("node-name")}
         return Observation(alive=True, run_state=run_state, jobs=jobs, device_nodes=device_nodes,
-                           device_images=device_images,
+                           device_images=device_images, node_cache=node_cache,
                            nodes=frozenset(str(n["node-name"]) for n in named if n.get("node-name")),
                            unused_fdsets=frozenset(i for i in fdsets if fdset_path(i) not in in_use),
                            dest_state=dest_state)
