@@ -66,7 +66,7 @@ def test_status_json_of_a_pivot_reports_outcome_authority_and_pause(attached, bc
     assert status["error"] is None
     assert isinstance(status["pause_window_ms"], float) and 0 < status["pause_window_ms"] < 60_000
     assert status["paused_by_blockcopy"] is True
-    assert status["buf_size"] == 1 << 20  # the default
+    assert status["buf_size"] == 16 << 20  # the default, as QEMU's and libvirt's
     assert status["disks"][0]["pivoted"] is True
     assert status["progress"]["percent"] == 100.0
     assert vm.run_state() == "running"
