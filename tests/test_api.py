@@ -44,3 +44,11 @@ def test_manager_copy_ready_pivot_recover(vm_factory, tmp_path: Path) -> None:
     assert seen and seen == sorted(seen)  # progress callbacks report a growing copy
     assert [vm.device_node(d)[1] for d in ("vda", "vdb")] == dests
     assert has_pattern(dests[1], 0x5A, 9 * MIB)
+
+
+def test_default_buffer_is_one_second_of_a_speed_limit_within_1_and_16_mib() -> None:
+    from blockcopy.manager import default_buf_size
+    mib = 1 << 20
+    assert default_buf_size(0) == 16 * mib
+    assert default_buf_size(mib // 2) == mib and default_buf_size(4 * mib) == 4 * mib
+    assert default_buf_size(100 * mib) == 16 * mib

@@ -176,6 +176,13 @@ def test_buffer_size_must_be_a_sane_size(attached, bc: Blockcopy, tmp_path: Path
     assert not (tmp_path / "d.qcow2").exists()
 
 
+def test_auto_read_only_is_not_a_destination_option(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    attached(1)
+    result = bc("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--dest-option", "auto-read-only=on")
+    assert result.returncode == 2 and "auto-read-only does not apply" in result.stderr, result.stderr
+    assert not (tmp_path / "d.qcow2").exists()
+
+
 def test_domain_lock_refuses_a_second_blockcopy(attached, bc: Blockcopy, tmp_path: Path) -> None:
     attached(1)
     proc = bc.spawn("copy", "vm", "vda", str(tmp_path / "a.qcow2"), "--bandwidth", "2", "--wait")

@@ -831,7 +831,7 @@ def test_a_crash_around_the_reopen_to_o_direct_ends_pivoted_with_an_o_direct_des
     """DEST is filled through the page cache and reopened with cache.direct=on once ready: a crash
     right after the reopen was sent (or after it took effect) must still end with a DEST that QEMU
     holds with O_DIRECT, as the source is."""
-    vm = start_config(lab, "stacked-filters")
+    vm = start_config(lab, "libvirt-threads")
     bc = Blockcopy(tmp_path / "state")
     bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
     dest = tmp_path / "d.qcow2"
@@ -846,3 +846,83 @@ def test_a_crash_around_the_reopen_to_o_direct_ends_pivoted_with_an_o_direct_des
     flags = vm.open_files()
     assert bool(flags.get(str(dest), 0) & os.O_DIRECT), f"QEMU's fd for DEST is not O_DIRECT: {flags}"
     assert has_pattern(str(dest), "qcow2", FILL, 0, 4 * MIB)
+
+
+def test_blockcopy_refuses_an_encrypted_disk(lab: Lab, tmp_path: Path) -> None:
+    """DEST would hold the guest's data in the clear (blockcopy does not create encrypted images)."""
+    path = tmp_path / "secret.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=pw",
+                    "-o", "encrypt.format=luks,encrypt.key-secret=sec0", str(path), "16M"], check=True)
+    vm = lab.start(VMConfig("luks", (Disk("vda", str(path), fmt_opts={"encrypt": {"format": "luks",
+                                                                                   "key-secret": "sec0"}}),),
+                            objects=({"qom-type": "secret", "id": "sec0", "data": "pw"},)))
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    result = bc("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--pivot")
+    assert result.returncode == 2 and "encrypted" in result.stderr and "in the clear" in result.stderr
+    assert vm.cmd("query-jobs") == [] and not (tmp_path / "d.qcow2").exists()
+
+
+def test_blockcopy_refuses_a_full_copy_through_copy_on_read_over_a_backing_chain(lab: Lab, tmp_path: Path) -> None:
+    """The mirror reads through the filters: copy-on-read would write every backing cluster into the
+    source. A shallow copy reads only the top layer and is allowed."""
+    base = lab.image("base.qcow2", size=16 * MIB)
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", str(top)], check=True)
+    vm = lab.start(VMConfig("cor", (Disk("vda", str(top), copy_on_read=True),)))
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    result = bc("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--pivot")
+    assert result.returncode == 2 and "copy-on-read" in result.stderr and "--shallow" in result.stderr
+    assert vm.cmd("query-jobs") == [] and not (tmp_path / "d.qcow2").exists()
+    vm.cmd("stop")  # the source's allocation, flushed
+    top_map = subprocess.run(["qemu-img", "map", "-U", "--output=json", str(top)], capture_output=True, text=True,
+                             check=True).stdout
+    vm.cmd("cont")
+    job = bc.ok("copy", "vm", "vda", str(tmp_path / "s.qcow2"), "--shallow", "--pivot", "--json").json
+    assert job["outcome"] == "pivoted"
+    assert subprocess.run(["qemu-img", "map", "-U", "--output=json", str(top)], capture_output=True, text=True,
+                          check=True).stdout == top_map, "the source was written"
+
+
+def test_blockcopy_refuses_a_block_device_someone_holds(lab: Lab, tmp_path: Path) -> None:
+    """A mounted device is held exclusively by the kernel: QEMU's image locks do not show it."""
+    vm = start_config(lab, "loop-raw")
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    held = lab.loop_device(fill=None)
+    subprocess.run(["mkfs.ext4", "-q", held], check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", held, str(mnt)], check=True)
+    try:
+        (mnt / "data").write_text("someone's file system")
+        result = bc("copy", "vm", "vda", held, "--reuse-external", "--format", "raw", "--pivot")
+        assert result.returncode == 2 and "is in use (mounted" in result.stderr, result.stderr
+        assert vm.cmd("query-jobs") == [] and (mnt / "data").read_text() == "someone's file system"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("shallow", [False, True])
+def test_a_pivot_deletes_the_old_chain_it_no_longer_needs(lab: Lab, tmp_path: Path, shallow: bool) -> None:
+    """libvirt defines each layer of a chain as its own nodes: after a full copy's pivot no node of
+    the old chain may stay open (and keep its files locked); after a shallow one DEST sits on the
+    old base, which must stay."""
+    base = lab.image("base.qcow2", size=16 * MIB)
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", str(top)], check=True)
+    vm = lab.start(VMConfig("chain", (Disk("vda", str(top), backing=base),)))
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    old = {"vda-fmt", "vda-file", "vda-base-fmt", "vda-base-file"}
+    assert old <= {n["node-name"] for n in vm.cmd("query-named-block-nodes")}
+    dest = str(tmp_path / "d.qcow2")
+    job = bc.ok("copy", "vm", "vda", dest, *(["--shallow"] if shallow else []), "--pivot", "--json").json
+    assert job["outcome"] == "pivoted" and not job["warnings"], job["warnings"]
+    left = old & {n["node-name"] for n in vm.cmd("query-named-block-nodes")}
+    assert left == ({"vda-base-fmt", "vda-base-file"} if shallow else set())
+    assert has_pattern(dest, "qcow2", FILL, 0, 4 * MIB)  # the base's data, in DEST or through its backing
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", dest], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert ("backing-filename" in info) is shallow

@@ -169,12 +169,54 @@ def test_no_reopen_when_the_destination_is_not_kept(case: str) -> None:
         dest = dataclasses.replace(disk(0), dest_args={"driver": "qcow2", "node-name": "bc-op-0",
                                                          "file": {"driver": "file", "filename": "/dev/fdset/7"}})
     o = dataclasses.replace(op(Phase.COPYING, Goal.FINISH if case == "finish" else Goal.PIVOT), disks=(dest,))
-    step = decide(o, obs("ready", node_cache={"bc-op-0": (False, ""), "bc-op-0-file": (False, "/dev/fdset/7")}))
+    direct = case == "aio-native"  # added O_DIRECT, as journaled
+    step = decide(o, obs("ready", node_cache={"bc-op-0": (direct, ""), "bc-op-0-file": (direct, "/dev/fdset/7")}))
     assert not step.commands and step.record is not None
     assert step.record.phase is (Phase.FINISHING if case == "finish" else Phase.PIVOTING)
     if case == "aio-native":  # aio=native needs O_DIRECT from the start: added as journaled
         start = dataclasses.replace(o, phase=Phase.STARTING, disks=(dataclasses.replace(dest, stage=Stage.ADD),))
         assert decide(start, obs(None, nodes=frozenset())).commands[0].args["cache"]["direct"] is True
+
+
+def test_a_reopen_ends_when_every_node_has_its_journaled_cache_mode() -> None:
+    # Only the file node is O_DIRECT on the source (a hand-written command line): DEST's format node
+    # stays buffered, as journaled, and the reopen must not be sent again once the file node is direct.
+    dest = _direct_dest(0)
+    args = {**dict(dest.dest_args or {}), "cache": {"direct": False, "no-flush": False}}
+    o = dataclasses.replace(op(Phase.COPYING), disks=(dataclasses.replace(dest, dest_args=args),))
+    step = decide(o, obs("ready", node_cache={"bc-op-0": (False, ""), "bc-op-0-file": (False, "/dev/fdset/7")}))
+    assert names(step.commands) == ["blockdev-reopen"]
+    step = decide(o, obs("ready", node_cache={"bc-op-0": (False, ""), "bc-op-0-file": (True, "/dev/fdset/7")}))
+    assert not step.commands and step.record is not None and step.record.phase is Phase.PIVOTING
+    # A reopen that QEMU accepts but that does not take: given up once stalled, before the pause.
+    stuck = decide(o, obs("ready", stalled=True,
+                          node_cache={"bc-op-0": (False, ""), "bc-op-0-file": (False, "/dev/fdset/7")}))
+    assert stuck.record is not None and stuck.record.phase is Phase.ABORTING
+
+
+@pytest.mark.parametrize("case", ["copy-goal", "shallow", "block-device"])
+def test_a_direct_destination_is_added_o_direct_where_nothing_would_write_the_page_cache_back(case: str) -> None:
+    dest = dataclasses.replace(_direct_dest(0), stage=Stage.ADD)
+    if case == "block-device":
+        args = dict(dest.dest_args or {})
+        args["file"] = {**args["file"], "driver": "host_device", "filename": "/dev/fdset/7"}
+        dest = dataclasses.replace(dest, dest_args=args)
+    o = dataclasses.replace(op(Phase.STARTING, Goal.COPY if case == "copy-goal" else Goal.PIVOT,
+                               shallow=case == "shallow"), disks=(dest,))
+    added = decide(o, obs(None, nodes=frozenset())).commands[0].args
+    assert added["cache"]["direct"] is True and added["file"]["cache"]["direct"] is True
+
+
+def test_finalizing_waits_after_a_refused_finalize_and_stops_stuck_when_stalled() -> None:
+    o = op(Phase.FINALIZING, n=2, paused_by_us=True, vm_was_running=True)
+    refused = Failure(qmp("job-finalize", {"id": "job1"}, disk=1), "cannot finalize")
+    step = decide(o, obs("concluded", "pending", run_state="paused", pivoted=(True, False), failure=refused))
+    assert names(step.commands) == ["job-finalize"] and step.wait is Wait.SETTLE and not step.observe_at_once
+    step = decide(o, obs("concluded", "pending", run_state="paused", pivoted=(True, False), stalled=True,
+                         failure=refused))
+    assert step.stuck is not None and not step.commands and step.record is None, "no going back, no outcome guessed"
+    step = decide(o, obs("concluded", "running", run_state="paused", pivoted=(True, False), stalled=True))
+    assert step.stuck is not None
 
 
 def test_two_disks_pivot_only_when_both_are_ready() -> None:
@@ -562,8 +604,10 @@ def _check_invariants(o: Operation, ob: Observation) -> None:
         # Given up only where nothing can be decided, with nothing changed, and never while a guest
         # that blockcopy paused waits for an outcome.
         assert step.record is None and not step.commands, where
-        assert o.outcome is not None or o.phase is Phase.FINISHING, where
-        assert not (o.paused_by_us and not o.resumed and o.outcome is None), where
+        assert o.outcome is not None or o.phase in (Phase.FINISHING, Phase.FINALIZING), where
+        # In FINALIZING only after the time limit (the driver then reports the guest left paused).
+        assert not (o.paused_by_us and not o.resumed and o.outcome is None) or o.phase is Phase.FINALIZING, where
+        assert o.phase is not Phase.FINALIZING or ob.stalled, where
     # Every non-terminal step makes progress: a record, a command, a wait, or gives up.
     assert step.record is not None or step.commands or step.wait is not None or step.stuck, where
 
@@ -651,3 +695,16 @@ def test_qemu_gone_never_names_an_image_the_journal_cannot_vouch_for(phase: Phas
         else:
             # no job-finalize went out: the source holds every acknowledged write
             assert record.authoritative is Authority.SOURCE, where
+
+
+def test_settling_deletes_the_old_chain_one_node_per_step_top_first() -> None:
+    d = dataclasses.replace(disk(0), pivoted=True, source_below=("src0-file", "base0", "base0-file"))
+    s = dataclasses.replace(op(Phase.SETTLING, outcome=Outcome.PIVOTED, authoritative=Authority.DESTINATION,
+                               resumed=True), disks=(d,))
+    left = ["src0", "src0-file", "base0", "base0-file"]
+    for expected in list(left):
+        step = decide(s, obs(None, pivoted=(True,), nodes=frozenset({"bc-op-0", *left})))
+        assert [c.args for c in step.commands] == [{"node-name": expected}]
+        left.remove(expected)
+    step = decide(s, obs(None, pivoted=(True,), nodes=frozenset({"bc-op-0"})))
+    assert step.record is not None and step.record.phase is Phase.DONE

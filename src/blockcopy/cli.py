@@ -166,12 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-external", action="store_true",
                    help="DEST exists already (same format and virtual size) and is used as is")
     p.add_argument("--bandwidth", type=_positive_float, metavar="MiB/s", help="copy speed limit")
-    p.add_argument("--buf-size", type=_size, default=DEFAULT_BUF_SIZE, metavar="SIZE",
-                   help="mirror buffer, the data in flight per disk (default 16M, as QEMU's and libvirt's; "
-                   "1M copied an O_DIRECT disk 1.4x slower on libvirt's rig)")
+    p.add_argument("--buf-size", type=_size, metavar="SIZE",
+                   help=f"mirror buffer, the data in flight per disk (default {DEFAULT_BUF_SIZE // (1 << 20)}M, as "
+                   "QEMU's and libvirt's, or one second of --bandwidth when that is less, at least 1M; 1M copied "
+                   "1.1-1.5x slower on libvirt's rig)")
     p.add_argument("--dest-option", action="append", default=[], metavar="KEY=VALUE",
                    help="set a node option of DEST instead of the source's (cache.direct, cache.no-flush, aio, "
-                   "discard, detect-zeroes, locking, auto-read-only); repeatable. By default DEST gets the "
+                   "discard, detect-zeroes, locking); repeatable. By default DEST gets the "
                    "source's options that QEMU reports or its command line shows")
     p.add_argument("--owner", type=_owner, metavar="USER[:GROUP]",
                    help="owner of a DEST that blockcopy creates (default: the source file's)")

@@ -168,7 +168,8 @@ class Driver:
 
         :raise GuestLeftPaused: the guest that blockcopy paused for the pivot stays paused (the
             outcome could not be journaled, or QEMU stopped answering); ``recover`` finishes it.
-        :raise TransitionStalled: QEMU did not carry out a finish or abort in time.
+        :raise TransitionStalled: QEMU did not carry out a finish or abort in time (a pivot past
+            its point of no return that QEMU does not conclude raises GuestLeftPaused).
         :raise QemuUnreachable: QEMU runs but does not answer; nothing was decided.
         :raise JournalError: the journal could not be written (nothing was done for that step).
         :raise Interrupted: ``interrupt`` was set while waiting for a copy.
@@ -202,7 +203,7 @@ class Driver:
     async def _run_guarded(self, op: Operation, until: Until) -> Operation:
         try:
             return await self._run(op, until)
-        except (JournalError, MonitorError) as exc:
+        except (JournalError, MonitorError, TransitionStalled) as exc:
             held = self._last_saved(op)
             if await self._guest_held(held):
                 raise GuestLeftPaused(_held_message(held, exc, self.journal)) from exc
@@ -235,6 +236,14 @@ class Driver:
             self._writeback.cancel()
             self._writeback = None
 
+    async def _observe_behind(self, running: asyncio.Future[Any], sent: int, op: Operation,
+                              identical: tuple[bool, ...] | None) -> Observation:
+        """Observe once ``sent`` messages are on the wire (the commands of this step), or once they
+        have run (one failed before it was sent, the connection changed): never ahead of them."""
+        while (monitor := self.monitor) is not None and monitor.messages_sent < sent and not running.done():
+            await asyncio.sleep(0)
+        return await self._observe(op, None, identical, False)
+
     async def _run(self, op: Operation, until: Until) -> Operation:
         failure: Failure | None = None
         identical: tuple[bool, ...] | None = None
@@ -251,8 +260,7 @@ class Driver:
                 obs = dataclasses.replace(await ahead, stalled=stalled)
             else:
                 if ahead is not None:  # a command was refused: read what QEMU says after that
-                    with contextlib.suppress(Exception):
-                        await ahead
+                    await ahead  # (an observation that failed ends the run as any other does)
                 obs = await self._observe(op, failure, identical, stalled)
             ahead = None
             op = self._measure(op, obs)
@@ -265,11 +273,11 @@ class Driver:
                 op = self._save(step.record, op, step.note)
                 last_progress_save = time.monotonic()  # the record carries the progress too
             commands = self._not_sent_yet(op, step.commands)
-            if step.observe_at_once and commands:
-                # QEMU answers in order: queries queued right behind the commands see their effect.
+            if step.observe_at_once and commands and not faults.serial():
+                # QEMU answers in order: queries sent right behind the commands see their effect.
+                sent = self.monitor.messages_sent if self.monitor is not None else 0
                 running = asyncio.ensure_future(self._run_commands(commands, op))
-                await asyncio.sleep(0)  # let the commands be queued first
-                ahead = asyncio.ensure_future(self._observe(op, None, identical, False))
+                ahead = asyncio.ensure_future(self._observe_behind(running, sent + len(commands), op, identical))
                 op, failure, identical = await running
             else:
                 op, failure, identical = await self._run_commands(commands, op)

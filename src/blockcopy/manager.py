@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import os
 import secrets
@@ -48,6 +49,17 @@ MIB = 1024 * 1024
 #: while the guest is paused for the pivot, and giving back 16 MiB of touched memory took about
 #: 1.3 ms of that pause here. 1 MiB copied as fast (bench/run.py throughput) and frees in ~0.1 ms.
 DEFAULT_BUF_SIZE = 16 * MIB  # QEMU's and libvirt's: faster on O_DIRECT disks, no cost in the pause (README)
+
+
+def default_buf_size(bandwidth: int) -> int:
+    """QEMU's 16 MiB, or one second's worth of a speed limit when that is less (at least 1 MiB).
+
+    QEMU's mirror limits its speed by sleeping *after* it copied a buffer's worth: with 16 MiB in
+    flight, `--bandwidth 1` would copy 16 MiB at full speed, then pause 16 s; the storage the limit
+    is there to protect would see full-speed bursts."""
+    if not bandwidth:
+        return DEFAULT_BUF_SIZE
+    return max(MIB, min(DEFAULT_BUF_SIZE, bandwidth))
 MAX_BUF_SIZE = 1024 * MIB
 
 
@@ -62,7 +74,7 @@ class CopyRequest:
     reuse_external: bool = False
     bandwidth_mib: float | None = None
     mode: str = "write-blocking"
-    buf_size: int = DEFAULT_BUF_SIZE  # bytes
+    buf_size: int | None = None  # bytes; None: default_buf_size(bandwidth)
     goal: Goal = Goal.COPY
     dest_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # nodes.parse_dest_option
     owner: tuple[int, int] | None = None  # a created DEST's uid, gid (default: the source file's)
@@ -382,6 +394,7 @@ class Manager:
                 tree = nodes.node_tree(entry, named, graph, argv=argv)
             except nodes.NodeTreeError as exc:
                 raise UsageError(f"disk {device.name}: {exc}") from None
+            _refuse_source(device, tree, named, request)
             dest_format = request.format or device.format
             if tree.format is None and dest_format != "raw":
                 raise UsageError(f"disk {device.name} is a raw {tree.protocol.driver} node without a format node; "
@@ -432,6 +445,7 @@ class Manager:
                 dest_dir_dev=directory.st_dev if directory else None,
                 dest_dir_ino=directory.st_ino if directory else None,
                 dest_args=dest_args, replaces=tree.image.name if tree.filters else None,
+                source_below=tree.nodes_below_image(with_backing_chain=not request.shallow),
                 dest_owner=_dest_owner(request, device.file), dest_mode=_dest_mode(request, device.file),
                 cluster_size=request.cluster_size or (tree.cluster_size if dest_format == "qcow2" else None),
                 preallocation=request.preallocation,
@@ -442,7 +456,26 @@ class Manager:
                          qemu_pidns=qemu.pid_ns,
                          disks=tuple(disks), mode=request.mode, shallow=request.shallow,
                          reuse_external=request.reuse_external, bandwidth=bandwidth,
-                         buf_size=request.buf_size, warnings=tuple(warnings))
+                         buf_size=request.buf_size if request.buf_size is not None else default_buf_size(bandwidth),
+                         warnings=tuple(warnings))
+
+
+def _refuse_source(device: DeviceInfo, tree: nodes.NodeTree, named: list[dict[str, Any]],
+                   request: CopyRequest) -> None:
+    """Sources that a mirror cannot move as they are, refused before anything is touched."""
+    image = next((n for n in named if n.get("node-name") == tree.image.name), {})
+    if image.get("encrypted"):
+        raise UsageError(f"disk {device.name} is encrypted: blockcopy would write the guest's data to DEST in "
+                         "the clear (it does not create encrypted images). Leave it where it is, or copy it with "
+                         "`qemu-img convert` and the image's secret while the VM is shut down")
+    cor = [f.name for f in tree.filters if f.driver == "copy-on-read"]
+    if cor and device.backing_chain and not request.shallow:
+        # The mirror reads through the filters above the image; a copy-on-read filter turns every
+        # read of a cluster that lives in the backing chain into a write of it into the source.
+        raise UsageError(f"disk {device.name} sits under a copy-on-read filter ({', '.join(cor)}) over a backing "
+                         "chain: a full copy would read the whole chain through it and write every backing "
+                         "cluster into the source image. Copy with --shallow (DEST gets the same backing "
+                         "file), or remove the filter first")
 
 
 async def _refuse_migration(monitor: Monitor, domain: str) -> None:
@@ -522,13 +555,16 @@ def _guests_held_first(ops: Sequence[Operation]) -> list[Operation]:
 def _check_options(request: CopyRequest) -> None:
     if not request.targets:
         raise UsageError("name at least one disk to copy: --disk DISK=DEST")
+    if "auto-read-only" in request.dest_options:
+        raise UsageError("--dest-option auto-read-only does not apply: blockcopy opens DEST read-write from the "
+                         "one descriptor it passes to QEMU (a read-only disk is refused anyway)")
     if request.mode not in MODES:
         raise UsageError(f"unknown mode {request.mode!r}: use one of {', '.join(MODES)}")
     if request.format is not None and request.format not in FORMATS:
         raise UsageError(f"unsupported destination format {request.format!r}: use one of {', '.join(FORMATS)}")
     if request.bandwidth_mib is not None and not request.bandwidth_mib > 0:
         raise UsageError(f"bandwidth must be a positive number of MiB/s, not {request.bandwidth_mib}")
-    if not 0 < request.buf_size <= MAX_BUF_SIZE:
+    if request.buf_size is not None and not 0 < request.buf_size <= MAX_BUF_SIZE:
         raise UsageError(f"buffer size must be between 1 byte and {MAX_BUF_SIZE // MIB} MiB, not "
                          f"{request.buf_size} (QEMU rounds it up to the job's granularity)")
     if request.shallow and request.format == "raw":
@@ -618,6 +654,8 @@ def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest,
         raise UsageError(f"--reuse-external: {dest} is in use by another process ({in_use}): another VM's disk? "
                          "blockcopy never mirrors onto an image someone else has open")
     is_block = stat.S_ISBLK(before.st_mode)
+    if is_block:
+        _refuse_held_block_device(dest, real)
     if is_block and dest_format == "raw":
         size = _block_size(real)
         if size < device.virtual_size:
@@ -630,6 +668,20 @@ def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest,
     if request.shallow:
         _check_reused_backing(dest, info, device)
     return real, (before.st_dev, before.st_ino), is_block
+
+
+def _refuse_held_block_device(dest: str, real: str) -> None:
+    """A mounted file system, a device-mapper or md member holds its block device exclusively; QEMU's
+    image locks do not show that. The kernel refuses O_EXCL to anyone else while such a holder lives."""
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise UsageError(f"--reuse-external: block device {dest} is in use (mounted, or held by device-mapper, "
+                             "md or another exclusive user); blockcopy never mirrors onto a device someone else "
+                             "holds. Unmount or release it first") from None
+        raise UsageError(f"--reuse-external: cannot open block device {dest}: {exc.strerror}") from None
+    os.close(fd)
 
 
 def _check_reused_backing(dest: str, info: images.ImageInfo, device: DeviceInfo) -> None:

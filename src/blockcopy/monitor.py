@@ -62,11 +62,13 @@ class LeanQMPClient(QMPClient):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self._short_ids = itertools.count(1)
+        self.sent = 0  # messages written to the socket, in order
 
     def _get_exec_id(self) -> str:
         return f"{next(self._short_ids):x}"  # unique per connection, as the protocol asks
 
     def _cb_outbound(self, msg: Message) -> Message:
+        self.sent += 1
         self.logger.debug("--> %s", msg)
         return msg
 
@@ -123,6 +125,11 @@ class Monitor:
         client.events.event_filter = lambda _event: False
         self.last_events: dict[str, tuple[int, float]] = {}  # name -> (event number, QEMU's time)
         self.event_seq = 0  # how many watched events have arrived; lets waits skip what was seen
+
+    @property
+    def messages_sent(self) -> int:
+        """Messages written to QEMU on this connection so far; QEMU answers them in this order."""
+        return self._client.sent if isinstance(self._client, LeanQMPClient) else 0
 
     @classmethod
     async def connect(cls, socket_path: str, *, timeout: float = 5.0,

@@ -178,6 +178,8 @@ class NodeTree:
     cluster_size: int | None
     read_only: bool  # the image as the device opens it
     backend_throttle: Mapping[str, Any] = field(default_factory=dict)  # block_set_io_throttle limits
+    #: the backing chain's nodes, top first, each layer's format node then the nodes below it
+    backing_chain_nodes: tuple[str, ...] = ()
 
     @property
     def image(self) -> NodeInfo:
@@ -206,6 +208,15 @@ class NodeTree:
         if self.format is not None:
             out["format"] = dict(self.format.options)
         return out
+
+    def nodes_below_image(self, *, with_backing_chain: bool) -> tuple[str, ...]:
+        """The nodes a pivot leaves unused below the image it swaps out, in the order they can be
+        deleted (each freed by the one before): its protocol filters and protocol node, then, for a
+        full copy (DEST has no backing), the old backing chain."""
+        if self.format is None:
+            return ()
+        own = (*(f.name for f in self.protocol_filters), self.protocol.name)
+        return (*own, *self.backing_chain_nodes) if with_backing_chain else own
 
 
 @dataclass(frozen=True)
@@ -289,6 +300,15 @@ def node_tree(block_entry: Mapping[str, Any], named_nodes: Iterable[Mapping[str,
                        on_cmdline=_on_cmdline(argv, proto_name, drive_id))
     image_node = nodes[current] if fmt is not None else proto_raw
     image = image_node.get("image") or {}
+    chain: list[str] = []
+    layer = child(current, "backing") if fmt is not None else None
+    while layer is not None and layer in nodes and layer not in chain:
+        chain.append(layer)
+        below = child(layer, "file")
+        while below is not None and below in nodes and below not in chain:
+            chain.append(below)
+            below = None if _driver(nodes[below]) in PROTOCOL_DRIVERS else child(below, "file")
+        layer = child(layer, "backing")
     return NodeTree(
         device_key=device_key, drive_id=drive_id, root=root, filters=tuple(filters), format=fmt,
         protocol_filters=tuple(protocol_filters), protocol=proto,
@@ -296,7 +316,7 @@ def node_tree(block_entry: Mapping[str, Any], named_nodes: Iterable[Mapping[str,
         virtual_size=int(image.get("virtual-size", 0)),
         cluster_size=int(image["cluster-size"]) if "cluster-size" in image else None,
         read_only=bool(inserted.get("ro")),
-        backend_throttle=_backend_throttle(inserted))
+        backend_throttle=_backend_throttle(inserted), backing_chain_nodes=tuple(chain))
 
 
 def image_below(root: str, named_nodes: Iterable[Mapping[str, Any]], graph: Mapping[str, Any]) -> str:

@@ -24,9 +24,10 @@ Phases (``op.phase``) and what moves them, given the observation (``obs``):
 phase         does                                                               next
 ============  =================================================================  ===========
 STARTING      per disk: create DEST, then blockdev-add + blockdev-mirror          COPYING
-COPYING       waits until every job is ``ready``; then follows ``op.goal``       PIVOTING,
-                                                                                 FINISHING,
-                                                                                 ABORTING
+COPYING       waits until every job is ``ready``; then, unless finishing,        PIVOTING,
+              ``blockdev-reopen`` of a DEST filled through the page cache with   FINISHING,
+              its journaled cache mode (re-observed, no record); then follows    ABORTING
+              ``op.goal``
 PIVOTING      one step: fsync the images, ``stop`` a running VM (its run state   FINALIZING
               was journaled on entry), ``job-complete`` each job; then waits     or ABORTING
               until *every* job is ``pending`` (all or nothing) with the guest
@@ -38,8 +39,9 @@ FINISHING     ``block-job-cancel`` of ready jobs (no pivot; DEST consistent),   
               then ``job-finalize``
 ABORTING      ``job-cancel`` every job; outcome not-pivoted or failed            SETTLING
 SETTLING      the outcome record is written, and in the same step ``cont`` if    DONE
-              blockcopy paused the VM; then, one step for all disks,
-              ``job-dismiss`` and ``blockdev-del`` of the nodes no device uses
+              blockcopy paused the VM; then, each step for all disks,
+              ``job-dismiss`` and ``blockdev-del`` of one node no device uses
+              (top first), then ``remove-fd`` of unused fd sets
 DONE          nothing
 ============  =================================================================  ===========
 
@@ -340,7 +342,7 @@ def _blockdev_add_args(op: Operation, disk: DiskRecord) -> dict[str, Any]:
         # fast as `qemu-img convert`, O_DIRECT ones of the mirror's chunks much slower. Once every
         # job is ready, DEST is reopened with the source's cache mode (COPYING). aio=native needs
         # O_DIRECT from the start and cannot be changed by a reopen: such DESTs are O_DIRECT throughout.
-        return _through_page_cache(disk.dest_args) if _copy_through_page_cache(disk) else dict(disk.dest_args)
+        return _through_page_cache(disk.dest_args) if _copy_through_page_cache(op, disk) else dict(disk.dest_args)
     args: dict[str, Any] = {
         "driver": disk.dest_format,
         "node-name": disk.dest_node,
@@ -364,10 +366,19 @@ def _levels(args: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return out
 
 
-def _copy_through_page_cache(disk: DiskRecord) -> bool:
+def _copy_through_page_cache(op: Operation, disk: DiskRecord) -> bool:
+    """Whether DEST is added with cache.direct=off although its journaled options say on.
+
+    Only where the page cache is written out while the copy runs and nothing else stands in the
+    way: a regular file (the writeback follows files; a block device is O_DIRECT throughout), a
+    goal whose command waits for the copy (a bare `copy` leaves no process to write back, and
+    QEMU's flush before `ready` would then write it all while guest writes wait), no aio=native
+    (needs O_DIRECT from the start), no backing chain (a shallow DEST's reopen would have to name
+    its backing node)."""
     levels = _levels(disk.dest_args or {})
     direct = any((n.get("cache") or {}).get("direct") for n in levels)
-    return direct and not any(n.get("aio") == "native" for n in levels)
+    return (direct and not op.shallow and op.goal in (Goal.PIVOT, Goal.FINISH)
+            and levels[-1].get("driver") == "file" and not any(n.get("aio") == "native" for n in levels))
 
 
 def _through_page_cache(args: Mapping[str, Any]) -> dict[str, Any]:
@@ -380,11 +391,14 @@ def _through_page_cache(args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _needs_direct(disk: DiskRecord, obs: Observation) -> bool:
-    """DEST was added through the page cache and still is (re-observable: a reopen is idempotent)."""
-    if not _copy_through_page_cache(disk):
-        return False
-    cache = obs.node_cache.get(disk.dest_node)
-    return cache is not None and not cache[0]
+    """Some node of DEST is open with another cache mode than journaled (it was added through the
+    page cache). Compared node by node, as QEMU reports them, so a reopen is idempotent and ends."""
+    for level in _levels(disk.dest_args or {}):
+        want = (level.get("cache") or {}).get("direct")  # unset: inherited from the parent, as QEMU does
+        seen = obs.node_cache.get(str(level.get("node-name")))
+        if want is not None and seen is not None and seen[0] != bool(want):
+            return True
+    return False
 
 
 def _reopened_options(disk: DiskRecord, obs: Observation) -> list[dict[str, Any]]:
@@ -435,6 +449,9 @@ def _copying(op: Operation, obs: Observation) -> Step:
             failure = obs.failure
             if reopens and failure is not None and failure.command.name == "blockdev-reopen":
                 return _abort(op, f"could not give the destination its O_DIRECT cache mode: {failure.message}")
+            if reopens and obs.stalled:
+                return _abort(op, "could not give the destination its O_DIRECT cache mode: QEMU still reports "
+                                  "another cache mode after the reopen")
             if reopens:
                 return Step(commands=reopens, wait=Wait.SETTLE, note="reopen the destinations with cache.direct=on")
         if op.goal is Goal.PIVOT:
@@ -499,10 +516,19 @@ def _finalizes(op: Operation, obs: Observation) -> tuple[Command, ...]:
 
 def _finalizing(op: Operation, obs: Observation) -> Step:
     finalizes = _finalizes(op, obs)
+    concluding = finalizes or any((j := _job(op, obs, d)) is not None and j.status in LIVE_STATUSES | {"aborting"}
+                                  for d in op.disks)
+    refused = obs.failure is not None and obs.failure.command.name == "job-finalize"
+    if obs.stalled and (refused or (concluding and not finalizes)):
+        # Past the point of no return there is no going back: a pending job is finalized even when
+        # the time is up, but a finalize QEMU keeps refusing, or a job that does not conclude, ends
+        # the command (the guest stays paused, and the driver says so); `recover` goes on.
+        return Step(stuck=f"QEMU did not conclude the pivot of job {op.id} in time")
+    if finalizes and refused:
+        return Step(commands=finalizes, wait=Wait.SETTLE, note="finalize again after a refusal")
     if finalizes:
         return Step(commands=finalizes, observe_at_once=True, note="finalize the jobs")
-    if any((j := _job(op, obs, d)) is not None and j.status in LIVE_STATUSES | {"aborting"}
-           for d in op.disks):
+    if concluding:
         return Step(wait=Wait.SETTLE, note="waiting for the jobs to conclude")
     return _conclude(op, obs, on_success=Outcome.PIVOTED, reason="pivoted")
 
@@ -676,7 +702,8 @@ def _leftover_nodes(disk: DiskRecord) -> list[str]:
         # The old source stays open (and its file locked) until deleted: the image node the pivot
         # swapped out (never the filters above it, which the device still uses). Nodes QEMU named
         # itself ('#block...', from -drive) are not the monitor's to delete: QEMU frees them on its own.
-        return [n for n in (disk.replaces or disk.source_node, disk.source_file_node) if n and not n.startswith("#")]
+        below = disk.source_below or (disk.source_file_node,)
+        return [n for n in (disk.replaces or disk.source_node, *below) if n and not n.startswith("#")]
     return [disk.dest_node]
 
 

@@ -91,6 +91,10 @@ class DiskRecord:
     #: the image node below the device's filters (throttle...), swapped by the pivot while the
     #: filters stay; None when the device's root is the image itself
     replaces: str | None = None
+    #: nodes below the source image that the pivot leaves unused, in deletion order (its protocol
+    #: filters and protocol node; for a full copy the old backing chain too). Empty in records of
+    #: older versions: then source_file_node alone.
+    source_below: tuple[str, ...] = ()
     dest_owner: tuple[int, int] | None = None  # a created DEST's uid, gid
     dest_mode: int | None = None  # a created DEST's permission bits
     cluster_size: int | None = None  # a created qcow2 DEST's
@@ -189,6 +193,7 @@ class Operation:
             d["stage"] = Stage(d["stage"])
             if d.get("dest_owner") is not None:
                 d["dest_owner"] = tuple(d["dest_owner"])
+            d["source_below"] = tuple(d.get("source_below", ()))
             disks.append(DiskRecord(**d))
         values["disks"] = tuple(disks)
         known = {f.name for f in dataclasses.fields(cls)}
