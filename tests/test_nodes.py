@@ -9,9 +9,11 @@ driver) and read back that everything above and beside the image is as it was, w
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +40,7 @@ from vmconfigs import (
     write_rate,
 )
 
-from blockcopy import nodes
+from blockcopy import images, nodes
 from blockcopy.journal import Journal
 from blockcopy.nodes import NodeTreeError
 
@@ -926,3 +928,119 @@ def test_a_pivot_deletes_the_old_chain_it_no_longer_needs(lab: Lab, tmp_path: Pa
     info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", dest], capture_output=True,
                                      text=True, check=True).stdout)
     assert ("backing-filename" in info) is shallow
+
+
+def test_a_block_device_destination_stays_claimed_while_qemu_holds_it(lab: Lab, tmp_path: Path) -> None:
+    """The exclusive claim is taken with the descriptor QEMU gets, not only checked once: nobody can
+    mount or assemble DEST while the mirror writes it or after the pivot."""
+    vm = start_config(lab, "loop-raw")
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    dest = lab.block_dest(vm.config.disks[0], vm.tree("vda").virtual_size)
+
+    def claimable() -> bool:
+        try:
+            os.close(os.open(dest, os.O_RDONLY | os.O_EXCL))
+        except OSError as exc:
+            assert exc.errno == errno.EBUSY, exc
+            return False
+        return True
+
+    assert claimable()
+    job = bc.ok("copy", "vm", "vda", dest, "--reuse-external", "--format", "raw", "--bandwidth", "1", "--json").json
+    assert not claimable(), "DEST could be claimed while the mirror writes it"
+    assert bc.ok("pivot", job["id"], "--wait", "--json").json["outcome"] == "pivoted"
+    assert not claimable(), "DEST could be claimed while the guest uses it"
+
+
+def test_blockcopy_refuses_a_full_copy_over_an_encrypted_base(lab: Lab, tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=pw",
+                    "-o", "encrypt.format=luks,encrypt.key-secret=sec0", str(base), "16M"], check=True)
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)], check=True)
+    disk = Disk("vda", str(top), fmt_opts={"backing": {"driver": "qcow2", "encrypt": {"format": "luks",
+                                                                                       "key-secret": "sec0"},
+                                                       "file": {"driver": "file", "filename": str(base)}}})
+    vm = lab.start(VMConfig("luksbase", (disk,), objects=({"qom-type": "secret", "id": "sec0", "data": "pw"},)))
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    result = bc("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--pivot")
+    assert result.returncode == 2 and "encrypted" in result.stderr, result.stderr
+    assert vm.cmd("query-jobs") == [] and not (tmp_path / "d.qcow2").exists()
+    # A shallow copy holds only the (plain) top layer and keeps the encrypted base as its backing.
+    assert bc.ok("copy", "vm", "vda", str(tmp_path / "s.qcow2"), "--shallow", "--pivot", "--json").json["outcome"] \
+        == "pivoted"
+
+
+def test_blockcopy_refuses_a_full_copy_of_a_drive_with_copy_on_read(lab: Lab, tmp_path: Path) -> None:
+    """`-drive ...,copy-on-read=on` makes no filter node: only the command line shows it."""
+    base = lab.image("base.qcow2", size=16 * MIB)
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", str(top)], check=True)
+    vm = lab.start(VMConfig("drivecor", (Disk("vda", str(top), legacy="copy-on-read=on"),)))
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    result = bc("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--pivot")
+    assert result.returncode == 2 and "copy-on-read=on" in result.stderr, result.stderr
+    assert vm.cmd("query-jobs") == []
+
+
+def _partitioned_loop(path: Path, size: int) -> str:
+    """A loop device with an MBR of two partitions of ``size`` bytes each (p1, p2)."""
+    sectors = size // 512
+    mbr = bytearray(512)
+    for i, start in enumerate((2048, 2048 + sectors)):
+        mbr[446 + 16 * i + 4] = 0x83
+        mbr[446 + 16 * i + 8:446 + 16 * i + 16] = start.to_bytes(4, "little") + sectors.to_bytes(4, "little")
+    mbr[510:512] = b"\x55\xaa"
+    with open(path, "wb") as f:
+        f.write(mbr)
+        f.truncate((2048 + 2 * sectors) * 512)
+    dev = subprocess.run(["losetup", "--find", "--show", "--partscan", str(path)], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    # Some kernels do not scan a loop device's table by themselves; partx adds the partitions
+    # explicitly (and only complains about those that are already there).
+    subprocess.run(["partx", "-a", dev], check=False, capture_output=True)
+    return dev
+
+
+def _device_node(sysfs_dev: str, path: Path) -> str:
+    """A block device node for a partition (no udev here to make /dev/loopNpM)."""
+    major, minor = (int(x) for x in Path(sysfs_dev).read_text().split(":"))
+    if not path.exists():
+        os.mknod(path, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
+    return str(path)
+
+
+def test_blockcopy_refuses_a_destination_that_shares_storage_with_the_source(lab: Lab, tmp_path: Path) -> None:
+    """A partition and its disk, a loop device and its file: QEMU's locks and O_EXCL do not see
+    these (QEMU opens its source without O_EXCL), and the mirror would write over the source."""
+    disk_dev = _partitioned_loop(tmp_path / "disk.img", 16 * MIB)
+    loops = [disk_dev]
+    try:
+        name = os.path.basename(disk_dev)
+        wait_for(lambda: os.path.exists(f"/sys/block/{name}/{name}p2/dev"), what="the partitions")
+        part1, part2 = (_device_node(f"/sys/block/{name}/{name}p{i}/dev", tmp_path / f"{name}p{i}") for i in (1, 2))
+        assert images.overlaps(disk_dev, part1) and images.overlaps(part2, disk_dev)
+        assert not images.overlaps(part1, part2), "two partitions of one disk do not overlap"
+        vm = lab.start(VMConfig("parts", (Disk("vda", part1, format="raw", protocol="host_device"),)))
+        bc = Blockcopy(tmp_path / "state")
+        bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+        result = bc("copy", "vm", "vda", disk_dev, "--reuse-external", "--format", "raw", "--pivot")
+        assert result.returncode == 2 and "shares storage with" in result.stderr, result.stderr
+        raw = lab.image("plain.raw", size=16 * MIB, fmt="raw")
+        over_file = subprocess.run(["losetup", "--find", "--show", raw], check=True, capture_output=True,
+                                   text=True).stdout.strip()
+        loops.append(over_file)
+        vm2 = lab.start(VMConfig("file", (Disk("vda", raw, format="raw"),)), workdir=tmp_path)
+        bc2 = Blockcopy(tmp_path / "state2")
+        bc2.ok("attach", "vm", "--qmp", str(vm2.qmp_socket))
+        result = bc2("copy", "vm", "vda", over_file, "--reuse-external", "--format", "raw", "--pivot")
+        assert result.returncode == 2 and "shares storage with" in result.stderr, result.stderr
+        assert vm.cmd("query-jobs") == [] and vm2.cmd("query-jobs") == []
+    finally:
+        for vm_ in list(lab.vms):
+            vm_.kill()
+        for dev in loops:
+            subprocess.run(["losetup", "-d", dev], check=False)

@@ -162,16 +162,21 @@ def test_a_direct_destination_is_filled_through_the_page_cache_then_reopened_bef
     assert step.record is not None and step.record.phase is Phase.ABORTING and "O_DIRECT" in (step.record.error or "")
 
 
-@pytest.mark.parametrize("case", ["finish", "aio-native", "not-direct"])
+@pytest.mark.parametrize("case", ["finish", "copy", "aio-native", "not-direct"])
 def test_no_reopen_when_the_destination_is_not_kept(case: str) -> None:
     dest = _direct_dest(0, aio="native" if case == "aio-native" else "threads")
     if case == "not-direct":
         dest = dataclasses.replace(disk(0), dest_args={"driver": "qcow2", "node-name": "bc-op-0",
                                                          "file": {"driver": "file", "filename": "/dev/fdset/7"}})
-    o = dataclasses.replace(op(Phase.COPYING, Goal.FINISH if case == "finish" else Goal.PIVOT), disks=(dest,))
+    goal = {"finish": Goal.FINISH, "copy": Goal.COPY}.get(case, Goal.PIVOT)
+    o = dataclasses.replace(op(Phase.COPYING, goal), disks=(dest,))
     direct = case == "aio-native"  # added O_DIRECT, as journaled
     step = decide(o, obs("ready", node_cache={"bc-op-0": (direct, ""), "bc-op-0-file": (direct, "/dev/fdset/7")}))
-    assert not step.commands and step.record is not None
+    assert not step.commands
+    if case == "copy":  # kept ready as it is; reopened when it is pivoted
+        assert step.record is None and step.wait is Wait.COPY
+        return
+    assert step.record is not None
     assert step.record.phase is (Phase.FINISHING if case == "finish" else Phase.PIVOTING)
     if case == "aio-native":  # aio=native needs O_DIRECT from the start: added as journaled
         start = dataclasses.replace(o, phase=Phase.STARTING, disks=(dataclasses.replace(dest, stage=Stage.ADD),))
@@ -217,6 +222,10 @@ def test_finalizing_waits_after_a_refused_finalize_and_stops_stuck_when_stalled(
     assert step.stuck is not None and not step.commands and step.record is None, "no going back, no outcome guessed"
     step = decide(o, obs("concluded", "running", run_state="paused", pivoted=(True, False), stalled=True))
     assert step.stuck is not None
+    # A refusal that comes when every job has concluded (a finalize sent twice) is no reason to stop.
+    step = decide(o, obs("concluded", "concluded", run_state="paused", pivoted=(True, True), stalled=True,
+                         failure=refused))
+    assert step.stuck is None and step.record is not None and step.record.outcome is Outcome.PIVOTED
 
 
 def test_two_disks_pivot_only_when_both_are_ready() -> None:
@@ -242,11 +251,13 @@ def test_a_pivot_interrupted_between_finalizes_goes_forward() -> None:
     f = op(Phase.FINALIZING, n=2, paused_by_us=True, vm_was_running=True)
     step = decide(f, obs("concluded", "pending", run_state="paused", pivoted=(True, False)))
     assert names(step.commands) == ["job-finalize"] and step.commands[0].args == {"id": "job1"}
-    # Even once the budget for the pivot is spent, or with the guest resumed by someone: a
-    # switched device cannot be rolled back.
-    for ob in (obs("concluded", "pending", run_state="paused", pivoted=(True, False), stalled=True),
-               obs("concluded", "pending", run_state="running", pivoted=(True, False))):
-        assert names(decide(f, ob).commands) == ["job-finalize"]
+    # With the guest resumed by someone: a switched device cannot be rolled back.
+    ob = obs("concluded", "pending", run_state="running", pivoted=(True, False))
+    assert names(decide(f, ob).commands) == ["job-finalize"]
+    # Once the time is up (finalizes QEMU ignored): nothing rolled back, no outcome guessed, the
+    # command ends (the driver reports the guest left paused) and `recover` goes on.
+    step = decide(f, obs("concluded", "pending", run_state="paused", pivoted=(True, False), stalled=True))
+    assert step.stuck is not None and not step.commands and step.record is None
     # A device switched while the journal says PIVOTING (another client's finalize): journal first.
     p = dataclasses.replace(f, phase=Phase.PIVOTING)
     step = decide(p, obs("concluded", "pending", run_state="paused", pivoted=(True, False)))
@@ -708,3 +719,14 @@ def test_settling_deletes_the_old_chain_one_node_per_step_top_first() -> None:
         left.remove(expected)
     step = decide(s, obs(None, pivoted=(True,), nodes=frozenset({"bc-op-0"})))
     assert step.record is not None and step.record.phase is Phase.DONE
+
+
+def test_a_backing_node_two_disks_shared_is_deleted_once() -> None:
+    disks = tuple(dataclasses.replace(disk(i), pivoted=True, source_below=(f"src{i}-file", "base", "base-file"))
+                  for i in range(2))
+    s = dataclasses.replace(op(Phase.SETTLING, outcome=Outcome.PIVOTED, authoritative=Authority.DESTINATION,
+                               resumed=True, n=2), disks=disks)
+    nodes = frozenset({"bc-op-0", "bc-op-1", "base", "base-file"})
+    step = decide(s, obs(None, None, pivoted=(True, True), nodes=nodes))
+    assert [(c.disk, c.args["node-name"]) for c in step.commands] == [(0, "base")]
+

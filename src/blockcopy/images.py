@@ -70,11 +70,21 @@ def open_identified(path: str, identity: tuple[int, int]) -> int:
     ``identity``: no symlink is followed, a FIFO does not block, and the check is on the opened
     descriptor, so nothing can be swapped in between the check and the use.
 
-    :raise ImageError: the path names another file, or none.
+    A block device is opened ``O_EXCL``: the kernel's exclusive claim belongs to this open file,
+    which every open QEMU makes of the fd set duplicates, so while QEMU holds DEST nobody can mount
+    it, assemble it into md or dm, or claim it otherwise.
+
+    :raise ImageError: the path names another file, or none, or the device is held by someone.
     """
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+        if stat.S_ISBLK(os.lstat(path).st_mode):
+            flags |= os.O_EXCL
+        fd = os.open(path, flags)
     except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise ImageError(f"block device {path} is in use (mounted, or held by device-mapper, md or another "
+                             "exclusive user); refusing to write to it") from None
         raise ImageError(f"cannot open {path}: {exc.strerror}") from None
     st = os.fstat(fd)
     if (st.st_dev, st.st_ino) != identity or not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
@@ -214,3 +224,70 @@ def check(path: str, fmt: str) -> tuple[bool, str]:
         return True, ""
     proc = _run([QEMU_IMG, "check", "--image-opts", image_opts(path, fmt)])
     return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
+
+
+# --- what storage a file or block device lives on (sysfs) -------------------------------------------
+
+Storage = tuple[str, ...]  # ("block", sysfs dir) or ("file", st_dev, st_ino) as strings
+
+
+def _sysfs_block(rdev: int) -> str | None:
+    path = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+    return os.path.realpath(path) if os.path.exists(path) else None
+
+
+def _below_block(sysdir: str, out: set[Storage]) -> None:
+    """A block device and everything its data lives on: the whole disk of a partition, the slaves of
+    a device-mapper or md device, the file behind a loop device (and so on down)."""
+    if ("block", sysdir) in out:
+        return
+    out.add(("block", sysdir))
+    if os.path.exists(os.path.join(sysdir, "partition")):
+        _below_block(os.path.dirname(sysdir), out)
+    slaves = os.path.join(sysdir, "slaves")
+    if os.path.isdir(slaves):
+        for name in os.listdir(slaves):
+            _below_block(os.path.realpath(os.path.join(slaves, name)), out)
+    try:
+        with open(os.path.join(sysdir, "loop", "backing_file")) as f:
+            backing = f.read().strip()
+    except OSError:
+        return
+    with contextlib.suppress(OSError):
+        _below_path(backing, out)
+
+
+def _below_path(path: str, out: set[Storage]) -> None:
+    st = os.stat(path)
+    if stat.S_ISBLK(st.st_mode):
+        sysdir = _sysfs_block(st.st_rdev)
+        if sysdir is not None:
+            _below_block(sysdir, out)
+        return
+    out.add(("file", str(st.st_dev), str(st.st_ino)))
+    fs = _sysfs_block(st.st_dev)  # the file system's device
+    if fs is not None:
+        _below_block(fs, out)
+
+
+def storage_of(path: str) -> tuple[Storage | None, set[Storage]]:
+    """(what ``path`` is, everything its data lives on including itself); (None, empty) when unknown."""
+    out: set[Storage] = set()
+    try:
+        st = os.stat(path)
+        _below_path(path, out)
+    except OSError:
+        return None, set()
+    if stat.S_ISBLK(st.st_mode):
+        sysdir = _sysfs_block(st.st_rdev)
+        return (("block", sysdir) if sysdir else None), out
+    return ("file", str(st.st_dev), str(st.st_ino)), out
+
+
+def overlaps(a: str, b: str) -> bool:
+    """Whether writing ``a`` can change ``b``'s data or the other way round: one lives on the other
+    (a partition and its disk, a device-mapper device and its slaves, a loop device and its file)."""
+    a_is, a_below = storage_of(a)
+    b_is, b_below = storage_of(b)
+    return (a_is is not None and a_is in b_below) or (b_is is not None and b_is in a_below)
+

@@ -394,12 +394,13 @@ class Manager:
                 tree = nodes.node_tree(entry, named, graph, argv=argv)
             except nodes.NodeTreeError as exc:
                 raise UsageError(f"disk {device.name}: {exc}") from None
-            _refuse_source(device, tree, named, request)
+            _refuse_source(device, tree, named, request, argv)
             dest_format = request.format or device.format
             if tree.format is None and dest_format != "raw":
                 raise UsageError(f"disk {device.name} is a raw {tree.protocol.driver} node without a format node; "
                                  "its destination must be raw (--format raw)")
-            real, identity, is_block = _check_destination(dest, device, request, dest_format)
+            real, identity, is_block = _check_destination(
+                dest, device, request, dest_format, sources=[f for d in devices for f in (d.file, *d.backing_chain)])
             # Journaled as resolved: the file (reused) or directory (created) that was checked.
             dest = real if request.reuse_external else os.path.join(os.path.realpath(os.path.dirname(dest)),
                                                                      os.path.basename(dest))
@@ -460,15 +461,32 @@ class Manager:
                          warnings=tuple(warnings))
 
 
+def _chain_encrypted(device: DeviceInfo, named: list[dict[str, Any]], *, shallow: bool) -> bool:
+    """query-named-block-nodes' image info of the disk's top node, down its backing images (covers
+    layers QEMU opened itself, which have no name of their own)."""
+    top = next((n for n in named if n.get("node-name") == device.node), {})
+    image = top.get("image") or {}
+    while image:
+        if image.get("encrypted"):
+            return True
+        if shallow:
+            return False
+        image = image.get("backing-image") or {}
+    return False
+
+
 def _refuse_source(device: DeviceInfo, tree: nodes.NodeTree, named: list[dict[str, Any]],
-                   request: CopyRequest) -> None:
+                   request: CopyRequest, argv: nodes.ArgvOptions) -> None:
     """Sources that a mirror cannot move as they are, refused before anything is touched."""
-    image = next((n for n in named if n.get("node-name") == tree.image.name), {})
-    if image.get("encrypted"):
+    layers = [tree.image.name, *([] if request.shallow else tree.backing_chain_nodes)]
+    if any(n.get("encrypted") for n in named if n.get("node-name") in layers) or _chain_encrypted(
+            device, named, shallow=request.shallow):
         raise UsageError(f"disk {device.name} is encrypted: blockcopy would write the guest's data to DEST in "
                          "the clear (it does not create encrypted images). Leave it where it is, or copy it with "
                          "`qemu-img convert` and the image's secret while the VM is shut down")
     cor = [f.name for f in tree.filters if f.driver == "copy-on-read"]
+    if tree.drive_id is not None and tree.drive_id in argv.copy_on_read:
+        cor.append(f"-drive {tree.drive_id},copy-on-read=on")
     if cor and device.backing_chain and not request.shallow:
         # The mirror reads through the filters above the image; a copy-on-read filter turns every
         # read of a cluster that lives in the backing chain into a write of it into the source.
@@ -599,8 +617,8 @@ def _file_node(nodes: Sequence[dict[str, object]], device: DeviceInfo) -> str | 
     return None
 
 
-def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest,
-                       dest_format: str) -> tuple[str, tuple[int, int] | None, bool]:
+def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest, dest_format: str, *,
+                       sources: Sequence[str] = ()) -> tuple[str, tuple[int, int] | None, bool]:
     """Refuse any destination that could lose data; returns its resolved path, for a reused DEST
     the identity (st_dev, st_ino) of the file that was checked, and whether it is a block device."""
     if not os.path.isabs(dest):
@@ -656,6 +674,11 @@ def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest,
     is_block = stat.S_ISBLK(before.st_mode)
     if is_block:
         _refuse_held_block_device(dest, real)
+        for other in sources:
+            if images.overlaps(real, other):
+                raise UsageError(f"--reuse-external: block device {dest} shares storage with {other}, an image of "
+                                 "this VM (a partition and its disk, a device-mapper or md device and what it is "
+                                 "built on, a loop device and its file): writing it would change that image")
     if is_block and dest_format == "raw":
         size = _block_size(real)
         if size < device.virtual_size:

@@ -229,6 +229,8 @@ class ArgvOptions:
 
     nodes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     drives: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
+    #: ids of ``-drive``s with ``copy-on-read=on`` (a node flag, no filter node: QMP does not show it)
+    copy_on_read: frozenset[str] = frozenset()
 
 
 # --- reading the tree ---------------------------------------------------------------------------
@@ -582,6 +584,7 @@ def options_from_argv(argv: Sequence[str]) -> ArgvOptions:
     """The carried options written in ``-blockdev`` (keyval or JSON) and ``-drive`` arguments."""
     nodes: dict[str, dict[str, Any]] = {}
     drives: dict[str, dict[str, dict[str, Any]]] = {}
+    cor: set[str] = set()
     for opt, value in _options(argv):
         if opt == "-blockdev":
             spec = json.loads(value) if value.lstrip().startswith("{") else _keyval_tree(value)
@@ -590,7 +593,9 @@ def options_from_argv(argv: Sequence[str]) -> ArgvOptions:
             flat = _keyval(value)
             if "id" in flat:
                 drives[flat["id"]] = _drive_options(flat)
-    return ArgvOptions(nodes=nodes, drives=drives)
+                if _onoff(flat.get("copy-on-read", "off")):
+                    cor.add(flat["id"])
+    return ArgvOptions(nodes=nodes, drives=drives, copy_on_read=frozenset(cor))
 
 
 def _options(argv: Sequence[str]) -> Iterable[tuple[str, str]]:

@@ -373,8 +373,8 @@ def _copy_through_page_cache(op: Operation, disk: DiskRecord) -> bool:
     way: a regular file (the writeback follows files; a block device is O_DIRECT throughout), a
     goal whose command waits for the copy (a bare `copy` leaves no process to write back, and
     QEMU's flush before `ready` would then write it all while guest writes wait), no aio=native
-    (needs O_DIRECT from the start), no backing chain (a shallow DEST's reopen would have to name
-    its backing node)."""
+    (needs O_DIRECT from the start), no shallow copy (its reopen, which names the backing node, is
+    not tested)."""
     levels = _levels(disk.dest_args or {})
     direct = any((n.get("cache") or {}).get("direct") for n in levels)
     return (direct and not op.shallow and op.goal in (Goal.PIVOT, Goal.FINISH)
@@ -442,8 +442,9 @@ def _copying(op: Operation, obs: Observation) -> Step:
     if trouble:
         return _abort(op, trouble)
     if all(obs.jobs[d.job_id].status == "ready" for d in op.disks):
-        if op.goal is not Goal.FINISH:
+        if op.goal is Goal.PIVOT:
             # DEST was filled through the page cache; the disk it becomes has the source's cache mode.
+            # (A finish closes and fsyncs DEST; a copy kept ready is reopened when it is pivoted.)
             reopens = tuple(qmp("blockdev-reopen", {"options": _reopened_options(d, obs)}, disk=i)
                             for i, d in enumerate(op.disks) if _needs_direct(d, obs))
             failure = obs.failure
@@ -519,10 +520,11 @@ def _finalizing(op: Operation, obs: Observation) -> Step:
     concluding = finalizes or any((j := _job(op, obs, d)) is not None and j.status in LIVE_STATUSES | {"aborting"}
                                   for d in op.disks)
     refused = obs.failure is not None and obs.failure.command.name == "job-finalize"
-    if obs.stalled and (refused or (concluding and not finalizes)):
-        # Past the point of no return there is no going back: a pending job is finalized even when
-        # the time is up, but a finalize QEMU keeps refusing, or a job that does not conclude, ends
-        # the command (the guest stays paused, and the driver says so); `recover` goes on.
+    if obs.stalled and concluding:
+        # Past the point of no return there is no going back: a finalize QEMU keeps refusing or
+        # ignoring, or a job that does not conclude, ends the command once the time is up (the
+        # guest stays paused, and the driver says so); `recover` goes on. (The clock restarts with
+        # each record and each new command, so a recovery always tries first.)
         return Step(stuck=f"QEMU did not conclude the pivot of job {op.id} in time")
     if finalizes and refused:
         return Step(commands=finalizes, wait=Wait.SETTLE, note="finalize again after a refusal")
@@ -665,6 +667,7 @@ def _settling(op: Operation, obs: Observation) -> Step:
     # Every disk's leftovers go in one step (each job is dismissed before its target node is
     # deleted); the next observation shows what is left, and one record ends the operation.
     cleanup: list[Command] = []
+    scheduled: set[str] = set()  # a backing node two disks shared is deleted once
     for index, disk in enumerate(op.disks):
         if disk.cleaned:
             continue
@@ -673,9 +676,11 @@ def _settling(op: Operation, obs: Observation) -> Step:
             cleanup.append(qmp("job-dismiss", {"id": disk.job_id}, disk=index, purpose="cleanup"))
         # One node per disk and step, top first: deleting a format node also frees a protocol node
         # defined inline with it (as blockcopy defines DEST's), which must not be deleted again.
-        cleanup.extend(qmp("blockdev-del", {"node-name": node}, disk=index, purpose="cleanup")
-                       for node in [n for n in _leftover_nodes(disk)
-                                    if n in obs.nodes and obs.device_nodes.get(disk.device_key) != n][:1])
+        for node in [n for n in _leftover_nodes(disk)
+                     if n in obs.nodes and obs.device_nodes.get(disk.device_key) != n][:1]:
+            if node not in scheduled:
+                scheduled.add(node)
+                cleanup.append(qmp("blockdev-del", {"node-name": node}, disk=index, purpose="cleanup"))
     if cleanup:
         return Step(commands=tuple(cleanup), note="dismiss the jobs, delete the nodes no device uses")
     # fd sets that no node uses any more (this job's DEST after a failure or a finish, an earlier
