@@ -34,3 +34,52 @@ def test_once_commands_go_out_once_per_process() -> None:
     assert driver._not_sent_yet(op, (soft, plain)) == (soft, plain)
     assert driver._not_sent_yet(op, (soft, other, plain)) == (other, plain)
     assert driver._not_sent_yet(op, (soft, other)) == ()
+
+
+def test_the_observation_behind_finalize_goes_out_only_after_the_commands() -> None:
+    """QEMU answers in order, so queries sent after the finalizes see their effect; the wait is on the
+    client's count of written messages (not on asyncio's scheduling), and ends if a command failed
+    before it was written."""
+    import asyncio
+    from typing import Any
+
+    from blockcopy.driver import Driver, Link
+    from blockcopy.records import Goal, Operation, Phase
+
+    class Wire:
+        messages_sent = 0
+
+    wire = Wire()
+    driver = Driver(journal=None, link=Link("/nonexistent", connect=None))  # type: ignore[arg-type]
+    driver.link.monitor = wire  # type: ignore[assignment]
+    seen: list[int] = []
+
+    async def observe(*_args: Any) -> Any:
+        seen.append(wire.messages_sent)
+        return "observation"
+
+    driver._observe = observe  # type: ignore[method-assign,assignment]
+    op = Operation(id="x", domain="d", goal=Goal.PIVOT, phase=Phase.FINALIZING, disks=())
+
+    async def two_finalizes() -> None:
+        for _ in range(2):  # the writer puts them on the wire a few loop turns later
+            for _ in range(3):
+                await asyncio.sleep(0)
+            wire.messages_sent += 1
+        await asyncio.sleep(0.05)  # the replies
+
+    async def refused_before_sent() -> None:
+        await asyncio.sleep(0)
+        raise RuntimeError("refused")
+
+    async def main() -> None:
+        running = asyncio.ensure_future(two_finalizes())
+        result: Any = await driver._observe_behind(running, 2, op, None)
+        assert result == "observation"
+        assert seen == [2] and not running.done(), "observed before both finalizes were on the wire"
+        await running
+        failing = asyncio.ensure_future(refused_before_sent())
+        result = await asyncio.wait_for(driver._observe_behind(failing, 4, op, None), 1)
+        assert result == "observation" and failing.done() and isinstance(failing.exception(), RuntimeError)
+
+    asyncio.run(main())
