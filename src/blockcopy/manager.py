@@ -45,10 +45,10 @@ MODES = ("write-blocking", "background")
 PREALLOCATIONS = ("off", "metadata", "falloc", "full")
 FORMATS = ("qcow2", "raw")
 MIB = 1024 * 1024
-#: The mirror's buffer. QEMU's default is 16 MiB; QEMU frees it when the job completes, which is
-#: while the guest is paused for the pivot, and giving back 16 MiB of touched memory took about
-#: 1.3 ms of that pause here. 1 MiB copied as fast (bench/run.py throughput) and frees in ~0.1 ms.
-DEFAULT_BUF_SIZE = 16 * MIB  # QEMU's and libvirt's: faster on O_DIRECT disks, no cost in the pause (README)
+MAX_BUF_SIZE = 1024 * MIB
+#: The mirror's buffer: QEMU's and libvirt's default. On libvirt's rig (O_DIRECT source) 1 MiB
+#: copied 1.1-1.5x slower; the pause measured the same with 1 and 16 MiB (README, Benchmarks).
+DEFAULT_BUF_SIZE = 16 * MIB
 
 
 def default_buf_size(bandwidth: int) -> int:
@@ -60,7 +60,6 @@ def default_buf_size(bandwidth: int) -> int:
     if not bandwidth:
         return DEFAULT_BUF_SIZE
     return max(MIB, min(DEFAULT_BUF_SIZE, bandwidth))
-MAX_BUF_SIZE = 1024 * MIB
 
 
 @dataclasses.dataclass(frozen=True)
