@@ -174,7 +174,11 @@ class Operation:
         return dataclasses.replace(self, disks=tuple(disks))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data for JSON. Not ``dataclasses.asdict``: that deep-copies every leaf, and the
+        record is written twice while the guest is paused for a pivot (0.3 ms of a 0.7 ms save)."""
+        plain = _plain(self)
+        assert isinstance(plain, dict)
+        return plain
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Operation:
@@ -198,3 +202,14 @@ class Operation:
         values["disks"] = tuple(disks)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
