@@ -23,8 +23,8 @@ throughput: per rep, in a rotating order, each tool after `sync; echo 3 > drop_c
   cp          cp --sparse=always SRC DEST; sync -f DEST
   blockcopy   blockcopy copy DOM virtio-disk0 DEST --pivot; sync -f DEST (the worktree's CLI, its own
               --state-dir, `attach` done before and not timed; it creates DEST itself)
-  blockcopy-1M   the same with --buf-size 1M (blockcopy's default before this benchmark; now 16M, as
-                 QEMU's and libvirt's)
+  blockcopy-SIZE  the same with --buf-size SIZE, for each --alt-buf (default 16M, QEMU's and
+                 libvirt's buffer, and 1M): what the default buffer trades
   timed end to end (command start -> sync done); mirror phase = job created -> BLOCK_JOB_READY from
   QEMU's event times; every DEST checked equal to the source with `qemu-img compare` afterwards.
 
@@ -580,7 +580,7 @@ def tool_command(argv: list[str], dest: Path) -> dict[str, Any]:
     return {"seconds": seconds, "start": start, "dest": dest}
 
 
-def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, buf1m: bool) -> dict[str, Any]:
+def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, alt_bufs: list[str]) -> dict[str, Any]:
     master = rig.work / "source.qcow2"
     make_source(master, size_mib, sparse)
     for side in (rig.lv, rig.bc):  # the disk of each VM, a copy of the same image
@@ -593,8 +593,8 @@ def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, buf1m: boo
                                    rig.work / "dest.qcow2"),
         "blockcopy": lambda: tool_blockcopy(rig, []),
     }
-    if buf1m:
-        tools["blockcopy-1M"] = lambda: tool_blockcopy(rig, ["--buf-size", "1M"])
+    for size in alt_bufs:
+        tools[f"blockcopy-{size}"] = functools.partial(tool_blockcopy, rig, ["--buf-size", size])
     names = list(tools)
     raw: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     label = f"{size_mib} MiB{' half sparse' if sparse else ''} random"
@@ -639,8 +639,8 @@ def summarize_throughput(label: str, size_mib: int, raw: dict[str, list[dict[str
         return [round(secs[b][rep] / secs[a][rep], 3) for rep in sorted(secs[a]) if rep in secs[b]]
 
     pairs = [("blockcopy", "libvirt"), ("blockcopy", "qemu-img"), ("libvirt", "qemu-img"), ("blockcopy", "cp")]
-    if "blockcopy-1M" in secs:
-        pairs += [("blockcopy-1M", "libvirt"), ("blockcopy-1M", "qemu-img"), ("blockcopy-1M", "blockcopy")]
+    for alt in (name for name in secs if name.startswith("blockcopy-")):
+        pairs += [(alt, "libvirt"), (alt, "qemu-img"), (alt, "blockcopy")]
     per_rep = {f"{a}/{b}": ratios(a, b) for a, b in pairs}
     tools = {}
     for name, rows in raw.items():
@@ -681,7 +681,7 @@ def bench_throughput(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
     probe_command_lines(rig, probe, None)
     probe.unlink()
     print_command_lines(rig)
-    results = [throughput_case(rig, size, sparse, args.reps, not args.no_buf1m) for size, sparse in cases]
+    results = [throughput_case(rig, size, sparse, args.reps, args.alt_buf) for size, sparse in cases]
     print_throughput(results)
     return {"libvirt_command_line": rig.libvirt_args, "standalone_command_line": rig.standalone,
             "removed_from_libvirt_command_line": rig.removed, "accel": rig.accel, "reps": args.reps,
@@ -836,7 +836,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", nargs="?", default="all", choices=["throughput", "stall", "all"])
     parser.add_argument("--reps", type=int, default=None, help="reps per tool (default 7; --quick: 3)")
     parser.add_argument("--quick", action="store_true", help="1 GiB random only, 3 reps")
-    parser.add_argument("--no-buf1m", action="store_true", help="skip the blockcopy --buf-size 1M column")
+    parser.add_argument("--alt-buf", nargs="*", default=["16M", "1M"], metavar="SIZE",
+                        help="extra blockcopy columns with these --buf-size values (default: 16M 1M)")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                         help="where images go (its file system is measured)")
     args = parser.parse_args(argv)

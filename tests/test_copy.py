@@ -66,9 +66,9 @@ def test_status_json_of_a_pivot_reports_outcome_authority_and_pause(attached, bc
     assert status["error"] is None
     assert isinstance(status["pause_window_ms"], float) and 0 < status["pause_window_ms"] < 60_000
     assert status["paused_by_blockcopy"] is True
-    assert status["buf_size"] == 16 << 20  # the default, as QEMU's and libvirt's
+    assert status["buf_size"] == 4 << 20  # the default (README: Benchmarks)
     # With a speed limit, one second of it (QEMU sleeps only after a whole buffer went at full speed).
-    limited = bc.ok("copy", "vm", "vda", str(tmp_path / "l.qcow2"), "--bandwidth", "2", "--json").json
+    limited = bc.ok("copy", "vm", "vda", str(tmp_path / "l.qcow2"), "--bandwidth", "2", "--json").json  # < 4 MiB
     assert bc.ok("status", limited["id"], "--json").json["buf_size"] == 2 << 20
     bc.ok("abort", limited["id"])
     assert status["disks"][0]["pivoted"] is True

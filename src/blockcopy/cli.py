@@ -167,9 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DEST exists already (same format and virtual size) and is used as is")
     p.add_argument("--bandwidth", type=_positive_float, metavar="MiB/s", help="copy speed limit")
     p.add_argument("--buf-size", type=_size, metavar="SIZE",
-                   help=f"mirror buffer, the data in flight per disk (default {DEFAULT_BUF_SIZE // (1 << 20)}M, as "
-                   "QEMU's and libvirt's, or one second of --bandwidth when that is less, at least 1M; 1M copied "
-                   "1.1-1.5x slower on libvirt's rig)")
+                   help=f"mirror buffer, the data in flight per disk (default {DEFAULT_BUF_SIZE // (1 << 20)}M, or "
+                   "one second of --bandwidth when that is less, at least 1M). Larger copies faster and stalls "
+                   "the guest longer while copying (README: Benchmarks)")
     p.add_argument("--dest-option", action="append", default=[], metavar="KEY=VALUE",
                    help="set a node option of DEST instead of the source's (cache.direct, cache.no-flush, aio, "
                    "discard, detect-zeroes, locking); repeatable. By default DEST gets the "

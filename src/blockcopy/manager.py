@@ -46,13 +46,14 @@ PREALLOCATIONS = ("off", "metadata", "falloc", "full")
 FORMATS = ("qcow2", "raw")
 MIB = 1024 * 1024
 MAX_BUF_SIZE = 1024 * MIB
-#: The mirror's buffer: QEMU's and libvirt's default. On libvirt's rig (O_DIRECT source) 1 MiB
-#: copied 1.1-1.5x slower; the pause measured the same with 1 and 16 MiB (README, Benchmarks).
-DEFAULT_BUF_SIZE = 16 * MIB
+#: The mirror's buffer, from same-run figures on libvirt's rig (README, Benchmarks): 4 MiB copied
+#: as fast as QEMU's and libvirt's 16 MiB, where 1 MiB was 1.2x slower; and the guest's largest
+#: stall just before `ready` was 21 ms with 1 MiB, 138 ms with 4 MiB, 312-326 ms with 8-16 MiB.
+DEFAULT_BUF_SIZE = 4 * MIB
 
 
 def default_buf_size(bandwidth: int) -> int:
-    """QEMU's 16 MiB, or one second's worth of a speed limit when that is less (at least 1 MiB).
+    """DEFAULT_BUF_SIZE, or one second's worth of a speed limit when that is less (at least 1 MiB).
 
     QEMU's mirror limits its speed by sleeping *after* it copied a buffer's worth: with 16 MiB in
     flight, `--bandwidth 1` would copy 16 MiB at full speed, then pause 16 s; the storage the limit
