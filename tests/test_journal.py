@@ -139,3 +139,16 @@ def test_a_process_recorded_without_boot_id_or_namespace_is_still_recognised() -
     assert not QemuProcess(4242, 777, "boot-a", 12).same_as(now)
     assert QemuProcess(4242, 777, "", 1).state() == "unknown"  # seen from another PID namespace: cannot tell
     assert QemuProcess(os.getpid(), 0, "", 0).state() == "gone"  # wrong start time: another process
+
+
+def test_a_record_with_fields_of_a_later_version_still_reads() -> None:
+    from blockcopy.records import DiskRecord, Goal, Operation, Phase
+
+    disk = DiskRecord(name="vda", device_key="k", source_node="s", source_file="/f", source_format="qcow2",
+                      source_file_node="sf", virtual_size=1, dest_path="/d", dest_format="qcow2", dest_node="n",
+                      job_id="j", source_below=("sf", "base"))
+    op = Operation(id="i", domain="vm", goal=Goal.PIVOT, phase=Phase.PIVOTING, disks=(disk,))
+    data = op.to_dict()
+    data["later"] = 1
+    data["disks"][0]["later"] = 2
+    assert Operation.from_dict(data) == op

@@ -198,7 +198,10 @@ class Operation:
             if d.get("dest_owner") is not None:
                 d["dest_owner"] = tuple(d["dest_owner"])
             d["source_below"] = tuple(d.get("source_below", ()))
-            disks.append(DiskRecord(**d))
+            # Fields a later version added are left out, as for the operation below: what they
+            # carry is an optimisation there (e.g. which nodes to delete), never the outcome.
+            disk_fields = {f.name for f in dataclasses.fields(DiskRecord)}
+            disks.append(DiskRecord(**{k: v for k, v in d.items() if k in disk_fields}))
         values["disks"] = tuple(disks)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
