@@ -548,21 +548,22 @@ def _dest_owner(request: CopyRequest, source: str) -> tuple[int, int] | None:
     again by path after a restart)."""
     if request.owner is not None:
         return request.owner
-    try:
-        st = os.stat(source)
-    except OSError:
-        return None
-    return st.st_uid, st.st_gid
+    st = _stat_or_none(source)
+    return None if st is None else (st.st_uid, st.st_gid)
 
 
 def _dest_mode(request: CopyRequest, source: str) -> int | None:
     if request.mode_bits is not None:
         return request.mode_bits
+    st = _stat_or_none(source)
+    return None if st is None else stat.S_IMODE(st.st_mode) & 0o666
+
+
+def _stat_or_none(path: str) -> os.stat_result | None:
     try:
-        st = os.stat(source)
+        return os.stat(path)
     except OSError:
         return None
-    return stat.S_IMODE(st.st_mode) & 0o666
 
 
 def _guests_held_first(ops: Sequence[Operation]) -> list[Operation]:
