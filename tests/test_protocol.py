@@ -146,6 +146,8 @@ def test_a_direct_destination_is_filled_through_the_page_cache_then_reopened_bef
                 "bc-op-1": (True, "json:{...}"), "bc-op-1-file": (True, "/dev/fdset/8")}
     assert decide(o, obs("ready", "running", node_cache=buffered)).wait is Wait.COPY, "not before every job is ready"
     step = decide(o, obs("ready", "ready", node_cache=buffered))
+    assert step == decide(o, _restricted(o, obs("ready", "ready", node_cache=buffered))), "needs() names 'nodes'"
+    assert "nodes" not in needs(dataclasses.replace(o, goal=Goal.FINISH)), "not read on every poll of a finish"
     assert step.record is None, "a reopen is re-observable: nothing to journal"
     assert names(step.commands) == ["blockdev-reopen"], "only the DEST that is still buffered"
     assert step.commands[0].args == {"options": [
@@ -664,6 +666,8 @@ def _restricted(o: Operation, ob: Observation) -> Observation:
         jobs=ob.jobs if "jobs" in wanted else {},
         device_nodes=ob.device_nodes if "block" in wanted else {},
         nodes=ob.nodes if "nodes" in wanted else frozenset(),
+        node_cache=ob.node_cache if "nodes" in wanted or "graph" in wanted else {},
+        device_images=ob.device_images if "graph" in wanted else {},
         unused_fdsets=ob.unused_fdsets if "fdsets" in wanted else frozenset())
 
 

@@ -24,7 +24,7 @@ Phases (``op.phase``) and what moves them, given the observation (``obs``):
 phase         does                                                               next
 ============  =================================================================  ===========
 STARTING      per disk: create DEST, then blockdev-add + blockdev-mirror          COPYING
-COPYING       waits until every job is ``ready``; then, unless finishing,        PIVOTING,
+COPYING       waits until every job is ``ready``; then, for a pivot,             PIVOTING,
               ``blockdev-reopen`` of a DEST filled through the page cache with   FINISHING,
               its journaled cache mode (re-observed, no record); then follows    ABORTING
               ``op.goal``
@@ -187,7 +187,7 @@ DONE_STEP = Step(note="done")
 ALL_QUERIES = frozenset({"status", "jobs", "block", "nodes", "fdsets"})
 _NEEDS = {
     Phase.STARTING: frozenset({"jobs", "nodes"}),
-    Phase.COPYING: frozenset({"status", "jobs", "block", "nodes"}),
+    Phase.COPYING: frozenset({"status", "jobs", "block"}),  # + "nodes" before a pivot's reopen (needs())
     Phase.PIVOTING: frozenset({"status", "jobs", "block"}),
     Phase.FINALIZING: frozenset({"jobs", "block"}),  # forward only: the run state does not matter
     Phase.FINISHING: frozenset({"jobs", "block", "nodes"}),
@@ -202,6 +202,8 @@ def needs(op: Operation) -> frozenset[str]:
     if op.phase is Phase.SETTLING and op.paused_by_us and not op.resumed:
         return frozenset({"status"})  # resume first, as fast as possible; clean up afterwards
     wanted = _NEEDS[op.phase]
+    if op.phase is Phase.COPYING and op.goal is Goal.PIVOT and any(_wants_direct(d) for d in op.disks):
+        wanted = wanted | {"nodes"}  # each node's cache mode, for the reopen (not on every poll otherwise)
     if "block" in wanted and any(d.replaces for d in op.disks):
         wanted = wanted | {"graph"}  # which image a filter sits on: only the block graph says
     return wanted
@@ -376,9 +378,13 @@ def _copy_through_page_cache(op: Operation, disk: DiskRecord) -> bool:
     (needs O_DIRECT from the start), no shallow copy (its reopen, which names the backing node, is
     not tested)."""
     levels = _levels(disk.dest_args or {})
-    direct = any((n.get("cache") or {}).get("direct") for n in levels)
-    return (direct and not op.shallow and op.goal in (Goal.PIVOT, Goal.FINISH)
+    return (_wants_direct(disk) and not op.shallow and op.goal in (Goal.PIVOT, Goal.FINISH)
             and levels[-1].get("driver") == "file" and not any(n.get("aio") == "native" for n in levels))
+
+
+def _wants_direct(disk: DiskRecord) -> bool:
+    """Some node of DEST is journaled cache.direct=on (so it may have been added through the page cache)."""
+    return any((n.get("cache") or {}).get("direct") for n in _levels(disk.dest_args or {}))
 
 
 def _through_page_cache(args: Mapping[str, Any]) -> dict[str, Any]:
