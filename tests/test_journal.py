@@ -63,7 +63,7 @@ def test_state_directory_and_journal_are_private_even_if_the_directory_existed(t
     (state / Journal.FILENAME).touch(mode=0o666)
     (state / Journal.FILENAME).chmod(0o666)
     Journal(state).close()
-    assert state.stat().st_mode & 0o777 == 0o700
+    assert state.stat().st_mode & 0o777 == 0o711  # others may only traverse it (to the daemon's socket)
     assert (state / Journal.FILENAME).stat().st_mode & 0o777 == 0o600
 
 

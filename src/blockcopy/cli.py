@@ -17,12 +17,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from blockcopy import __version__, nodes, views
-from blockcopy.driver import TRANSITION_TIMEOUT, Interrupted, Until
+from blockcopy.driver import TRANSITION_TIMEOUT, Interrupted, ProgressCallback, Until
 from blockcopy.errors import BlockcopyError, UsageError
 from blockcopy.manager import DEFAULT_BUF_SIZE, FORMATS, MODES, PREALLOCATIONS, CopyRequest, Manager
 from blockcopy.monitor import Monitor
-from blockcopy.records import Goal, Operation, Outcome
-from blockcopy.ui import describe, progress_display
+from blockcopy.records import Goal, Outcome
+from blockcopy.ui import describe_view, progress_display
 
 EPILOG = """\
 Give blockcopy its own QMP socket on each VM, e.g. add to the QEMU command line:
@@ -38,6 +38,17 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB/s") from None
     if not value > 0 or value != value or value == float("inf"):
         raise argparse.ArgumentTypeError(f"bandwidth must be a positive number of MiB/s, not {text}")
+    return value
+
+
+def _speed(text: str) -> float:
+    """MiB/s, 0 for no limit."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB/s") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"give a number of MiB/s, 0 for no limit, not {text}")
     return value
 
 
@@ -122,6 +133,12 @@ def _global_options(*, suppress: bool) -> argparse.ArgumentParser:
                         "default /var/lib/blockcopy for root, else $XDG_STATE_HOME/blockcopy)")
     common.add_argument("-v", "--verbose", action="store_true", default=default(False),
                         help="log protocol steps to stderr")
+    common.add_argument("--socket", default=default(None), metavar="PATH",
+                        help="the daemon's API socket (env BLOCKCOPY_SOCKET; default STATE_DIR/run/blockcopy.sock). "
+                        "When a daemon listens there, commands go through it")
+    common.add_argument("--no-daemon", action="store_true", default=default(False),
+                        help="run the command in this process even when a daemon runs (env BLOCKCOPY_NO_DAEMON=1); "
+                        "it is refused on domains the daemon holds")
     common.add_argument("--qmp-timeout", type=_positive_float_seconds,
                         default=default(Monitor.DEFAULT_COMMAND_TIMEOUT),
                         metavar="SECONDS", help="how long QEMU may take to answer one QMP command before "
@@ -185,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="write-blocking",
                    help="write-blocking (default): guest writes reach both images once ready, so the "
                    "copy always converges; background: faster guest writes, may never converge")
+    p.add_argument("--request-id", metavar="ID",
+                   help="idempotency key: running the same copy again with the same id returns the job it "
+                   "started instead of starting another (for scripts that retry); another copy with that id "
+                   "is refused")
     end = p.add_mutually_exclusive_group()
     end.add_argument("--wait", action="store_true", help="wait until the copy is ready (progress bar)")
     end.add_argument("--pivot", action="store_true", help="wait, then switch the guest to DEST")
@@ -203,11 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wait", action="store_true", help="wait for the copy to be ready first")
     p = sub.add_parser("abort", parents=[common], help="cancel a job; the guest stays on the source")
     p.add_argument("job")
+    p = sub.add_parser("speed", parents=[common], help="change a copying job's speed limit (journaled)")
+    p.add_argument("job")
+    p.add_argument("bandwidth", type=_speed, metavar="MiB/s", help="the new limit; 0 removes it")
     p = sub.add_parser("recover", parents=[common],
                        help="reconcile every unfinished job with QEMU and carry out journaled pivots")
     p.add_argument("--domain")
     p.add_argument("--no-wait", action="store_true",
                    help="do not wait for copies that are not ready yet")
+    p = sub.add_parser("serve", parents=[common], help="run the daemon: one process owns the QMP connections and "
+                       "serves an HTTP API on a unix socket (README: Service)")
+    p.add_argument("--allow-user", action="append", default=[], metavar="USER",
+                   help="a user that may use the API socket besides root and the daemon's own; repeatable")
+    p.add_argument("--allow-group", action="append", default=[], metavar="GROUP",
+                   help="a group whose members may use the API socket; repeatable")
+    p.add_argument("--group", metavar="GROUP", help="group owner of the API socket (mode 0660)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="also listen on TCP, with TLS and a bearer token only")
+    p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (chain) of the TCP listener")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of the TCP listener")
+    p.add_argument("--token-file", metavar="FILE", help="file holding the bearer token TCP clients must send")
     p = sub.add_parser("demo", parents=[common], help="self-contained run of the main job in a scratch VM")
     p.add_argument("--size", type=int, default=256, metavar="MiB", help="disk size (default 256)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
@@ -225,67 +260,116 @@ class Output:
             print(text)
 
 
-async def run_command(args: argparse.Namespace, manager: Manager, out: Output) -> int:
+class EmbeddedBackend:
+    """The commands run in this process (no daemon): the manager, returning ``--json`` views."""
+
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+
+    async def attach(self, name: str, qmp_socket: str) -> dict[str, Any]:
+        return views.domain_view(await self.manager.attach(name, qmp_socket))
+
+    async def detach(self, name: str) -> None:
+        self.manager.detach(name)
+
+    async def domains(self) -> list[dict[str, Any]]:
+        return [views.domain_view(d) for d in self.manager.domains()]
+
+    async def disks(self, name: str) -> list[dict[str, Any]]:
+        return [views.device_view(d) for d in await self.manager.disks(name)]
+
+    async def copy(self, request: CopyRequest, wait_until: str, on_progress: ProgressCallback | None
+                   ) -> dict[str, Any]:
+        until = {"started": Until.STARTED, "ready": Until.READY, "done": Until.DONE}[wait_until]
+        return views.operation_view(await self.manager.copy(request, until=until, on_progress=on_progress))
+
+    async def jobs(self, domain: str | None) -> list[dict[str, Any]]:
+        return [views.operation_view(op) for op in await self.manager.jobs(domain)]
+
+    async def status(self, job: str, log: bool) -> dict[str, Any]:
+        op = await self.manager.status(job)
+        data = views.operation_view(op)
+        if log:
+            data["log"] = [{"at": at, "phase": phase, "note": note} for at, phase, note in self.manager.history(op.id)]
+        return data
+
+    async def conclude(self, job: str, goal: str, wait: bool, on_progress: ProgressCallback | None
+                       ) -> dict[str, Any]:
+        if goal == "abort":
+            return views.operation_view(await self.manager.abort(job))
+        method = self.manager.pivot if goal == "pivot" else self.manager.finish
+        return views.operation_view(await method(job, wait=wait, on_progress=on_progress))
+
+    async def recover(self, domain: str | None, wait: bool, on_progress: ProgressCallback | None
+                      ) -> list[dict[str, Any]]:
+        ops = await self.manager.recover(domain, wait=wait, on_progress=on_progress)
+        return [views.operation_view(op) for op in ops]
+
+    async def speed(self, job: str, bandwidth_mib: float) -> dict[str, Any]:
+        return views.operation_view(await self.manager.set_speed(job, bandwidth_mib))
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+async def run_command(args: argparse.Namespace, backend: Any, out: Output) -> int:
+    """One command on ``backend`` (:class:`EmbeddedBackend` or the daemon's
+    :class:`blockcopy.service.client.RemoteBackend`): the same output and exit status either way."""
     cmd = args.command
     show_progress = not args.json and sys.stderr.isatty()
     if cmd == "attach":
-        domain = await manager.attach(args.domain, args.qmp)
-        process = f" (QEMU pid {domain.qemu_pid})" if domain.qemu_pid else ""
-        out.emit(views.domain_view(domain), f"attached {domain.name} at {domain.qmp_socket}{process}")
+        domain = await backend.attach(args.domain, args.qmp)
+        process = f" (QEMU pid {domain['qemu_pid']})" if domain["qemu_pid"] else ""
+        out.emit(domain, f"attached {domain['domain']} at {domain['qmp_socket']}{process}")
     elif cmd == "detach":
-        manager.detach(args.domain)
+        await backend.detach(args.domain)
         out.emit({"domain": args.domain, "detached": True}, f"detached {args.domain}")
     elif cmd == "domains":
-        domains = manager.domains()
-        out.emit([views.domain_view(d) for d in domains],
-                 "\n".join(f"{d.name}\t{d.qmp_socket}" for d in domains) or "no domains attached")
+        domains = await backend.domains()
+        out.emit(domains, "\n".join(f"{d['domain']}\t{d['qmp_socket']}" for d in domains) or "no domains attached")
     elif cmd == "disks":
-        devices = await manager.disks(args.domain)
-        rows = [f"{d.name}\tnode {d.node}\t{d.format}\t{d.virtual_size} bytes\t{d.file}"
-                + "".join(f"\n\tbacking {b}" for b in d.backing_chain) for d in devices]
-        out.emit([views.device_view(d) for d in devices], "\n".join(rows) or "no disks")
+        devices = await backend.disks(args.domain)
+        rows = [f"{d['disk']}\tnode {d['node']}\t{d['format']}\t{d['virtual_size']} bytes\t{d['image']}"
+                + "".join(f"\n\tbacking {b}" for b in d["backing_chain"]) for d in devices]
+        out.emit(devices, "\n".join(rows) or "no disks")
     elif cmd == "copy":
-        return await _copy(args, manager, out, show_progress)
+        return await _copy(args, backend, out, show_progress)
     elif cmd == "jobs":
-        ops = await manager.jobs(args.domain)
-        out.emit([views.operation_view(op) for op in ops],
-                 "\n".join(f"{op.id}\t{op.domain}\t{views.state(op)}\t"
-                           f"{op.outcome.value if op.outcome else '-'}\t"
-                           f"{','.join(d.name for d in op.disks)}" for op in ops) or "no jobs")
+        jobs = await backend.jobs(args.domain)
+        out.emit(jobs, "\n".join(f"{j['id']}\t{j['domain']}\t{j['state']}\t{j['outcome'] or '-'}\t"
+                                 f"{','.join(d['disk'] for d in j['disks'])}" for j in jobs) or "no jobs")
     elif cmd == "status":
-        op = await manager.status(args.job)
-        data = views.operation_view(op)
-        text = describe(op)
+        data = await backend.status(args.job, args.log)
+        text = describe_view(data)
         if args.log:
-            steps = manager.history(op.id)
-            data["log"] = [{"at": at, "phase": phase, "note": note} for at, phase, note in steps]
-            text += "\n" + "\n".join(f"  {time.strftime('%H:%M:%S', time.localtime(at))}"
-                                     f".{int(at % 1 * 1000):03d} [{phase}] {note}" for at, phase, note in steps)
+            text += "\n" + "\n".join(f"  {time.strftime('%H:%M:%S', time.localtime(s['at']))}"
+                                     f".{int(s['at'] % 1 * 1000):03d} [{s['phase']}] {s['note']}" for s in data["log"])
         out.emit(data, text)
     elif cmd in ("pivot", "finish"):
         with progress_display(show_progress and args.wait) as progress:
-            method = manager.pivot if cmd == "pivot" else manager.finish
-            op = await method(args.job, wait=args.wait, on_progress=progress)
-        return _result(op, out)
+            view = await backend.conclude(args.job, cmd, args.wait, progress)
+        return _result(view, out)
     elif cmd == "abort":
-        return _result(await manager.abort(args.job), out)
+        return _result(await backend.conclude(args.job, "abort", True, None), out)
+    elif cmd == "speed":
+        view = await backend.speed(args.job, args.bandwidth)
+        limit = f"{args.bandwidth:g} MiB/s" if args.bandwidth else "unlimited"
+        out.emit(view, f"job {view['id']}: speed {limit}\n" + describe_view(view))
     elif cmd == "recover":
         with progress_display(show_progress) as progress:
-            ops = await manager.recover(args.domain, wait=not args.no_wait, on_progress=progress)
-        out.emit([views.operation_view(op) for op in ops],
-                 "\n\n".join(describe(op) for op in ops) or "nothing to recover")
-        return 7 if any(op.outcome is Outcome.FAILED for op in ops) else 0
+            jobs = await backend.recover(args.domain, not args.no_wait, progress)
+        out.emit(jobs, "\n\n".join(describe_view(j) for j in jobs) or "nothing to recover")
+        return 7 if any(j["outcome"] == Outcome.FAILED.value for j in jobs) else 0
     return 0
 
 
-async def _copy(args: argparse.Namespace, manager: Manager, out: Output, show_progress: bool) -> int:
+async def _copy(args: argparse.Namespace, backend: Any, out: Output, show_progress: bool) -> int:
     targets = list(args.disk)
     if args.pair:
         if len(args.pair) != 2:
             raise UsageError("give one DISK DEST pair, or any number of --disk DISK=DEST")
         targets.append((args.pair[0], args.pair[1]))
     goal = Goal.PIVOT if args.pivot else Goal.FINISH if args.finish else Goal.COPY
-    until = Until.READY if args.wait else Until.STARTED
     try:
         dest_options = dict(nodes.parse_dest_option(text) for text in args.dest_option)
     except nodes.NodeTreeError as exc:
@@ -294,19 +378,20 @@ async def _copy(args: argparse.Namespace, manager: Manager, out: Output, show_pr
                           reuse_external=args.reuse_external, bandwidth_mib=args.bandwidth,
                           mode=args.mode, goal=goal, buf_size=args.buf_size, dest_options=dest_options,
                           owner=args.owner, mode_bits=args.file_mode, cluster_size=args.cluster_size,
-                          preallocation=args.preallocation)
+                          preallocation=args.preallocation, client_key=args.request_id)
     waits = args.wait or args.pivot or args.finish
+    wait_until = "done" if args.pivot or args.finish else "ready" if args.wait else "started"
     with progress_display(show_progress and waits) as progress:
-        op = await manager.copy(request, until=until, on_progress=progress)
-    if not waits and op.outcome is None:
-        out.emit(views.operation_view(op), f"started job {op.id}\n" + describe(op))
+        view = await backend.copy(request, wait_until, progress)
+    if not waits and view["outcome"] is None:
+        out.emit(view, f"started job {view['id']}\n" + describe_view(view))
         return 0
-    return _result(op, out)
+    return _result(view, out)
 
 
-def _result(op: Operation, out: Output) -> int:
-    out.emit(views.operation_view(op), describe(op))
-    return 7 if op.outcome is Outcome.FAILED else 0
+def _result(view: dict[str, Any], out: Output) -> int:
+    out.emit(view, describe_view(view))
+    return 7 if view["outcome"] == Outcome.FAILED.value else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,23 +406,69 @@ def main(argv: list[str] | None = None) -> int:
         from blockcopy.demo import run_demo
 
         return run_demo(args.size, as_json=args.json, keep=args.keep)
-    return _run(lambda manager: run_command(args, manager, Output(args.json)), args.state_dir,
+    if args.command == "serve":
+        return _serve(args)
+    out = Output(args.json)
+    try:
+        remote = None if args.no_daemon else _daemon(args.state_dir, args.socket)
+    except BlockcopyError as exc:
+        print(f"blockcopy: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if remote is not None:
+        return _run(lambda _manager: run_command(args, remote, out), None, manager=False)
+    return _run(lambda manager: run_command(args, EmbeddedBackend(manager), out), args.state_dir,
                 create_journal=args.command == "attach", command_timeout=args.qmp_timeout,
                 transition_timeout=args.transition_timeout)
 
 
-def _run(body: Callable[[Manager], Awaitable[int]], state_dir: str | None, *, create_journal: bool,
-         command_timeout: float, transition_timeout: float) -> int:
+def _daemon(state_dir: str | None, socket_path: str | None) -> Any:
+    """The daemon's backend when a daemon serves this state directory, else None."""
+    from pathlib import Path
+
+    from blockcopy.journal import default_state_dir
+    from blockcopy.service.client import DaemonClient, RemoteBackend, default_socket
+
+    path = Path(socket_path) if socket_path else default_socket(Path(state_dir) if state_dir else default_state_dir())
+    client = DaemonClient.find(path)
+    return RemoteBackend(client) if client is not None else None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from blockcopy.service import server
+    except ImportError as exc:
+        print(f"blockcopy: error: the daemon needs its libraries ({exc.name}); install blockcopy with pip "
+              "(they are dependencies)", file=sys.stderr)
+        return 1
+    try:
+        access = server.Access(uids=server.parse_ids(args.allow_user, groups=False),
+                               gids=server.parse_ids(args.allow_group, groups=True))
+        group = next(iter(server.parse_ids([args.group], groups=True))) if args.group else None
+    except BlockcopyError as exc:
+        print(f"blockcopy: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    options = server.ServeOptions(
+        state_dir=args.state_dir, socket_path=args.socket, access=access, socket_group=group, listen=args.listen,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, token_file=args.token_file,
+        daemon_options={"command_timeout": args.qmp_timeout, "transition_timeout": args.transition_timeout})
+    return server.run(options, log_level=logging.INFO if args.verbose else logging.WARNING)
+
+
+def _run(body: Callable[[Manager], Awaitable[int]], state_dir: str | None, *, create_journal: bool = False,
+         command_timeout: float = Monitor.DEFAULT_COMMAND_TIMEOUT, transition_timeout: float = TRANSITION_TIMEOUT,
+         manager: bool = True) -> int:
     async def runner() -> int:
-        manager = Manager(state_dir, create_journal=create_journal, command_timeout=command_timeout,
-                          transition_timeout=transition_timeout)
+        if not manager:
+            return await body(None)  # type: ignore[arg-type]
+        local = Manager(state_dir, create_journal=create_journal, command_timeout=command_timeout,
+                        transition_timeout=transition_timeout)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, manager.interrupt.set)
+            loop.add_signal_handler(sig, local.interrupt.set)
         try:
-            return await body(manager)
+            return await body(local)
         finally:
-            manager.close()
+            local.close()
 
     try:
         return asyncio.run(runner())
@@ -348,6 +479,10 @@ def _run(body: Callable[[Manager], Awaitable[int]], state_dir: str | None, *, cr
     except BlockcopyError as exc:
         print(f"blockcopy: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print("blockcopy: interrupted; the daemon goes on with the job. `blockcopy status` shows it",
+              file=sys.stderr)
+        return Interrupted.exit_code
 
 
 if __name__ == "__main__":

@@ -93,18 +93,22 @@ class Link:
         self._connect = connect
         self.monitor: Monitor | None = None
         self.error: MonitorError | None = None  # why the last connection attempt failed
+        # The daemon drives several jobs of a domain over one link: one connection attempt at a
+        # time (QEMU serves one client per socket; a second attempt would wait for no greeting).
+        self._opening = asyncio.Lock()
 
     async def open(self) -> Monitor | None:
         """Connect if not connected; None (and ``error``) when the socket does not answer."""
-        if self.monitor is not None and self.monitor.connected:
+        async with self._opening:
+            if self.monitor is not None and self.monitor.connected:
+                return self.monitor
+            await self.drop()
+            try:
+                self.monitor = await self._connect()
+                self.error = None
+            except MonitorError as exc:
+                self.error = exc
             return self.monitor
-        await self.drop()
-        try:
-            self.monitor = await self._connect()
-            self.error = None
-        except MonitorError as exc:
-            self.error = exc
-        return self.monitor
 
     async def drop(self) -> None:
         if self.monitor is not None:
@@ -149,8 +153,14 @@ class Link:
 class Driver:
     def __init__(self, journal: Journal, link: Link, *, on_progress: ProgressCallback | None = None,
                  poll_interval: float = 1.0, interrupt: asyncio.Event | None = None,
-                 transition_timeout: float = TRANSITION_TIMEOUT) -> None:
+                 transition_timeout: float = TRANSITION_TIMEOUT, pivot_guard: asyncio.Lock | None = None,
+                 progress_save_interval: float = PROGRESS_SAVE_INTERVAL) -> None:
+        """``pivot_guard``: held from the step that begins a pivot to the end of the run, where
+        several drivers share a domain (the daemon): two pivots must not pause and resume one guest
+        in turn. (A command takes the domain's lock file for all it does instead.)"""
         self.journal = journal
+        self.pivot_guard = pivot_guard
+        self.progress_save_interval = progress_save_interval
         self.interrupt = interrupt
         self.link = link
         self.on_progress = on_progress
@@ -158,6 +168,7 @@ class Driver:
         self.transition_timeout = transition_timeout
         self._writeback: asyncio.Task[None] | None = None
         self._sent_once: set[tuple[str, str, str]] = set()  # (op id, command, args) of `once` commands
+        self._guarding = False  # this driver holds pivot_guard
 
     @property
     def monitor(self) -> Monitor | None:
@@ -201,6 +212,7 @@ class Driver:
             return op
 
     async def _run_guarded(self, op: Operation, until: Until) -> Operation:
+        self._guarding = False
         try:
             return await self._run(op, until)
         except (JournalError, MonitorError, TransitionStalled) as exc:
@@ -210,6 +222,19 @@ class Driver:
             raise
         finally:
             self._stop_writeback()
+            if self._guarding and self.pivot_guard is not None:
+                self.pivot_guard.release()
+            self._guarding = False
+
+    async def _take_pivot_guard(self) -> bool:
+        """Hold the domain's pivot guard before a pivot begins. True when it had to wait for it:
+        the world may have changed meanwhile, so the step must be decided again."""
+        if self.pivot_guard is None or self._guarding:
+            return False
+        waited = self.pivot_guard.locked()
+        await self.pivot_guard.acquire()
+        self._guarding = True
+        return waited
 
     async def _guest_held(self, op: Operation) -> bool:
         """Whether the guest may be paused by blockcopy with no outcome journaled."""
@@ -254,6 +279,12 @@ class Driver:
         last_progress_save = 0.0
         ahead: asyncio.Task[Observation] | None = None  # an observation sent right behind the commands
         while True:
+            guard = self.pivot_guard
+            if guard is not None and not self._guarding and guard.locked():
+                # Another job of the domain pivots: its guest is paused, and every QMP message on the
+                # shared connection would lengthen that pause (and confuse its pipelining).
+                async with guard:
+                    pass
             stalled = time.monotonic() - progress_at > self.transition_timeout
             seen = self.monitor.event_seq if self.monitor is not None else 0
             if ahead is not None and failure is None:
@@ -263,8 +294,15 @@ class Driver:
                     await ahead  # (an observation that failed ends the run as any other does)
                 obs = await self._observe(op, failure, identical, stalled)
             ahead = None
+            was_ready = op.ready_at is not None
             op = self._measure(op, obs)
+            if op.ready_at is not None and not was_ready and op.phase is Phase.COPYING:
+                op = self.journal.save(op)  # now, not with the next progress save: apps wait for "ready"
+                last_progress_save = time.monotonic()
             step = decide(op, obs)
+            if (step.record is not None and step.record.phase is Phase.PIVOTING and op.phase is not Phase.PIVOTING
+                    and await self._take_pivot_guard()):
+                continue  # another job of the domain pivoted meanwhile: observe again
             if step.record is not None or step.commands:
                 log.info("job %s [%s] %s", op.id, op.phase.value, step.note)
             if step.stuck is not None:
@@ -291,7 +329,7 @@ class Driver:
             if step.wait is Wait.COPY:
                 progress_at = time.monotonic()
                 now = time.monotonic()
-                if now - last_progress_save >= PROGRESS_SAVE_INTERVAL:
+                if now - last_progress_save >= self.progress_save_interval:
                     op = self.journal.save(op)
                     last_progress_save = now
                 if self.on_progress is not None:

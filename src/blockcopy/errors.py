@@ -15,6 +15,14 @@ class UsageError(BlockcopyError):
     exit_code = 2
 
 
+class NotFound(UsageError):
+    """An unknown domain or job (the API answers 404)."""
+
+
+class RequestConflict(UsageError):
+    """A request id (idempotency key) that was used for a different request (the API answers 409)."""
+
+
 class JournalError(BlockcopyError):
     """The journal (or the state directory that holds it and the locks) is missing, unreadable,
     unwritable or from a newer blockcopy: the step it was needed for was not taken."""

@@ -12,18 +12,19 @@ import dataclasses
 import json
 import os
 import sqlite3
+import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from blockcopy import faults
+from blockcopy import events, faults
 from blockcopy.errors import JournalError
 from blockcopy.qemuproc import QemuProcess
 from blockcopy.records import Operation
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS domains (
@@ -39,7 +40,8 @@ CREATE TABLE IF NOT EXISTS operations (
     phase TEXT NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    record TEXT NOT NULL
+    record TEXT NOT NULL,
+    client_key TEXT
 );
 CREATE INDEX IF NOT EXISTS operations_domain ON operations(domain, phase);
 CREATE TABLE IF NOT EXISTS steps (
@@ -50,12 +52,22 @@ CREATE TABLE IF NOT EXISTS steps (
     note TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS steps_op ON steps(op_id, seq);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    op_id TEXT NOT NULL,
+    data TEXT NOT NULL
+);
 """
+#: After the migrations: they may add the columns these index.
+_INDEXES = ["CREATE UNIQUE INDEX IF NOT EXISTS operations_client_key ON operations(client_key)"]
 
 
 #: Upgrades from each older schema version (``CREATE ... IF NOT EXISTS`` covers new tables).
 _MIGRATIONS = {
     1: ["ALTER TABLE domains ADD COLUMN qemu_pid INTEGER", "ALTER TABLE domains ADD COLUMN qemu_start INTEGER"],
+    2: ["ALTER TABLE operations ADD COLUMN client_key TEXT"],
 }
 
 
@@ -90,10 +102,11 @@ class Journal:
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             # Job records name image paths and sockets: private, even in a directory that existed
-            # (if it is blockcopy's user's own; another user's directory is left as it is).
+            # (if it is blockcopy's user's own; another user's directory is left as it is). Others
+            # may only traverse it (0711), to reach the daemon's socket when its group is allowed.
             st = os.stat(state_dir)
-            if st.st_uid == os.geteuid() and st.st_mode & 0o077:
-                os.chmod(state_dir, 0o700)
+            if st.st_uid == os.geteuid() and st.st_mode & 0o066:
+                os.chmod(state_dir, stat.S_IMODE(st.st_mode) & ~0o066)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             os.fchmod(fd, 0o600)
             os.close(fd)
@@ -108,7 +121,10 @@ class Journal:
                             self._db.execute(statement)
                         for old in range(version or SCHEMA_VERSION, SCHEMA_VERSION):
                             for statement in _MIGRATIONS[old]:
-                                self._db.execute(statement)
+                                if not self._has_column(statement):  # (a table this version created has it)
+                                    self._db.execute(statement)
+                        for statement in _INDEXES:
+                            self._db.execute(statement)
                         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"cannot read the journal {self.path}: {exc}. Nothing was changed; "
@@ -117,6 +133,15 @@ class Journal:
             raise JournalError(f"cannot open the state directory {state_dir}: {exc}") from exc
         finally:
             os.umask(umask)
+        #: called after a save that wrote events has committed (the daemon wakes its event streams)
+        self.on_events: Callable[[], None] | None = None
+
+    def _has_column(self, statement: str) -> bool:
+        """Whether an ``ALTER TABLE t ADD COLUMN c ...`` statement's column exists already."""
+        words = statement.split()
+        if words[:2] != ["ALTER", "TABLE"] or words[3:5] != ["ADD", "COLUMN"]:
+            return False
+        return any(row[1] == words[5] for row in self._db.execute(f"PRAGMA table_info({words[2]})"))
 
     def _version(self) -> int:
         version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
@@ -184,23 +209,34 @@ class Journal:
         op = dataclasses.replace(op, created_at=op.created_at or now, updated_at=now, ended_at=ended)
         record = json.dumps(op.to_dict(), sort_keys=True)
         with self._transaction():
+            previous = None
             if new:
                 try:
                     self._db.execute(
-                        "INSERT INTO operations (id, domain, phase, created_at, updated_at, record) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        (op.id, op.domain, op.phase.value, op.created_at, op.updated_at, record))
+                        "INSERT INTO operations (id, domain, phase, created_at, updated_at, record, client_key) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (op.id, op.domain, op.phase.value, op.created_at, op.updated_at, record, op.client_key))
                 except sqlite3.IntegrityError:
-                    raise JournalError(f"job id {op.id} is taken already; nothing was started") from None
+                    key_taken = op.client_key is not None and self.by_client_key(op.client_key) is not None
+                    taken = f"request id {op.client_key}" if key_taken else f"job id {op.id}"
+                    raise JournalError(f"{taken} is taken already; nothing was started") from None
             else:
-                changed = self._db.execute(
-                    "UPDATE operations SET phase = ?, updated_at = ?, record = ? WHERE id = ? AND domain = ?",
-                    (op.phase.value, op.updated_at, record, op.id, op.domain)).rowcount
-                if changed != 1:
+                row = self._db.execute("SELECT record FROM operations WHERE id = ? AND domain = ?",
+                                       (op.id, op.domain)).fetchone()
+                if row is None:
                     raise JournalError(f"job {op.id} of domain {op.domain} is not in the journal {self.path}")
+                previous = _load(row[0])
+                self._db.execute("UPDATE operations SET phase = ?, updated_at = ?, record = ? WHERE id = ?",
+                                 (op.phase.value, op.updated_at, record, op.id))
             if note:
                 self._db.execute("INSERT INTO steps (op_id, at, phase, note) VALUES (?, ?, ?, ?)",
                                  (op.id, now, op.phase.value, note))
+            happened = events.derive(previous, op, note)
+            for kind, data in happened:
+                self._db.execute("INSERT INTO events (at, kind, op_id, data) VALUES (?, ?, ?, ?)",
+                                 (now, kind, op.id, json.dumps(data, sort_keys=True)))
+        if happened and self.on_events is not None:
+            self.on_events()
         if note:  # a protocol step, not a progress update
             faults.point(f"journal:{op.phase.value}")
         return op
@@ -228,6 +264,28 @@ class Journal:
             query += " WHERE " + " AND ".join(clauses)
         query += " ORDER BY created_at"
         return [_load(row[0]) for row in self._db.execute(query, params)]
+
+    def by_client_key(self, key: str) -> Operation | None:
+        """The operation created under the client's idempotency key ``key``, if any."""
+        row = self._db.execute("SELECT record FROM operations WHERE client_key = ?", (key,)).fetchone()
+        return _load(row[0]) if row else None
+
+    # --- events ----------------------------------------------------------------------------------
+
+    def events_after(self, seq: int, limit: int = 500) -> list[events.Event]:
+        """Events with a sequence number above ``seq``, oldest first (see :mod:`blockcopy.events`)."""
+        rows = self._db.execute("SELECT seq, at, kind, op_id, data FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                                (seq, limit))
+        return [events.Event(row[0], row[1], row[2], row[3], json.loads(row[4])) for row in rows]
+
+    def last_event_seq(self) -> int:
+        row = self._db.execute("SELECT MAX(seq) FROM events").fetchone()
+        return int(row[0] or 0)
+
+    def prune_events(self, keep_seconds: float) -> int:
+        """Forget events older than ``keep_seconds`` (the sequence numbers go on). Returns how many."""
+        with self._transaction():
+            return self._db.execute("DELETE FROM events WHERE at < ?", (time.time() - keep_seconds,)).rowcount
 
     def steps(self, op_id: str) -> list[StepEntry]:
         rows = self._db.execute("SELECT at, phase, note FROM steps WHERE op_id = ? ORDER BY seq", (op_id,))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import hashlib
+import json
 import logging
 import os
 import secrets
@@ -27,10 +29,12 @@ from blockcopy.errors import (
     GuestLeftPaused,
     MonitorBusy,
     MonitorError,
+    NotFound,
     NotReady,
     OperationFailed,
     QemuGone,
     RecoveryIncomplete,
+    RequestConflict,
     TransitionStalled,
     UsageError,
 )
@@ -81,6 +85,22 @@ class CopyRequest:
     mode_bits: int | None = None  # a created DEST's permission bits (default: the source file's)
     cluster_size: int | None = None  # a created qcow2 DEST's (default: the source's)
     preallocation: str | None = None  # a created DEST's: off, metadata, falloc, full
+    #: the client's idempotency key: the same request again returns the job it created (and starts
+    #: nothing); another request under the same key is refused
+    client_key: str | None = None
+
+    def digest(self) -> str:
+        """What was asked, as a hash: two requests under one key must be the same request."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "client_key"}
+        fields["targets"] = [list(t) for t in self.targets]
+        fields["goal"] = self.goal.value
+        fields["dest_options"] = dict(self.dest_options)
+        text = json.dumps(fields, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+#: How long a client's idempotency key may be, and what it may contain.
+CLIENT_KEY_MAX = 200
 
 
 class Manager:
@@ -119,10 +139,15 @@ class Manager:
         :raise MonitorError: the socket does not answer (NoListener, MonitorBusy, ...).
         :raise DomainBusy: another blockcopy works on the domain.
         """
-        if not name or "/" in name:
-            raise UsageError(f"invalid domain name {name!r}: use a non-empty name without '/'")
+        if not name or "/" in name or not name.isprintable():
+            raise UsageError(f"invalid domain name {name!r}: use a non-empty name of printable characters "
+                             "without '/'")
+        _check_path("the QMP socket", qmp_socket)
         path = os.path.abspath(qmp_socket)
-        with DomainLock(self.state_dir, name, wait=self.lock_wait):
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            raise UsageError(f"the QMP socket path {path!r} is longer than unix sockets allow ({UNIX_PATH_MAX} "
+                             "bytes); give QEMU a shorter -qmp path")
+        async with self._exclusive(name):
             self._refuse_unfinished(name, "re-attaching it")
             monitor = await self._connect(path)
             try:
@@ -158,13 +183,62 @@ class Manager:
                    on_progress: ProgressCallback | None = None) -> Operation:
         """Validate, journal and start a copy; then drive it as far as ``until`` and ``goal`` say."""
         _check_options(request)
+        if request.goal in (Goal.PIVOT, Goal.FINISH) and self.reconciles:
+            until = Until.DONE  # (in the daemon, the job's task carries the goal out)
+        if self._replayed(request) is not None:
+            return await self._drive_again(request, until, on_progress)
         async with self._session(request.domain, on_progress) as (monitor, driver):
+            if self._replayed(request) is not None:  # (sent twice at once: the other one won)
+                replayed = self._operation(self._replayed(request) or "")
+                return await self._drive(driver, replayed, until) if self.reconciles else replayed
             op = await self._plan(request, self._running(request.domain, monitor))
+            op = dataclasses.replace(op, client_key=request.client_key,
+                                     request_digest=request.digest() if request.client_key else None)
             op = self.journal.save(op, f"planned: {request.goal.value} of "
                                        + ", ".join(f"{d.name} -> {d.dest_path}" for d in op.disks), new=True)
-            if request.goal in (Goal.PIVOT, Goal.FINISH):
-                until = Until.DONE
             return await self._drive(driver, op, until)
+
+    def _replayed(self, request: CopyRequest) -> str | None:
+        """The id of the job that ``request``'s idempotency key created already, if any.
+
+        :raise UsageError: the key was used for a different request.
+        """
+        if request.client_key is None:
+            return None
+        op = self.journal.by_client_key(request.client_key)
+        if op is None:
+            return None
+        if op.request_digest != request.digest() or op.domain != request.domain:
+            raise RequestConflict(f"request id {request.client_key!r} was used for a different request (job {op.id}); "
+                             "use a new request id for a new copy")
+        return op.id
+
+    async def _drive_again(self, request: CopyRequest, until: Until,
+                           on_progress: ProgressCallback | None) -> Operation:
+        """A request sent again: its job, driven as far as the request asked (nothing new starts)."""
+        op = self._operation(self._replayed(request) or "")
+        if op.finished or until is Until.STARTED or not self.reconciles:
+            return op  # (in the daemon, the job's own task drives it)
+        async with self._session(op.domain, on_progress) as (_monitor, driver):
+            return await self._drive(driver, self._operation(op.id), until)
+
+    async def set_speed(self, op_id: str, bandwidth_mib: float) -> Operation:
+        """Change the copy speed limit of an unfinished job (0: unlimited). Journaled first, then
+        sent to QEMU (``block-job-set-speed``); recovery sends it again if a crash came between.
+
+        :raise UsageError: unknown or finished job, a job past its copy, or a negative speed.
+        """
+        if not bandwidth_mib >= 0 or bandwidth_mib == float("inf"):
+            raise UsageError(f"speed must be a number of MiB/s, 0 for unlimited, not {bandwidth_mib}")
+        op = self._operation(op_id)
+        async with self._session(op.domain) as (_monitor, driver):
+            op = self._operation(op.id)
+            if op.phase not in (Phase.STARTING, Phase.COPYING):
+                raise UsageError(f"job {op.id} is {op.phase.value}: its speed can only change while it copies")
+            bandwidth = round(bandwidth_mib * MIB)
+            op = self.journal.save(dataclasses.replace(op, bandwidth=bandwidth, speed_applied=False),
+                                   f"speed {bandwidth_mib:g} MiB/s requested")
+            return await self._drive(driver, op, Until.STARTED)
 
     async def pivot(self, op_id: str, *, wait: bool = False,
                     on_progress: ProgressCallback | None = None) -> Operation:
@@ -266,7 +340,7 @@ class Manager:
         domain = self.journal.domain(name)
         if domain is None:
             known = ", ".join(d.name for d in self.journal.domains()) or "none"
-            raise UsageError(f"unknown domain {name!r} (attached: {known}); attach it with "
+            raise NotFound(f"unknown domain {name!r} (attached: {known}); attach it with "
                              f"`blockcopy attach {name} --qmp SOCKET`")
         return domain
 
@@ -279,7 +353,7 @@ class Manager:
                 raise UsageError(f"job id {op_id!r} is ambiguous: " + ", ".join(m.id for m in matches))
             op = matches[0] if matches else None
         if op is None:
-            raise UsageError(f"unknown job {op_id!r}; `blockcopy jobs` lists them")
+            raise NotFound(f"unknown job {op_id!r}; `blockcopy jobs` lists them")
         return op
 
     async def _connect(self, socket_path: str) -> Monitor:
@@ -297,9 +371,8 @@ class Manager:
                        reconcile: bool = True) -> AsyncIterator[tuple[Monitor | None, Driver]]:
         """Lock the domain, connect (None when nothing answers) and reconcile its unfinished jobs."""
         domain = self._domain(name)
-        with DomainLock(self.state_dir, name, wait=self.lock_wait):
-            link = Link(domain.qmp_socket, lambda: self._connect(domain.qmp_socket))
-            await link.open()
+        async with self._exclusive(name):
+            link = await self._open_link(domain)
             unfinished = _guests_held_first(self.journal.operations(domain=name, unfinished=True))
             if isinstance(link.error, MonitorBusy) and not (unfinished and holds_guest(unfinished[0])):
                 # (A guest that blockcopy holds paused goes on below: the driver retries a QEMU that
@@ -309,10 +382,9 @@ class Manager:
                                       f"{', '.join(op.id for op in unfinished)}) stay as journaled; run "
                                       "`blockcopy recover` once QEMU answers") from None
                 raise link.error
-            driver = Driver(self.journal, link, on_progress=on_progress, interrupt=self.interrupt,
-                            transition_timeout=self.transition_timeout)
+            driver = self._driver(link, on_progress)
             try:
-                if reconcile:
+                if reconcile and self.reconciles:
                     for op in unfinished:
                         try:
                             await driver.run(self._operation(op.id), Until.STARTED)
@@ -322,7 +394,32 @@ class Manager:
                             log.warning("domain %s: %s", name, exc)
                 yield link.monitor, driver
             finally:
-                await link.drop()
+                await self._close_link(link)
+
+    # The hooks where the daemon (blockcopy.service) differs: it keeps one link per domain open,
+    # serialises a domain's requests in memory, and its job tasks, not each request, drive the jobs.
+
+    #: whether a session first drives the domain's unfinished jobs (a command does; in the daemon,
+    #: each job's own task does)
+    reconciles = True
+
+    @asynccontextmanager
+    async def _exclusive(self, name: str) -> AsyncIterator[None]:
+        """One blockcopy at a time on a domain. :raise DomainBusy."""
+        with DomainLock(self.state_dir, name, wait=self.lock_wait):
+            yield
+
+    async def _open_link(self, domain: Domain) -> Link:
+        link = Link(domain.qmp_socket, lambda: self._connect(domain.qmp_socket))
+        await link.open()
+        return link
+
+    async def _close_link(self, link: Link) -> None:
+        await link.drop()
+
+    def _driver(self, link: Link, on_progress: ProgressCallback | None = None) -> Driver:
+        return Driver(self.journal, link, on_progress=on_progress, interrupt=self.interrupt,
+                      transition_timeout=self.transition_timeout)
 
     async def _drive(self, driver: Driver, op: Operation, until: Until, *, withdraw_goal: bool = True) -> Operation:
         """Run ``op``; an interrupted wait withdraws a --pivot/--finish wish of the command that waits
@@ -571,9 +668,22 @@ def _guests_held_first(ops: Sequence[Operation]) -> list[Operation]:
     return sorted(ops, key=lambda op: not holds_guest(op))
 
 
+#: The longest path a unix socket can have (sun_path, less its terminating NUL).
+UNIX_PATH_MAX = 107
+
+
+def _check_path(what: str, path: str) -> None:
+    if not path or "\0" in path:
+        raise UsageError(f"{what} must be a non-empty path without NUL characters, not {path!r}")
+
+
 def _check_options(request: CopyRequest) -> None:
     if not request.targets:
         raise UsageError("name at least one disk to copy: --disk DISK=DEST")
+    for disk, dest in request.targets:
+        _check_path("a destination", dest)
+        if not disk or "\0" in disk:
+            raise UsageError(f"a disk must be named by a non-empty qdev id, drive id or node name, not {disk!r}")
     if "auto-read-only" in request.dest_options:
         raise UsageError("--dest-option auto-read-only does not apply: blockcopy opens DEST read-write from the "
                          "one descriptor it passes to QEMU (a read-only disk is refused anyway)")
@@ -597,6 +707,9 @@ def _check_options(request: CopyRequest) -> None:
         raise UsageError(f"cluster size must be a power of two from 512 bytes to 2 MiB, not {request.cluster_size}")
     if request.mode_bits is not None and not 0 <= request.mode_bits <= 0o777:
         raise UsageError(f"file mode must be between 0000 and 0777, not {request.mode_bits:o}")
+    key = request.client_key
+    if key is not None and not (0 < len(key) <= CLIENT_KEY_MAX and key.isprintable() and key.isascii()):
+        raise UsageError(f"a request id must be 1 to {CLIENT_KEY_MAX} printable ASCII characters")
 
 
 def _find_device(devices: Sequence[DeviceInfo], name: str, domain: str) -> DeviceInfo:

@@ -15,7 +15,8 @@ import errno
 import itertools
 import logging
 import socket
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -112,6 +113,8 @@ class Monitor:
 
     #: No QMP command blockcopy sends takes long; a silent QEMU is hung, stopped or deadlocked.
     DEFAULT_COMMAND_TIMEOUT = 60.0
+    #: called with (command, seconds) after every command, answered or not (the daemon's metrics)
+    round_trip_observer: Callable[[str, float], None] | None = None
 
     def __init__(self, socket_path: str, client: QMPClient, process: QemuProcess | None, *,
                  command_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> None:
@@ -125,6 +128,9 @@ class Monitor:
         client.events.event_filter = lambda _event: False
         self.last_events: dict[str, tuple[int, float]] = {}  # name -> (event number, QEMU's time)
         self.event_seq = 0  # how many watched events have arrived; lets waits skip what was seen
+        # A descriptor passed with SCM_RIGHTS waits in QEMU for the next add-fd, and a second one
+        # replaces it: one pass at a time per connection (the daemon shares one among jobs).
+        self._passing_fd = asyncio.Lock()
 
     @property
     def messages_sent(self) -> int:
@@ -184,6 +190,7 @@ class Monitor:
             the conversation is out of step (QEMU may still answer the command later).
         :raise ConnectionLost: the connection closed (QEMU exited, or only the connection did).
         """
+        started = time.perf_counter()
         try:
             result = await asyncio.wait_for(self._client.execute(command, args), self.command_timeout)
         except TimeoutError:
@@ -194,6 +201,9 @@ class Monitor:
             raise CommandRefused(command, exc.error_class, str(exc)) from None
         except (ExecInterruptedError, StateError, ConnectionError, EOFError) as exc:
             raise ConnectionLost(f"the QMP connection closed during {command}: {exc}") from None
+        finally:
+            if Monitor.round_trip_observer is not None:
+                Monitor.round_trip_observer(command, time.perf_counter() - started)
         self._drain_events()
         return result
 
@@ -201,11 +211,12 @@ class Monitor:
         """Pass ``fd`` to QEMU (SCM_RIGHTS) into an fd set; returns the set's id. QEMU then opens
         ``/dev/fdset/ID`` by duplicating a descriptor of the set: the very file blockcopy opened and
         checked, whatever the path names by then."""
-        self._client.send_fd_scm(fd)
         args: dict[str, Any] = {"opaque": opaque}
         if fdset_id is not None:
             args["fdset-id"] = fdset_id
-        return int((await self.execute("add-fd", args))["fdset-id"])
+        async with self._passing_fd:
+            self._client.send_fd_scm(fd)
+            return int((await self.execute("add-fd", args))["fdset-id"])
 
     async def fdsets(self) -> dict[int, str]:
         """blockcopy's fd sets (opaque ``blockcopy PATH``): fdset id -> PATH."""

@@ -24,10 +24,11 @@ Phases (``op.phase``) and what moves them, given the observation (``obs``):
 phase         does                                                               next
 ============  =================================================================  ===========
 STARTING      per disk: create DEST, then blockdev-add + blockdev-mirror          COPYING
-COPYING       waits until every job is ``ready``; then, for a pivot,             PIVOTING,
-              ``blockdev-reopen`` of a DEST filled through the page cache with   FINISHING,
-              its journaled cache mode (re-observed, no record); then follows    ABORTING
-              ``op.goal``
+COPYING       sends a journaled speed change (``block-job-set-speed``) until    PIVOTING,
+              QEMU took it; waits until every job is ``ready``; then, for a      FINISHING,
+              pivot, ``blockdev-reopen`` of a DEST filled through the page       ABORTING
+              cache with its journaled cache mode (re-observed, no record);
+              then follows ``op.goal``
 PIVOTING      one step: fsync the images, ``stop`` a running VM (its run state   FINALIZING
               was journaled on entry), ``job-complete`` each job; then waits     or ABORTING
               until *every* job is ``pending`` (all or nothing) with the guest
@@ -447,6 +448,8 @@ def _copying(op: Operation, obs: Observation) -> Step:
     trouble = _job_trouble(op, obs)
     if trouble:
         return _abort(op, trouble)
+    if not op.speed_applied:
+        return _set_speed(op, obs)
     if all(obs.jobs[d.job_id].status == "ready" for d in op.disks):
         if op.goal is Goal.PIVOT:
             # DEST was filled through the page cache; the disk it becomes has the source's cache mode.
@@ -468,6 +471,21 @@ def _copying(op: Operation, obs: Observation) -> Step:
         if op.goal is Goal.FINISH:
             return Step(record=_replace(op, phase=Phase.FINISHING), note="finish: every job is ready")
     return Step(wait=Wait.COPY, note="copying")
+
+
+def _set_speed(op: Operation, obs: Observation) -> Step:
+    """A journaled speed change (``bandwidth``, 0 = unlimited) that QEMU has not acknowledged: sent
+    to every job, the acknowledgement journaled after the last one. Sending it again is harmless, so
+    a crash in between only sends it again. A refusal is journaled as a warning, not retried."""
+    failure = obs.failure
+    if failure is not None and failure.command.name == "block-job-set-speed":
+        warning = f"could not change the speed to {op.bandwidth} bytes/s: {failure.message}"
+        return Step(record=_replace(op, speed_applied=True, warnings=(*op.warnings, warning)), note=warning)
+    done = _replace(op, speed_applied=True)
+    commands = tuple(qmp("block-job-set-speed", {"device": d.job_id, "speed": op.bandwidth}, disk=i,
+                         after=done if i == len(op.disks) - 1 else None)
+                     for i, d in enumerate(op.disks))
+    return Step(commands=commands, note=f"set the speed to {op.bandwidth} bytes/s")
 
 
 def _pivoting(op: Operation, obs: Observation) -> Step:

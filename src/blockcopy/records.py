@@ -151,6 +151,13 @@ class Operation:
     stop_ts: float | None = None  # QEMU's STOP event time for the pivot pause
     resume_ts: float | None = None  # QEMU's RESUME event time
     identical: tuple[bool, ...] | None = None  # image comparison after QEMU died
+    #: the client's idempotency key (API ``Idempotency-Key`` or ``copy --request-id``): a second
+    #: request with the same key returns this operation instead of starting another
+    client_key: str | None = None
+    request_digest: str | None = None  # what was asked under ``client_key`` (sha256 of the request)
+    #: False between a journaled speed change (``bandwidth``) and QEMU's acknowledgement of it; the
+    #: protocol sends ``block-job-set-speed`` until it is True, so a crash in between loses nothing
+    speed_applied: bool = True
 
     @property
     def finished(self) -> bool:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from blockcopy import views
 from blockcopy.driver import ProgressCallback
@@ -11,8 +12,12 @@ from blockcopy.records import Operation
 
 
 def describe(op: Operation) -> str:
-    view = views.operation_view(op)
-    lines = [f"job {op.id}  domain {op.domain}  state {view['state']}  goal {op.goal.value}"]
+    return describe_view(views.operation_view(op))
+
+
+def describe_view(view: Mapping[str, Any]) -> str:
+    """A job for people, from its ``--json`` view (the daemon sends the same view)."""
+    lines = [f"job {view['id']}  domain {view['domain']}  state {view['state']}  goal {view['goal']}"]
     for d in view["disks"]:
         prog = d["progress"]
         lines.append(f"  {d['disk']}: {d['source']} -> {d['destination']} ({d['destination_format']})  "
@@ -20,15 +25,15 @@ def describe(op: Operation) -> str:
                      f"job {d['job_status'] or '-'}")
     if view["rate"]:
         lines.append(f"  rate: {_mib(view['rate'])}/s")
-    if op.outcome is not None:
-        lines.append(f"  outcome: {op.outcome.value}  authoritative image: {view['authoritative']}")
-    if op.reason:
-        lines.append(f"  {op.reason}")
-    if op.error:
-        lines.append(f"  error: {op.error}")
+    if view["outcome"] is not None:
+        lines.append(f"  outcome: {view['outcome']}  authoritative image: {view['authoritative']}")
+    if view["reason"]:
+        lines.append(f"  {view['reason']}")
+    if view["error"]:
+        lines.append(f"  error: {view['error']}")
     if view["pause_window_ms"] is not None:
         lines.append(f"  guest pause window: {view['pause_window_ms']:.1f} ms")
-    lines.extend(f"  warning: {w}" for w in op.warnings)
+    lines.extend(f"  warning: {w}" for w in view["warnings"])
     return "\n".join(lines)
 
 
@@ -63,3 +68,4 @@ def progress_display(enabled: bool) -> Iterator[ProgressCallback | None]:
             bar.update(task, total=total, completed=current, description=f"{op.id} {label}")
 
         yield update
+

@@ -1,0 +1,419 @@
+"""The daemon's model: attached domains with one QMP link each, and one task per unfinished job.
+
+Why a task per job: a job waits for its mirror for minutes or hours; the daemon must meanwhile
+answer every other request, and notice at once when a job becomes ready or fails. Each task runs the
+same :class:`~blockcopy.driver.Driver` as a command does, from the journaled record, until the job
+ends; a changed goal (pivot, finish, abort, speed) is journaled, then the task is restarted from
+the journal. Cancelling a task mid-pivot finishes the pivot first (see ``Driver.run``), so a restart
+or a shutdown never abandons one.
+
+Per domain: requests that plan or change a job take the domain's lock (one at a time, as the lock
+file serialises commands); a pivot takes the domain's *pivot guard* from its first step to its
+end, and other jobs of the domain wait at their next step meanwhile, so two pivots never pause and
+resume one guest in turn. The daemon holds each attached domain's lock file for as long as it runs:
+a blockcopy command without the daemon is refused on those domains (DomainBusy) instead of driving
+the same jobs twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from blockcopy.driver import TRANSITION_TIMEOUT, Driver, Link, ProgressCallback, Until, holds_guest
+from blockcopy.errors import (
+    BlockcopyError,
+    NotReady,
+    OperationFailed,
+    UsageError,
+)
+from blockcopy.journal import Domain
+from blockcopy.locking import DomainLock
+from blockcopy.manager import CopyRequest, Manager
+from blockcopy.monitor import DeviceInfo, Monitor
+from blockcopy.records import Goal, Operation, Outcome, Phase
+
+log = logging.getLogger(__name__)
+
+#: Progress is journaled (and so sent as an event) at most this often per job.
+PROGRESS_INTERVAL = 1.0
+#: Events are kept this long (a client that reconnects later starts from the oldest kept).
+EVENT_RETENTION = 30 * 86400.0
+#: A job whose task failed (QEMU unreachable, a transition stalled) is retried after this long,
+#: doubling up to RETRY_MAX.
+RETRY_FIRST, RETRY_MAX = 0.5, 10.0
+
+
+class Hub:
+    """One attached domain: its QMP link (kept open), its request lock, its pivot guard, its lock file."""
+
+    def __init__(self, domain: Domain, connect: Callable[[str], Awaitable[Monitor]], file_lock: DomainLock) -> None:
+        self.name = domain.name
+        self._connect = connect
+        self.link = self._new_link(domain.qmp_socket)
+        self.lock = asyncio.Lock()
+        self.pivot_guard = asyncio.Lock()
+        self.file_lock = file_lock
+
+    def _new_link(self, socket_path: str) -> Link:
+        return Link(socket_path, lambda: self._connect(socket_path))
+
+    async def follow(self, domain: Domain) -> Link:
+        """The link to ``domain``'s socket (a re-attach may have changed it)."""
+        if self.link.socket_path != domain.qmp_socket:
+            await self.link.drop()
+            self.link = self._new_link(domain.qmp_socket)
+        return self.link
+
+    async def close(self) -> None:
+        await self.link.drop()
+        self.file_lock.release()
+
+
+class ResidentManager(Manager):
+    """The manager inside the daemon: links stay open, a domain's requests are serialised in
+    memory, and the job tasks, not the requests, drive unfinished jobs."""
+
+    reconciles = False
+
+    def __init__(self, daemon: Daemon, state_dir: Path | str | None, **options: float) -> None:
+        super().__init__(state_dir, create_journal=True, **options)
+        self.daemon = daemon
+
+    @asynccontextmanager
+    async def _exclusive(self, name: str) -> AsyncIterator[None]:
+        hub = self.daemon.hub(name)
+        async with hub.lock:
+            yield
+
+    async def _open_link(self, domain: Domain) -> Link:
+        link = await self.daemon.hub(domain.name).follow(domain)
+        await link.open()
+        return link
+
+    async def _close_link(self, link: Link) -> None:
+        pass  # kept for the next request and the job tasks
+
+    def _driver(self, link: Link, on_progress: ProgressCallback | None = None) -> Driver:
+        guard = next((h.pivot_guard for h in self.daemon.hubs.values() if h.link is link), None)
+        return Driver(self.journal, link, on_progress=on_progress, interrupt=None,
+                      transition_timeout=self.transition_timeout, pivot_guard=guard,
+                      progress_save_interval=PROGRESS_INTERVAL)
+
+
+@dataclasses.dataclass
+class TaskState:
+    task: asyncio.Task[None]
+    error: BlockcopyError | None = None  # why the last run stopped short of the job's end
+    errors: int = 0  # how many runs did
+    wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # ends a retry delay
+
+
+class Daemon:
+    """Domains, job tasks and the journal's events, for :mod:`blockcopy.service.api`."""
+
+    def __init__(self, state_dir: Path | str | None = None, *, qmp_timeout: float = 5.0,
+                 command_timeout: float = Monitor.DEFAULT_COMMAND_TIMEOUT,
+                 transition_timeout: float = TRANSITION_TIMEOUT) -> None:
+        """:raise JournalError: the state directory or journal cannot be used."""
+        self.hubs: dict[str, Hub] = {}
+        self.manager = ResidentManager(self, state_dir, qmp_timeout=qmp_timeout, command_timeout=command_timeout,
+                                       transition_timeout=transition_timeout)
+        self.journal = self.manager.journal
+        self.state_dir = self.manager.state_dir
+        self.tasks: dict[str, TaskState] = {}
+        self._key_locks: dict[str, asyncio.Lock] = {}  # one request per idempotency key at a time
+        self.changed = asyncio.Condition()  # notified whenever the journal wrote events
+        self.generation = 0  # counts those writes: a waiter compares it, so no notification is missed
+        self.journal.on_events = self._journal_wrote
+        self.closing = False
+        self.streams_closed = False
+        self.started_at = time.time()
+        self.recovery_runs = 0  # runs of a job's driver at start and after a failed run
+        #: (event kind) -> called for every event the daemon's journal writes (metrics)
+        self.event_hooks: list[Callable[[], None]] = []
+
+    # --- life --------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Take every attached domain's lock file, then bring every unfinished job to where no guest
+        is held paused (pivots under way are finished or rolled back) before serving anything, then
+        follow each job in its own task.
+
+        :raise DomainBusy: a blockcopy command holds a domain's lock file.
+        """
+        self.journal.prune_events(EVENT_RETENTION)
+        for domain in self.journal.domains():
+            self.hub(domain.name)
+        unfinished = self.journal.operations(unfinished=True)
+        for op in sorted(unfinished, key=lambda o: not holds_guest(o)):
+            hub = self.hub(op.domain)
+            self.recovery_runs += 1
+            async with hub.lock:
+                driver = self.manager._driver(await self._link(op.domain))
+                try:
+                    await driver.run(op, Until.STARTED)  # a pivot under way runs to its end here
+                except BlockcopyError as exc:
+                    log.warning("job %s: recovery at start: %s (retried in the background)", op.id, exc)
+        for op in self.journal.operations(unfinished=True):
+            self._follow(op.id)
+
+    async def close_streams(self) -> None:
+        """End every event stream (the daemon stops): clients reconnect with their last event id."""
+        self.streams_closed = True
+        self.generation += 1
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def close(self) -> None:
+        """Stop following jobs (a pivot under way is finished first) and close every link. The jobs
+        keep running in QEMU; the next start follows them again."""
+        self.closing = True
+        states = list(self.tasks.values())
+        for state in states:
+            state.task.cancel()
+        for state in states:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await state.task
+        for hub in self.hubs.values():
+            await hub.close()
+        self.hubs.clear()
+        self.manager.close()
+
+    def hub(self, name: str) -> Hub:
+        """The domain's hub; its lock file is taken when the hub is made. :raise DomainBusy."""
+        hub = self.hubs.get(name)
+        if hub is None:
+            lock = DomainLock(self.state_dir, name)
+            lock.acquire()
+            domain = self.journal.domain(name) or Domain(name, "", 0.0)
+            hub = self.hubs[name] = Hub(domain, self.manager._connect, lock)
+        return hub
+
+    async def _link(self, name: str) -> Link:
+        domain = self.manager._domain(name)
+        link = await self.hub(name).follow(domain)
+        await link.open()
+        return link
+
+    def _journal_wrote(self) -> None:
+        self.generation += 1
+        for hook in self.event_hooks:
+            hook()
+
+        async def notify() -> None:
+            async with self.changed:
+                self.changed.notify_all()
+
+        with contextlib.suppress(RuntimeError):  # (no loop: a test's direct journal use)
+            asyncio.get_running_loop().create_task(notify())
+
+    # --- domains -----------------------------------------------------------------------------------
+
+    async def attach(self, name: str, qmp_socket: str) -> Domain:
+        """:raise UsageError, MonitorError, DomainBusy: as ``Manager.attach``."""
+        known = name in self.hubs
+        try:
+            return await self.manager.attach(name, qmp_socket)
+        finally:
+            if not known and self.journal.domain(name) is None and name in self.hubs:
+                await self.hubs.pop(name).close()
+
+    async def detach(self, name: str) -> None:
+        """:raise NotFound: unknown domain. :raise UsageError: it has unfinished jobs."""
+        self.manager._domain(name)
+        hub = self.hub(name)
+        async with hub.lock:
+            self.manager._refuse_unfinished(name, "detaching")
+            self.journal.remove_domain(name)
+            self.hubs.pop(name, None)
+            await hub.close()
+
+    async def disks(self, name: str) -> list[DeviceInfo]:
+        return await self.manager.disks(name)
+
+    # --- jobs --------------------------------------------------------------------------------------
+
+    async def copy(self, request: CopyRequest) -> tuple[Operation, bool]:
+        """Plan, journal and start a copy (its destination created, its mirrors started); its task
+        then follows it to its goal. Returns the job and whether it is new (False: ``request``'s
+        request id had created it already, and nothing was started).
+
+        :raise UsageError, RequestConflict, MonitorError, JournalError, DomainBusy: as ``Manager.copy``.
+        """
+        key = request.client_key
+        lock = self._key_locks.setdefault(key, asyncio.Lock()) if key is not None else asyncio.Lock()
+        try:
+            async with lock:
+                replayed = key is not None and self.journal.by_client_key(key) is not None
+                op = await self.manager.copy(request, until=Until.STARTED)
+        finally:
+            if key is not None and not lock.locked():
+                self._key_locks.pop(key, None)
+            self._follow_orphans(request.domain)  # a start that failed after its record: retried
+        return op, not replayed
+
+    def _follow_orphans(self, domain: str) -> None:
+        """Follow every unfinished job of ``domain`` that no task follows."""
+        for op in self.journal.operations(domain=domain, unfinished=True):
+            state = self.tasks.get(op.id)
+            if state is None or state.task.done():
+                self._follow(op.id)
+
+    async def conclude(self, op_id: str, goal: Goal, *, wait: bool) -> Operation:
+        """Journal ``goal`` (pivot, finish, abort) and have the job's task carry it out; return when
+        the job has ended (or, for a pivot or finish of a job that is not ready, at once unless
+        ``wait``).
+
+        :raise NotFound: unknown job. :raise UsageError: the job ended already, or is being aborted.
+        :raise NotReady: not ready and not ``wait``. :raise OperationFailed: it ended failed.
+        :raise TransitionStalled, GuestLeftPaused, MonitorError: what stopped the task's last run.
+        """
+        op = self.manager._operation(op_id)
+        hub = self.hub(op.domain)
+        async with hub.lock:
+            op = self.manager._operation(op.id)
+            if op.finished:
+                message = (f"job {op.id} has already ended: outcome {op.outcome}, authoritative image: "
+                           f"{op.authoritative}" + (f"; error: {op.error}" if op.error else ""))
+                raise OperationFailed(message) if op.outcome is Outcome.FAILED else UsageError(message)
+            if goal is not Goal.ABORT and op.goal is Goal.ABORT:
+                raise UsageError(f"job {op.id} is being aborted")
+            ready = all(d.job_status == "ready" for d in op.disks)
+            if goal is not Goal.ABORT and not wait and not ready:
+                raise NotReady(f"job {op.id} is not ready to {goal.value} yet; wait with `blockcopy "
+                               f"{goal.value} {op.id} --wait` (API: ?wait=true)")
+            await self._stop_following(op.id)
+            if op.goal is not goal:
+                op = self.journal.save(dataclasses.replace(self.manager._operation(op.id), goal=goal),
+                                       f"{goal.value} requested")
+            self._follow(op.id)
+        return await self.wait_end(op.id)
+
+    async def set_speed(self, op_id: str, bandwidth_mib: float) -> Operation:
+        """Journal a new speed limit (0: none); the job's task sends it to QEMU.
+
+        :raise NotFound, UsageError: unknown job, one past its copy, a bad speed.
+        """
+        if not bandwidth_mib >= 0 or bandwidth_mib == float("inf"):
+            raise UsageError(f"speed must be a number of MiB/s, 0 for unlimited, not {bandwidth_mib}")
+        op = self.manager._operation(op_id)
+        async with self.hub(op.domain).lock:
+            op = self.manager._operation(op.id)
+            if op.phase not in (Phase.STARTING, Phase.COPYING):
+                raise UsageError(f"job {op.id} is {op.phase.value}: its speed can only change while it copies")
+            await self._stop_following(op.id)
+            op = self.journal.save(dataclasses.replace(op, bandwidth=round(bandwidth_mib * (1 << 20)),
+                                                       speed_applied=False),
+                                   f"speed {bandwidth_mib:g} MiB/s requested")
+            self._follow(op.id)
+        warnings = len(op.warnings)
+        op = await self.wait_for(op.id, lambda o: o.speed_applied or o.finished)
+        refused = [w for w in op.warnings[warnings:] if "could not change the speed" in w]
+        if refused:
+            raise UsageError(f"job {op.id}: QEMU refused the new speed ({refused[0]})")
+        return op
+
+    async def recover(self, domain: str | None = None) -> list[Operation]:
+        """Retry every unfinished job (of ``domain``) now instead of after its retry delay; returns
+        them once no guest is held paused by one of them."""
+        ops = self.journal.operations(domain=domain, unfinished=True)
+        for op in ops:
+            state = self.tasks.get(op.id)
+            if state is None or state.task.done():
+                self._follow(op.id)
+            else:
+                state.wake.set()
+        for op in ops:
+            await self.wait_for(op.id, lambda o: not holds_guest(o) or o.finished)
+        return [self.manager._operation(op.id) for op in ops]
+
+    async def wait_end(self, op_id: str) -> Operation:
+        """The job once it has ended. :raise BlockcopyError: what stopped its task meanwhile."""
+        return await self.wait_for(op_id, lambda o: o.finished)
+
+    async def wait_for(self, op_id: str, condition: Callable[[Operation], bool]) -> Operation:
+        """The job once ``condition`` holds for its journaled record.
+
+        :raise BlockcopyError: the job's task stopped short with an error (it retries later).
+        """
+        state = self.tasks.get(op_id)
+        errors = state.errors if state is not None else 0
+        while True:
+            generation = self.generation
+            op = self.manager._operation(op_id)
+            if condition(op):
+                return op
+            state = self.tasks.get(op_id)
+            if state is not None and state.errors > errors and state.error is not None:
+                raise state.error
+            if state is None or state.task.done():
+                op = self.manager._operation(op_id)
+                if condition(op):
+                    return op
+                raise UsageError(f"job {op_id} is not followed by the daemon (it is {op.phase.value}); "
+                                 "run `blockcopy recover`")
+            await self.changes_since(generation, 0.5)
+
+    async def changes_since(self, generation: int, timeout: float) -> int:
+        """Wait until the journal has written events after ``generation`` (or ``timeout``); the
+        generation now."""
+        async with self.changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait_for(lambda: self.generation != generation), timeout)
+        return self.generation
+
+    def _follow(self, op_id: str) -> TaskState:
+        state = TaskState(asyncio.create_task(self._drive(op_id), name=f"job {op_id}"))
+        previous = self.tasks.get(op_id)
+        if previous is not None:
+            state.errors = previous.errors
+        self.tasks[op_id] = state
+        return state
+
+    async def _stop_following(self, op_id: str) -> None:
+        state = self.tasks.get(op_id)
+        if state is not None and not state.task.done():
+            state.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await state.task
+
+    def _failed(self, op_id: str, exc: BlockcopyError) -> None:
+        state = self.tasks.get(op_id)
+        if state is not None:
+            state.error, state.errors = exc, state.errors + 1
+
+    async def _drive(self, op_id: str) -> None:
+        """Drive one job to its end, retrying (with a growing delay) whatever stops a run."""
+        delay = RETRY_FIRST
+        while not self.closing:
+            op = self.journal.get(op_id)
+            if op is None or op.finished:
+                return
+            try:
+                link = await self._link(op.domain)
+                await self.manager._driver(link).run(op, Until.DONE)
+                delay = RETRY_FIRST
+                continue
+            except BlockcopyError as exc:
+                self._failed(op_id, exc)
+                log.warning("job %s: %s (retrying in %.1f s)", op_id, exc, delay)
+            except Exception as exc:  # a defect: say so loudly, and keep following the job
+                self._failed(op_id, BlockcopyError(f"internal error: {exc!r}"))
+                log.exception("job %s: internal error (retrying in %.1f s)", op_id, delay)
+            self.generation += 1  # (waiters look at the task's error)
+            async with self.changed:
+                self.changed.notify_all()
+            state = self.tasks.get(op_id)
+            if state is not None:
+                state.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(state.wake.wait(), delay)
+            delay = min(delay * 2, RETRY_MAX)
+            self.recovery_runs += 1

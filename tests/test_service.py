@@ -1,0 +1,268 @@
+"""``blockcopy serve``: a real daemon process over real QEMU, used through the CLI and raw HTTP.
+
+What would break the service's promises: two clients racing one request id, a client asking while
+another waits, a daemon killed at random while 20 VMs copy, an event consumer that reconnects, a
+job's speed changed and then the daemon killed before QEMU heard of it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import MIB, Blockcopy, VMFactory, guest_reads, wait_for
+from service import EventLog, Served
+
+from blockcopy.vm import ScratchVM
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Any:
+    daemons: list[Served] = []
+
+    def start(*args: str) -> Served:
+        daemon = Served(tmp_path / "state", *args).start()
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.kill9()
+
+
+def _copy_body(vm: ScratchVM, name: str, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    disks = [{"disk": d.id, "destination": str(tmp_path / f"{name}-{d.id}-dst.qcow2")} for d in vm.disks]
+    return {"domain": name, "disks": disks, **extra}
+
+
+def test_cli_goes_through_the_daemon_same_output_and_exit_codes(served: Any, vm_factory: VMFactory, bc: Blockcopy,
+                                                                tmp_path: Path) -> None:
+    daemon = served()
+    vm = vm_factory(1)
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    assert [d["domain"] for d in daemon.ok("GET", "/v1/domains")] == ["vm"]  # the daemon attached it
+    dest = tmp_path / "dst.qcow2"
+    job = bc.ok("copy", "vm", "vda", str(dest), "--bandwidth", "0.25", "--request-id", "r-1", "--json").json
+    # The same request again (a script that retries): the same job, nothing new started.
+    again = bc.ok("copy", "vm", "vda", str(dest), "--bandwidth", "0.25", "--request-id", "r-1", "--json").json
+    assert again["id"] == job["id"]
+    assert [j["id"] for j in bc.ok("jobs", "--json").json] == [job["id"]]
+    other = bc("copy", "vm", "vda", str(tmp_path / "other.qcow2"), "--request-id", "r-1")
+    assert other.returncode == 2 and "different request" in other.stderr
+    # Without the daemon, the domain it holds is refused (not driven twice); status reads the journal.
+    busy = bc("abort", job["id"], "--no-daemon")
+    assert busy.returncode == 5 and "busy" in busy.stderr, busy.stderr
+    assert bc.ok("status", job["id"], "--no-daemon", "--json").json["outcome"] is None
+    vm.write_marker("vda", 0x5A, 8 * MIB)  # a guest write while copying
+    waiting = bc.spawn("pivot", job["id"], "--wait", "--json")
+    try:
+        # Another client is answered while one waits (one QMP connection, the daemon's).
+        listed = bc.ok("jobs", "--json").json
+        assert listed[0]["id"] == job["id"] and listed[0]["outcome"] is None
+        assert bc.ok("status", job["id"]).stdout.startswith(f"job {job['id']}")
+        assert waiting.poll() is None, "the pivot should still wait for the throttled copy"
+        assert [j["speed"] for j in vm.cmd("query-block-jobs")] == [MIB // 4]
+        changed = bc.ok("speed", job["id"], "0.5", "--json").json
+        assert changed["bandwidth"] == MIB // 2 and changed["outcome"] is None
+        assert [j["speed"] for j in vm.cmd("query-block-jobs")] == [MIB // 2]
+        bc.ok("speed", job["id"], "0")  # unlimited: the copy ends, the waiting pivot goes on
+        out, err = waiting.communicate(timeout=120)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 0, err
+    result = json.loads(out)
+    assert result["outcome"] == "pivoted" and result["authoritative"] == "destination"
+    assert vm.device_node("vda")[0] == f"bc-{job['id']}-0"  # QEMU's view: the guest's disk is DEST
+    assert guest_reads(vm, "vda", 0x5A, 8 * MIB) and guest_reads(vm, "vda", 0x11, 0)
+    finished = bc("pivot", job["id"])
+    assert finished.returncode == 2 and "already ended" in finished.stderr
+    assert daemon.stop() == 0
+
+
+def test_one_request_id_sent_at_once_by_several_clients_starts_one_job(served: Any, vm_factory: VMFactory,
+                                                                      tmp_path: Path) -> None:
+    daemon = served()
+    vm = vm_factory(1)
+    daemon.ok("POST", "/v1/domains", {"name": "vm", "qmp_socket": str(vm.qmp_socket)})
+    body = _copy_body(vm, "vm", tmp_path, bandwidth_mib=1)
+    replies: list[Any] = []
+
+    def send() -> None:
+        replies.append(daemon.call("POST", "/v1/jobs", body, headers={"Idempotency-Key": "same"}))
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(r.status for r in replies) == [200] * 5 + [201]
+    assert len({r.body["id"] for r in replies}) == 1
+    assert [r.headers.get("idempotent-replayed") for r in replies].count("true") == 5
+    assert len(daemon.ok("GET", "/v1/jobs")) == 1 and len(vm.cmd("query-block-jobs")) == 1
+    conflict = daemon.call("POST", "/v1/jobs", {**body, "mode": "background"}, headers={"Idempotency-Key": "same"})
+    assert conflict.status == 409 and conflict.body["error"] == "RequestConflict"
+    assert conflict.headers["content-type"] == "application/problem+json"
+
+
+def _load(daemon: Served, vms: list[ScratchVM], tmp_path: Path, *, kills: int = 0, seed: int = 0) -> dict[str, str]:
+    """Copies with pivot of every VM, started by 4 clients at once (each retrying its request id until
+    answered); ``kills`` times, the daemon is killed with SIGKILL at a random moment and restarted.
+    Returns the job id of each VM."""
+    rng = random.Random(seed)
+    jobs: dict[str, str] = {}
+    queue = list(range(len(vms)))
+    lock = threading.Lock()
+    failures: list[str] = []
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i = queue.pop()
+            body = _copy_body(vms[i], f"vm{i}", tmp_path, goal="pivot", bandwidth_mib=4)
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                try:
+                    reply = daemon.call("POST", "/v1/jobs", body, headers={"Idempotency-Key": f"job-of-vm{i}"})
+                except OSError:
+                    time.sleep(0.1)  # the daemon is being restarted: send the same request again
+                    continue
+                if reply.status in (200, 201):
+                    jobs[f"vm{i}"] = reply.body["id"]
+                    break
+                if reply.status >= 500 or (reply.status == 409 and reply.body.get("error") == "DomainBusy"):
+                    time.sleep(0.1)
+                    continue
+                failures.append(f"vm{i}: {reply.status} {reply.body}")
+                break
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for t in clients:
+        t.start()
+    for _ in range(kills):
+        time.sleep(rng.uniform(0.05, 0.8))
+        daemon.kill9()
+        daemon.start()
+    for t in clients:
+        t.join(timeout=300)
+    assert not failures, failures
+    assert len(jobs) == len(vms)
+    return jobs
+
+
+def _check_pivoted(daemon: Served, vms: list[ScratchVM], jobs: dict[str, str]) -> None:
+    for i, vm in enumerate(vms):
+        job = daemon.ok("GET", f"/v1/jobs/{jobs[f'vm{i}']}")
+        assert job["outcome"] == "pivoted", job
+        for d, disk in zip(vm.disks, job["disks"], strict=True):
+            assert disk["pivoted"] is True
+            # QEMU's view: the device reads the data through DEST (its node is blockcopy's).
+            assert vm.device_node(d.id)[0].startswith("bc-"), vm.device_node(d.id)
+            assert guest_reads(vm, d.id, 0x11 + vm.disks.index(d), 0, MIB)
+        assert vm.run_state() == "running"
+        assert not vm.cmd("query-block-jobs")
+
+
+def _vms(vm_factory: VMFactory, count: int) -> list[ScratchVM]:
+    return [vm_factory(1 + i % 2, size=16 * MIB, name=f"vm{i}", fill=True) for i in range(count)]
+
+
+def test_twenty_vms_copied_at_once_while_other_clients_ask(served: Any, vm_factory: VMFactory,
+                                                           tmp_path: Path) -> None:
+    daemon = served()
+    vms = _vms(vm_factory, 20)
+    for i, vm in enumerate(vms):
+        daemon.ok("POST", "/v1/domains", {"name": f"vm{i}", "qmp_socket": str(vm.qmp_socket)})
+    answered: list[int] = []
+    stop = threading.Event()
+
+    def ask() -> None:
+        while not stop.is_set():
+            answered.append(daemon.call("GET", "/v1/jobs").status)
+            for job in daemon.ok("GET", "/v1/jobs")[:3]:
+                answered.append(daemon.call("GET", f"/v1/jobs/{job['id']}").status)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    try:
+        jobs = _load(daemon, vms, tmp_path)
+        wait_for(lambda: all(j["outcome"] for j in daemon.ok("GET", "/v1/jobs")), 300, "every job to end")
+    finally:
+        stop.set()
+        asker.join(timeout=60)
+    assert answered and set(answered) == {200}
+    _check_pivoted(daemon, vms, jobs)
+
+
+def test_daemon_killed_at_random_under_load_every_job_ends_right_and_events_arrive_once(
+        served: Any, vm_factory: VMFactory, tmp_path: Path) -> None:
+    daemon = served()
+    vms = _vms(vm_factory, 8)
+    for i, vm in enumerate(vms):
+        daemon.ok("POST", "/v1/domains", {"name": f"vm{i}", "qmp_socket": str(vm.qmp_socket)})
+    events = EventLog(daemon).start()
+    try:
+        jobs = _load(daemon, vms, tmp_path, kills=10, seed=12)
+        wait_for(lambda: all(j["outcome"] for j in daemon.ok("GET", "/v1/jobs")), 300, "every job to end")
+        wait_for(lambda: sum(1 for e in events.events if e[1] == "outcome") >= len(jobs), 60, "outcome events")
+    finally:
+        events.stop()
+    _check_pivoted(daemon, vms, jobs)
+    assert events.reconnects >= 10
+    seqs = [seq for seq, _kind, _data in events.events]
+    assert seqs == sorted(set(seqs)), "events repeated or out of order"
+    outcomes = Counter(data["job"] for _seq, kind, data in events.events if kind == "outcome")
+    assert outcomes == Counter(set(jobs.values())), outcomes
+    created = Counter(data["job"] for _seq, kind, data in events.events if kind == "created")
+    assert created == Counter(set(jobs.values())), "a retried request started a second job"
+    assert len(daemon.ok("GET", "/v1/jobs")) == len(vms)
+
+
+def test_a_speed_change_survives_a_kill_before_qemu_heard_of_it(served: Any, vm_factory: VMFactory,
+                                                                  tmp_path: Path, bc: Blockcopy) -> None:
+    """Journaled first, then sent: a daemon killed in between sends it after its restart."""
+    daemon = served()
+    vm = vm_factory(1)
+    daemon.ok("POST", "/v1/domains", {"name": "vm", "qmp_socket": str(vm.qmp_socket)})
+    job = daemon.ok("POST", "/v1/jobs", _copy_body(vm, "vm", tmp_path, bandwidth_mib=1))
+    daemon.kill9()
+    # What a daemon killed right after journaling the speed leaves: the record says 3 MiB/s, not yet sent.
+    import sqlite3
+
+    db = sqlite3.connect(daemon.state_dir / "journal.sqlite3")
+    record = json.loads(db.execute("SELECT record FROM operations WHERE id = ?", (job["id"],)).fetchone()[0])
+    record.update(bandwidth=3 * MIB, speed_applied=False)
+    with db:
+        db.execute("UPDATE operations SET record = ? WHERE id = ?", (json.dumps(record), job["id"]))
+    db.close()
+    assert [j["speed"] for j in vm.cmd("query-block-jobs")] == [MIB]
+    daemon.start()
+    wait_for(lambda: [j["speed"] for j in vm.cmd("query-block-jobs")] == [3 * MIB], 30, "the speed to be sent")
+    assert daemon.ok("GET", f"/v1/jobs/{job['id']}")["bandwidth"] == 3 * MIB
+    assert daemon.ok("POST", f"/v1/jobs/{job['id']}/abort")["outcome"] == "not-pivoted"
+
+
+def test_sigterm_during_a_pivot_finishes_the_pivot_and_leaves_the_guest_running(
+        served: Any, vm_factory: VMFactory, tmp_path: Path) -> None:
+    daemon = served()
+    vm = vm_factory(2)
+    daemon.ok("POST", "/v1/domains", {"name": "vm", "qmp_socket": str(vm.qmp_socket)})
+    job = daemon.ok("POST", "/v1/jobs", _copy_body(vm, "vm", tmp_path, goal="pivot"))
+    wait_for(lambda: daemon.ok("GET", f"/v1/jobs/{job['id']}")["phase"] != "copying", 60, "the pivot to begin")
+    assert daemon.stop() == 0
+    served_again = Served(daemon.state_dir).start()
+    try:
+        wait_for(lambda: served_again.ok("GET", f"/v1/jobs/{job['id']}")["outcome"] is not None, 60, "the outcome")
+        assert served_again.ok("GET", f"/v1/jobs/{job['id']}")["outcome"] == "pivoted"
+        assert vm.run_state() == "running"
+    finally:
+        served_again.stop()
