@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sqlite3
 from pathlib import Path
@@ -91,10 +92,12 @@ def test_a_full_file_system_is_a_journal_error_and_nothing_is_saved(tmpfs) -> No
         except OSError:
             pass
     big = dataclasses.replace(saved, warnings=("x" * 200_000,))
+    events = j.last_event_seq()
     with pytest.raises(JournalError, match="cannot write the journal"):
-        j.save(big, "step")
+        j.save(dataclasses.replace(big, phase=Phase.COPYING), "step")
     filler.unlink()
     assert j.get("x") == saved  # the failed save left the previous record
+    assert j.last_event_seq() == events  # ... and wrote none of its events
 
 
 def test_newer_schema_is_refused_untouched(tmp_path: Path, bc: Blockcopy) -> None:
@@ -152,3 +155,50 @@ def test_a_record_with_fields_of_a_later_version_still_reads() -> None:
     data["later"] = 1
     data["disks"][0]["later"] = 2
     assert Operation.from_dict(data) == op
+
+
+def test_events_are_written_with_their_record_in_order(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    op = j.save(_op(), "planned", new=True)
+    op = j.save(dataclasses.replace(op.with_disk(0, progress_current=5, progress_total=10), phase=Phase.COPYING),
+                "all mirrors started")
+    op = j.save(op.with_disk(0, progress_current=10))  # a progress save: no note
+    op = j.save(dataclasses.replace(op, ready_at=2.0, goal=Goal.FINISH))
+    other = Journal(tmp_path)  # another process saves in between: its record, not a stale one, is compared
+    op = other.save(dataclasses.replace(op, bandwidth=3), "speed")
+    op = j.save(dataclasses.replace(op, phase=Phase.DONE, outcome=Outcome.PIVOTED, authoritative=Authority.DESTINATION,
+                                    stop_ts=1.0, resume_ts=1.004), "done")
+    kinds = [(e.kind, e.job) for e in j.events_after(0)]
+    assert [k for k, _ in kinds] == ["created", "state", "progress", "progress", "goal", "ready", "speed", "state",
+                                     "pause", "outcome"]
+    assert {job for _, job in kinds} == {"x"}
+    seqs = [e.seq for e in j.events_after(0)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert [e.seq for e in j.events_after(seqs[4])] == seqs[5:]
+    assert j.events_after(0)[-1].data["outcome"] == "pivoted"
+    j.save(op, "done again")  # nothing changed: no event
+    assert j.last_event_seq() == seqs[-1]
+
+
+def test_schema_2_journal_is_upgraded_for_request_ids_and_events(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / Journal.FILENAME)
+    record = json.dumps(_op().to_dict())
+    db.executescript(
+        "CREATE TABLE domains (name TEXT PRIMARY KEY, qmp_socket TEXT NOT NULL, attached_at REAL NOT NULL, "
+        "qemu_pid INTEGER, qemu_start INTEGER); "
+        "CREATE TABLE operations (id TEXT PRIMARY KEY, domain TEXT NOT NULL, phase TEXT NOT NULL, "
+        "created_at REAL NOT NULL, updated_at REAL NOT NULL, record TEXT NOT NULL); "
+        "CREATE TABLE steps (seq INTEGER PRIMARY KEY AUTOINCREMENT, op_id TEXT NOT NULL, at REAL NOT NULL, "
+        "phase TEXT NOT NULL, note TEXT NOT NULL); PRAGMA user_version=2;")
+    db.execute("INSERT INTO operations VALUES ('x', 'vm', 'starting', 1.0, 1.0, ?)", (record,))
+    db.commit()
+    db.close()
+    j = Journal(tmp_path)
+    assert j._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    old = j.get("x")
+    assert old is not None and old.client_key is None and old.speed_applied
+    j.save(dataclasses.replace(_op(), id="y", client_key="k"), "planned", new=True)
+    assert j.by_client_key("k") is not None and j.by_client_key("k").id == "y"  # type: ignore[union-attr]
+    with pytest.raises(JournalError, match="request id k is taken"):
+        j.save(dataclasses.replace(_op(), id="z", client_key="k"), "planned", new=True)
+    assert [e.kind for e in j.events_after(0)] == ["created"]

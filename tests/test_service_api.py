@@ -136,12 +136,13 @@ print(data.decode(errors="replace"))
 """
 
 
-def _health_as_user(uid: int, sock: Path) -> str:
-    """GET /v1/health over ``sock`` from a process of ``uid`` (the system's python, stdlib only)."""
-    proc = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "/usr/bin/python3",
+def _health_as_user(uid: int, sock: Path, *, group: int | None = None) -> str:
+    """GET /v1/health over ``sock`` from a process of ``uid`` (the system's python, stdlib only),
+    member of ``group`` too if given; the error when it cannot connect."""
+    groups = [f"--groups={group}"] if group is not None else ["--clear-groups"]
+    proc = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", *groups, "/usr/bin/python3",
                            "-c", _GET_HEALTH, str(sock)], capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    return proc.stdout if proc.returncode == 0 else proc.stderr
 
 
 def test_a_peer_the_daemon_does_not_allow_is_refused(tmp_path: Path) -> None:
@@ -166,6 +167,15 @@ def test_a_peer_the_daemon_does_not_allow_is_refused(tmp_path: Path) -> None:
         finally:
             assert served.stop() == 0
         assert not sock.exists()
+        # --group: the default socket, inside the state directory, opens to the group's members.
+        served = Served(public / "state", "--group", "65532", "--allow-group", "65532").start()
+        try:
+            member = _health_as_user(65534, served.socket, group=65532)
+            assert member.startswith("HTTP/1.1 200"), member
+            assert "Permission denied" in _health_as_user(65534, served.socket)
+            assert not (public / "state" / "journal.sqlite3").stat().st_mode & 0o077
+        finally:
+            assert served.stop() == 0
     finally:
         shutil.rmtree(public, ignore_errors=True)
 

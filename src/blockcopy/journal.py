@@ -135,6 +135,7 @@ class Journal:
             os.umask(umask)
         #: called after a save that wrote events has committed (the daemon wakes its event streams)
         self.on_events: Callable[[], None] | None = None
+        self._recent: dict[str, Operation] = {}  # the record this process saved last, per operation
 
     def _has_column(self, statement: str) -> bool:
         """Whether an ``ALTER TABLE t ADD COLUMN c ...`` statement's column exists already."""
@@ -221,11 +222,7 @@ class Journal:
                     taken = f"request id {op.client_key}" if key_taken else f"job id {op.id}"
                     raise JournalError(f"{taken} is taken already; nothing was started") from None
             else:
-                row = self._db.execute("SELECT record FROM operations WHERE id = ? AND domain = ?",
-                                       (op.id, op.domain)).fetchone()
-                if row is None:
-                    raise JournalError(f"job {op.id} of domain {op.domain} is not in the journal {self.path}")
-                previous = _load(row[0])
+                previous = self._previous(op)
                 self._db.execute("UPDATE operations SET phase = ?, updated_at = ?, record = ? WHERE id = ?",
                                  (op.phase.value, op.updated_at, record, op.id))
             if note:
@@ -235,11 +232,30 @@ class Journal:
             for kind, data in happened:
                 self._db.execute("INSERT INTO events (at, kind, op_id, data) VALUES (?, ?, ?, ?)",
                                  (now, kind, op.id, json.dumps(data, sort_keys=True)))
+        if len(self._recent) > 1000:
+            self._recent.clear()
+        self._recent[op.id] = op
         if happened and self.on_events is not None:
             self.on_events()
         if note:  # a protocol step, not a progress update
             faults.point(f"journal:{op.phase.value}")
         return op
+
+    def _previous(self, op: Operation) -> Operation:
+        """The record ``op`` replaces (for its events). The one this process saved last, when the
+        journal still holds it (another process may have saved since): no JSON to parse inside a
+        pivot's pause."""
+        recent = self._recent.get(op.id)
+        if recent is not None:
+            row = self._db.execute("SELECT updated_at FROM operations WHERE id = ? AND domain = ?",
+                                   (op.id, op.domain)).fetchone()
+            if row is not None and row[0] == recent.updated_at:
+                return recent
+        row = self._db.execute("SELECT record FROM operations WHERE id = ? AND domain = ?",
+                               (op.id, op.domain)).fetchone()
+        if row is None:
+            raise JournalError(f"job {op.id} of domain {op.domain} is not in the journal {self.path}")
+        return _load(row[0])
 
     def get(self, op_id: str) -> Operation | None:
         row = self._db.execute("SELECT record FROM operations WHERE id = ?", (op_id,)).fetchone()
