@@ -12,6 +12,7 @@ import random
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -160,20 +161,25 @@ def _load(daemon: Served, vms: list[ScratchVM], tmp_path: Path, *, kills: int = 
 
 
 def _check_pivoted(daemon: Served, vms: list[ScratchVM], jobs: dict[str, str]) -> None:
-    for i, vm in enumerate(vms):
+    def check(i: int) -> None:
+        vm = vms[i]
         job = daemon.ok("GET", f"/v1/jobs/{jobs[f'vm{i}']}")
         assert job["outcome"] == "pivoted", job
         for d, disk in zip(vm.disks, job["disks"], strict=True):
             assert disk["pivoted"] is True
-            # QEMU's view: the device reads the data through DEST (its node is blockcopy's).
-            assert vm.device_node(d.id)[0].startswith("bc-"), vm.device_node(d.id)
+            # QEMU's view: the device is DEST (its node is blockcopy's) and reads the source's data.
+            assert vm.device_node(d.id)[0] == f"bc-{job['id']}-{vm.disks.index(d)}", vm.device_node(d.id)
             assert guest_reads(vm, d.id, 0x11 + vm.disks.index(d), 0, MIB)
         assert vm.run_state() == "running"
         assert not vm.cmd("query-block-jobs")
 
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(check, range(len(vms))))
+
 
 def _vms(vm_factory: VMFactory, count: int) -> list[ScratchVM]:
-    return [vm_factory(1 + i % 2, size=16 * MIB, name=f"vm{i}", fill=True) for i in range(count)]
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda i: vm_factory(1 + i % 2, size=16 * MIB, name=f"vm{i}", fill=True), range(count)))
 
 
 def test_twenty_vms_copied_at_once_while_other_clients_ask(served: Any, vm_factory: VMFactory,
@@ -186,7 +192,7 @@ def test_twenty_vms_copied_at_once_while_other_clients_ask(served: Any, vm_facto
     stop = threading.Event()
 
     def ask() -> None:
-        while not stop.is_set():
+        while not stop.wait(0.02):
             answered.append(daemon.call("GET", "/v1/jobs").status)
             for job in daemon.ok("GET", "/v1/jobs")[:3]:
                 answered.append(daemon.call("GET", f"/v1/jobs/{job['id']}").status)
@@ -266,3 +272,33 @@ def test_sigterm_during_a_pivot_finishes_the_pivot_and_leaves_the_guest_running(
         assert vm.run_state() == "running"
     finally:
         served_again.stop()
+
+
+def test_two_jobs_of_one_guest_pivot_one_after_the_other(served: Any, vm_factory: VMFactory, tmp_path: Path) -> None:
+    """Two jobs on one domain, ready at the same moment: each pause is its own, never one pivot's
+    `cont` in the middle of the other's."""
+    daemon = served()
+    vm = vm_factory(2)
+    daemon.ok("POST", "/v1/domains", {"name": "vm", "qmp_socket": str(vm.qmp_socket)})
+    jobs = [daemon.ok("POST", "/v1/jobs", {"domain": "vm", "disks": [
+        {"disk": d.id, "destination": str(tmp_path / f"{d.id}-dst.qcow2")}]}) for d in vm.disks]
+    wait_for(lambda: all(daemon.ok("GET", f"/v1/jobs/{j['id']}")["state"] == "ready" for j in jobs), 120, "ready")
+    with ThreadPoolExecutor(2) as pool:  # both pivots asked at the same moment
+        ended = list(pool.map(lambda j: daemon.ok("POST", f"/v1/jobs/{j['id']}/pivot"), jobs))
+    assert [j["outcome"] for j in ended] == ["pivoted", "pivoted"]
+    events = [e for e in _all_events(daemon) if e[1] == "pause"]
+    windows = sorted((data["stop_ts"], data["resume_ts"]) for _seq, _kind, data in events)
+    assert len(windows) == 2 and windows[0][1] <= windows[1][0], windows
+    assert vm.run_state() == "running"
+    for i, d in enumerate(vm.disks):
+        assert vm.device_node(d.id)[0] == f"bc-{jobs[i]['id']}-0"
+
+
+def _all_events(daemon: Served) -> list[tuple[int, str, dict[str, Any]]]:
+    log = EventLog(daemon).start()
+    try:
+        last = daemon.ok("GET", "/v1/health")["last_event"]
+        wait_for(lambda: log.last() >= last, 30, "the events so far")
+    finally:
+        log.stop()
+    return log.events
