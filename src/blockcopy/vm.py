@@ -122,8 +122,14 @@ class ScratchVM:
     @property
     def aux(self) -> AuxMonitor:
         with self._aux_lock:
-            if self._aux is None:
-                self._aux = AuxMonitor(str(self.aux_socket))
+            deadline = time.monotonic() + 10
+            while self._aux is None:
+                try:
+                    self._aux = AuxMonitor(str(self.aux_socket))
+                except Exception:  # the socket file exists a moment before QEMU listens on it
+                    if time.monotonic() > deadline or self.process.poll() is not None:
+                        raise
+                    time.sleep(0.05)
             return self._aux
 
     def cmd(self, command: str, **args: Any) -> Any:
