@@ -202,3 +202,30 @@ def test_schema_2_journal_is_upgraded_for_request_ids_and_events(tmp_path: Path)
     with pytest.raises(JournalError, match="request id k is taken"):
         j.save(dataclasses.replace(_op(), id="z", client_key="k"), "planned", new=True)
     assert [e.kind for e in j.events_after(0)] == ["created"]
+
+
+def test_the_wal_is_checkpointed_between_pivots_never_inside_one(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    checkpointed: list[Phase] = []
+    real = j._checkpoint_if_large
+
+    def spy() -> None:
+        checkpointed.append(j._parsed["x"].phase)
+        real()
+
+    j._checkpoint_if_large = spy  # type: ignore[method-assign]
+    op = j.save(dataclasses.replace(_op(), warnings=("x" * 20000,)), "planned", new=True)
+    wal = tmp_path / f"{Journal.FILENAME}-wal"
+    for phase in (Phase.PIVOTING, Phase.FINALIZING, Phase.SETTLING, Phase.ABORTING):
+        for i in range(100):  # ~ 6 pages a save, all while a guest may be paused
+            op = j.save(dataclasses.replace(op, phase=phase, error=str(i)), "step")
+    assert checkpointed == [Phase.STARTING]
+    assert wal.stat().st_size > 4 * 1024 * 1024  # past SQLite's own threshold, and not checkpointed
+    # Outside pauses the WAL is checkpointed once large: it is reused from its start, not grown.
+    other = Journal(tmp_path / "other")
+    copying = other.save(dataclasses.replace(_op(), phase=Phase.COPYING, warnings=("x" * 20000,)), "planned",
+                         new=True)
+    for i in range(600):
+        copying = other.save(dataclasses.replace(copying, error=str(i)), "step")
+    assert (tmp_path / "other" / f"{Journal.FILENAME}-wal").stat().st_size < 6 * 1024 * 1024
+    assert other.get("x") == copying

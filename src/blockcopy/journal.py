@@ -113,6 +113,9 @@ class Journal:
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            # Checkpoints are taken by save() between pivots, not by whichever commit fills the WAL:
+            # that may be the one inside a guest's pause (a checkpoint copies and fsyncs megabytes).
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
             if self._version() < SCHEMA_VERSION:
                 with self._transaction():
                     version = self._version()  # again, inside the lock: another process may have upgraded
@@ -135,7 +138,11 @@ class Journal:
             os.umask(umask)
         #: called after a save that wrote events has committed (the daemon wakes its event streams)
         self.on_events: Callable[[], None] | None = None
-        self._recent: dict[str, Operation] = {}  # the record this process saved last, per operation
+        #: parsed records by id, with the ``updated_at`` they were saved with: a record whose row
+        #: still has that ``updated_at`` is not parsed again (listing jobs, a save's previous record)
+        self._parsed: dict[str, Operation] = {}
+        #: whether a save may checkpoint the WAL now (the daemon: not while any guest is paused)
+        self.may_checkpoint: Callable[[], bool] = lambda: True
 
     def _has_column(self, statement: str) -> bool:
         """Whether an ``ALTER TABLE t ADD COLUMN c ...`` statement's column exists already."""
@@ -232,44 +239,59 @@ class Journal:
             for kind, data in happened:
                 self._db.execute("INSERT INTO events (at, kind, op_id, data) VALUES (?, ?, ?, ?)",
                                  (now, kind, op.id, json.dumps(data, sort_keys=True)))
-        if len(self._recent) > 1000:
-            self._recent.clear()
-        self._recent[op.id] = op
+        self._remember(op)
+        if op.phase.value in _QUIET_PHASES and self.may_checkpoint():
+            self._checkpoint_if_large()
         if happened and self.on_events is not None:
             self.on_events()
         if note:  # a protocol step, not a progress update
             faults.point(f"journal:{op.phase.value}")
         return op
 
+    def _checkpoint_if_large(self) -> None:
+        try:
+            large = os.stat(f"{self.path}-wal").st_size > CHECKPOINT_BYTES
+        except OSError:
+            return
+        if large:
+            with contextlib.suppress(sqlite3.Error):  # (another connection reading: the next save retries)
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
     def _previous(self, op: Operation) -> Operation:
-        """The record ``op`` replaces (for its events). The one this process saved last, when the
-        journal still holds it (another process may have saved since): no JSON to parse inside a
-        pivot's pause."""
-        recent = self._recent.get(op.id)
-        if recent is not None:
-            row = self._db.execute("SELECT updated_at FROM operations WHERE id = ? AND domain = ?",
-                                   (op.id, op.domain)).fetchone()
-            if row is not None and row[0] == recent.updated_at:
-                return recent
-        row = self._db.execute("SELECT record FROM operations WHERE id = ? AND domain = ?",
+        """The record ``op`` replaces (for its events); not parsed again when this process has it
+        (no JSON to parse inside a pivot's pause)."""
+        row = self._db.execute(f"SELECT {_RECORD} FROM operations WHERE id = ? AND domain = ?",
                                (op.id, op.domain)).fetchone()
         if row is None:
             raise JournalError(f"job {op.id} of domain {op.domain} is not in the journal {self.path}")
-        return _load(row[0])
+        return self._load(row)
+
+    def _remember(self, op: Operation) -> Operation:
+        if len(self._parsed) > 10000:
+            self._parsed.clear()
+        self._parsed[op.id] = op
+        return op
+
+    def _load(self, row: tuple[str, float, str]) -> Operation:
+        """A row of (id, updated_at, record) as an Operation; parsed only when it changed."""
+        known = self._parsed.get(row[0])
+        if known is not None and known.updated_at == row[1]:
+            return known
+        return self._remember(_load(row[2]))
 
     def get(self, op_id: str) -> Operation | None:
-        row = self._db.execute("SELECT record FROM operations WHERE id = ?", (op_id,)).fetchone()
-        return _load(row[0]) if row else None
+        row = self._db.execute(f"SELECT {_RECORD} FROM operations WHERE id = ?", (op_id,)).fetchone()
+        return self._load(row) if row else None
 
     def find(self, prefix: str) -> list[Operation]:
         """Operations whose id starts with ``prefix``."""
         escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        rows = self._db.execute("SELECT record FROM operations WHERE id LIKE ? ESCAPE '\\' ORDER BY created_at",
+        rows = self._db.execute(f"SELECT {_RECORD} FROM operations WHERE id LIKE ? ESCAPE '\\' ORDER BY created_at",
                                 (escaped + "%",))
-        return [_load(row[0]) for row in rows]
+        return [self._load(row) for row in rows]
 
     def operations(self, *, domain: str | None = None, unfinished: bool = False) -> list[Operation]:
-        query = "SELECT record FROM operations"
+        query = f"SELECT {_RECORD} FROM operations"
         clauses, params = [], []
         if domain is not None:
             clauses.append("domain = ?")
@@ -279,12 +301,12 @@ class Journal:
         if clauses:
             query += " WHERE " + " AND ".join(clauses)
         query += " ORDER BY created_at"
-        return [_load(row[0]) for row in self._db.execute(query, params)]
+        return [self._load(row) for row in self._db.execute(query, params)]
 
     def by_client_key(self, key: str) -> Operation | None:
         """The operation created under the client's idempotency key ``key``, if any."""
-        row = self._db.execute("SELECT record FROM operations WHERE client_key = ?", (key,)).fetchone()
-        return _load(row[0]) if row else None
+        row = self._db.execute(f"SELECT {_RECORD} FROM operations WHERE client_key = ?", (key,)).fetchone()
+        return self._load(row) if row else None
 
     # --- events ----------------------------------------------------------------------------------
 
@@ -308,7 +330,12 @@ class Journal:
         return [StepEntry(*row) for row in rows]
 
 
+#: The WAL is checkpointed by a save outside a pivot once it is this large (SQLite's own default).
+CHECKPOINT_BYTES = 4 * 1024 * 1024
+#: Phases in which no guest is paused for a pivot: a save in one of them may checkpoint.
+_QUIET_PHASES = frozenset({"starting", "copying", "finishing", "done"})
 _DOMAIN_COLUMNS = "name, qmp_socket, attached_at, qemu_pid, qemu_start"
+_RECORD = "id, updated_at, record"
 
 
 def _load(text: str) -> Operation:

@@ -132,6 +132,8 @@ class Daemon:
         self.changed = asyncio.Condition()  # notified whenever the journal wrote events
         self.generation = 0  # counts those writes: a waiter compares it, so no notification is missed
         self.journal.on_events = self._journal_wrote
+        # One event loop serves every domain: a checkpoint waits until no guest is paused for a pivot.
+        self.journal.may_checkpoint = lambda: not any(h.pivot_guard.locked() for h in self.hubs.values())
         self.closing = False
         self.streams_closed = False
         self.started_at = time.time()
