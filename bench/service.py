@@ -4,7 +4,8 @@
   requests back to back over the unix socket);
 - the daemon's CPU (share of one core) and RSS with N attached idle domains, then with 30 copying;
 - event latency: QEMU's BLOCK_JOB_READY timestamp (read on each VM's second QMP socket) to the
-  SSE client's receipt of the job's `ready` event;
+  SSE client's receipt of the job's `ready` event, and the guest's pause window of each of those
+  pivots (running guests), while 30 jobs copy and another client lists the jobs nonstop;
 - recovery at start: the daemon killed (SIGKILL) with 100 unfinished jobs, restarted; exec to
   `GET /v1/health` answering.
 
@@ -93,7 +94,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--domains", type=int, default=100)
     parser.add_argument("--copying", type=int, default=30)
-    parser.add_argument("--events", type=int, default=10)
+    parser.add_argument("--events", type=int, default=20)
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "service.json"))
     args = parser.parse_args()
@@ -142,31 +143,56 @@ def main() -> int:
                                              "p99": round(percentile(times, 0.99), 3), "n": len(times)}
             print(name, results[f"latency_{name}_ms"], flush=True)
 
-        # Event latency: unthrottled copies on other VMs, one at a time.
+        # Event latency and pause windows: unthrottled copies with pivot on other VMs (running
+        # guests), one at a time, while the 30 jobs copy and another client lists jobs nonstop.
+        for i in range(args.copying, args.copying + args.events):
+            vms[i].cmd("cont")
+        time.sleep(6)  # their firmware's boot, which takes the CPU for a few seconds
+        stop = threading.Event()
+
+        def lister() -> None:
+            while not stop.wait(0.01):
+                daemon.ok("GET", "/v1/jobs")
+
+        background = threading.Thread(target=lister)
+        background.start()
         log = EventLog(daemon)
         log.events = []
         log.start()
-        received: dict[str, float] = {}
-        latencies = []
+        latencies, pauses = [], []
         for i in range(args.copying, args.copying + args.events):
             vms[i]._close_aux()  # (QEMU serves one client per socket: the watch takes the aux one)
             watch = ReadyWatch(vms[i])
             seen = len(log.events)
-            job = copy(i)
+            job = copy(i, goal="pivot")
+
+            def arrived(kind: str, job_id: str = job["id"], seen: int = seen) -> bool:
+                return any(k == kind and data["job"] == job_id for _s, k, data in log.events[seen:])
+
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not any(
-                    kind == "ready" and data["job"] == job["id"] for _s, kind, data in log.events[seen:]):
+            while time.monotonic() < deadline and not arrived("ready"):
                 time.sleep(0.0005)
-            received[job["id"]] = time.time()
+            received = time.time()
             qemu = watch.times.get(job["disks"][0]["job_id"])
             if qemu is not None:
-                latencies.append((received[job["id"]] - qemu) * 1000)
-            daemon.ok("POST", f"/v1/jobs/{job['id']}/abort")
+                latencies.append((received - qemu) * 1000)
+            while time.monotonic() < deadline and not arrived("outcome"):
+                time.sleep(0.005)
+            ended = daemon.ok("GET", f"/v1/jobs/{job['id']}")
+            if ended["pause_window_ms"] is not None:
+                pauses.append(ended["pause_window_ms"])
+        stop.set()
+        background.join()
         log.stop()
         results["ready_event_latency_ms"] = {"median": round(statistics.median(latencies), 2),
+                                             "p90": round(percentile(latencies, 0.9), 2),
                                              "max": round(max(latencies), 2), "n": len(latencies),
                                              "all": [round(x, 2) for x in latencies]}
+        results["pivot_pause_ms_under_load"] = {"median": round(statistics.median(pauses), 2),
+                                                "max": round(max(pauses), 2), "n": len(pauses),
+                                                "all": [round(x, 2) for x in pauses]}
         print("ready latency", results["ready_event_latency_ms"], flush=True)
+        print("pauses", results["pivot_pause_ms_under_load"], flush=True)
 
         # Recovery at start with 100 unfinished jobs.
         for i in range(args.copying, min(args.domains, 100)):

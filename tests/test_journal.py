@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import Blockcopy
 
-from blockcopy.errors import JournalError
+from blockcopy.errors import JournalError, StaleRecord
 from blockcopy.journal import SCHEMA_VERSION, Journal
 from blockcopy.records import Authority, DiskRecord, Goal, Operation, Outcome, Phase, Stage
 
@@ -229,3 +229,14 @@ def test_the_wal_is_checkpointed_between_pivots_never_inside_one(tmp_path: Path)
         copying = other.save(dataclasses.replace(copying, error=str(i)), "step")
     assert (tmp_path / "other" / f"{Journal.FILENAME}-wal").stat().st_size < 6 * 1024 * 1024
     assert other.get("x") == copying
+
+
+def test_a_save_made_from_a_record_another_writer_replaced_is_refused(tmp_path: Path) -> None:
+    """Two drivers on one job (a defect elsewhere) fail loudly instead of writing over each other."""
+    first, second = Journal(tmp_path), Journal(tmp_path)
+    op = first.save(_op(), "planned", new=True)
+    theirs = second.save(dataclasses.replace(op, phase=Phase.DONE, outcome=Outcome.PIVOTED), "done")
+    with pytest.raises(StaleRecord, match="another writer"):
+        first.save(dataclasses.replace(op, phase=Phase.COPYING), "stale step")
+    assert first.get("x") == theirs
+    assert [e.kind for e in first.events_after(0)] == ["created", "state", "outcome"]

@@ -214,6 +214,8 @@ class Driver:
     async def _run_guarded(self, op: Operation, until: Until) -> Operation:
         self._guarding = False
         try:
+            if _mid_pivot(op):
+                await self._take_pivot_guard()  # a pivot resumed (after a crash or a failed run)
             return await self._run(op, until)
         except (JournalError, MonitorError, TransitionStalled) as exc:
             held = self._last_saved(op)
@@ -644,4 +646,5 @@ def _carry_driver_facts(decided: Operation, current: Operation) -> Operation:
                                       job_status=c.job_status, dest_dev=c.dest_dev, dest_ino=c.dest_ino)
                   for d, c in zip(decided.disks, current.disks, strict=True))
     return dataclasses.replace(decided, disks=disks, ready_at=current.ready_at, stop_ts=current.stop_ts,
-                               resume_ts=current.resume_ts, created_at=current.created_at)
+                               resume_ts=current.resume_ts, created_at=current.created_at,
+                               updated_at=current.updated_at)

@@ -30,6 +30,11 @@ class JournalError(BlockcopyError):
     exit_code = 3
 
 
+class StaleRecord(JournalError):
+    """A save based on a record that another writer has replaced since: two drivers acted on one
+    job. Nothing was saved; the journal holds the other writer's record."""
+
+
 class MonitorError(BlockcopyError):
     """QMP trouble: the socket is unreachable, busy, or QEMU refused a command."""
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockcopy import events, faults
-from blockcopy.errors import JournalError
+from blockcopy.errors import JournalError, StaleRecord
 from blockcopy.qemuproc import QemuProcess
 from blockcopy.records import Operation
 
@@ -210,9 +210,12 @@ class Journal:
         never replaces another operation's record. Other saves update a record of the same
         operation only (same id and domain).
 
+        :raise StaleRecord: ``op`` was made from a record that is no longer the saved one (another
+            writer saved since): nothing was saved.
         :raise JournalError: the journal could not be written; nothing was saved.
         """
         now = time.time()
+        basis = op.updated_at  # the saved record this one was made from
         ended = now if op.phase.value == "done" and op.ended_at is None else op.ended_at
         op = dataclasses.replace(op, created_at=op.created_at or now, updated_at=now, ended_at=ended)
         record = json.dumps(op.to_dict(), sort_keys=True)
@@ -230,6 +233,10 @@ class Journal:
                     raise JournalError(f"{taken} is taken already; nothing was started") from None
             else:
                 previous = self._previous(op)
+                if basis and previous.updated_at != basis:
+                    raise StaleRecord(f"job {op.id} was saved by another writer since this one read it; nothing "
+                                      "was saved. Two blockcopy processes (or tasks) must not drive one job: run "
+                                      "`blockcopy status` and `blockcopy recover`")
                 self._db.execute("UPDATE operations SET phase = ?, updated_at = ?, record = ? WHERE id = ?",
                                  (op.phase.value, op.updated_at, record, op.id))
             if note:

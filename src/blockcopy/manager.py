@@ -182,21 +182,30 @@ class Manager:
     async def copy(self, request: CopyRequest, *, until: Until = Until.STARTED,
                    on_progress: ProgressCallback | None = None) -> Operation:
         """Validate, journal and start a copy; then drive it as far as ``until`` and ``goal`` say."""
+        return (await self.copy_or_replay(request, until=until, on_progress=on_progress))[0]
+
+    async def copy_or_replay(self, request: CopyRequest, *, until: Until = Until.STARTED,
+                             on_progress: ProgressCallback | None = None) -> tuple[Operation, bool]:
+        """``copy``, and whether it created the job (False: the request id's job, nothing started).
+        In the daemon (``reconciles`` False) the job is only planned and journaled here: its task,
+        the one owner of a job, starts it."""
         _check_options(request)
         if request.goal in (Goal.PIVOT, Goal.FINISH) and self.reconciles:
-            until = Until.DONE  # (in the daemon, the job's task carries the goal out)
+            until = Until.DONE
         if self._replayed(request) is not None:
-            return await self._drive_again(request, until, on_progress)
+            return await self._drive_again(request, until, on_progress), False
         async with self._session(request.domain, on_progress) as (monitor, driver):
             if self._replayed(request) is not None:  # (sent twice at once: the other one won)
                 replayed = self._operation(self._replayed(request) or "")
-                return await self._drive(driver, replayed, until) if self.reconciles else replayed
+                return (await self._drive(driver, replayed, until) if self.reconciles else replayed), False
             op = await self._plan(request, self._running(request.domain, monitor))
             op = dataclasses.replace(op, client_key=request.client_key,
                                      request_digest=request.digest() if request.client_key else None)
             op = self.journal.save(op, f"planned: {request.goal.value} of "
                                        + ", ".join(f"{d.name} -> {d.dest_path}" for d in op.disks), new=True)
-            return await self._drive(driver, op, until)
+            if not self.reconciles:
+                return op, True
+            return await self._drive(driver, op, until), True
 
     def _replayed(self, request: CopyRequest) -> str | None:
         """The id of the job that ``request``'s idempotency key created already, if any.
@@ -370,8 +379,9 @@ class Manager:
     async def _session(self, name: str, on_progress: ProgressCallback | None = None, *,
                        reconcile: bool = True) -> AsyncIterator[tuple[Monitor | None, Driver]]:
         """Lock the domain, connect (None when nothing answers) and reconcile its unfinished jobs."""
-        domain = self._domain(name)
+        self._domain(name)
         async with self._exclusive(name):
+            domain = self._domain(name)  # again, under the lock: a detach may have come first
             link = await self._open_link(domain)
             unfinished = _guests_held_first(self.journal.operations(domain=name, unfinished=True))
             if isinstance(link.error, MonitorBusy) and not (unfinished and holds_guest(unfinished[0])):

@@ -29,6 +29,7 @@ from pathlib import Path
 from blockcopy.driver import TRANSITION_TIMEOUT, Driver, Link, ProgressCallback, Until, holds_guest
 from blockcopy.errors import (
     BlockcopyError,
+    DomainBusy,
     NotReady,
     OperationFailed,
     UsageError,
@@ -128,7 +129,7 @@ class Daemon:
         self.journal = self.manager.journal
         self.state_dir = self.manager.state_dir
         self.tasks: dict[str, TaskState] = {}
-        self._key_locks: dict[str, asyncio.Lock] = {}  # one request per idempotency key at a time
+        self._background: list[asyncio.Task[None]] = []
         self.changed = asyncio.Condition()  # notified whenever the journal wrote events
         self.generation = 0  # counts those writes: a waiter compares it, so no notification is missed
         self.journal.on_events = self._journal_wrote
@@ -146,25 +147,48 @@ class Daemon:
     async def start(self) -> None:
         """Take every attached domain's lock file, then bring every unfinished job to where no guest
         is held paused (pivots under way are finished or rolled back) before serving anything, then
-        follow each job in its own task.
-
-        :raise DomainBusy: a blockcopy command holds a domain's lock file.
-        """
+        follow each job in its own task. A domain whose lock file a command holds is adopted once
+        the command ends; what stops one job's recovery is retried in the background."""
         self.journal.prune_events(EVENT_RETENTION)
+        self._background.append(asyncio.create_task(self._prune_events_daily()))
         for domain in self.journal.domains():
-            self.hub(domain.name)
+            self._take(domain.name)
         unfinished = self.journal.operations(unfinished=True)
         for op in sorted(unfinished, key=lambda o: not holds_guest(o)):
-            hub = self.hub(op.domain)
+            if op.domain not in self.hubs:
+                continue  # (adopted later)
             self.recovery_runs += 1
-            async with hub.lock:
-                driver = self.manager._driver(await self._link(op.domain))
-                try:
-                    await driver.run(op, Until.STARTED)  # a pivot under way runs to its end here
-                except BlockcopyError as exc:
-                    log.warning("job %s: recovery at start: %s (retried in the background)", op.id, exc)
-        for op in self.journal.operations(unfinished=True):
-            self._follow(op.id)
+            try:
+                async with self.hubs[op.domain].lock:
+                    # A pivot under way runs to its end here (the run stops at the next copy wait).
+                    await self.manager._driver(await self._link(op.domain)).run(op, Until.STARTED)
+            except BlockcopyError as exc:
+                log.warning("job %s: recovery at start: %s (retried in the background)", op.id, exc)
+        for name in list(self.hubs):
+            self._follow_domain(name)
+
+    def _take(self, name: str) -> None:
+        """The domain's hub, or, while a command holds its lock file, a task that adopts it later."""
+        try:
+            self.hub(name)
+        except DomainBusy as exc:
+            log.warning("%s; its jobs are followed once it is free", exc)
+            self._background.append(asyncio.create_task(self._adopt(name)))
+
+    async def _adopt(self, name: str) -> None:
+        while not self.closing and self.journal.domain(name) is not None:
+            try:
+                self.hub(name)
+            except DomainBusy:
+                await asyncio.sleep(1.0)
+                continue
+            self._follow_domain(name)
+            return
+
+    async def _prune_events_daily(self) -> None:
+        while not self.closing:
+            await asyncio.sleep(86400.0)
+            self.journal.prune_events(EVENT_RETENTION)
 
     async def close_streams(self) -> None:
         """End every event stream (the daemon stops): clients reconnect with their last event id."""
@@ -177,12 +201,13 @@ class Daemon:
         """Stop following jobs (a pivot under way is finished first) and close every link. The jobs
         keep running in QEMU; the next start follows them again."""
         self.closing = True
-        states = list(self.tasks.values())
-        for state in states:
-            state.task.cancel()
-        for state in states:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await state.task
+        for task in self._background:
+            task.cancel()
+        tasks = [state.task for state in self.tasks.values()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)  # (Driver.run finishes a pivot under way before it ends)
         for hub in self.hubs.values():
             await hub.close()
         self.hubs.clear()
@@ -243,74 +268,77 @@ class Daemon:
     # --- jobs --------------------------------------------------------------------------------------
 
     async def copy(self, request: CopyRequest) -> tuple[Operation, bool]:
-        """Plan, journal and start a copy (its destination created, its mirrors started); its task
-        then follows it to its goal. Returns the job and whether it is new (False: ``request``'s
-        request id had created it already, and nothing was started).
+        """Plan and journal a copy; its task (the one owner of a job) starts it, and this returns
+        once it has started (destinations made, mirrors running) or ended. Returns the job and
+        whether it is new (False: ``request``'s request id had created it; nothing was started).
 
-        :raise UsageError, RequestConflict, MonitorError, JournalError, DomainBusy: as ``Manager.copy``.
+        :raise UsageError, RequestConflict, MonitorError, JournalError, DomainBusy: as ``Manager.copy``;
+            or what stopped the start (the task retries it).
         """
-        key = request.client_key
-        lock = self._key_locks.setdefault(key, asyncio.Lock()) if key is not None else asyncio.Lock()
-        try:
-            async with lock:
-                replayed = key is not None and self.journal.by_client_key(key) is not None
-                op = await self.manager.copy(request, until=Until.STARTED)
-        finally:
-            if key is not None and not lock.locked():
-                self._key_locks.pop(key, None)
-            self._follow_orphans(request.domain)  # a start that failed after its record: retried
-        return op, not replayed
-
-    def _follow_orphans(self, domain: str) -> None:
-        """Follow every unfinished job of ``domain`` that no task follows."""
-        for op in self.journal.operations(domain=domain, unfinished=True):
-            state = self.tasks.get(op.id)
-            if state is None or state.task.done():
-                self._follow(op.id)
+        op, created = await self.manager.copy_or_replay(request, until=Until.STARTED)
+        self._follow(op.id)
+        op = await self.wait_for(op.id, lambda o: o.phase is not Phase.STARTING or o.finished)
+        return op, created
 
     async def conclude(self, op_id: str, goal: Goal, *, wait: bool) -> Operation:
         """Journal ``goal`` (pivot, finish, abort) and have the job's task carry it out; return when
-        the job has ended (or, for a pivot or finish of a job that is not ready, at once unless
-        ``wait``).
+        the job has ended (a pivot or finish of a job that is not ready: refused unless ``wait``).
 
         :raise NotFound: unknown job. :raise UsageError: the job ended already, or is being aborted.
         :raise NotReady: not ready and not ``wait``. :raise OperationFailed: it ended failed.
         :raise TransitionStalled, GuestLeftPaused, MonitorError: what stopped the task's last run.
         """
         op = self.manager._operation(op_id)
-        hub = self.hub(op.domain)
-        async with hub.lock:
-            op = self.manager._operation(op.id)
-            if op.finished:
-                message = (f"job {op.id} has already ended: outcome {op.outcome}, authoritative image: "
-                           f"{op.authoritative}" + (f"; error: {op.error}" if op.error else ""))
-                raise OperationFailed(message) if op.outcome is Outcome.FAILED else UsageError(message)
-            if goal is not Goal.ABORT and op.goal is Goal.ABORT:
-                raise UsageError(f"job {op.id} is being aborted")
+        async with self.hub(op.domain).lock:
+            op = self._concludable(op.id, goal)
             ready = all(d.job_status == "ready" for d in op.disks)
             if goal is not Goal.ABORT and not wait and not ready:
                 raise NotReady(f"job {op.id} is not ready to {goal.value} yet; wait with `blockcopy "
                                f"{goal.value} {op.id} --wait` (API: ?wait=true)")
             await self._stop_following(op.id)
+            op = self._concludable(op.id, goal)  # (its task may have ended it meanwhile)
             if op.goal is not goal:
-                op = self.journal.save(dataclasses.replace(self.manager._operation(op.id), goal=goal),
-                                       f"{goal.value} requested")
+                op = self.journal.save(dataclasses.replace(op, goal=goal), f"{goal.value} requested")
             self._follow(op.id)
         return await self.wait_end(op.id)
+
+    def _concludable(self, op_id: str, goal: Goal) -> Operation:
+        op = self.manager._operation(op_id)
+        if op.finished:
+            message = (f"job {op.id} has already ended: outcome {op.outcome}, authoritative image: "
+                       f"{op.authoritative}" + (f"; error: {op.error}" if op.error else ""))
+            raise OperationFailed(message) if op.outcome is Outcome.FAILED else UsageError(message)
+        if goal is not Goal.ABORT and op.goal is Goal.ABORT:
+            raise UsageError(f"job {op.id} is being aborted")
+        return op
+
+    async def keep_copying(self, op_id: str) -> Operation:
+        """Withdraw a pivot or finish that has not begun (a CLI wait interrupted): the job keeps
+        copying. A pivot or finish under way runs to its end. :raise NotFound."""
+        op = self.manager._operation(op_id)
+        async with self.hub(op.domain).lock:
+            op = self.manager._operation(op.id)
+            if op.phase is Phase.COPYING and op.goal in (Goal.PIVOT, Goal.FINISH):
+                await self._stop_following(op.id)
+                op = self.manager._operation(op.id)
+                if op.phase is Phase.COPYING and op.goal in (Goal.PIVOT, Goal.FINISH):
+                    op = self.journal.save(dataclasses.replace(op, goal=Goal.COPY),
+                                           "interrupted while waiting: the job keeps copying")
+                self._follow(op.id)
+        return op
 
     async def set_speed(self, op_id: str, bandwidth_mib: float) -> Operation:
         """Journal a new speed limit (0: none); the job's task sends it to QEMU.
 
-        :raise NotFound, UsageError: unknown job, one past its copy, a bad speed.
+        :raise NotFound, UsageError: unknown job, one past its copy, a bad speed, QEMU refused it.
         """
         if not bandwidth_mib >= 0 or bandwidth_mib == float("inf"):
             raise UsageError(f"speed must be a number of MiB/s, 0 for unlimited, not {bandwidth_mib}")
         op = self.manager._operation(op_id)
         async with self.hub(op.domain).lock:
-            op = self.manager._operation(op.id)
-            if op.phase not in (Phase.STARTING, Phase.COPYING):
-                raise UsageError(f"job {op.id} is {op.phase.value}: its speed can only change while it copies")
+            self._speed_changeable(op.id)
             await self._stop_following(op.id)
+            op = self._speed_changeable(op.id)
             op = self.journal.save(dataclasses.replace(op, bandwidth=round(bandwidth_mib * (1 << 20)),
                                                        speed_applied=False),
                                    f"speed {bandwidth_mib:g} MiB/s requested")
@@ -322,18 +350,29 @@ class Daemon:
             raise UsageError(f"job {op.id}: QEMU refused the new speed ({refused[0]})")
         return op
 
-    async def recover(self, domain: str | None = None) -> list[Operation]:
+    def _speed_changeable(self, op_id: str) -> Operation:
+        op = self.manager._operation(op_id)
+        if op.phase not in (Phase.STARTING, Phase.COPYING):
+            raise UsageError(f"job {op.id} is {op.phase.value}: its speed can only change while it copies")
+        return op
+
+    async def recover(self, domain: str | None = None, *, wait: bool = False) -> list[Operation]:
         """Retry every unfinished job (of ``domain``) now instead of after its retry delay; returns
-        them once no guest is held paused by one of them."""
+        them once no guest is held paused by one of them (``wait``: once every job with a pivot,
+        finish or abort to carry out has ended)."""
         ops = self.journal.operations(domain=domain, unfinished=True)
+        for name in sorted({op.domain for op in ops}):
+            if name in self.hubs:
+                async with self.hubs[name].lock:
+                    self._follow_domain(name)
         for op in ops:
             state = self.tasks.get(op.id)
-            if state is None or state.task.done():
-                self._follow(op.id)
-            else:
+            if state is not None:
                 state.wake.set()
         for op in ops:
             await self.wait_for(op.id, lambda o: not holds_guest(o) or o.finished)
+            if wait and self.manager._operation(op.id).goal is not Goal.COPY:
+                await self.wait_end(op.id)
         return [self.manager._operation(op.id) for op in ops]
 
     async def wait_end(self, op_id: str) -> Operation:
@@ -372,19 +411,26 @@ class Daemon:
         return self.generation
 
     def _follow(self, op_id: str) -> TaskState:
-        state = TaskState(asyncio.create_task(self._drive(op_id), name=f"job {op_id}"))
-        previous = self.tasks.get(op_id)
-        if previous is not None:
-            state.errors = previous.errors
-        self.tasks[op_id] = state
-        return state
+        """The job's one task: started unless one runs (two drivers must never act on one job)."""
+        state = self.tasks.get(op_id)
+        if state is not None and not state.task.done():
+            return state
+        new = TaskState(asyncio.create_task(self._drive(op_id), name=f"job {op_id}"))
+        if state is not None:
+            new.errors, new.error = state.errors, state.error
+        self.tasks[op_id] = new
+        return new
+
+    def _follow_domain(self, name: str) -> None:
+        for op in self.journal.operations(domain=name, unfinished=True):
+            self._follow(op.id)
 
     async def _stop_following(self, op_id: str) -> None:
+        """Cancel the job's task and wait until it has ended (a pivot under way runs to its end)."""
         state = self.tasks.get(op_id)
         if state is not None and not state.task.done():
             state.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await state.task
+            await asyncio.wait([state.task])  # (our own cancellation still propagates)
 
     def _failed(self, op_id: str, exc: BlockcopyError) -> None:
         state = self.tasks.get(op_id)
