@@ -26,7 +26,7 @@ from conftest import (
 )
 
 from blockcopy import CopyRequest, Manager
-from blockcopy.driver import Interrupted
+from blockcopy.errors import Interrupted
 from blockcopy.vm import DiskSpec, ScratchVM, fill_pattern, make_image
 
 

@@ -4,12 +4,16 @@ from blockcopy.driver import Until
 from blockcopy.errors import (
                               BlockcopyError,
                               DomainBusy,
+                              Interrupted,
                               JournalError,
                               MonitorBusy,
                               MonitorError,
+                              NotFound,
                               NotReady,
                               OperationFailed,
                               QemuGone,
+                              RequestConflict,
+                              StaleRecord,
                               UsageError,
 )
 from blockcopy.manager import CopyRequest, Manager
@@ -18,7 +22,7 @@ from blockcopy.records import Authority, Goal, Operation, Outcome, Phase
 __version__ = "0.1.0"
 
 __all__ = [
-    "Authority", "BlockcopyError", "CopyRequest", "DomainBusy", "Goal", "JournalError", "Manager",
-    "MonitorBusy", "MonitorError", "NotReady", "Operation", "OperationFailed", "Outcome", "Phase",
-    "QemuGone", "Until", "UsageError", "__version__",
+    "Authority", "BlockcopyError", "CopyRequest", "DomainBusy", "Goal", "Interrupted", "JournalError", "Manager",
+    "MonitorBusy", "MonitorError", "NotFound", "NotReady", "Operation", "OperationFailed", "Outcome", "Phase",
+    "QemuGone", "RequestConflict", "StaleRecord", "Until", "UsageError", "__version__",
 ]

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from blockcopy import __version__, nodes, views
-from blockcopy.driver import TRANSITION_TIMEOUT, Interrupted, ProgressCallback, Until
-from blockcopy.errors import BlockcopyError, UsageError
+from blockcopy.driver import TRANSITION_TIMEOUT, ProgressCallback, Until
+from blockcopy.errors import BlockcopyError, Interrupted, UsageError
 from blockcopy.manager import DEFAULT_BUF_SIZE, FORMATS, MODES, PREALLOCATIONS, CopyRequest, Manager
 from blockcopy.monitor import Monitor
 from blockcopy.records import Goal, Outcome
@@ -459,6 +459,9 @@ def _run(body: Callable[[Manager], Awaitable[int]], state_dir: str | None, *, cr
          manager: bool = True) -> int:
     async def runner() -> int:
         if not manager:
+            # The daemon's client blocks in reads: Ctrl-C must interrupt one (KeyboardInterrupt),
+            # not wait to cancel a task that is never scheduled meanwhile.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             return await body(None)  # type: ignore[arg-type]
         local = Manager(state_dir, create_journal=create_journal, command_timeout=command_timeout,
                         transition_timeout=transition_timeout)
@@ -472,16 +475,15 @@ def _run(body: Callable[[Manager], Awaitable[int]], state_dir: str | None, *, cr
 
     try:
         return asyncio.run(runner())
-    except Interrupted as exc:
+    except BlockcopyError as exc:
+        if exc.exit_code != Interrupted.exit_code:
+            print(f"blockcopy: error: {exc}", file=sys.stderr)
+            return exc.exit_code
         print(f"blockcopy: {exc}. `blockcopy status` shows it; `blockcopy pivot`, `finish` or `abort` "
               "ends it.", file=sys.stderr)
         return exc.exit_code
-    except BlockcopyError as exc:
-        print(f"blockcopy: error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
-        print("blockcopy: interrupted; the daemon goes on with the job. `blockcopy status` shows it",
-              file=sys.stderr)
+        print("blockcopy: interrupted; the daemon goes on. `blockcopy jobs` shows the jobs", file=sys.stderr)
         return Interrupted.exit_code
 
 

@@ -22,9 +22,9 @@ from typing import Any
 
 from blockcopy import faults, images
 from blockcopy.errors import (
-    BlockcopyError,
     ConnectionLost,
     GuestLeftPaused,
+    Interrupted,
     JournalError,
     MonitorError,
     MonitorTimeout,
@@ -71,12 +71,6 @@ class Until(enum.Enum):
 
 
 ProgressCallback = Callable[[Operation], None]
-
-
-class Interrupted(BlockcopyError):
-    """The user interrupted a wait for the copy; the job itself keeps running in QEMU."""
-
-    exit_code = 130
 
 
 class Link:
@@ -448,38 +442,50 @@ class Driver:
             index = command.disk
             disk = op.disks[index]
 
-            def journal_identity(dev: int, ino: int) -> None:
-                # Before the file gets DEST's name: a crash after linking leaves a file that the
-                # journal proves is ours, and recovery goes on with it.
+            loop = asyncio.get_running_loop()
+
+            async def save_identity(dev: int, ino: int) -> None:
                 nonlocal op
                 op = self.journal.save(op.with_disk(index, dest_dev=dev, dest_ino=ino),
                                        f"made the image for {disk.dest_path}")
 
+            def journal_identity(dev: int, ino: int) -> None:
+                # Before the file gets DEST's name: a crash after linking leaves a file that the
+                # journal proves is ours, and recovery goes on with it. (Journaled on the loop's
+                # thread, which owns the journal; this runs in the image's thread.)
+                asyncio.run_coroutine_threadsafe(save_identity(dev, ino), loop).result()
+
             directory = (disk.dest_dir_dev, disk.dest_dir_ino) if disk.dest_dir_dev is not None and \
                 disk.dest_dir_ino is not None else None
-            images.create(disk.dest_path, disk.dest_format, disk.virtual_size, tag=f"{op.id}-{index}",
-                          backing_file=disk.backing_file, backing_format=disk.backing_format,
-                          mode=0o600 if disk.dest_mode is None else disk.dest_mode, owner=disk.dest_owner,
-                          cluster_size=disk.cluster_size, preallocation=disk.preallocation,
-                          directory_identity=directory, before_link=journal_identity)
+            # In a thread, as every file operation here: the daemon serves other domains meanwhile
+            # (qemu-img, a preallocation, storage that hangs).
+            await asyncio.to_thread(
+                images.create, disk.dest_path, disk.dest_format, disk.virtual_size, tag=f"{op.id}-{index}",
+                backing_file=disk.backing_file, backing_format=disk.backing_format,
+                mode=0o600 if disk.dest_mode is None else disk.dest_mode, owner=disk.dest_owner,
+                cluster_size=disk.cluster_size, preallocation=disk.preallocation,
+                directory_identity=directory, before_link=journal_identity)
             return op, None
         if command.kind == "add-dest":
             assert command.disk is not None
             disk = op.disks[command.disk]
             if disk.dest_created and disk.dest_dev is not None and disk.dest_ino is not None:
-                images.forget_temp_name(disk.dest_path, f"{op.id}-{command.disk}", (disk.dest_dev, disk.dest_ino))
+                await asyncio.to_thread(images.forget_temp_name, disk.dest_path, f"{op.id}-{command.disk}",
+                                        (disk.dest_dev, disk.dest_ino))
             await self._add_dest(disk, command.args)
             return op, None
         if command.kind == "sync-images":
-            _sync_files(f for d in op.disks for f in (d.source_file, d.dest_path))
+            await asyncio.to_thread(_sync_files, [f for d in op.disks for f in (d.source_file, d.dest_path)])
             return op, None
         if command.kind == "sync-dest":
             assert command.disk is not None
-            fsync_image(op.disks[command.disk].dest_path)  # raises OSError: the step's failure
+            # raises OSError: the step's failure
+            await asyncio.to_thread(fsync_image, op.disks[command.disk].dest_path)
             return op, None
         if command.kind == "compare-images":
-            return op, tuple(_same_data(d.source_file, d.source_format, d.dest_path, d.dest_format)
-                             for d in op.disks)
+            same = [await asyncio.to_thread(_same_data, d.source_file, d.source_format, d.dest_path, d.dest_format)
+                    for d in op.disks]
+            return op, tuple(same)
         monitor = self.monitor
         if monitor is None:
             raise ConnectionLost(f"not connected to QEMU for {command.name}")
@@ -527,7 +533,7 @@ class Driver:
             raise ConnectionLost("not connected to QEMU for blockdev-add")
         if disk.dest_ino is None or disk.dest_dev is None:
             raise images.ImageError(f"the journal does not say which file {disk.dest_path} must be; refusing it")
-        fd = images.open_identified(disk.dest_path, (disk.dest_dev, disk.dest_ino))
+        fd = await asyncio.to_thread(images.open_identified, disk.dest_path, (disk.dest_dev, disk.dest_ino))
         try:
             fdset = await monitor.add_fd(fd, f"{FDSET_OPAQUE_PREFIX}{disk.dest_path}")
         finally:

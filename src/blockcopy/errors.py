@@ -106,3 +106,9 @@ class TransitionStalled(BlockcopyError):
     the next command on the domain or by ``blockcopy recover``."""
 
     exit_code = 10
+
+
+class Interrupted(BlockcopyError):
+    """The user interrupted a wait for the copy (Ctrl-C); the job itself keeps running in QEMU."""
+
+    exit_code = 130

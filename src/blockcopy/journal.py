@@ -323,6 +323,10 @@ class Journal:
                                 (seq, limit))
         return [events.Event(row[0], row[1], row[2], row[3], json.loads(row[4])) for row in rows]
 
+    def oldest_event_seq(self) -> int | None:
+        row = self._db.execute("SELECT MIN(seq) FROM events").fetchone()
+        return int(row[0]) if row[0] is not None else None
+
     def last_event_seq(self) -> int:
         row = self._db.execute("SELECT MAX(seq) FROM events").fetchone()
         return int(row[0] or 0)

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from blockcopy import images, nodes
-from blockcopy.driver import TRANSITION_TIMEOUT, Driver, Interrupted, Link, ProgressCallback, Until, holds_guest
+from blockcopy.driver import TRANSITION_TIMEOUT, Driver, Link, ProgressCallback, Until, holds_guest
 from blockcopy.errors import (
     BlockcopyError,
     DomainBusy,
     GuestLeftPaused,
+    Interrupted,
     MonitorBusy,
     MonitorError,
     NotFound,
@@ -41,6 +42,7 @@ from blockcopy.errors import (
 from blockcopy.journal import Domain, Journal, default_state_dir
 from blockcopy.locking import DomainLock
 from blockcopy.monitor import DeviceInfo, Monitor, devices_from_query_block
+from blockcopy.qemuproc import QemuProcess
 from blockcopy.records import DiskRecord, Goal, Operation, Outcome, Phase, Stage
 
 log = logging.getLogger(__name__)
@@ -473,99 +475,107 @@ class Manager:
         await _refuse_migration(monitor, request.domain)
         block, named, graph, fdsets = await asyncio.gather(
             monitor.block(), monitor.named_nodes(), monitor.execute("x-debug-query-block-graph"), monitor.fdsets())
-        devices = devices_from_query_block(block, fdsets)
-        argv = nodes.options_from_argv(_cmdline(qemu.pid))
         active = self.journal.operations(unfinished=True)
-        busy_keys = {(op.domain, d.device_key): op.id for op in active for d in op.disks}
-        busy_dests = {os.path.realpath(d.dest_path): op.id for op in active for d in op.disks}
-        op_id = secrets.token_hex(8)  # 64 random bits; and the first save refuses a taken id
-        disks: list[DiskRecord] = []
-        warnings: list[str] = []
-        seen_devices: set[str] = set()
-        seen_dests: set[str] = set()
-        for index, (disk_name, dest) in enumerate(request.targets):
-            device = _find_device(devices, disk_name, request.domain)
-            if device.device_key in seen_devices:
-                raise UsageError(f"disk {disk_name} is named twice in one copy")
-            seen_devices.add(device.device_key)
-            holder = busy_keys.get((request.domain, device.device_key))
-            if holder:
-                raise UsageError(f"disk {device.name} already has block copy job {holder}; "
-                                 f"pivot, finish or abort it first (`blockcopy status {holder}`)")
-            if device.read_only:
-                raise UsageError(f"disk {device.name} is read-only: blockcopy moves disks the guest writes. A "
-                                 "read-only image does not change; copy it with `qemu-img convert` and switch "
-                                 "the medium (QMP blockdev-change-medium) or the VM's configuration")
-            entry = next(e for e in block if e.get("inserted") and _device_key_of(e) == device.device_key)
-            try:
-                tree = nodes.node_tree(entry, named, graph, argv=argv)
-            except nodes.NodeTreeError as exc:
-                raise UsageError(f"disk {device.name}: {exc}") from None
-            _refuse_source(device, tree, named, request, argv)
-            dest_format = request.format or device.format
-            if tree.format is None and dest_format != "raw":
-                raise UsageError(f"disk {device.name} is a raw {tree.protocol.driver} node without a format node; "
-                                 "its destination must be raw (--format raw)")
-            real, identity, is_block = _check_destination(
-                dest, device, request, dest_format, sources=[f for d in devices for f in (d.file, *d.backing_chain)])
-            # Journaled as resolved: the file (reused) or directory (created) that was checked.
-            dest = real if request.reuse_external else os.path.join(os.path.realpath(os.path.dirname(dest)),
-                                                                     os.path.basename(dest))
-            directory = os.stat(os.path.dirname(dest)) if not request.reuse_external else None
-            if real in seen_dests or real in busy_dests:
-                raise UsageError(f"destination {dest} is already the destination of another copy")
-            seen_dests.add(real)
-            backing_file = backing_format = None
-            if request.shallow and device.backing_chain and not request.reuse_external:
-                backing_file, backing_format = device.backing_chain[0], device.backing_format
-            dest_node = f"bc-{op_id}-{index}"
-            try:
-                dest_args = nodes.dest_blockdev_args(
-                    tree, dest, dest_format, dest_node, f"{dest_node}-file" if tree.format else dest_node,
-                    is_block_device=is_block, overrides=request.dest_options,
-                    # A full copy stands alone (never a backing file named in DEST); a shallow one
-                    # sits on the source's own backing node, as the source does.
-                    **({} if dest_format != "qcow2" else
-                       {"backing": tree.backing if request.shallow and tree.backing else None}))
-            except nodes.NodeTreeError as exc:
-                raise UsageError(f"disk {device.name}: {exc}") from None
-            dest_args = _without_auto_read_only(dest_args)
-            if is_block and dest_format == "raw" and _block_size(real) > device.virtual_size:
-                # The guest must see the disk it had, not the whole (larger) device.
-                dest_args = _raw_size(dest_args, device.virtual_size)
-            refusal = nodes.o_direct_refusal(dest_args, dest, nodes.probe_o_direct(dest))
-            if refusal:
-                raise UsageError(f"disk {device.name}: {refusal}")
-            warnings.extend(f"disk {device.name}: {w}" for w in nodes.unknown_option_warnings(tree)
-                            if not any(f"--dest-option {k}=" in w for k in request.dest_options))
-            if tree.filters:
-                names = ", ".join(f"{f.driver} {f.name}" for f in tree.filters)
-                warnings.append(f"disk {device.name}: the filters above its image ({names}) stay in place; a "
-                                "throttle limits the copy too, as the mirror reads through it")
-            disks.append(DiskRecord(
-                name=device.name, device_key=device.device_key, source_node=tree.root,
-                source_file=device.file, source_format=tree.image_format,
-                source_file_node=tree.protocol.name if tree.format else None, virtual_size=device.virtual_size,
-                dest_path=dest, dest_format=dest_format, dest_node=dest_node,
-                job_id=f"bcj-{op_id}-{index}", backing_file=backing_file,
-                backing_format=backing_format, dest_dev=identity[0] if identity else None,
-                dest_ino=identity[1] if identity else None,
-                dest_dir_dev=directory.st_dev if directory else None,
-                dest_dir_ino=directory.st_ino if directory else None,
-                dest_args=dest_args, replaces=tree.image.name if tree.filters else None,
-                source_below=tree.nodes_below_image(with_backing_chain=not request.shallow),
-                dest_owner=_dest_owner(request, device.file), dest_mode=_dest_mode(request, device.file),
-                cluster_size=request.cluster_size or (tree.cluster_size if dest_format == "qcow2" else None),
-                preallocation=request.preallocation,
-                stage=Stage.ADD if request.reuse_external else Stage.CREATE))
-        bandwidth = int(request.bandwidth_mib * MIB) if request.bandwidth_mib else 0
-        return Operation(id=op_id, domain=request.domain, goal=request.goal, phase=Phase.STARTING,
-                         qemu_pid=qemu.pid, qemu_start=qemu.start_time, qemu_boot=qemu.boot_id,
-                         qemu_pidns=qemu.pid_ns,
-                         disks=tuple(disks), mode=request.mode, shallow=request.shallow,
-                         reuse_external=request.reuse_external, bandwidth=bandwidth,
-                         buf_size=request.buf_size if request.buf_size is not None else default_buf_size(bandwidth),
-                         warnings=tuple(warnings))
+        # The rest reads files (qemu-img, stat, an O_DIRECT probe): in a thread, so that storage
+        # that hangs or a slow probe keeps no other domain of the daemon waiting.
+        return await asyncio.to_thread(_plan_disks, request, qemu, block, named, graph, fdsets, active)
+
+
+def _plan_disks(request: CopyRequest, qemu: QemuProcess, block: list[dict[str, Any]], named: list[dict[str, Any]],
+                graph: Any, fdsets: Any, active: list[Operation]) -> Operation:
+    """The record of a new copy, from QEMU's answers and the checks of every file it names."""
+    devices = devices_from_query_block(block, fdsets)
+    argv = nodes.options_from_argv(_cmdline(qemu.pid))
+    busy_keys = {(op.domain, d.device_key): op.id for op in active for d in op.disks}
+    busy_dests = {os.path.realpath(d.dest_path): op.id for op in active for d in op.disks}
+    op_id = secrets.token_hex(8)  # 64 random bits; and the first save refuses a taken id
+    disks: list[DiskRecord] = []
+    warnings: list[str] = []
+    seen_devices: set[str] = set()
+    seen_dests: set[str] = set()
+    for index, (disk_name, dest) in enumerate(request.targets):
+        device = _find_device(devices, disk_name, request.domain)
+        if device.device_key in seen_devices:
+            raise UsageError(f"disk {disk_name} is named twice in one copy")
+        seen_devices.add(device.device_key)
+        holder = busy_keys.get((request.domain, device.device_key))
+        if holder:
+            raise UsageError(f"disk {device.name} already has block copy job {holder}; "
+                             f"pivot, finish or abort it first (`blockcopy status {holder}`)")
+        if device.read_only:
+            raise UsageError(f"disk {device.name} is read-only: blockcopy moves disks the guest writes. A "
+                             "read-only image does not change; copy it with `qemu-img convert` and switch "
+                             "the medium (QMP blockdev-change-medium) or the VM's configuration")
+        entry = next(e for e in block if e.get("inserted") and _device_key_of(e) == device.device_key)
+        try:
+            tree = nodes.node_tree(entry, named, graph, argv=argv)
+        except nodes.NodeTreeError as exc:
+            raise UsageError(f"disk {device.name}: {exc}") from None
+        _refuse_source(device, tree, named, request, argv)
+        dest_format = request.format or device.format
+        if tree.format is None and dest_format != "raw":
+            raise UsageError(f"disk {device.name} is a raw {tree.protocol.driver} node without a format node; "
+                             "its destination must be raw (--format raw)")
+        real, identity, is_block = _check_destination(
+            dest, device, request, dest_format, sources=[f for d in devices for f in (d.file, *d.backing_chain)])
+        # Journaled as resolved: the file (reused) or directory (created) that was checked.
+        dest = real if request.reuse_external else os.path.join(os.path.realpath(os.path.dirname(dest)),
+                                                                 os.path.basename(dest))
+        directory = os.stat(os.path.dirname(dest)) if not request.reuse_external else None
+        if real in seen_dests or real in busy_dests:
+            raise UsageError(f"destination {dest} is already the destination of another copy")
+        seen_dests.add(real)
+        backing_file = backing_format = None
+        if request.shallow and device.backing_chain and not request.reuse_external:
+            backing_file, backing_format = device.backing_chain[0], device.backing_format
+        dest_node = f"bc-{op_id}-{index}"
+        try:
+            dest_args = nodes.dest_blockdev_args(
+                tree, dest, dest_format, dest_node, f"{dest_node}-file" if tree.format else dest_node,
+                is_block_device=is_block, overrides=request.dest_options,
+                # A full copy stands alone (never a backing file named in DEST); a shallow one
+                # sits on the source's own backing node, as the source does.
+                **({} if dest_format != "qcow2" else
+                   {"backing": tree.backing if request.shallow and tree.backing else None}))
+        except nodes.NodeTreeError as exc:
+            raise UsageError(f"disk {device.name}: {exc}") from None
+        dest_args = _without_auto_read_only(dest_args)
+        if is_block and dest_format == "raw" and _block_size(real) > device.virtual_size:
+            # The guest must see the disk it had, not the whole (larger) device.
+            dest_args = _raw_size(dest_args, device.virtual_size)
+        refusal = nodes.o_direct_refusal(dest_args, dest, nodes.probe_o_direct(dest))
+        if refusal:
+            raise UsageError(f"disk {device.name}: {refusal}")
+        warnings.extend(f"disk {device.name}: {w}" for w in nodes.unknown_option_warnings(tree)
+                        if not any(f"--dest-option {k}=" in w for k in request.dest_options))
+        if tree.filters:
+            names = ", ".join(f"{f.driver} {f.name}" for f in tree.filters)
+            warnings.append(f"disk {device.name}: the filters above its image ({names}) stay in place; a "
+                            "throttle limits the copy too, as the mirror reads through it")
+        disks.append(DiskRecord(
+            name=device.name, device_key=device.device_key, source_node=tree.root,
+            source_file=device.file, source_format=tree.image_format,
+            source_file_node=tree.protocol.name if tree.format else None, virtual_size=device.virtual_size,
+            dest_path=dest, dest_format=dest_format, dest_node=dest_node,
+            job_id=f"bcj-{op_id}-{index}", backing_file=backing_file,
+            backing_format=backing_format, dest_dev=identity[0] if identity else None,
+            dest_ino=identity[1] if identity else None,
+            dest_dir_dev=directory.st_dev if directory else None,
+            dest_dir_ino=directory.st_ino if directory else None,
+            dest_args=dest_args, replaces=tree.image.name if tree.filters else None,
+            source_below=tree.nodes_below_image(with_backing_chain=not request.shallow),
+            dest_owner=_dest_owner(request, device.file), dest_mode=_dest_mode(request, device.file),
+            cluster_size=request.cluster_size or (tree.cluster_size if dest_format == "qcow2" else None),
+            preallocation=request.preallocation,
+            stage=Stage.ADD if request.reuse_external else Stage.CREATE))
+    bandwidth = int(request.bandwidth_mib * MIB) if request.bandwidth_mib else 0
+    return Operation(id=op_id, domain=request.domain, goal=request.goal, phase=Phase.STARTING,
+                     qemu_pid=qemu.pid, qemu_start=qemu.start_time, qemu_boot=qemu.boot_id,
+                     qemu_pidns=qemu.pid_ns,
+                     disks=tuple(disks), mode=request.mode, shallow=request.shallow,
+                     reuse_external=request.reuse_external, bandwidth=bandwidth,
+                     buf_size=request.buf_size if request.buf_size is not None else default_buf_size(bandwidth),
+                     warnings=tuple(warnings))
 
 
 def _chain_encrypted(device: DeviceInfo, named: list[dict[str, Any]], *, shallow: bool) -> bool:

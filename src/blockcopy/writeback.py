@@ -76,7 +76,7 @@ class Writeback:
         loop = asyncio.get_running_loop()
         interval, last_total, last_look = self.interval, None, loop.time()
         while True:
-            sizes, now = self.sizes(), loop.time()
+            sizes, now = await asyncio.to_thread(self.sizes), loop.time()  # (stat may hang on bad storage)
             total = sum(sizes.values())
             if last_total is not None:
                 interval = self.next_interval(interval, total - last_total, now - last_look)

@@ -12,6 +12,7 @@ exception class and ``exit_code`` the CLI's exit status for it.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, Literal
 
@@ -208,11 +209,12 @@ def create_app(daemon: Daemon, *, token: str | None = None, metrics: Metrics | N
         return Response(body, media_type=content_type)
 
     @app.post("/v1/recover", tags=["service"])
-    async def recover(domain: str | None = Query(None, max_length=200)) -> list[dict[str, Any]]:
-        """Retry every unfinished job now (the daemon retries them by itself too)."""
+    async def recover(domain: str | None = Query(None, max_length=200), wait: bool = False) -> list[dict[str, Any]]:
+        """Retry every unfinished job now (the daemon retries them by itself too); answered once no
+        guest is held paused, or with ``wait`` once every journaled pivot, finish or abort has ended."""
         if domain is not None:
             daemon.manager._domain(domain)
-        return [views.operation_view(op) for op in await daemon.recover(domain)]
+        return [views.operation_view(op) for op in await daemon.recover(domain, wait=wait)]
 
     # --- domains -----------------------------------------------------------------------------------
 
@@ -292,6 +294,12 @@ def create_app(daemon: Daemon, *, token: str | None = None, metrics: Metrics | N
         """Cancel; the guest stays on the sources."""
         return views.operation_view(await daemon.conclude(job, Goal.ABORT, wait=True))
 
+    @app.post("/v1/jobs/{job}/keep-copying", tags=["jobs"])
+    async def keep_copying(job: str) -> dict[str, Any]:
+        """Withdraw a pivot or finish that has not begun: the job keeps copying (what the CLI does
+        when a wait is interrupted). One under way runs to its end."""
+        return views.operation_view(await daemon.keep_copying(job))
+
     @app.post("/v1/jobs/{job}/speed", tags=["jobs"])
     async def speed(job: str, body: SpeedBody) -> dict[str, Any]:
         """Change a copying job's speed limit (QEMU's block-job-set-speed), journaled first."""
@@ -309,7 +317,7 @@ def create_app(daemon: Daemon, *, token: str | None = None, metrics: Metrics | N
         Reconnect with ``Last-Event-ID`` (or ``after``) to receive every event missed, in order, once."""
         start = after
         if last_event_id is not None:  # a reconnecting EventSource's, which wins over the URL's
-            if not last_event_id.isdigit():
+            if not re.fullmatch(r"[0-9]{1,18}", last_event_id):
                 raise UsageError(f"Last-Event-ID must be an event's sequence number, not {last_event_id!r}")
             start = int(last_event_id)
         job_id = daemon.manager._operation(job).id if job is not None else None
@@ -322,6 +330,12 @@ def create_app(daemon: Daemon, *, token: str | None = None, metrics: Metrics | N
 async def _stream(daemon: Daemon, request: Request, seq: int, job: str | None) -> AsyncIterator[str]:
     yield "retry: 1000\n\n"
     quiet = 0.0
+    oldest = daemon.journal.oldest_event_seq()
+    if oldest is not None and seq < oldest - 1:
+        # Events older than the retention were pruned: say so, rather than skip them silently.
+        data = json.dumps({"after": seq, "oldest": oldest, "detail": "events before 'oldest' were pruned; "
+                           "read every job's state with GET /v1/jobs"})
+        yield f"event: gap\ndata: {data}\n\n"
     while not daemon.streams_closed:
         generation = daemon.generation
         batch = daemon.journal.events_after(seq)

@@ -8,6 +8,7 @@ same ``--json`` views the embedded backend does.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.client
 import json
@@ -20,7 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from blockcopy import errors
-from blockcopy.errors import BlockcopyError
+from blockcopy.errors import BlockcopyError, Interrupted
 
 #: ``blockcopy --no-daemon`` or this variable set to 1: never use the daemon.
 NO_DAEMON_ENV = "BLOCKCOPY_NO_DAEMON"
@@ -177,7 +178,18 @@ class RemoteBackend:
         view = dict(self.client.call("POST", "/v1/jobs", {k: v for k, v in body.items() if v is not None}))
         if wait_until == "started" or view["outcome"] is not None:
             return view
-        return self._follow(view, after, wait_until, on_progress)
+        with self._interruptible(view["id"]):
+            return self._follow(view, after, wait_until, on_progress)
+
+    @contextlib.contextmanager
+    def _interruptible(self, job: str) -> Iterator[None]:
+        """Ctrl-C while waiting: as without the daemon, the wait's pivot or finish is withdrawn (one
+        under way runs to its end) and the job keeps copying; exit 130."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.client.call("POST", f"/v1/jobs/{_seg(job)}/keep-copying")
+            raise Interrupted(f"stopped waiting; job {job} keeps running in QEMU") from None
 
     def _follow(self, view: dict[str, Any], after: int, wait_until: str,
                 on_progress: Callable[[Any], None] | None) -> dict[str, Any]:
@@ -210,11 +222,14 @@ class RemoteBackend:
     async def conclude(self, job: str, goal: str, wait: bool, on_progress: Callable[[Any], None] | None
                        ) -> dict[str, Any]:
         query = {"wait": True} if wait and goal != "abort" else None
-        return dict(self.client.call("POST", f"/v1/jobs/{_seg(job)}/{goal}", query=query))
+        if goal == "abort":
+            return dict(self.client.call("POST", f"/v1/jobs/{_seg(job)}/abort"))
+        with self._interruptible(job):
+            return dict(self.client.call("POST", f"/v1/jobs/{_seg(job)}/{goal}", query=query))
 
     async def recover(self, domain: str | None, wait: bool, on_progress: Callable[[Any], None] | None
                       ) -> list[dict[str, Any]]:
-        return list(self.client.call("POST", "/v1/recover", query={"domain": domain}))
+        return list(self.client.call("POST", "/v1/recover", query={"domain": domain, "wait": wait or None}))
 
     async def speed(self, job: str, bandwidth_mib: float) -> dict[str, Any]:
         return dict(self.client.call("POST", f"/v1/jobs/{_seg(job)}/speed", {"bandwidth_mib": bandwidth_mib}))

@@ -42,35 +42,51 @@ class Access:
     uids: set[int] = field(default_factory=set)
     gids: set[int] = field(default_factory=set)
 
-    def allows(self, pid: int, uid: int, gid: int) -> bool:
-        if uid in (0, os.geteuid()) or uid in self.uids or gid in self.gids:
-            return True
-        return bool(self.gids & _supplementary_groups(pid))
+    def allows(self, uid: int, gid: int, groups: set[int]) -> bool:
+        return uid in (0, os.geteuid()) or uid in self.uids or gid in self.gids or bool(self.gids & groups)
 
 
-def _supplementary_groups(pid: int) -> set[int]:
+#: SO_PEERGROUPS (Linux 4.13): the peer's groups as the kernel saw them at connect(), unlike
+#: /proc/PID/status, which a peer could swap by exiting and letting another process take its pid.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+#: A connection must have sent a whole request head this long after it opened (or after its
+#: previous response): a client that trickles bytes cannot hold a connection, and so a file
+#: descriptor, for longer.
+HEAD_TIMEOUT = 10.0
+#: Connections per listener; beyond, new ones are closed at once (the daemon's descriptors are
+#: for QMP, images and the journal first).
+MAX_CONNECTIONS = 256
+
+
+def _peer_groups(sock: socket.socket) -> set[int]:
+    size = 4 * 256
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                if line.startswith("Groups:"):
-                    return {int(g) for g in line.split()[1:]}
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
     except OSError:
-        pass
-    return set()
+        return set()
+    return set(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
 
 
-def _peer_checked_protocol(access: Access) -> type[H11Protocol]:
-    class PeerChecked(H11Protocol):
-        """Refuses a unix peer that ``access`` does not allow, with a 403, before reading."""
+def _protocol(access: Access | None) -> type[H11Protocol]:
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request head, a connection cap, and,
+    for the unix socket (``access``), the peer's credentials checked before a byte is read."""
+
+    class Guarded(H11Protocol):
+        refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            if len(self.connections) > MAX_CONNECTIONS:
+                log.warning("refused a connection: %d open already", MAX_CONNECTIONS)
+                transport.abort()
+                return
+            self._arm_head_deadline()
             sock = transport.get_extra_info("socket")
-            if sock is None or sock.family != socket.AF_UNIX:
+            if access is None or sock is None or sock.family != socket.AF_UNIX:
                 return
             pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                                 struct.calcsize("3i")))
-            if not access.allows(pid, uid, gid):
+            if not access.allows(uid, gid, _peer_groups(sock)):
                 log.warning("refused a connection from uid %d gid %d (pid %d): not allowed", uid, gid, pid)
                 body = json.dumps({"type": "about:blank", "title": "Forbidden", "status": 403,
                                    "detail": f"uid {uid} may not use this blockcopy daemon; ask its administrator "
@@ -85,11 +101,30 @@ def _peer_checked_protocol(access: Access) -> type[H11Protocol]:
                     transport.write_eof()
                 asyncio.get_running_loop().call_later(5.0, transport.close)
 
+        def _arm_head_deadline(self) -> None:
+            self._head_deadline = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self._head_overdue)
+
+        def _head_overdue(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # (no request being answered)
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._head_deadline.cancel()
+            self._head_deadline = asyncio.get_running_loop().call_later(
+                HEAD_TIMEOUT + self.config.timeout_keep_alive, self._head_overdue)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            deadline = getattr(self, "_head_deadline", None)
+            if deadline is not None:
+                deadline.cancel()
+            super().connection_lost(exc)
+
         def data_received(self, data: bytes) -> None:
-            if not getattr(self, "refused", False):
+            if not self.refused:
                 super().data_received(data)
 
-    return PeerChecked
+    return Guarded
 
 
 class _Server(uvicorn.Server):
@@ -200,8 +235,7 @@ def _token(path: str) -> str:
 
 
 def _config(app: Any, access: Access | None, **ssl: Any) -> uvicorn.Config:
-    http: Any = _peer_checked_protocol(access) if access is not None else "h11"
-    return uvicorn.Config(app, http=http, lifespan="off", access_log=False, log_level="warning",
+    return uvicorn.Config(app, http=_protocol(access), lifespan="off", access_log=False, log_level="warning",
                           timeout_keep_alive=30, timeout_graceful_shutdown=3, **ssl)
 
 
