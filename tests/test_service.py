@@ -8,7 +8,9 @@ job's speed changed and then the daemon killed before QEMU heard of it.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import threading
 import time
 from collections import Counter
@@ -311,3 +313,100 @@ def _all_events(daemon: Served) -> list[tuple[int, str, dict[str, Any]]]:
     finally:
         log.stop()
     return log.events
+
+
+def test_recover_and_refused_requests_racing_copies_never_drive_a_job_twice(
+        served: Any, vm_factory: VMFactory, tmp_path: Path) -> None:
+    """While copies start, other clients ask for `recover` and send copies that are refused: each
+    job still has one driver (one `created`, one `outcome`, no record written over another)."""
+    daemon = served()
+    vms = _vms(vm_factory, 4, running=4)
+    for i, vm in enumerate(vms):
+        daemon.ok("POST", "/v1/domains", {"name": f"vm{i}", "qmp_socket": str(vm.qmp_socket)})
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def meddle() -> None:
+        while not stop.is_set():
+            statuses.append(daemon.call("POST", "/v1/recover").status)
+            statuses.append(daemon.call("POST", "/v1/jobs", _copy_body(vms[0], "vm0", tmp_path / "x",
+                                                                     cluster_size=3)).status)
+
+    meddlers = [threading.Thread(target=meddle) for _ in range(2)]
+    for t in meddlers:
+        t.start()
+    try:
+        jobs = {f"vm{i}": daemon.ok("POST", "/v1/jobs", _copy_body(vm, f"vm{i}", tmp_path, goal="pivot"))["id"]
+                for i, vm in enumerate(vms)}
+        wait_for(lambda: all(daemon.ok("GET", f"/v1/jobs/{j}")["outcome"] for j in jobs.values()), 120, "the pivots")
+    finally:
+        stop.set()
+        for t in meddlers:
+            t.join(timeout=60)
+    assert set(statuses) <= {200, 400} and statuses.count(400) > 0
+    _check_pivoted(daemon, vms, jobs, running=4)
+    events = _all_events(daemon)
+    for kind in ("created", "outcome"):
+        assert Counter(d["job"] for _s, k, d in events if k == kind) == Counter(jobs.values()), kind
+    assert "another writer" not in daemon.log.read_text()
+
+
+def test_an_abort_after_the_pivot_ended_is_refused_and_changes_nothing(served: Any, vm_factory: VMFactory,
+                                                                       tmp_path: Path) -> None:
+    daemon = served()
+    vm = vm_factory(1)
+    daemon.ok("POST", "/v1/domains", {"name": "vm", "qmp_socket": str(vm.qmp_socket)})
+    job = daemon.ok("POST", "/v1/jobs", _copy_body(vm, "vm", tmp_path, goal="pivot"))
+    wait_for(lambda: daemon.ok("GET", f"/v1/jobs/{job['id']}")["outcome"] is not None, 60, "the pivot")
+    before = daemon.ok("GET", f"/v1/jobs/{job['id']}")
+    refused = daemon.call("POST", f"/v1/jobs/{job['id']}/abort")
+    assert refused.status == 400 and "already ended" in refused.detail
+    assert daemon.ok("GET", f"/v1/jobs/{job['id']}") == before
+    kinds = [k for _s, k, d in _all_events(daemon) if d["job"] == job["id"]]
+    assert kinds[-1] == "state" and "goal" not in kinds[kinds.index("outcome"):], kinds
+
+
+def test_ctrl_c_of_a_wait_through_the_daemon_withdraws_only_that_pivot(served: Any, vm_factory: VMFactory,
+                                                                        bc: Blockcopy, tmp_path: Path) -> None:
+    daemon = served()
+    vm = vm_factory(1)
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    job = bc.ok("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--bandwidth", "0.25", "--json").json
+    waiting = bc.spawn("pivot", job["id"], "--wait")
+    wait_for(lambda: daemon.ok("GET", f"/v1/jobs/{job['id']}")["goal"] == "pivot", 30, "the pivot asked")
+    waiting.send_signal(signal.SIGINT)
+    _out, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 130, err
+    assert "keeps running" in err
+    bc.ok("speed", job["id"], "0")
+    wait_for(lambda: daemon.ok("GET", f"/v1/jobs/{job['id']}")["state"] == "ready", 60, "ready")
+    time.sleep(1)
+    status = daemon.ok("GET", f"/v1/jobs/{job['id']}")
+    assert status["goal"] == "copy" and status["outcome"] is None and status["state"] == "ready"
+    assert vm.device_node("vda")[0] == "vda-fmt"  # still on the source: the pivot was withdrawn
+
+
+def test_a_detach_queued_before_a_copy_makes_the_copy_fail_cleanly(served: Any, vm_factory: VMFactory,
+                                                                  tmp_path: Path) -> None:
+    daemon = served()
+    vm = vm_factory(1)
+    daemon.ok("POST", "/v1/domains", {"name": "vm", "qmp_socket": str(vm.qmp_socket)})
+    replies: dict[str, Any] = {}
+    os.kill(vm.process.pid, signal.SIGSTOP)  # a request on the domain waits for QEMU, holding its lock
+    try:
+        order = [("disks", "GET", "/v1/domains/vm/disks", None), ("detach", "DELETE", "/v1/domains/vm", None),
+                 ("copy", "POST", "/v1/jobs", _copy_body(vm, "vm", tmp_path))]
+        threads = []
+        for name, method, path, body in order:
+            thread = threading.Thread(target=lambda n=name, m=method, p=path, b=body:
+                                      replies.__setitem__(n, daemon.call(m, p, b)))
+            thread.start()
+            threads.append(thread)
+            time.sleep(0.5)  # queued in this order behind the domain's lock
+    finally:
+        os.kill(vm.process.pid, signal.SIGCONT)
+    for thread in threads:
+        thread.join(timeout=120)
+    assert replies["detach"].status == 200, replies["detach"]
+    assert replies["copy"].status == 404 and "unknown domain" in replies["copy"].detail
+    assert daemon.ok("GET", "/v1/jobs") == [] and vm.cmd("query-block-jobs") == []
