@@ -643,3 +643,22 @@ def test_manager_interrupt_stops_one_wait_only(vm_factory, tmp_path: Path) -> No
             manager.close()
 
     asyncio.run(run())
+
+
+def test_a_file_that_appears_at_dest_while_it_is_made_aborts_the_copy_cleanly(attached, bc: Blockcopy,
+                                                                               tmp_path: Path) -> None:
+    """The image's identity is journaled, then linking it fails (someone made DEST meanwhile): the
+    step fails with the record that journaled it, so the abort that follows is saved (not refused
+    as if another driver had written)."""
+    vm = attached(1)
+    dest = tmp_path / "d.qcow2"
+    proc = _spawn(bc, "copy", "vm", "vda", str(dest), "--pivot", "--json", fault="journal:starting@2=stop")
+    wait_for(lambda: process_state(proc.pid) == "T", 60, "the copy to stop after journaling the image")
+    dest.write_bytes(b"someone else's file")
+    os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 7, err
+    job = json.loads(out)
+    assert job["outcome"] == "failed" and "appeared while blockcopy was making it" in job["error"], job
+    assert dest.read_bytes() == b"someone else's file"  # left untouched
+    assert qemu_jobs(vm) == [] and vm.run_state() == "running"

@@ -163,6 +163,7 @@ class Driver:
         self._writeback: asyncio.Task[None] | None = None
         self._sent_once: set[tuple[str, str, str]] = set()  # (op id, command, args) of `once` commands
         self._guarding = False  # this driver holds pivot_guard
+        self._stopped = False  # the run was cancelled: a file step's thread that outlives it journals nothing
 
     @property
     def monitor(self) -> Monitor | None:
@@ -183,9 +184,11 @@ class Driver:
         transition time limit bounds it), then the cancellation goes on.
         """
         task = asyncio.ensure_future(self._run_guarded(op, until))
+        self._stopped = False
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
+            self._stopped = True
             while not task.done() and _mid_pivot(self._last_saved(op)):
                 log.warning("job %s: cancelled while the guest is paused for its pivot: finishing the pivot "
                             "first", op.id)
@@ -385,6 +388,9 @@ class Driver:
             try:
                 op, result = await self._perform(command, op)
                 identical = result or identical
+            except _Refused as exc:
+                log.info("%s refused: %s", command.describe(), exc.cause)
+                return exc.op, Failure(command, str(exc.cause)), identical
             except (CommandRefused, images.ImageError, OSError) as exc:
                 log.info("%s refused: %s", command.describe(), exc)
                 return op, Failure(command, str(exc)), identical
@@ -403,7 +409,9 @@ class Driver:
                        stalled: bool) -> Observation:
         """What QEMU says now; ``alive=False`` once the operation's QEMU process is gone. A QEMU that
         lives but does not answer is retried for the transition time limit, then reported."""
-        dest_state = tuple(_dest_state(d) if d.stage in (Stage.CREATE, Stage.ADD) else "" for d in op.disks)
+        starting = [d for d in op.disks if d.stage in (Stage.CREATE, Stage.ADD)]
+        states = iter(await asyncio.to_thread(lambda: [_dest_state(d) for d in starting]) if starting else [])
+        dest_state = tuple(next(states) if d.stage in (Stage.CREATE, Stage.ADD) else "" for d in op.disks)
         deadline = time.monotonic() + self.transition_timeout
         while True:
             try:
@@ -446,6 +454,8 @@ class Driver:
 
             async def save_identity(dev: int, ino: int) -> None:
                 nonlocal op
+                if self._stopped:  # this driver was cancelled while the thread made the image
+                    raise images.ImageError("the job's driver was stopped before the image got its name")
                 op = self.journal.save(op.with_disk(index, dest_dev=dev, dest_ino=ino),
                                        f"made the image for {disk.dest_path}")
 
@@ -459,12 +469,15 @@ class Driver:
                 disk.dest_dir_ino is not None else None
             # In a thread, as every file operation here: the daemon serves other domains meanwhile
             # (qemu-img, a preallocation, storage that hangs).
-            await asyncio.to_thread(
-                images.create, disk.dest_path, disk.dest_format, disk.virtual_size, tag=f"{op.id}-{index}",
-                backing_file=disk.backing_file, backing_format=disk.backing_format,
-                mode=0o600 if disk.dest_mode is None else disk.dest_mode, owner=disk.dest_owner,
-                cluster_size=disk.cluster_size, preallocation=disk.preallocation,
-                directory_identity=directory, before_link=journal_identity)
+            try:
+                await asyncio.to_thread(
+                    images.create, disk.dest_path, disk.dest_format, disk.virtual_size, tag=f"{op.id}-{index}",
+                    backing_file=disk.backing_file, backing_format=disk.backing_format,
+                    mode=0o600 if disk.dest_mode is None else disk.dest_mode, owner=disk.dest_owner,
+                    cluster_size=disk.cluster_size, preallocation=disk.preallocation,
+                    directory_identity=directory, before_link=journal_identity)
+            except (images.ImageError, OSError) as exc:
+                raise _Refused(op, exc) from exc  # with the record the identity was journaled in
             return op, None
         if command.kind == "add-dest":
             assert command.disk is not None
@@ -533,11 +546,17 @@ class Driver:
             raise ConnectionLost("not connected to QEMU for blockdev-add")
         if disk.dest_ino is None or disk.dest_dev is None:
             raise images.ImageError(f"the journal does not say which file {disk.dest_path} must be; refusing it")
-        fd = await asyncio.to_thread(images.open_identified, disk.dest_path, (disk.dest_dev, disk.dest_ino))
+        opening = asyncio.get_running_loop().run_in_executor(None, images.open_identified, disk.dest_path,
+                                                             (disk.dest_dev, disk.dest_ino))
+        try:
+            fd = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # the descriptor the thread still returns must not leak (O_EXCL)
+            opening.add_done_callback(_close_opened)
+            raise
         try:
             fdset = await monitor.add_fd(fd, f"{FDSET_OPAQUE_PREFIX}{disk.dest_path}")
         finally:
-            os.close(fd)
+            await asyncio.to_thread(os.close, fd)
         added = _opened_from(args, fdset_path(fdset))
         try:
             await monitor.execute("blockdev-add", added)
@@ -551,6 +570,20 @@ class Driver:
             await self.monitor.wait_event(timeout, since)
         else:
             await asyncio.sleep(min(timeout, 0.2))
+
+
+def _close_opened(done: asyncio.Future[int]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        os.close(done.result())
+
+
+class _Refused(Exception):
+    """A file step failed after it had journaled part of its work: the record it left."""
+
+    def __init__(self, op: Operation, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.op = op
+        self.cause = cause
 
 
 def _opened_from(args: Mapping[str, Any], filename: str) -> dict[str, Any]:

@@ -116,6 +116,8 @@ class Journal:
             # Checkpoints are taken by save() between pivots, not by whichever commit fills the WAL:
             # that may be the one inside a guest's pause (a checkpoint copies and fsyncs megabytes).
             self._db.execute("PRAGMA wal_autocheckpoint=0")
+            # ... and a WAL that was checkpointed is cut back to that size when it is reused.
+            self._db.execute(f"PRAGMA journal_size_limit={CHECKPOINT_BYTES}")
             if self._version() < SCHEMA_VERSION:
                 with self._transaction():
                     version = self._version()  # again, inside the lock: another process may have upgraded

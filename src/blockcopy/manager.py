@@ -201,6 +201,7 @@ class Manager:
                 replayed = self._operation(self._replayed(request) or "")
                 return (await self._drive(driver, replayed, until) if self.reconciles else replayed), False
             op = await self._plan(request, self._running(request.domain, monitor))
+            _refuse_busy(op, self.journal.operations(unfinished=True))  # again: planning ran in a thread
             op = dataclasses.replace(op, client_key=request.client_key,
                                      request_digest=request.digest() if request.client_key else None)
             op = self.journal.save(op, f"planned: {request.goal.value} of "
@@ -576,6 +577,17 @@ def _plan_disks(request: CopyRequest, qemu: QemuProcess, block: list[dict[str, A
                      reuse_external=request.reuse_external, bandwidth=bandwidth,
                      buf_size=request.buf_size if request.buf_size is not None else default_buf_size(bandwidth),
                      warnings=tuple(warnings))
+
+
+def _refuse_busy(op: Operation, active: Sequence[Operation]) -> None:
+    """A disk or destination that another unfinished job took while this one was planned."""
+    keys = {(o.domain, d.device_key): o.id for o in active for d in o.disks}
+    dests = {d.dest_path: o.id for o in active for d in o.disks}  # (journaled resolved: no file system call)
+    for disk in op.disks:
+        holder = keys.get((op.domain, disk.device_key)) or dests.get(disk.dest_path)
+        if holder:
+            raise UsageError(f"disk {disk.name} or its destination {disk.dest_path} was taken by job {holder} "
+                             "meanwhile; nothing was started")
 
 
 def _chain_encrypted(device: DeviceInfo, named: list[dict[str, Any]], *, shallow: bool) -> bool:

@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 1.0
 #: Events are kept this long (a client that reconnects later starts from the oldest kept).
 EVENT_RETENTION = 30 * 86400.0
+#: Threads for file steps (planning's checks, creating DEST, fsyncs, writeback).
+FILE_THREADS = 64
 #: A job whose task failed (QEMU unreachable, a transition stalled) is retried after this long,
 #: doubling up to RETRY_MAX.
 RETRY_FIRST, RETRY_MAX = 0.5, 10.0
@@ -89,9 +92,12 @@ class ResidentManager(Manager):
 
     @asynccontextmanager
     async def _exclusive(self, name: str) -> AsyncIterator[None]:
-        hub = self.daemon.hub(name)
-        async with hub.lock:
-            yield
+        while True:
+            hub = self.daemon.hub(name)
+            async with hub.lock:
+                if self.daemon.hubs.get(name) is hub:  # (else detached and attached again meanwhile)
+                    yield
+                    return
 
     async def _open_link(self, domain: Domain) -> Link:
         link = await self.daemon.hub(domain.name).follow(domain)
@@ -149,14 +155,15 @@ class Daemon:
         is held paused (pivots under way are finished or rolled back) before serving anything, then
         follow each job in its own task. A domain whose lock file a command holds is adopted once
         the command ends; what stops one job's recovery is retried in the background."""
+        # File steps run in threads; one that hangs on dead storage keeps its thread: room for many.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(FILE_THREADS, "blockcopy-files"))
         self.journal.prune_events(EVENT_RETENTION)
         self._background.append(asyncio.create_task(self._prune_events_daily()))
-        for domain in self.journal.domains():
-            self._take(domain.name)
+        busy = [domain.name for domain in self.journal.domains() if not self._take(domain.name)]
         unfinished = self.journal.operations(unfinished=True)
         for op in sorted(unfinished, key=lambda o: not holds_guest(o)):
             if op.domain not in self.hubs:
-                continue  # (adopted later)
+                continue  # (adopted once recovery here is done)
             self.recovery_runs += 1
             try:
                 async with self.hubs[op.domain].lock:
@@ -166,14 +173,17 @@ class Daemon:
                 log.warning("job %s: recovery at start: %s (retried in the background)", op.id, exc)
         for name in list(self.hubs):
             self._follow_domain(name)
+        for name in busy:  # (only now: its jobs must not be recovered above and followed at once)
+            self._background.append(asyncio.create_task(self._adopt(name)))
 
-    def _take(self, name: str) -> None:
-        """The domain's hub, or, while a command holds its lock file, a task that adopts it later."""
+    def _take(self, name: str) -> bool:
+        """Take the domain's hub; False while a command holds its lock file."""
         try:
             self.hub(name)
         except DomainBusy as exc:
             log.warning("%s; its jobs are followed once it is free", exc)
-            self._background.append(asyncio.create_task(self._adopt(name)))
+            return False
+        return True
 
     async def _adopt(self, name: str) -> None:
         while not self.closing and self.journal.domain(name) is not None:
@@ -188,6 +198,8 @@ class Daemon:
     async def _prune_events_daily(self) -> None:
         while not self.closing:
             await asyncio.sleep(86400.0)
+            while not self.journal.may_checkpoint():  # not while a guest is paused for a pivot
+                await asyncio.sleep(1.0)
             self.journal.prune_events(EVENT_RETENTION)
 
     async def close_streams(self) -> None:

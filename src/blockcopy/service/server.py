@@ -59,9 +59,9 @@ MAX_CONNECTIONS = 256
 
 
 def _peer_groups(sock: socket.socket) -> set[int]:
-    size = 4 * 256
+    """The peer's supplementary groups (NGROUPS_MAX is 65536: asked with room for all)."""
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 65536)
     except OSError:
         return set()
     return set(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
