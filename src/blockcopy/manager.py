@@ -451,12 +451,7 @@ class Manager:
         op = self._operation(op_id)
         async with self._session(op.domain, on_progress) as (_monitor, driver):
             op = self._operation(op_id)
-            if op.finished:
-                message = (f"job {op_id} has already ended: outcome {op.outcome}, authoritative image: "
-                           f"{op.authoritative}" + (f"; error: {op.error}" if op.error else ""))
-                raise OperationFailed(message) if op.outcome is Outcome.FAILED else UsageError(message)
-            if goal is not Goal.ABORT and op.goal is Goal.ABORT:
-                raise UsageError(f"job {op_id} is being aborted")
+            refuse_concluded(op, goal)
             ready = all(d.job_status == "ready" for d in op.disks)
             if goal is not Goal.ABORT and not wait and not ready:
                 raise NotReady(f"job {op_id} is not ready to {goal.value} yet: {_progress_text(op)}. "
@@ -577,6 +572,20 @@ def _plan_disks(request: CopyRequest, qemu: QemuProcess, block: list[dict[str, A
                      reuse_external=request.reuse_external, bandwidth=bandwidth,
                      buf_size=request.buf_size if request.buf_size is not None else default_buf_size(bandwidth),
                      warnings=tuple(warnings))
+
+
+def refuse_concluded(op: Operation, goal: Goal) -> None:
+    """A pivot, finish or abort asked of a job whose outcome is journaled (it has ended, or only
+    its cleanup is left), or a pivot or finish of a job being aborted.
+
+    :raise OperationFailed: it ended failed. :raise UsageError: otherwise.
+    """
+    if op.finished or op.outcome is not None:
+        message = (f"job {op.id} has already ended: outcome {op.outcome}, authoritative image: "
+                   f"{op.authoritative}" + (f"; error: {op.error}" if op.error else ""))
+        raise OperationFailed(message) if op.outcome is Outcome.FAILED else UsageError(message)
+    if goal is not Goal.ABORT and op.goal is Goal.ABORT:
+        raise UsageError(f"job {op.id} is being aborted")
 
 
 def _refuse_busy(op: Operation, active: Sequence[Operation]) -> None:

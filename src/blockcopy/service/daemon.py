@@ -32,14 +32,13 @@ from blockcopy.errors import (
     BlockcopyError,
     DomainBusy,
     NotReady,
-    OperationFailed,
     UsageError,
 )
 from blockcopy.journal import Domain
 from blockcopy.locking import DomainLock
-from blockcopy.manager import CopyRequest, Manager
+from blockcopy.manager import CopyRequest, Manager, refuse_concluded
 from blockcopy.monitor import DeviceInfo, Monitor
-from blockcopy.records import Goal, Operation, Outcome, Phase
+from blockcopy.records import Goal, Operation, Phase
 
 log = logging.getLogger(__name__)
 
@@ -316,12 +315,7 @@ class Daemon:
 
     def _concludable(self, op_id: str, goal: Goal) -> Operation:
         op = self.manager._operation(op_id)
-        if op.finished:
-            message = (f"job {op.id} has already ended: outcome {op.outcome}, authoritative image: "
-                       f"{op.authoritative}" + (f"; error: {op.error}" if op.error else ""))
-            raise OperationFailed(message) if op.outcome is Outcome.FAILED else UsageError(message)
-        if goal is not Goal.ABORT and op.goal is Goal.ABORT:
-            raise UsageError(f"job {op.id} is being aborted")
+        refuse_concluded(op, goal)
         return op
 
     async def keep_copying(self, op_id: str) -> Operation:
