@@ -80,6 +80,15 @@ def pick_accel(deadline: float = 5.0) -> str:
     return "kvm" if ok else "tcg"
 
 
+#: A minimal firmware (Debian's qemu-system-data ships it): with nothing to boot it halts. The
+#: default SeaBIOS keeps a core busy looking for a boot device, and the tests start hundreds of VMs.
+QBOOT = "/usr/share/qemu/qboot.rom"
+
+
+def _quiet_firmware() -> list[str]:
+    return ["-bios", QBOOT] if os.path.exists(QBOOT) else []
+
+
 class ScratchVM:
     """A QEMU process with virtio disks and no guest OS (the firmware idles)."""
 
@@ -93,7 +102,7 @@ class ScratchVM:
         self.aux_socket = workdir / f"{name}.aux.qmp"
         self.log_path = workdir / f"{name}.log"
         args = [QEMU, "-name", name, "-nodefaults", "-no-user-config", "-display", "none",
-                "-machine", f"q35,accel={accel}", "-m", str(memory_mib),
+                "-machine", f"q35,accel={accel}", "-m", str(memory_mib), *_quiet_firmware(),
                 "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
                 "-qmp", f"unix:{self.aux_socket},server=on,wait=off"]
         for disk in disks:
