@@ -58,13 +58,25 @@ HEAD_TIMEOUT = 10.0
 MAX_CONNECTIONS = 256
 
 
-def _peer_groups(sock: socket.socket) -> set[int]:
-    """The peer's supplementary groups (NGROUPS_MAX is 65536: asked with room for all)."""
+def _peer_groups(sock: socket.socket, pid: int) -> set[int]:
+    """The peer's supplementary groups. Python reads at most 1024 bytes of a socket option (256
+    groups); a peer with more is read from /proc (as of now, not of its connect)."""
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 65536)
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
     except OSError:
-        return set()
+        return _proc_groups(pid)
     return set(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+
+
+def _proc_groups(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except OSError:
+        pass
+    return set()
 
 
 def _protocol(access: Access | None) -> type[H11Protocol]:
@@ -86,7 +98,7 @@ def _protocol(access: Access | None) -> type[H11Protocol]:
                 return
             pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                                 struct.calcsize("3i")))
-            if not access.allows(uid, gid, _peer_groups(sock)):
+            if not access.allows(uid, gid, _peer_groups(sock, pid)):
                 log.warning("refused a connection from uid %d gid %d (pid %d): not allowed", uid, gid, pid)
                 body = json.dumps({"type": "about:blank", "title": "Forbidden", "status": 403,
                                    "detail": f"uid {uid} may not use this blockcopy daemon; ask its administrator "
