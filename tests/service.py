@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,17 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class _Unix(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.unix_path)
-        self.sock = sock
+from blockcopy.service.client import UnixHTTPConnection, read_events
 
 
 @dataclass
@@ -79,7 +68,7 @@ class Served:
 
     def call(self, method: str, path: str, body: Any = None, *, headers: dict[str, str] | None = None,
              raw: bytes | None = None, timeout: float = 120.0) -> Reply:
-        conn = _Unix(str(self.socket), timeout)
+        conn = UnixHTTPConnection(str(self.socket), timeout)
         try:
             data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
             conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
@@ -133,28 +122,17 @@ class EventLog:
             self.reconnects += 1
             time.sleep(0.05)
 
+    def _lines(self, response: http.client.HTTPResponse) -> Iterator[bytes]:
+        while not self._stop.is_set() and (line := response.readline()):
+            yield line
+
     def _stream(self) -> Iterator[tuple[int, str, dict[str, Any]]]:
-        conn = _Unix(str(self.served.socket), 30.0)  # (the daemon sends a keepalive every 15 s)
+        conn = UnixHTTPConnection(str(self.served.socket), 30.0)  # (the daemon sends a keepalive every 15 s)
         try:
             conn.request("GET", "/v1/events", headers={"Last-Event-ID": str(self.last())})
             response = conn.getresponse()
             if response.status != 200:
                 return
-            seq, kind, data = 0, "", ""
-            while not self._stop.is_set():
-                raw = response.readline()
-                if not raw:
-                    return
-                line = raw.decode().rstrip("\n")
-                if not line:
-                    if data:
-                        yield seq, kind, json.loads(data)
-                    seq, kind, data = 0, "", ""
-                elif line.startswith("id:"):
-                    seq = int(line[3:])
-                elif line.startswith("event:"):
-                    kind = line[6:].strip()
-                elif line.startswith("data:"):
-                    data += line[5:].strip()
+            yield from read_events(self._lines(response))
         finally:
             conn.close()

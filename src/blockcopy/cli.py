@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from blockcopy import __version__, nodes, views
@@ -415,10 +415,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"blockcopy: error: {exc}", file=sys.stderr)
         return exc.exit_code
     if remote is not None:
-        return _run(lambda _manager: run_command(args, remote, out), None, manager=False)
-    return _run(lambda manager: run_command(args, EmbeddedBackend(manager), out), args.state_dir,
-                create_journal=args.command == "attach", command_timeout=args.qmp_timeout,
-                transition_timeout=args.transition_timeout)
+        return _run(lambda: _through_daemon(args, remote, out))
+    return _run(lambda: _embedded(args, out))
+
+
+async def _through_daemon(args: argparse.Namespace, backend: Any, out: Output) -> int:
+    # The daemon's client blocks in reads: Ctrl-C must interrupt one (KeyboardInterrupt), not wait
+    # to cancel a task that is never scheduled meanwhile.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return await run_command(args, backend, out)
+
+
+async def _embedded(args: argparse.Namespace, out: Output) -> int:
+    manager = Manager(args.state_dir, create_journal=args.command == "attach", command_timeout=args.qmp_timeout,
+                      transition_timeout=args.transition_timeout)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, manager.interrupt.set)
+    try:
+        return await run_command(args, EmbeddedBackend(manager), out)
+    finally:
+        manager.close()
 
 
 def _daemon(state_dir: str | None, socket_path: str | None) -> Any:
@@ -454,33 +471,16 @@ def _serve(args: argparse.Namespace) -> int:
     return server.run(options, log_level=logging.INFO if args.verbose else logging.WARNING)
 
 
-def _run(body: Callable[[Manager], Awaitable[int]], state_dir: str | None, *, create_journal: bool = False,
-         command_timeout: float = Monitor.DEFAULT_COMMAND_TIMEOUT, transition_timeout: float = TRANSITION_TIMEOUT,
-         manager: bool = True) -> int:
-    async def runner() -> int:
-        if not manager:
-            # The daemon's client blocks in reads: Ctrl-C must interrupt one (KeyboardInterrupt),
-            # not wait to cancel a task that is never scheduled meanwhile.
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            return await body(None)  # type: ignore[arg-type]
-        local = Manager(state_dir, create_journal=create_journal, command_timeout=command_timeout,
-                        transition_timeout=transition_timeout)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, local.interrupt.set)
-        try:
-            return await body(local)
-        finally:
-            local.close()
-
+def _run(command: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run a command's coroutine; errors become a message and the CLI's exit status."""
     try:
-        return asyncio.run(runner())
-    except BlockcopyError as exc:
-        if exc.exit_code != Interrupted.exit_code:
-            print(f"blockcopy: error: {exc}", file=sys.stderr)
-            return exc.exit_code
+        return asyncio.run(command())
+    except Interrupted as exc:
         print(f"blockcopy: {exc}. `blockcopy status` shows it; `blockcopy pivot`, `finish` or `abort` "
               "ends it.", file=sys.stderr)
+        return exc.exit_code
+    except BlockcopyError as exc:
+        print(f"blockcopy: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("blockcopy: interrupted; the daemon goes on. `blockcopy jobs` shows the jobs", file=sys.stderr)

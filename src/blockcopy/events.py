@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from blockcopy.records import Operation, Phase
+from blockcopy.records import Operation, Phase, job_state
 
 KINDS = ("created", "state", "goal", "ready", "progress", "speed", "pause", "outcome")
 
@@ -40,13 +40,6 @@ class Event:
     data: dict[str, Any]
 
 
-def _state(op: Operation) -> str:
-    # (views.state, without importing views: it imports the journal)
-    if op.phase is Phase.COPYING:
-        return "ready" if op.disks and all(d.job_status == "ready" for d in op.disks) else "running"
-    return {"starting": "created", "finalizing": "pivoting", "done": "concluded"}.get(op.phase.value, op.phase.value)
-
-
 def _progress(op: Operation) -> tuple[int, int]:
     return sum(d.progress_current for d in op.disks), sum(d.progress_total for d in op.disks)
 
@@ -55,7 +48,7 @@ def derive(old: Operation | None, new: Operation, note: str) -> list[tuple[str, 
     """The events that saving ``new`` over ``old`` (None: the first record) makes, in order."""
     base = {"job": new.id, "domain": new.domain}
     if old is None:
-        return [("created", {**base, "goal": new.goal.value, "state": _state(new),
+        return [("created", {**base, "goal": new.goal.value, "state": job_state(new),
                              "disks": [{"disk": d.name, "destination": d.dest_path} for d in new.disks]})]
     out: list[tuple[str, dict[str, Any]]] = []
     if new.goal is not old.goal:
@@ -64,7 +57,7 @@ def derive(old: Operation | None, new: Operation, note: str) -> list[tuple[str, 
         out.append(("speed", {**base, "bandwidth": new.bandwidth, "applied": new.speed_applied}))
     if new.phase is not old.phase:
         out.append(("state", {**base, "phase": new.phase.value, "previous": old.phase.value,
-                              "state": _state(new), "note": note}))
+                              "state": job_state(new), "note": note}))
     if new.ready_at is not None and old.ready_at is None:
         out.append(("ready", {**base, "ready_at": new.ready_at}))
     current, total = _progress(new)

@@ -223,3 +223,22 @@ def _plain(value: Any) -> Any:
         return {k: _plain(v) for k, v in value.items()}
     return value
 
+
+
+_STATE_BY_PHASE = {
+    Phase.STARTING: "created",
+    Phase.PIVOTING: "pivoting",
+    Phase.FINALIZING: "pivoting",
+    Phase.FINISHING: "finishing",
+    Phase.ABORTING: "aborting",
+    Phase.SETTLING: "settling",
+    Phase.DONE: "concluded",
+}
+
+
+def job_state(op: Operation) -> str:
+    """QEMU-style job state for the whole operation: created, running, ready, pivoting, ... concluded
+    (what `jobs` shows and events say)."""
+    if op.phase is Phase.COPYING:
+        return "ready" if op.disks and all(d.job_status == "ready" for d in op.disks) else "running"
+    return _STATE_BY_PHASE[op.phase]

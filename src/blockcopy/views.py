@@ -9,24 +9,10 @@ from typing import Any
 
 from blockcopy.journal import Domain
 from blockcopy.monitor import DeviceInfo
-from blockcopy.records import Authority, DiskRecord, Operation, Phase
+from blockcopy.records import Authority, DiskRecord, Operation, job_state
 
-_STATE_BY_PHASE = {
-    Phase.STARTING: "created",
-    Phase.PIVOTING: "pivoting",
-    Phase.FINALIZING: "pivoting",
-    Phase.FINISHING: "finishing",
-    Phase.ABORTING: "aborting",
-    Phase.SETTLING: "settling",
-    Phase.DONE: "concluded",
-}
-
-
-def state(op: Operation) -> str:
-    """QEMU-style job state for the whole operation: created, running, ready, pivoting, ... concluded."""
-    if op.phase is Phase.COPYING:
-        return "ready" if op.disks and all(d.job_status == "ready" for d in op.disks) else "running"
-    return _STATE_BY_PHASE[op.phase]
+#: QEMU-style job state for the whole operation (kept here by that name for the views' users).
+state = job_state
 
 
 def _progress(current: int, total: int) -> dict[str, Any]:

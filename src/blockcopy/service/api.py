@@ -62,9 +62,16 @@ def status_of(exc: BlockcopyError) -> int:
     return next((status for kind, status in _STATUS if isinstance(exc, kind)), 500)
 
 
+def problem_document(status: int, title: str, detail: str, *, error: str = "UsageError",
+                     exit_code: int = UsageError.exit_code, **extra: Any) -> dict[str, Any]:
+    """An RFC 9457 problem with the CLI's exception name and exit status (bad input unless said)."""
+    return {"type": "about:blank", "title": title, "status": status, "detail": detail, "error": error,
+            "exit_code": exit_code, **extra}
+
+
 def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
-    return JSONResponse(body, status_code=status, media_type="application/problem+json")
+    return JSONResponse(problem_document(status, title, detail, **extra), status_code=status,
+                        media_type="application/problem+json")
 
 
 class _Strict(BaseModel):
@@ -172,17 +179,15 @@ def create_app(daemon: Daemon, *, token: str | None = None, metrics: Metrics | N
         malformed = any(e.get("type") == "json_invalid" for e in exc.errors())
         detail = "; ".join(f"{e['where']}: {e['problem']}" for e in errors[:5]) or "invalid request"
         if malformed:
-            return problem(400, "Malformed JSON", f"the body is not valid JSON ({detail})", error="UsageError",
-                           exit_code=UsageError.exit_code)
-        return problem(422, "Invalid request", detail, errors=errors, error="UsageError",
-                       exit_code=UsageError.exit_code)
+            return problem(400, "Malformed JSON", f"the body is not valid JSON ({detail})")
+        return problem(422, "Invalid request", detail, errors=errors)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
         detail = {404: "no such resource; GET /openapi.json lists them",
                   405: "this resource does not take that method"}.get(exc.status_code, str(exc.detail))
         title = {404: "Not Found", 405: "Method Not Allowed", 413: "Request too large"}.get(exc.status_code, "Error")
-        return problem(exc.status_code, title, detail, error="UsageError", exit_code=UsageError.exit_code)
+        return problem(exc.status_code, title, detail)
 
     @app.exception_handler(Exception)
     async def internal(_request: Request, exc: Exception) -> JSONResponse:
@@ -381,8 +386,8 @@ class _Guard:
 
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, b"Bearer " + self.token.encode()):
-                await problem(401, "Unauthorized", "this listener needs `Authorization: Bearer TOKEN`",
-                              error="UsageError", exit_code=UsageError.exit_code)(scope, receive, send)
+                await problem(401, "Unauthorized", "this listener needs `Authorization: Bearer TOKEN`")(
+                    scope, receive, send)
                 return
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > MAX_BODY:
@@ -415,8 +420,7 @@ class _BodyTooLarge(HTTPException):
 
 
 async def _too_large(scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
-    await problem(413, "Request too large", _TOO_LARGE, error="UsageError",
-                  exit_code=UsageError.exit_code)(scope, receive, send)
+    await problem(413, "Request too large", _TOO_LARGE)(scope, receive, send)
 
 
 def openapi_document() -> dict[str, Any]:

@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,7 +33,9 @@ def default_socket(state_dir: Path) -> Path:
     return Path(env) if env else state_dir / "run" / "blockcopy.sock"
 
 
-class _UnixConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a unix socket (the daemon's API)."""
+
     def __init__(self, path: str, timeout: float | None) -> None:
         super().__init__("localhost", timeout=timeout)
         self.path = path
@@ -89,7 +91,7 @@ class DaemonClient:
         """One request; the decoded JSON reply. :raise BlockcopyError: the daemon's error, as the CLI's."""
         if query:
             path += "?" + urllib.parse.urlencode({k: _q(v) for k, v in query.items() if v is not None})
-        conn = _UnixConnection(self.path, self.timeout)
+        conn = UnixHTTPConnection(self.path, self.timeout)
         try:
             data = json.dumps(body).encode() if body is not None else None
             conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
@@ -112,27 +114,33 @@ class DaemonClient:
         """Server-sent events from ``after`` on: (sequence number, kind, data), until the daemon
         closes the stream (it stops)."""
         query = urllib.parse.urlencode({k: v for k, v in (("after", after), ("job", job)) if v is not None})
-        conn = _UnixConnection(self.path, None)
+        conn = UnixHTTPConnection(self.path, None)
         try:
             conn.request("GET", f"/v1/events?{query}", headers={"Accept": "text/event-stream"})
             response = conn.getresponse()
             if response.status >= 400:
                 raise error_from(response.status, json.loads(response.read() or b"{}"))
-            seq, kind, data = 0, "", ""
-            for raw in response:
-                line = raw.decode().rstrip("\n")
-                if not line:
-                    if data:
-                        yield seq, kind, json.loads(data)
-                    seq, kind, data = 0, "", ""
-                elif line.startswith("id:"):
-                    seq = int(line[3:].strip())
-                elif line.startswith("event:"):
-                    kind = line[6:].strip()
-                elif line.startswith("data:"):
-                    data += line[5:].strip()
+            yield from read_events(response)
         finally:
             conn.close()
+
+
+def read_events(lines: Iterable[bytes]) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """Server-sent events from a stream's lines: (sequence number, kind, data). Comments and the
+    ``retry`` line are skipped; an event without data (none are sent) too."""
+    seq, kind, data = 0, "", ""
+    for raw in lines:
+        line = raw.decode().rstrip("\n")
+        if not line:
+            if data:
+                yield seq, kind, json.loads(data)
+            seq, kind, data = 0, "", ""
+        elif line.startswith("id:"):
+            seq = int(line[3:].strip())
+        elif line.startswith("event:"):
+            kind = line[6:].strip()
+        elif line.startswith("data:"):
+            data += line[5:].strip()
 
 
 def _q(value: Any) -> str:

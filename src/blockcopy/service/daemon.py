@@ -57,7 +57,6 @@ class Hub:
     """One attached domain: its QMP link (kept open), its request lock, its pivot guard, its lock file."""
 
     def __init__(self, domain: Domain, connect: Callable[[str], Awaitable[Monitor]], file_lock: DomainLock) -> None:
-        self.name = domain.name
         self._connect = connect
         self.link = self._new_link(domain.qmp_socket)
         self.lock = asyncio.Lock()
@@ -144,8 +143,6 @@ class Daemon:
         self.streams_closed = False
         self.started_at = time.time()
         self.recovery_runs = 0  # runs of a job's driver at start and after a failed run
-        #: (event kind) -> called for every event the daemon's journal writes (metrics)
-        self.event_hooks: list[Callable[[], None]] = []
 
     # --- life --------------------------------------------------------------------------------------
 
@@ -235,15 +232,10 @@ class Daemon:
         return hub
 
     async def _link(self, name: str) -> Link:
-        domain = self.manager._domain(name)
-        link = await self.hub(name).follow(domain)
-        await link.open()
-        return link
+        return await self.manager._open_link(self.manager._domain(name))
 
     def _journal_wrote(self) -> None:
         self.generation += 1
-        for hook in self.event_hooks:
-            hook()
 
         async def notify() -> None:
             async with self.changed:
@@ -401,9 +393,6 @@ class Daemon:
             if state is not None and state.errors > errors and state.error is not None:
                 raise state.error
             if state is None or state.task.done():
-                op = self.manager._operation(op_id)
-                if condition(op):
-                    return op
                 raise UsageError(f"job {op_id} is not followed by the daemon (it is {op.phase.value}); "
                                  "run `blockcopy recover`")
             await self.changes_since(generation, 0.5)

@@ -27,7 +27,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from blockcopy.errors import BlockcopyError, UsageError
-from blockcopy.service.api import create_app
+from blockcopy.service.api import create_app, problem_document
 from blockcopy.service.client import default_socket
 from blockcopy.service.daemon import Daemon
 from blockcopy.service.metrics import Metrics
@@ -100,10 +100,9 @@ def _protocol(access: Access | None) -> type[H11Protocol]:
                                                                 struct.calcsize("3i")))
             if not access.allows(uid, gid, _peer_groups(sock, pid)):
                 log.warning("refused a connection from uid %d gid %d (pid %d): not allowed", uid, gid, pid)
-                body = json.dumps({"type": "about:blank", "title": "Forbidden", "status": 403,
-                                   "detail": f"uid {uid} may not use this blockcopy daemon; ask its administrator "
-                                   "for --allow-user or --allow-group", "error": "UsageError",
-                                   "exit_code": UsageError.exit_code}).encode()
+                body = json.dumps(problem_document(
+                    403, "Forbidden", f"uid {uid} may not use this blockcopy daemon; ask its administrator for "
+                    "--allow-user or --allow-group")).encode()
                 transport.write(b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/problem+json\r\n"
                                 b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
                 # Half-close and discard what the peer sends: closing with its request unread would
