@@ -38,7 +38,7 @@ def test_once_commands_go_out_once_per_process() -> None:
 
 def test_the_observation_behind_finalize_goes_out_only_after_the_commands() -> None:
     """QEMU answers in order, so queries sent after the finalizes see their effect; the wait is on the
-    client's count of written messages (not on asyncio's scheduling), and ends if a command failed
+    client's count of queued messages (not on asyncio's scheduling), and ends if a command failed
     before it was written."""
     import asyncio
     from typing import Any
@@ -47,7 +47,7 @@ def test_the_observation_behind_finalize_goes_out_only_after_the_commands() -> N
     from blockcopy.records import Goal, Operation, Phase
 
     class Wire:
-        messages_sent = 0
+        messages_queued = 0
 
     wire = Wire()
     driver = Driver(journal=None, link=Link("/nonexistent", connect=None))  # type: ignore[arg-type]
@@ -55,17 +55,17 @@ def test_the_observation_behind_finalize_goes_out_only_after_the_commands() -> N
     seen: list[int] = []
 
     async def observe(*_args: Any) -> Any:
-        seen.append(wire.messages_sent)
+        seen.append(wire.messages_queued)
         return "observation"
 
     driver._observe = observe  # type: ignore[method-assign,assignment]
     op = Operation(id="x", domain="d", goal=Goal.PIVOT, phase=Phase.FINALIZING, disks=())
 
     async def two_finalizes() -> None:
-        for _ in range(2):  # the writer puts them on the wire a few loop turns later
+        for _ in range(2):  # the library queues them a few loop turns later
             for _ in range(3):
                 await asyncio.sleep(0)
-            wire.messages_sent += 1
+            wire.messages_queued += 1
         await asyncio.sleep(0.05)  # the replies
 
     async def refused_before_sent() -> None:

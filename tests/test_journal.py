@@ -240,3 +240,61 @@ def test_a_save_made_from_a_record_another_writer_replaced_is_refused(tmp_path: 
         first.save(dataclasses.replace(op, phase=Phase.COPYING), "stale step")
     assert first.get("x") == theirs
     assert [e.kind for e in first.events_after(0)] == ["created", "state", "outcome"]
+
+
+def test_two_saves_made_from_one_record_in_one_process_are_refused_the_second_time(tmp_path: Path) -> None:
+    """The journal's own cache of the last record it saved must not hide a second writer in the same
+    process (two tasks of the daemon on one job)."""
+    j = Journal(tmp_path)
+    op = j.save(_op(), "planned", new=True)
+    mine = j.save(dataclasses.replace(op, phase=Phase.COPYING), "first")
+    with pytest.raises(StaleRecord, match="another writer"):
+        j.save(dataclasses.replace(op, phase=Phase.ABORTING), "second, from the same record")
+    assert Journal(tmp_path).get("x") == mine
+    assert [e.data.get("phase") for e in j.events_after(0) if e.kind == "state"] == ["copying"]
+
+
+def test_a_record_as_plain_data_is_what_dataclasses_make_of_it() -> None:
+    """The hand-made ``to_dict`` (kept fast for the pivot's pause) leaves no field out and makes
+    every tuple a list, as ``dataclasses.asdict`` would."""
+    def listed(value: object) -> object:
+        if isinstance(value, tuple | list):
+            return [listed(v) for v in value]
+        if isinstance(value, dict):
+            return {k: listed(v) for k, v in value.items()}
+        return value
+
+    disk = dataclasses.replace(_op().disks[0], dest_args={"driver": "qcow2", "file": {"driver": "file",
+                                                                                       "x": [1, 2]}},
+                               source_below=("a", "b"), dest_owner=(1, 2), pivoted=True)
+    op = dataclasses.replace(_op(), disks=(disk, disk), warnings=("w",), identical=(True, False),
+                             outcome=Outcome.PIVOTED, authoritative=Authority.BOTH, client_key="k")
+    plain = op.to_dict()
+    assert plain == listed(dataclasses.asdict(op))
+    assert json.loads(json.dumps(plain)) == plain  # JSON through and through
+    assert Operation.from_dict(plain) == op
+
+
+def test_the_wal_is_emptied_as_a_pivot_begins_so_the_pauses_commits_do_not_grow_it(tmp_path: Path) -> None:
+    """Commits that overwrite the WAL fsync faster than commits that grow it (0.6 against 0.8 ms
+    here), and two of them fall inside the guest's pause."""
+    j = Journal(tmp_path)
+    op = j.save(dataclasses.replace(_op(), phase=Phase.COPYING, warnings=("x" * 20000,)), "planned", new=True)
+    for i in range(30):
+        op = j.save(dataclasses.replace(op, error=str(i)), "progress")
+    wal = tmp_path / f"{Journal.FILENAME}-wal"
+    before = wal.stat().st_size
+    op = j.save(dataclasses.replace(op, phase=Phase.PIVOTING), "pivot")
+    for phase in (Phase.FINALIZING, Phase.SETTLING):
+        op = j.save(dataclasses.replace(op, phase=phase), "in the pause")
+    assert wal.stat().st_size == before
+    # ... and not when the daemon says another guest is paused now (a checkpoint takes milliseconds).
+    other = Journal(tmp_path / "other")
+    other.may_checkpoint = lambda: False
+    op = other.save(dataclasses.replace(_op(), phase=Phase.COPYING, warnings=("x" * 20000,)), "planned", new=True)
+    for i in range(30):
+        op = other.save(dataclasses.replace(op, error=str(i)), "progress")
+    wal = tmp_path / "other" / f"{Journal.FILENAME}-wal"
+    before = wal.stat().st_size
+    op = other.save(dataclasses.replace(op, phase=Phase.PIVOTING), "pivot")
+    assert wal.stat().st_size > before

@@ -262,9 +262,10 @@ class Driver:
 
     async def _observe_behind(self, running: asyncio.Future[Any], sent: int, op: Operation,
                               identical: tuple[bool, ...] | None) -> Observation:
-        """Observe once ``sent`` messages are on the wire (the commands of this step), or once they
-        have run (one failed before it was sent, the connection changed): never ahead of them."""
-        while (monitor := self.monitor) is not None and monitor.messages_sent < sent and not running.done():
+        """Observe once ``sent`` messages are queued for QEMU (the commands of this step: the library
+        writes its queue in order), or once they have run (one failed before it was queued, the
+        connection changed): never ahead of them."""
+        while (monitor := self.monitor) is not None and monitor.messages_queued < sent and not running.done():
             await asyncio.sleep(0)
         return await self._observe(op, None, identical, False)
 
@@ -312,7 +313,7 @@ class Driver:
             commands = self._not_sent_yet(op, step.commands)
             if step.observe_at_once and commands and not faults.serial():
                 # QEMU answers in order: queries sent right behind the commands see their effect.
-                sent = self.monitor.messages_sent if self.monitor is not None else 0
+                sent = self.monitor.messages_queued if self.monitor is not None else 0
                 running = asyncio.ensure_future(self._run_commands(commands, op))
                 ahead = asyncio.ensure_future(self._observe_behind(running, sent + len(commands), op, identical))
                 op, failure, identical = await running

@@ -63,13 +63,17 @@ class LeanQMPClient(QMPClient):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self._short_ids = itertools.count(1)
-        self.sent = 0  # messages written to the socket, in order
+        self.queued = 0  # messages put in the library's outgoing queue, which it writes in order
 
     def _get_exec_id(self) -> str:
         return f"{next(self._short_ids):x}"  # unique per connection, as the protocol asks
 
+    async def _issue(self, msg: Message) -> str | None:
+        msg_id = await super()._issue(msg)
+        self.queued += 1
+        return msg_id
+
     def _cb_outbound(self, msg: Message) -> Message:
-        self.sent += 1
         self.logger.debug("--> %s", msg)
         return msg
 
@@ -133,9 +137,10 @@ class Monitor:
         self._passing_fd = asyncio.Lock()
 
     @property
-    def messages_sent(self) -> int:
-        """Messages written to QEMU on this connection so far; QEMU answers them in this order."""
-        return self._client.sent if isinstance(self._client, LeanQMPClient) else 0
+    def messages_queued(self) -> int:
+        """Messages given to QEMU on this connection so far: in the library's outgoing queue or
+        written, which is the order QEMU reads and answers them in."""
+        return self._client.queued if isinstance(self._client, LeanQMPClient) else 0
 
     @classmethod
     async def connect(cls, socket_path: str, *, timeout: float = 5.0,

@@ -117,6 +117,16 @@ class DiskRecord:
     progress_total: int = 0
     job_status: str | None = None  # last status QEMU reported for the job
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON (see :meth:`Operation.to_dict`)."""
+        out = dict(self.__dict__)
+        out["source_below"] = list(self.source_below)
+        if self.dest_owner is not None:
+            out["dest_owner"] = list(self.dest_owner)
+        if self.dest_args is not None:
+            out["dest_args"] = _plain(self.dest_args)
+        return out
+
 
 @dataclass(frozen=True)
 class Operation:
@@ -181,11 +191,15 @@ class Operation:
         return dataclasses.replace(self, disks=tuple(disks))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for JSON. Not ``dataclasses.asdict``: that deep-copies every leaf, and the
-        record is written twice while the guest is paused for a pivot (0.3 ms of a 0.7 ms save)."""
-        plain = _plain(self)
-        assert isinstance(plain, dict)
-        return plain
+        """Plain data for JSON (tuples as lists). Not ``dataclasses.asdict`` nor a walk over
+        ``dataclasses.fields``: the record is written twice while the guest is paused for a pivot,
+        and those took 0.2-0.6 ms of a save; the fields' own dict is a copy away."""
+        out = dict(self.__dict__)
+        out["disks"] = [d.to_dict() for d in self.disks]
+        out["warnings"] = list(self.warnings)
+        if self.identical is not None:
+            out["identical"] = list(self.identical)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Operation:
@@ -215,8 +229,7 @@ class Operation:
 
 
 def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    """A mapping of JSON-like values with every mapping a dict and every sequence a list."""
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     if isinstance(value, Mapping):
