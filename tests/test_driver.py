@@ -47,7 +47,21 @@ def test_the_observation_behind_finalize_goes_out_only_after_the_commands() -> N
     from blockcopy.records import Goal, Operation, Phase
 
     class Wire:
-        messages_queued = 0
+        def __init__(self) -> None:
+            self.messages_queued = 0
+            self.waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+        def until_queued(self, count: int) -> asyncio.Future[None]:
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters.append((count, waiter))
+            self.queue(0)
+            return waiter
+
+        def queue(self, n: int) -> None:
+            self.messages_queued += n
+            for count, waiter in self.waiters:
+                if self.messages_queued >= count and not waiter.done():
+                    waiter.set_result(None)
 
     wire = Wire()
     driver = Driver(journal=None, link=Link("/nonexistent", connect=None))  # type: ignore[arg-type]
@@ -65,7 +79,7 @@ def test_the_observation_behind_finalize_goes_out_only_after_the_commands() -> N
         for _ in range(2):  # the library queues them a few loop turns later
             for _ in range(3):
                 await asyncio.sleep(0)
-            wire.messages_queued += 1
+            wire.queue(1)
         await asyncio.sleep(0.05)  # the replies
 
     async def refused_before_sent() -> None:

@@ -265,8 +265,11 @@ class Driver:
         """Observe once ``sent`` messages are queued for QEMU (the commands of this step: the library
         writes its queue in order), or once they have run (one failed before it was queued, the
         connection changed): never ahead of them."""
-        while (monitor := self.monitor) is not None and monitor.messages_queued < sent and not running.done():
-            await asyncio.sleep(0)
+        monitor = self.monitor
+        if monitor is not None and not running.done():
+            queued = monitor.until_queued(sent)
+            await asyncio.wait((queued, running), return_when=asyncio.FIRST_COMPLETED)
+            queued.cancel()
         return await self._observe(op, None, identical, False)
 
     async def _run(self, op: Operation, until: Until) -> Operation:
@@ -315,7 +318,8 @@ class Driver:
                 # QEMU answers in order: queries sent right behind the commands see their effect.
                 sent = self.monitor.messages_queued if self.monitor is not None else 0
                 running = asyncio.ensure_future(self._run_commands(commands, op))
-                ahead = asyncio.ensure_future(self._observe_behind(running, sent + len(commands), op, identical))
+                ahead = asyncio.ensure_future(self._observe_behind(running, sent + _messages(commands), op,
+                                                                   identical))
                 op, failure, identical = await running
             else:
                 op, failure, identical = await self._run_commands(commands, op)
@@ -323,10 +327,13 @@ class Driver:
                 progress_at = time.monotonic()
             if step.commands:  # a wait in between does not make the same commands new again
                 previous_commands = step.commands
+            wait = step.wait
+            if step.commands and not commands and wait is None:
+                wait = Wait.SETTLE  # each was sent already (`once`): QEMU has yet to act on them
             if step.terminal:
                 return op
             self._writeback_while_copying(op)
-            if step.wait is Wait.COPY:
+            if wait is Wait.COPY:
                 progress_at = time.monotonic()
                 now = time.monotonic()
                 if now - last_progress_save >= self.progress_save_interval:
@@ -341,7 +348,7 @@ class Driver:
                     self.interrupt.clear()  # one interrupt stops one wait
                     raise Interrupted(f"stopped waiting; job {op.id} keeps running in QEMU")
                 await self._wait(self.poll_interval, seen)
-            elif step.wait is Wait.SETTLE:
+            elif wait is Wait.SETTLE:
                 await self._wait(0.5, seen)
 
     def _not_sent_yet(self, op: Operation, commands: tuple[Command, ...]) -> tuple[Command, ...]:
@@ -632,6 +639,13 @@ BATCHABLE = frozenset({"job-complete", "job-finalize", "job-cancel", "block-job-
 def _batchable(command: Command) -> bool:
     # While a test has a fault armed, each command goes alone, so that a fault can fall between two.
     return command.kind == "qmp" and command.name in BATCHABLE and command.after is None and not faults.serial()
+
+
+def _messages(commands: tuple[Command, ...]) -> int:
+    """How many QMP messages carrying out ``commands`` sends at most: one per QMP command, two for
+    ``stop`` (its run-state check first, see ``Driver._stop``), none for file work. (Fewer, when a
+    guest is not running, only delays the observation that waits for them: never ahead of them.)"""
+    return sum(2 if c.name == "stop" else 1 for c in commands if c.kind == "qmp")
 
 
 def _batches(commands: tuple[Command, ...]) -> list[list[Command]]:
