@@ -47,7 +47,7 @@ def test_manager_copy_ready_pivot_recover(vm_factory, tmp_path: Path) -> None:
 
 
 def test_default_buffer_is_one_second_of_a_speed_limit_within_1_and_16_mib() -> None:
-    from blockcopy.manager import default_buf_size
+    from blockcopy.defaults import default_buf_size
     mib = 1 << 20
     assert default_buf_size(0) == 4 * mib
     assert default_buf_size(mib // 2) == mib and default_buf_size(2 * mib) == 2 * mib

@@ -11,6 +11,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -45,6 +47,24 @@ def _copy_body(vm: ScratchVM, name: str, tmp_path: Path, **extra: Any) -> dict[s
     return {"domain": name, "disks": disks, **extra}
 
 
+_PROBE = """
+import json, sys
+from blockcopy.cli import main
+code = main(sys.argv[1:])
+print(json.dumps(sorted(m for m in ("asyncio", "qemu.qmp", "sqlite3") if m in sys.modules)), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _core_loaded_by(bc: Blockcopy, *args: str) -> tuple[Any, list[str]]:
+    """A CLI command's ``--json`` output, and which of asyncio, QMP and SQLite it loaded."""
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], env=bc.env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    return ([j["id"] for j in out] if isinstance(out, list) else out), json.loads(proc.stderr.splitlines()[-1])
+
+
 def test_cli_goes_through_the_daemon_same_output_and_exit_codes(served: Any, vm_factory: VMFactory, bc: Blockcopy,
                                                                 tmp_path: Path) -> None:
     daemon = served()
@@ -57,6 +77,11 @@ def test_cli_goes_through_the_daemon_same_output_and_exit_codes(served: Any, vm_
     again = bc.ok("copy", "vm", "vda", str(dest), "--bandwidth", "0.25", "--request-id", "r-1", "--json").json
     assert again["id"] == job["id"]
     assert [j["id"] for j in bc.ok("jobs", "--json").json] == [job["id"]]
+    # Through the daemon the command loads none of the core (its start is mostly imports); without
+    # the daemon it does (the probe's control).
+    assert _core_loaded_by(bc, "jobs", "--json") == ([job["id"]], [])
+    assert _core_loaded_by(bc, "status", job["id"], "--json", "--no-daemon")[1] == ["asyncio", "qemu.qmp",
+                                                                                     "sqlite3"]
     other = bc("copy", "vm", "vda", str(tmp_path / "other.qcow2"), "--request-id", "r-1")
     assert other.returncode == 2 and "different request" in other.stderr
     # Without the daemon, the domain it holds is refused (not driven twice); status reads the journal.

@@ -1,28 +1,61 @@
-"""blockcopy: live block copy of running QEMU VM disks with a journaled, crash-safe pivot."""
+"""blockcopy: live block copy of running QEMU VM disks with a journaled, crash-safe pivot.
 
-from blockcopy.driver import Until
-from blockcopy.errors import (
-                              BlockcopyError,
-                              DomainBusy,
-                              Interrupted,
-                              JournalError,
-                              MonitorBusy,
-                              MonitorError,
-                              NotFound,
-                              NotReady,
-                              OperationFailed,
-                              QemuGone,
-                              RequestConflict,
-                              StaleRecord,
-                              UsageError,
-)
-from blockcopy.manager import CopyRequest, Manager
-from blockcopy.records import Authority, Goal, Operation, Outcome, Phase
+The names below are loaded when first used (PEP 562): ``import blockcopy.cli`` for a command that
+goes through the daemon must not load asyncio, QMP and SQLite, which cost most of its start.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    "Until": "blockcopy.driver",
+    "CopyRequest": "blockcopy.records", "Authority": "blockcopy.records", "Goal": "blockcopy.records",
+    "Operation": "blockcopy.records", "Outcome": "blockcopy.records", "Phase": "blockcopy.records",
+    "Manager": "blockcopy.manager",
+    **{name: "blockcopy.errors" for name in (
+        "BlockcopyError", "DomainBusy", "Interrupted", "JournalError", "MonitorBusy", "MonitorError", "NotFound",
+        "NotReady", "OperationFailed", "QemuGone", "RequestConflict", "StaleRecord", "UsageError")},
+}
 
 __all__ = [
     "Authority", "BlockcopyError", "CopyRequest", "DomainBusy", "Goal", "Interrupted", "JournalError", "Manager",
     "MonitorBusy", "MonitorError", "NotFound", "NotReady", "Operation", "OperationFailed", "Outcome", "Phase",
     "QemuGone", "RequestConflict", "StaleRecord", "Until", "UsageError", "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'blockcopy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from blockcopy.driver import Until
+    from blockcopy.errors import (
+        BlockcopyError,
+        DomainBusy,
+        Interrupted,
+        JournalError,
+        MonitorBusy,
+        MonitorError,
+        NotFound,
+        NotReady,
+        OperationFailed,
+        QemuGone,
+        RequestConflict,
+        StaleRecord,
+        UsageError,
+    )
+    from blockcopy.manager import Manager
+    from blockcopy.records import Authority, CopyRequest, Goal, Operation, Outcome, Phase

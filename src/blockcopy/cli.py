@@ -7,22 +7,25 @@ Errors go to stderr with a non-zero exit status.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from blockcopy import __version__, nodes, views
-from blockcopy.driver import TRANSITION_TIMEOUT, ProgressCallback, Until
+from blockcopy import __version__, views
+from blockcopy.defaults import COMMAND_TIMEOUT, DEFAULT_BUF_SIZE, FORMATS, MODES, PREALLOCATIONS, TRANSITION_TIMEOUT
 from blockcopy.errors import BlockcopyError, Interrupted, UsageError
-from blockcopy.manager import DEFAULT_BUF_SIZE, FORMATS, MODES, PREALLOCATIONS, CopyRequest, Manager
-from blockcopy.monitor import Monitor
-from blockcopy.records import Goal, Outcome
+from blockcopy.records import CopyRequest, Goal, Outcome
 from blockcopy.ui import describe_view, progress_display
+
+if TYPE_CHECKING:
+    from blockcopy.driver import ProgressCallback
+    from blockcopy.manager import Manager
+
+# The core (asyncio, QMP, SQLite: most of a command's start) is loaded only by the commands that run
+# in this process (``_embedded``); through the daemon only its small stdlib client is.
 
 EPILOG = """\
 Give blockcopy its own QMP socket on each VM, e.g. add to the QEMU command line:
@@ -140,9 +143,9 @@ def _global_options(*, suppress: bool) -> argparse.ArgumentParser:
                         help="run the command in this process even when a daemon runs (env BLOCKCOPY_NO_DAEMON=1); "
                         "it is refused on domains the daemon holds")
     common.add_argument("--qmp-timeout", type=_positive_float_seconds,
-                        default=default(Monitor.DEFAULT_COMMAND_TIMEOUT),
+                        default=default(COMMAND_TIMEOUT),
                         metavar="SECONDS", help="how long QEMU may take to answer one QMP command before "
-                        f"blockcopy drops the connection and asks again (default {Monitor.DEFAULT_COMMAND_TIMEOUT:g})")
+                        f"blockcopy drops the connection and asks again (default {COMMAND_TIMEOUT:g})")
     common.add_argument("--transition-timeout", type=_positive_float_seconds,
                         default=default(TRANSITION_TIMEOUT),
                         metavar="SECONDS", help="how long a pivot, finish or abort may wait for QEMU before "
@@ -280,6 +283,8 @@ class EmbeddedBackend:
 
     async def copy(self, request: CopyRequest, wait_until: str, on_progress: ProgressCallback | None
                    ) -> dict[str, Any]:
+        from blockcopy.driver import Until
+
         until = {"started": Until.STARTED, "ready": Until.READY, "done": Until.DONE}[wait_until]
         return views.operation_view(await self.manager.copy(request, until=until, on_progress=on_progress))
 
@@ -370,6 +375,8 @@ async def _copy(args: argparse.Namespace, backend: Any, out: Output, show_progre
             raise UsageError("give one DISK DEST pair, or any number of --disk DISK=DEST")
         targets.append((args.pair[0], args.pair[1]))
     goal = Goal.PIVOT if args.pivot else Goal.FINISH if args.finish else Goal.COPY
+    from blockcopy import nodes
+
     try:
         dest_options = dict(nodes.parse_dest_option(text) for text in args.dest_option)
     except nodes.NodeTreeError as exc:
@@ -397,11 +404,8 @@ def _result(view: dict[str, Any], out: Output) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="blockcopy: %(name)s: %(message)s")
-    if not args.verbose:
-        # qemu.qmp logs connection failures itself; blockcopy turns them into one clear error.
-        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+    if args.verbose or args.command in ("demo", "serve"):
+        _log_to_stderr(args.verbose)
     if args.command == "demo":
         from blockcopy.demo import run_demo
 
@@ -415,8 +419,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"blockcopy: error: {exc}", file=sys.stderr)
         return exc.exit_code
     if remote is not None:
-        return _run(lambda: _through_daemon(args, remote, out))
+        return _run(lambda: _through_daemon(args, remote, out), loop=False)
+    _log_to_stderr(args.verbose)
     return _run(lambda: _embedded(args, out))
+
+
+def _log_to_stderr(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="blockcopy: %(name)s: %(message)s")
+    if not verbose:
+        # qemu.qmp logs connection failures itself; blockcopy turns them into one clear error.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 async def _through_daemon(args: argparse.Namespace, backend: Any, out: Output) -> int:
@@ -427,6 +441,10 @@ async def _through_daemon(args: argparse.Namespace, backend: Any, out: Output) -
 
 
 async def _embedded(args: argparse.Namespace, out: Output) -> int:
+    import asyncio
+
+    from blockcopy.manager import Manager
+
     manager = Manager(args.state_dir, create_journal=args.command == "attach", command_timeout=args.qmp_timeout,
                       transition_timeout=args.transition_timeout)
     loop = asyncio.get_running_loop()
@@ -442,7 +460,7 @@ def _daemon(state_dir: str | None, socket_path: str | None) -> Any:
     """The daemon's backend when a daemon serves this state directory, else None."""
     from pathlib import Path
 
-    from blockcopy.journal import default_state_dir
+    from blockcopy.defaults import default_state_dir
     from blockcopy.service.client import DaemonClient, RemoteBackend, default_socket
 
     path = Path(socket_path) if socket_path else default_socket(Path(state_dir) if state_dir else default_state_dir())
@@ -468,13 +486,20 @@ def _serve(args: argparse.Namespace) -> int:
         state_dir=args.state_dir, socket_path=args.socket, access=access, socket_group=group, listen=args.listen,
         tls_cert=args.tls_cert, tls_key=args.tls_key, token_file=args.token_file,
         daemon_options={"command_timeout": args.qmp_timeout, "transition_timeout": args.transition_timeout})
+    import logging
+
     return server.run(options, log_level=logging.INFO if args.verbose else logging.WARNING)
 
 
-def _run(command: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    """Run a command's coroutine; errors become a message and the CLI's exit status."""
+def _run(command: Callable[[], Coroutine[Any, Any, int]], *, loop: bool = True) -> int:
+    """Run a command's coroutine; errors become a message and the CLI's exit status. ``loop=False``:
+    a coroutine that never suspends (the daemon's client blocks instead) runs without asyncio."""
     try:
-        return asyncio.run(command())
+        if loop:
+            import asyncio
+
+            return asyncio.run(command())
+        return _to_the_end(command())
     except Interrupted as exc:
         print(f"blockcopy: {exc}. `blockcopy status` shows it; `blockcopy pivot`, `finish` or `abort` "
               "ends it.", file=sys.stderr)
@@ -485,6 +510,18 @@ def _run(command: Callable[[], Coroutine[Any, Any, int]]) -> int:
     except KeyboardInterrupt:
         print("blockcopy: interrupted; the daemon goes on. `blockcopy jobs` shows the jobs", file=sys.stderr)
         return Interrupted.exit_code
+
+
+
+def _to_the_end(coroutine: Coroutine[Any, Any, int]) -> int:
+    """The result of a coroutine that never suspends, without an event loop (importing asyncio
+    alone takes 60-80 ms on the test machine, more than the rest of the command through the daemon)."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return int(done.value)
+    coroutine.close()
+    raise RuntimeError("the daemon's client waited on an event loop; it must only block")
 
 
 if __name__ == "__main__":

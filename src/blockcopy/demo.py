@@ -24,8 +24,8 @@ from blockcopy.driver import Until
 from blockcopy.errors import BlockcopyError
 from blockcopy.guest.build import GuestBuildError
 from blockcopy.guest.session import GuestVM, pick_guest_accel, read_raw, verify, writes_present
-from blockcopy.manager import CopyRequest, Manager
-from blockcopy.records import Goal, Outcome
+from blockcopy.manager import Manager
+from blockcopy.records import CopyRequest, Goal, Outcome
 from blockcopy.ui import describe, progress_display
 from blockcopy.vm import DiskSpec, make_image
 

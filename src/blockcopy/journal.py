@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockcopy import events, faults
+from blockcopy.defaults import default_state_dir  # noqa: F401 (where callers found it before)
 from blockcopy.errors import JournalError, StaleRecord
 from blockcopy.qemuproc import QemuProcess
 from blockcopy.records import Operation
@@ -379,14 +380,3 @@ _RECORD = "id, updated_at, record"
 
 def _load(text: str) -> Operation:
     return Operation.from_dict(json.loads(text))
-
-
-def default_state_dir() -> Path:
-    """``$BLOCKCOPY_STATE_DIR``, else /var/lib/blockcopy for root, else the XDG state directory."""
-    env = os.environ.get("BLOCKCOPY_STATE_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/blockcopy")
-    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(xdg) / "blockcopy"

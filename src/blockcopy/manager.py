@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
-import hashlib
-import json
 import logging
 import os
 import secrets
@@ -22,7 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from blockcopy import images, nodes
-from blockcopy.driver import TRANSITION_TIMEOUT, Driver, Link, ProgressCallback, Until, holds_guest
+from blockcopy.defaults import (
+    CLIENT_KEY_MAX,
+    COMMAND_TIMEOUT,
+    FORMATS,
+    MAX_BUF_SIZE,
+    MIB,
+    MODES,
+    PREALLOCATIONS,
+    TRANSITION_TIMEOUT,
+    default_buf_size,
+    default_state_dir,
+)
+from blockcopy.driver import Driver, Link, ProgressCallback, Until, holds_guest
 from blockcopy.errors import (
     BlockcopyError,
     DomainBusy,
@@ -39,77 +49,19 @@ from blockcopy.errors import (
     TransitionStalled,
     UsageError,
 )
-from blockcopy.journal import Domain, Journal, default_state_dir
+from blockcopy.journal import Domain, Journal
 from blockcopy.locking import DomainLock
 from blockcopy.monitor import DeviceInfo, Monitor, devices_from_query_block
 from blockcopy.qemuproc import QemuProcess
-from blockcopy.records import DiskRecord, Goal, Operation, Outcome, Phase, Stage
+from blockcopy.records import CopyRequest, DiskRecord, Goal, Operation, Outcome, Phase, Stage
 
 log = logging.getLogger(__name__)
-
-MODES = ("write-blocking", "background")
-PREALLOCATIONS = ("off", "metadata", "falloc", "full")
-FORMATS = ("qcow2", "raw")
-MIB = 1024 * 1024
-MAX_BUF_SIZE = 1024 * MIB
-#: The mirror's buffer, from same-run figures on libvirt's rig (README, Benchmarks): 4 MiB copied
-#: as fast as QEMU's and libvirt's 16 MiB, where 1 MiB was 1.2x slower; and the guest's largest
-#: stall just before `ready` was 21 ms with 1 MiB, 138 ms with 4 MiB, 312-326 ms with 8-16 MiB.
-DEFAULT_BUF_SIZE = 4 * MIB
-
-
-def default_buf_size(bandwidth: int) -> int:
-    """DEFAULT_BUF_SIZE, or one second's worth of a speed limit when that is less (at least 1 MiB).
-
-    QEMU's mirror limits its speed by sleeping *after* it copied a buffer's worth: with 16 MiB in
-    flight, `--bandwidth 1` would copy 16 MiB at full speed, then pause 16 s; the storage the limit
-    is there to protect would see full-speed bursts."""
-    if not bandwidth:
-        return DEFAULT_BUF_SIZE
-    return max(MIB, min(DEFAULT_BUF_SIZE, bandwidth))
-
-
-@dataclasses.dataclass(frozen=True)
-class CopyRequest:
-    """What ``copy`` is asked to do; validated against QEMU before anything is touched."""
-
-    domain: str
-    targets: Sequence[tuple[str, str]]  # (disk, destination path)
-    format: str | None = None
-    shallow: bool = False
-    reuse_external: bool = False
-    bandwidth_mib: float | None = None
-    mode: str = "write-blocking"
-    buf_size: int | None = None  # bytes; None: default_buf_size(bandwidth)
-    goal: Goal = Goal.COPY
-    dest_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # nodes.parse_dest_option
-    owner: tuple[int, int] | None = None  # a created DEST's uid, gid (default: the source file's)
-    mode_bits: int | None = None  # a created DEST's permission bits (default: the source file's)
-    cluster_size: int | None = None  # a created qcow2 DEST's (default: the source's)
-    preallocation: str | None = None  # a created DEST's: off, metadata, falloc, full
-    #: the client's idempotency key: the same request again returns the job it created (and starts
-    #: nothing); another request under the same key is refused
-    client_key: str | None = None
-
-    def digest(self) -> str:
-        """What was asked, as a hash: two requests under one key must be the same request."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "client_key"}
-        fields["targets"] = [list(t) for t in self.targets]
-        fields["goal"] = self.goal.value
-        fields["dest_options"] = dict(self.dest_options)
-        text = json.dumps(fields, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()
-
-
-#: How long a client's idempotency key may be, and what it may contain.
-CLIENT_KEY_MAX = 200
-
 
 class Manager:
     """Live block copy for QEMU domains, with a durable journal in ``state_dir``."""
 
     def __init__(self, state_dir: Path | str | None = None, *, lock_wait: float = 0.0,
-                 qmp_timeout: float = 5.0, command_timeout: float = Monitor.DEFAULT_COMMAND_TIMEOUT,
+                 qmp_timeout: float = 5.0, command_timeout: float = COMMAND_TIMEOUT,
                  transition_timeout: float = TRANSITION_TIMEOUT, create_journal: bool = True) -> None:
         """``create_journal=False`` refuses a state directory without a journal (JournalError)
         instead of starting an empty one: recovery must never mistake "wrong directory" for

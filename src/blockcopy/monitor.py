@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient, StateError
 from qemu.qmp.protocol import ConnectError, Runstate
 
+from blockcopy.defaults import COMMAND_TIMEOUT
 from blockcopy.errors import ConnectionLost, MonitorBusy, MonitorError, MonitorTimeout, NoListener
 from blockcopy.nodes import FILTER_DRIVERS, image_below
 from blockcopy.protocol import JobView, Observation
@@ -132,8 +133,7 @@ def event_time(event: Mapping[str, Any]) -> float:
 class Monitor:
     """One exclusive QMP connection to one QEMU process."""
 
-    #: No QMP command blockcopy sends takes long; a silent QEMU is hung, stopped or deadlocked.
-    DEFAULT_COMMAND_TIMEOUT = 60.0
+    DEFAULT_COMMAND_TIMEOUT = COMMAND_TIMEOUT  # (see blockcopy.defaults)
     #: called with (command, seconds) after every command, answered or not (the daemon's metrics)
     round_trip_observer: Callable[[str, float], None] | None = None
 

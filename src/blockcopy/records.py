@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,3 +257,35 @@ def job_state(op: Operation) -> str:
     if op.phase is Phase.COPYING:
         return "ready" if op.disks and all(d.job_status == "ready" for d in op.disks) else "running"
     return _STATE_BY_PHASE[op.phase]
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyRequest:
+    """What ``copy`` is asked to do; validated against QEMU before anything is touched."""
+
+    domain: str
+    targets: Sequence[tuple[str, str]]  # (disk, destination path)
+    format: str | None = None
+    shallow: bool = False
+    reuse_external: bool = False
+    bandwidth_mib: float | None = None
+    mode: str = "write-blocking"
+    buf_size: int | None = None  # bytes; None: default_buf_size(bandwidth)
+    goal: Goal = Goal.COPY
+    dest_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # nodes.parse_dest_option
+    owner: tuple[int, int] | None = None  # a created DEST's uid, gid (default: the source file's)
+    mode_bits: int | None = None  # a created DEST's permission bits (default: the source file's)
+    cluster_size: int | None = None  # a created qcow2 DEST's (default: the source's)
+    preallocation: str | None = None  # a created DEST's: off, metadata, falloc, full
+    #: the client's idempotency key: the same request again returns the job it created (and starts
+    #: nothing); another request under the same key is refused
+    client_key: str | None = None
+
+    def digest(self) -> str:
+        """What was asked, as a hash: two requests under one key must be the same request."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "client_key"}
+        fields["targets"] = [list(t) for t in self.targets]
+        fields["goal"] = self.goal.value
+        fields["dest_options"] = dict(self.dest_options)
+        text = json.dumps(fields, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()

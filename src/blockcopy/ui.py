@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockcopy import views
-from blockcopy.driver import ProgressCallback
 from blockcopy.records import Operation
+
+if TYPE_CHECKING:
+    from blockcopy.driver import ProgressCallback
 
 
 def describe(op: Operation) -> str:

@@ -5,11 +5,13 @@ Add fields freely; never rename or remove one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from blockcopy.journal import Domain
-from blockcopy.monitor import DeviceInfo
 from blockcopy.records import Authority, DiskRecord, Operation, job_state
+
+if TYPE_CHECKING:  # (the CLI shows views from the daemon without loading the journal or QMP)
+    from blockcopy.journal import Domain
+    from blockcopy.monitor import DeviceInfo
 
 #: QEMU-style job state for the whole operation (kept here by that name for the views' users).
 state = job_state

@@ -41,8 +41,7 @@ from blockcopy.errors import (
     TransitionStalled,
     UsageError,
 )
-from blockcopy.manager import CopyRequest
-from blockcopy.records import Goal
+from blockcopy.records import CopyRequest, Goal
 from blockcopy.service.daemon import Daemon
 from blockcopy.service.metrics import Metrics
 

@@ -27,7 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from blockcopy.driver import TRANSITION_TIMEOUT, Driver, Link, ProgressCallback, Until, holds_guest
+from blockcopy.defaults import COMMAND_TIMEOUT, TRANSITION_TIMEOUT
+from blockcopy.driver import Driver, Link, ProgressCallback, Until, holds_guest
 from blockcopy.errors import (
     BlockcopyError,
     DomainBusy,
@@ -36,9 +37,9 @@ from blockcopy.errors import (
 )
 from blockcopy.journal import Domain
 from blockcopy.locking import DomainLock
-from blockcopy.manager import CopyRequest, Manager, refuse_concluded
+from blockcopy.manager import Manager, refuse_concluded
 from blockcopy.monitor import DeviceInfo, Monitor
-from blockcopy.records import Goal, Operation, Phase
+from blockcopy.records import CopyRequest, Goal, Operation, Phase
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class Daemon:
     """Domains, job tasks and the journal's events, for :mod:`blockcopy.service.api`."""
 
     def __init__(self, state_dir: Path | str | None = None, *, qmp_timeout: float = 5.0,
-                 command_timeout: float = Monitor.DEFAULT_COMMAND_TIMEOUT,
+                 command_timeout: float = COMMAND_TIMEOUT,
                  transition_timeout: float = TRANSITION_TIMEOUT) -> None:
         """:raise JournalError: the state directory or journal cannot be used."""
         self.hubs: dict[str, Hub] = {}

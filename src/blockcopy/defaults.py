@@ -1,0 +1,52 @@
+"""Defaults and choices that every layer shares, in a module that imports almost nothing.
+
+The CLI builds its parser (help text, choices) from these before it knows whether it will talk to
+the daemon or load the core; through the daemon it never loads asyncio, QMP or SQLite, which cost
+most of a command's start (``bench/libvirt_rig.py`` measures it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: How long QEMU may take to answer one command before blockcopy drops the connection and asks
+#: again: no QMP command blockcopy sends takes long; a silent QEMU is hung, stopped or deadlocked.
+COMMAND_TIMEOUT = 60.0
+#: How long a pivot, finish or abort may wait for QEMU, and how long a QEMU that does not answer
+#: is retried.
+TRANSITION_TIMEOUT = 30.0
+
+MODES = ("write-blocking", "background")
+PREALLOCATIONS = ("off", "metadata", "falloc", "full")
+FORMATS = ("qcow2", "raw")
+MIB = 1024 * 1024
+MAX_BUF_SIZE = 1024 * MIB
+#: The mirror's buffer, from same-run figures on libvirt's rig (README, Benchmarks): 4 MiB copied
+#: as fast as QEMU's and libvirt's 16 MiB, where 1 MiB was 1.2x slower; and the guest's largest
+#: stall just before `ready` was 21 ms with 1 MiB, 138 ms with 4 MiB, 312-326 ms with 8-16 MiB.
+DEFAULT_BUF_SIZE = 4 * MIB
+#: How long a client's idempotency key may be.
+CLIENT_KEY_MAX = 200
+
+
+def default_buf_size(bandwidth: int) -> int:
+    """DEFAULT_BUF_SIZE, or one second's worth of a speed limit when that is less (at least 1 MiB).
+
+    QEMU's mirror limits its speed by sleeping *after* it copied a buffer's worth: with 16 MiB in
+    flight, `--bandwidth 1` would copy 16 MiB at full speed, then pause 16 s; the storage the limit
+    is there to protect would see full-speed bursts."""
+    if not bandwidth:
+        return DEFAULT_BUF_SIZE
+    return max(MIB, min(DEFAULT_BUF_SIZE, bandwidth))
+
+
+def default_state_dir() -> Path:
+    """``$BLOCKCOPY_STATE_DIR``, else /var/lib/blockcopy for root, else the XDG state directory."""
+    env = os.environ.get("BLOCKCOPY_STATE_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/blockcopy")
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "blockcopy"
