@@ -1,9 +1,16 @@
-"""Pure pieces of the driver: which commands may go to QEMU together."""
+"""Pieces of the driver: which commands may go to QEMU together, and what goes right behind them."""
 
 from __future__ import annotations
 
-from blockcopy.driver import _batches
+import asyncio
+from typing import Any
+
+from conftest import VMFactory
+
+from blockcopy.driver import Driver, Link, _batches
+from blockcopy.monitor import Monitor
 from blockcopy.protocol import Command, qmp
+from blockcopy.records import Goal, Operation, Phase
 
 
 def test_only_runs_of_the_same_job_command_are_batched() -> None:
@@ -36,64 +43,60 @@ def test_once_commands_go_out_once_per_process() -> None:
     assert driver._not_sent_yet(op, (soft, other)) == ()
 
 
-def test_the_observation_behind_finalize_goes_out_only_after_the_commands() -> None:
-    """QEMU answers in order, so queries sent after the finalizes see their effect; the wait is on the
-    client's count of queued messages (not on asyncio's scheduling), and ends if a command failed
-    before it was written."""
-    import asyncio
-    from typing import Any
+def test_the_observation_behind_the_commands_waits_for_the_steps_own_messages(vm_factory: VMFactory) -> None:
+    """QEMU answers in order, so queries sent right behind a step's commands see their effect; but
+    only the step's own messages count, not those of others who share the connection (the daemon's
+    other jobs and requests): here another task sends queries the whole time. Real QEMU and
+    qemu.qmp; the order is the one the client wrote to the socket."""
+    vm = vm_factory(1)
 
-    from blockcopy.driver import Driver, Link
-    from blockcopy.records import Goal, Operation, Phase
+    async def main() -> list[str]:
+        monitor = await Monitor.connect(str(vm.qmp_socket))
+        written: list[str] = []
+        real = monitor._client._cb_outbound
 
-    class Wire:
-        def __init__(self) -> None:
-            self.messages_queued = 0
-            self.waiters: list[tuple[int, asyncio.Future[None]]] = []
+        def outbound(msg: Any) -> Any:
+            written.append(str(msg["execute"]))
+            return real(msg)
 
-        def until_queued(self, count: int) -> asyncio.Future[None]:
-            waiter = asyncio.get_running_loop().create_future()
-            self.waiters.append((count, waiter))
-            self.queue(0)
-            return waiter
+        monitor._client._cb_outbound = outbound  # type: ignore[method-assign]
+        driver = Driver(journal=None, link=Link(str(vm.qmp_socket), connect=None))  # type: ignore[arg-type]
+        driver.link.monitor = monitor
+        op = Operation(id="x", domain="d", goal=Goal.PIVOT, phase=Phase.FINALIZING, disks=())
 
-        def queue(self, n: int) -> None:
-            self.messages_queued += n
-            for count, waiter in self.waiters:
-                if self.messages_queued >= count and not waiter.done():
-                    waiter.set_result(None)
+        async def observe(*_args: Any) -> Any:
+            await monitor.execute("query-name")  # stands for the observation's queries
+            return "observation"
 
-    wire = Wire()
-    driver = Driver(journal=None, link=Link("/nonexistent", connect=None))  # type: ignore[arg-type]
-    driver.link.monitor = wire  # type: ignore[assignment]
-    seen: list[int] = []
+        driver._observe = observe  # type: ignore[method-assign,assignment]
+        busy = True
 
-    async def observe(*_args: Any) -> Any:
-        seen.append(wire.messages_queued)
-        return "observation"
+        async def others() -> None:
+            while busy:
+                await monitor.execute("query-status")
 
-    driver._observe = observe  # type: ignore[method-assign,assignment]
-    op = Operation(id="x", domain="d", goal=Goal.PIVOT, phase=Phase.FINALIZING, disks=())
+        crowd = [asyncio.ensure_future(others()) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        try:
+            for _ in range(5):
+                written.clear()
+                queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                commands = (qmp("query-version"), qmp("query-kvm"), qmp("query-uuid"))
+                running = asyncio.ensure_future(driver._run_commands(commands, op, queued))
+                assert await driver._observe_behind(running, queued, op, None) == "observation"
+                await running
+                mine = [c for c in written if c != "query-status"]
+                assert mine == ["query-version", "query-kvm", "query-uuid", "query-name"], written
+            # A step whose command fails before it is sent: the observation goes out once it ended.
+            failing = asyncio.ensure_future(driver._run_commands((qmp("no-such-command"), qmp("query-kvm")), op,
+                                                                 never := asyncio.get_running_loop().create_future()))
+            assert await asyncio.wait_for(driver._observe_behind(failing, never, op, None), 10) == "observation"
+            assert failing.done() and not never.done()
+            return written
+        finally:
+            busy = False
+            await asyncio.gather(*crowd)
+            await monitor.close()
 
-    async def two_finalizes() -> None:
-        for _ in range(2):  # the library queues them a few loop turns later
-            for _ in range(3):
-                await asyncio.sleep(0)
-            wire.queue(1)
-        await asyncio.sleep(0.05)  # the replies
-
-    async def refused_before_sent() -> None:
-        await asyncio.sleep(0)
-        raise RuntimeError("refused")
-
-    async def main() -> None:
-        running = asyncio.ensure_future(two_finalizes())
-        result: Any = await driver._observe_behind(running, 2, op, None)
-        assert result == "observation"
-        assert seen == [2] and not running.done(), "observed before both finalizes were on the wire"
-        await running
-        failing = asyncio.ensure_future(refused_before_sent())
-        result = await asyncio.wait_for(driver._observe_behind(failing, 4, op, None), 1)
-        assert result == "observation" and failing.done() and isinstance(failing.exception(), RuntimeError)
-
-    asyncio.run(main())
+    written = asyncio.run(main())
+    assert "query-status" in written, "the other client's queries ran meanwhile"

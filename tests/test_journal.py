@@ -290,7 +290,7 @@ def test_the_wal_is_emptied_as_a_pivot_begins_so_the_pauses_commits_do_not_grow_
     assert wal.stat().st_size == before
     # ... and not when the daemon says another guest is paused now (a checkpoint takes milliseconds).
     other = Journal(tmp_path / "other")
-    other.may_checkpoint = lambda: False
+    other.may_checkpoint = lambda _domain: False
     op = other.save(dataclasses.replace(_op(), phase=Phase.COPYING, warnings=("x" * 20000,)), "planned", new=True)
     for i in range(30):
         op = other.save(dataclasses.replace(op, error=str(i)), "progress")

@@ -7,6 +7,7 @@ job's speed changed and then the daemon killed before QEMU heard of it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -436,3 +437,53 @@ def test_a_detach_queued_before_a_copy_makes_the_copy_fail_cleanly(served: Any, 
     assert replies["detach"].status == 200, replies["detach"]
     assert replies["copy"].status == 404 and "unknown domain" in replies["copy"].detail
     assert daemon.ok("GET", "/v1/jobs") == [] and vm.cmd("query-block-jobs") == []
+
+
+def test_requests_on_the_domains_connection_during_pivots_never_leave_the_guest_paused(
+        vm_factory: VMFactory, tmp_path: Path) -> None:
+    """The daemon shares one QMP connection per domain between a job's driver and the API's
+    requests. A `disks` request after another, the whole time, while three pivots run in turn: each
+    pivots, journals that blockcopy paused the guest, and resumes it (review of issue 11: an
+    observation that counted the requests' messages as the pivot's went out ahead of `stop`)."""
+    from blockcopy.records import CopyRequest, Goal
+    from blockcopy.service.daemon import Daemon
+
+    vm = vm_factory(1, size=16 * MIB)
+
+    async def main() -> None:
+        daemon = Daemon(tmp_path / "daemon-state")
+        await daemon.start()
+        try:
+            await daemon.attach("vm", str(vm.qmp_socket))
+            for round_ in range(3):
+                op, _ = await daemon.copy(CopyRequest(domain="vm", targets=[("vda", str(tmp_path / f"d{round_}"))]))
+                await daemon.wait_for(op.id, lambda o: all(d.job_status == "ready" for d in o.disks))
+                asking = asyncio.Event()
+                asked = [0]
+
+                async def ask(stop: asyncio.Event = asking, count: list[int] = asked) -> None:
+                    while not stop.is_set():
+                        await daemon.disks("vm")
+                        count[0] += 1
+
+                requests = asyncio.ensure_future(ask())
+                try:
+                    end = await daemon.conclude(op.id, Goal.PIVOT, wait=True)
+                finally:
+                    asking.set()
+                    await requests
+                assert asked[0] > 0
+                assert end.outcome is not None and end.outcome.value == "pivoted", end
+                assert end.paused_by_us and end.resumed, end
+                assert vm.run_state() == "running"
+                assert not [s.note for s in daemon.journal.steps(op.id) if "someone else" in s.note]
+            # The save that begins a pivot may empty the WAL while its own job holds the domain's
+            # pivot guard (the guest still runs); no other save may while a guard is held.
+            async with daemon.hubs["vm"].pivot_guard:
+                assert daemon.journal.may_checkpoint("vm")
+                assert not daemon.journal.may_checkpoint(None) and not daemon.journal.may_checkpoint("other")
+        finally:
+            daemon.closing = True
+            await daemon.close()
+
+    asyncio.run(main())

@@ -34,7 +34,7 @@ from blockcopy.errors import (
     TransitionStalled,
 )
 from blockcopy.journal import Journal
-from blockcopy.monitor import FDSET_OPAQUE_PREFIX, CommandRefused, Monitor, fdset_path
+from blockcopy.monitor import FDSET_OPAQUE_PREFIX, ON_QUEUED, CommandRefused, Monitor, fdset_path
 from blockcopy.protocol import Command, Failure, Observation, Wait, decide, needs
 from blockcopy.qemuproc import QemuProcess
 from blockcopy.records import DiskRecord, Operation, Phase, Stage
@@ -262,16 +262,13 @@ class Driver:
             self._writeback.cancel()
             self._writeback = None
 
-    async def _observe_behind(self, running: asyncio.Future[Any], sent: int, op: Operation,
+    async def _observe_behind(self, running: asyncio.Future[Any], queued: asyncio.Future[None], op: Operation,
                               identical: tuple[bool, ...] | None) -> Observation:
-        """Observe once ``sent`` messages are queued for QEMU (the commands of this step: the library
-        writes its queue in order), or once they have run (one failed before it was queued, the
-        connection changed): never ahead of them."""
-        monitor = self.monitor
-        if monitor is not None and not running.done():
-            queued = monitor.until_queued(sent)
+        """Observe once every message of this step's commands is queued for QEMU (``queued``: the
+        library writes its queue in order, and QEMU answers in that order), or once they have run
+        (one failed before it was queued, the connection changed): never ahead of them."""
+        if not running.done():
             await asyncio.wait((queued, running), return_when=asyncio.FIRST_COMPLETED)
-            queued.cancel()
         return await self._observe(op, None, identical, False)
 
     async def _run(self, op: Operation, until: Until) -> Operation:
@@ -318,11 +315,14 @@ class Driver:
             commands = self._not_sent_yet(op, step.commands)
             if step.observe_at_once and commands and not faults.serial():
                 # QEMU answers in order: queries sent right behind the commands see their effect.
-                sent = self.monitor.messages_queued if self.monitor is not None else 0
-                running = asyncio.ensure_future(self._run_commands(commands, op))
-                ahead = asyncio.ensure_future(self._observe_behind(running, sent + _messages(commands), op,
-                                                                   identical))
-                op, failure, identical = await running
+                queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                running = asyncio.ensure_future(self._run_commands(commands, op, queued))
+                ahead = asyncio.ensure_future(self._observe_behind(running, queued, op, identical))
+                try:
+                    op, failure, identical = await running
+                except BaseException:
+                    ahead.cancel()
+                    raise
             else:
                 op, failure, identical = await self._run_commands(commands, op)
             if step.record is not None or (step.commands and step.commands != previous_commands):
@@ -365,13 +365,26 @@ class Driver:
             kept.append(command)
         return tuple(kept)
 
-    async def _run_commands(self, commands: tuple[Command, ...], op: Operation
+    async def _run_commands(self, commands: tuple[Command, ...], op: Operation,
+                            queued: asyncio.Future[None] | None = None
                             ) -> tuple[Operation, Failure | None, tuple[bool, ...] | None]:
         """Run a step's commands in order, stopping at the first refusal (the next observation
         shows where things stand). A run of the same job command for several jobs is independent
         by construction and goes to QEMU at once: fewer round trips while the guest is paused.
         A command that QEMU does not answer, or a dropped connection, ends the step too: the next
-        observation reconnects and reads what the command did."""
+        observation reconnects and reads what the command did. ``queued`` is done once every QMP
+        message of these commands is queued for QEMU (counted in this task's context only: the
+        daemon's other jobs and requests share the connection)."""
+        if queued is not None:
+            expected, count = _messages(commands), 0
+
+            def one_more() -> None:
+                nonlocal count
+                count += 1
+                if count >= expected and not queued.done():
+                    queued.set_result(None)
+
+            ON_QUEUED.set(one_more)  # (this task's own context: the `running` task of _run)
         identical = None
         for batch in _batches(commands):
             if len(batch) > 1:
@@ -646,7 +659,7 @@ def _batchable(command: Command) -> bool:
 def _messages(commands: tuple[Command, ...]) -> int:
     """How many QMP messages carrying out ``commands`` sends at most: one per QMP command, two for
     ``stop`` (its run-state check first, see ``Driver._stop``), none for file work. (Fewer, when a
-    guest is not running, only delays the observation that waits for them: never ahead of them.)"""
+    guest is not running, only delays an observation that waits for them: never ahead of them.)"""
     return sum(2 if c.name == "stop" else 1 for c in commands if c.kind == "qmp")
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockcopy import events, faults
-from blockcopy.defaults import default_state_dir  # noqa: F401 (where callers found it before)
 from blockcopy.errors import JournalError, StaleRecord
 from blockcopy.qemuproc import QemuProcess
 from blockcopy.records import Operation
@@ -144,8 +143,10 @@ class Journal:
         #: parsed records by id, with the ``updated_at`` they were saved with: a record whose row
         #: still has that ``updated_at`` is not parsed again (listing jobs, a save's previous record)
         self._parsed: dict[str, Operation] = {}
-        #: whether a save may checkpoint the WAL now (the daemon: not while any guest is paused)
-        self.may_checkpoint: Callable[[], bool] = lambda: True
+        #: whether a save may checkpoint the WAL now (the daemon: not while a guest is paused for a
+        #: pivot); the argument, when given, is a domain that is about to be paused by the saving job
+        #: itself (it holds its domain's pivot guard already, but the guest still runs)
+        self.may_checkpoint: Callable[[str | None], bool] = lambda _domain: True
 
     def _has_column(self, statement: str) -> bool:
         """Whether an ``ALTER TABLE t ADD COLUMN c ...`` statement's column exists already."""
@@ -222,7 +223,8 @@ class Journal:
         ended = now if op.phase.value == "done" and op.ended_at is None else op.ended_at
         op = dataclasses.replace(op, created_at=op.created_at or now, updated_at=now, ended_at=ended)
         record = json.dumps(op.to_dict(), sort_keys=True)
-        if op.phase.value == "pivoting" and self._parsed.get(op.id, op).phase is not op.phase and self.may_checkpoint():
+        if (op.phase.value == "pivoting" and self._parsed.get(op.id, op).phase is not op.phase
+                and self.may_checkpoint(op.domain)):
             # The guest is about to be paused, and the pivot's records are committed inside that
             # pause: empty the WAL now, so that this commit starts it afresh (with the header's own
             # fsync) and the pause's commits overwrite it, which fsyncs faster than growing it.
@@ -249,7 +251,7 @@ class Journal:
                 self._db.execute("INSERT INTO events (at, kind, op_id, data) VALUES (?, ?, ?, ?)",
                                  (now, kind, op.id, json.dumps(data, sort_keys=True)))
         self._remember(op)
-        if op.phase.value in _QUIET_PHASES and self.may_checkpoint():
+        if op.phase.value in _QUIET_PHASES and self.may_checkpoint(None):
             self._checkpoint_if_large()
         if happened and self.on_events is not None:
             self.on_events()

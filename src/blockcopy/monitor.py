@@ -11,6 +11,7 @@ ask whether that process still exists.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import itertools
 import logging
@@ -50,6 +51,12 @@ class CommandRefused(MonitorError):
         self.description = description
 
 
+#: Called each time a message sent from the current context (a task and the tasks it starts) has
+#: been put in the library's outgoing queue, which it writes to QEMU in order: a caller counts its
+#: own messages this way, whoever else shares the connection (the daemon's other jobs and requests).
+ON_QUEUED: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("on_queued", default=None)
+
+
 class LeanQMPClient(QMPClient):
     """``QMPClient`` tuned for the milliseconds while a guest is paused for a pivot.
 
@@ -64,32 +71,16 @@ class LeanQMPClient(QMPClient):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self._short_ids = itertools.count(1)
-        self.queued = 0  # messages put in the library's outgoing queue, which it writes in order
-        self._queue_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     def _get_exec_id(self) -> str:
         return f"{next(self._short_ids):x}"  # unique per connection, as the protocol asks
 
     async def _issue(self, msg: Message) -> str | None:
         msg_id = await super()._issue(msg)
-        self.queued += 1
-        waiting = []
-        for count, waiter in self._queue_waiters:
-            if self.queued < count:
-                waiting.append((count, waiter))
-            elif not waiter.done():
-                waiter.set_result(None)
-        self._queue_waiters = waiting
+        queued = ON_QUEUED.get()
+        if queued is not None:
+            queued()
         return msg_id
-
-    def until_queued(self, count: int) -> asyncio.Future[None]:
-        """Done once ``count`` messages have been queued on this connection."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self.queued >= count:
-            waiter.set_result(None)
-        else:
-            self._queue_waiters.append((count, waiter))
-        return waiter
 
     def _cb_outbound(self, msg: Message) -> Message:
         self.logger.debug("--> %s", msg)
@@ -153,17 +144,6 @@ class Monitor:
         # replaces it: one pass at a time per connection (the daemon shares one among jobs).
         self._passing_fd = asyncio.Lock()
 
-    @property
-    def messages_queued(self) -> int:
-        """Messages given to QEMU on this connection so far: in the library's outgoing queue or
-        written, which is the order QEMU reads and answers them in."""
-        return self._client.queued if isinstance(self._client, LeanQMPClient) else 0
-
-    def until_queued(self, count: int) -> asyncio.Future[None]:
-        """Done once :attr:`messages_queued` reaches ``count`` (never, on another client)."""
-        if isinstance(self._client, LeanQMPClient):
-            return self._client.until_queued(count)
-        return asyncio.get_running_loop().create_future()
 
     @classmethod
     async def connect(cls, socket_path: str, *, timeout: float = 5.0,

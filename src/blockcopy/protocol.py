@@ -523,23 +523,14 @@ def _pivoting(op: Operation, obs: Observation) -> Step:
         # pauses every running guest for the pivot; journaled before the `stop`.
         return Step(record=_replace(op, paused_by_us=True, vm_was_running=True),
                     note="the guest runs now: pause it for the pivot")
-    # Once per job: QEMU 7.2's mirror takes a second job-complete while the job is still `ready`
-    # (the first one still under way), and for a mirror that `replaces` a node below filters it
-    # sets its replace blocker a second time, which QEMU's error API asserts against (read in
-    # mirror.c, not reproduced: with a paused guest the job is `pending` by QEMU's answer).
-    completes = tuple(qmp("job-complete", {"id": d.job_id}, disk=i, once=True) for i, d in ready)
-    # With the guest paused the jobs are `pending` by the time QEMU answers job-complete (measured:
-    # the events come before the answer), so the observation goes out right behind the commands:
-    # one round trip less inside the pause. If they are not, it says so and the next step waits.
+    completes = tuple(qmp("job-complete", {"id": d.job_id}, disk=i) for i, d in ready)
     if op.paused_by_us and running:
         # `stop` flushes every image; writing the dirty page cache out first keeps that flush (and
         # so the guest's pause) short however much the guest wrote just before. `stop` returns
         # with the guest paused, so the jobs are completed in the same step.
-        return Step(commands=(Command("sync-images"), qmp("stop"), *completes), observe_at_once=True,
+        return Step(commands=(Command("sync-images"), qmp("stop"), *completes), wait=Wait.SETTLE,
                     note="pause the guest and complete the jobs")
-    if completes:
-        return Step(commands=completes, observe_at_once=True, note="complete the jobs")
-    return Step(wait=Wait.SETTLE, note="waiting for the jobs to be pending")
+    return Step(commands=completes, wait=Wait.SETTLE, note="complete the jobs")
 
 
 def _finalizes(op: Operation, obs: Observation) -> tuple[Command, ...]:

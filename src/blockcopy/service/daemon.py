@@ -139,7 +139,8 @@ class Daemon:
         self.generation = 0  # counts those writes: a waiter compares it, so no notification is missed
         self.journal.on_events = self._journal_wrote
         # One event loop serves every domain: a checkpoint waits until no guest is paused for a pivot.
-        self.journal.may_checkpoint = lambda: not any(h.pivot_guard.locked() for h in self.hubs.values())
+        self.journal.may_checkpoint = lambda domain: not any(h.pivot_guard.locked() for name, h in self.hubs.items()
+                                                             if name != domain)
         self.closing = False
         self.streams_closed = False
         self.started_at = time.time()
@@ -195,7 +196,7 @@ class Daemon:
     async def _prune_events_daily(self) -> None:
         while not self.closing:
             await asyncio.sleep(86400.0)
-            while not self.journal.may_checkpoint():  # not while a guest is paused for a pivot
+            while not self.journal.may_checkpoint(None):  # not while a guest is paused for a pivot
                 await asyncio.sleep(1.0)
             self.journal.prune_events(EVENT_RETENTION)
 
