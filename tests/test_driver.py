@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from conftest import VMFactory
 
 from blockcopy.driver import Driver, Link, _batches
-from blockcopy.monitor import Monitor
+from blockcopy.errors import ConnectionLost
+from blockcopy.monitor import CommandRefused, Monitor
 from blockcopy.protocol import Command, qmp
 from blockcopy.records import Goal, Operation, Phase
 
@@ -28,19 +30,35 @@ def test_commands_with_a_result_to_journal_run_alone() -> None:
     assert [len(batch) for batch in _batches(steps)] == [1, 1]
 
 
-def test_once_commands_go_out_once_per_process() -> None:
-    """A soft cancel sent again as the mirror leaves `ready` would be a hard one (issue 9 review)."""
-    from blockcopy.driver import Driver, Link
-    from blockcopy.records import Goal, Operation, Phase
+def test_once_commands_go_out_once_per_process_counted_from_when_they_are_queued(vm_factory: VMFactory) -> None:
+    """A soft cancel sent again as the mirror leaves `ready` would be a hard one (issue 9 review),
+    and a second job-complete of a mirror that replaces a filtered node would abort QEMU 7.2. A
+    `once` command counts as sent once its message is queued for QEMU, not before: one whose
+    connection was gone first is sent by a later step (review of issue 11: a pivot failed)."""
+    vm = vm_factory(1)
 
-    driver = Driver(journal=None, link=Link("/nonexistent", connect=None))  # type: ignore[arg-type]
-    op = Operation(id="x", domain="d", goal=Goal.FINISH, phase=Phase.FINISHING, disks=())
-    soft = qmp("block-job-cancel", {"device": "j0"}, once=True)
-    other = qmp("block-job-cancel", {"device": "j1"}, once=True)
-    plain = qmp("job-cancel", {"id": "j0"})
-    assert driver._not_sent_yet(op, (soft, plain)) == (soft, plain)
-    assert driver._not_sent_yet(op, (soft, other, plain)) == (other, plain)
-    assert driver._not_sent_yet(op, (soft, other)) == ()
+    async def main() -> None:
+        driver = Driver(journal=None, link=Link(str(vm.qmp_socket), connect=None))  # type: ignore[arg-type]
+        op = Operation(id="x", domain="d", goal=Goal.FINISH, phase=Phase.FINISHING, disks=())
+        soft = qmp("block-job-cancel", {"device": "j0"}, once=True)
+        other = qmp("block-job-cancel", {"device": "j1"}, once=True)
+        plain = qmp("job-cancel", {"id": "j0"})
+        monitor = await Monitor.connect(str(vm.qmp_socket))
+        await monitor.close()
+        with pytest.raises(ConnectionLost):
+            await driver._send(monitor, soft, op)  # never queued: the connection was closed
+        assert driver._not_sent_yet(op, (soft, other, plain)) == (soft, other, plain)
+        monitor = await Monitor.connect(str(vm.qmp_socket))
+        try:
+            with pytest.raises(CommandRefused):  # (no such job) queued, so QEMU had it: sent
+                await driver._send(monitor, soft, op)
+        finally:
+            await monitor.close()
+        assert driver._not_sent_yet(op, (soft, plain)) == (plain,)
+        assert driver._not_sent_yet(op, (soft, other, plain)) == (other, plain)
+        assert driver._not_sent_yet(op, (plain, plain)) == (plain, plain)
+
+    asyncio.run(main())
 
 
 def test_the_observation_behind_the_commands_waits_for_the_steps_own_messages(vm_factory: VMFactory) -> None:
@@ -65,11 +83,14 @@ def test_the_observation_behind_the_commands_waits_for_the_steps_own_messages(vm
         op = Operation(id="x", domain="d", goal=Goal.PIVOT, phase=Phase.FINALIZING, disks=())
 
         async def observe(*_args: Any) -> Any:
+            pipelined.append(not current[0].done())  # the step's answers are not all in yet
             await monitor.execute("query-name")  # stands for the observation's queries
             return "observation"
 
         driver._observe = observe  # type: ignore[method-assign,assignment]
         busy = True
+        pipelined: list[bool] = []
+        current: list[asyncio.Future[Any]] = []
 
         async def others() -> None:
             while busy:
@@ -78,20 +99,26 @@ def test_the_observation_behind_the_commands_waits_for_the_steps_own_messages(vm
         crowd = [asyncio.ensure_future(others()) for _ in range(3)]
         await asyncio.sleep(0.01)
         try:
-            for _ in range(5):
+            single = (qmp("query-version"), qmp("query-kvm"), qmp("query-uuid"))
+            batch = tuple(qmp("job-finalize", {"id": f"none-{i}"}) for i in range(3))  # one gather, all refused
+            for commands in (single,) * 4 + (batch,) * 4:
                 written.clear()
                 queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                commands = (qmp("query-version"), qmp("query-kvm"), qmp("query-uuid"))
-                running = asyncio.ensure_future(driver._run_commands(commands, op, queued))
+                running = asyncio.ensure_future(driver._run_counted(commands, op, queued))
+                current[:] = [running]
                 assert await driver._observe_behind(running, queued, op, None) == "observation"
                 await running
                 mine = [c for c in written if c != "query-status"]
-                assert mine == ["query-version", "query-kvm", "query-uuid", "query-name"], written
+                assert mine == [c.name for c in commands] + ["query-name"], written
             # A step whose command fails before it is sent: the observation goes out once it ended.
-            failing = asyncio.ensure_future(driver._run_commands((qmp("no-such-command"), qmp("query-kvm")), op,
-                                                                 never := asyncio.get_running_loop().create_future()))
+            failing = asyncio.ensure_future(driver._run_counted((qmp("no-such-command"), qmp("query-kvm")), op,
+                                                                never := asyncio.get_running_loop().create_future()))
+            current[:] = [failing]
             assert await asyncio.wait_for(driver._observe_behind(failing, never, op, None), 10) == "observation"
-            assert failing.done() and not never.done()
+            assert failing.done() and not never.done() and pipelined[-1] is False
+            # Pipelined: the observation went out before the commands' answers were all in, at least
+            # most of the time (a fast QEMU may answer before the observation task runs).
+            assert sum(pipelined[:-1]) >= len(pipelined[:-1]) // 2, pipelined
             return written
         finally:
             busy = False

@@ -316,12 +316,13 @@ class Driver:
             if step.observe_at_once and commands and not faults.serial():
                 # QEMU answers in order: queries sent right behind the commands see their effect.
                 queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                running = asyncio.ensure_future(self._run_commands(commands, op, queued))
+                running = asyncio.ensure_future(self._run_counted(commands, op, queued))
                 ahead = asyncio.ensure_future(self._observe_behind(running, queued, op, identical))
                 try:
                     op, failure, identical = await running
                 except BaseException:
                     ahead.cancel()
+                    ahead.add_done_callback(_retrieved)
                     raise
             else:
                 op, failure, identical = await self._run_commands(commands, op)
@@ -354,44 +355,62 @@ class Driver:
                 await self._wait(0.5, seen)
 
     def _not_sent_yet(self, op: Operation, commands: tuple[Command, ...]) -> tuple[Command, ...]:
-        """The step's commands without the `once` commands this process already sent."""
-        kept = []
-        for command in commands:
-            key = (op.id, command.name, repr(sorted(command.args.items())))
-            if command.once:
-                if key in self._sent_once:
-                    continue
-                self._sent_once.add(key)
-            kept.append(command)
-        return tuple(kept)
+        """The step's commands without the `once` commands this process already sent (see
+        :meth:`_send`)."""
+        return tuple(c for c in commands if not (c.once and _once_key(op, c) in self._sent_once))
 
-    async def _run_commands(self, commands: tuple[Command, ...], op: Operation,
-                            queued: asyncio.Future[None] | None = None
+    async def _send(self, monitor: Monitor, command: Command, op: Operation) -> Any:
+        """``monitor.execute`` of a QMP command. A `once` command counts as sent from the moment its
+        message is queued for QEMU, whatever becomes of it: QEMU may have it. One that never got
+        that far (the connection was gone) is sent again by a later step."""
+        if not command.once:
+            return await monitor.execute(command.name, command.args)
+        key, step = _once_key(op, command), ON_QUEUED.get()
+
+        def queued() -> None:
+            self._sent_once.add(key)
+            if step is not None:
+                step()
+
+        token = ON_QUEUED.set(queued)
+        try:
+            return await monitor.execute(command.name, command.args)
+        finally:
+            ON_QUEUED.reset(token)
+
+    async def _run_counted(self, commands: tuple[Command, ...], op: Operation, queued: asyncio.Future[None]
+                           ) -> tuple[Operation, Failure | None, tuple[bool, ...] | None]:
+        """:meth:`_run_commands`, with ``queued`` done once every QMP message of these commands is
+        queued for QEMU. Only this task's own messages count (a context variable): the daemon's
+        other jobs and requests share the connection."""
+        expected, count = _messages(commands), 0
+
+        def one_more() -> None:
+            nonlocal count
+            count += 1
+            if count >= expected and not queued.done():
+                queued.set_result(None)
+
+        token = ON_QUEUED.set(one_more)
+        try:
+            return await self._run_commands(commands, op)
+        finally:
+            ON_QUEUED.reset(token)
+
+    async def _run_commands(self, commands: tuple[Command, ...], op: Operation
                             ) -> tuple[Operation, Failure | None, tuple[bool, ...] | None]:
         """Run a step's commands in order, stopping at the first refusal (the next observation
         shows where things stand). A run of the same job command for several jobs is independent
         by construction and goes to QEMU at once: fewer round trips while the guest is paused.
         A command that QEMU does not answer, or a dropped connection, ends the step too: the next
-        observation reconnects and reads what the command did. ``queued`` is done once every QMP
-        message of these commands is queued for QEMU (counted in this task's context only: the
-        daemon's other jobs and requests share the connection)."""
-        if queued is not None:
-            expected, count = _messages(commands), 0
-
-            def one_more() -> None:
-                nonlocal count
-                count += 1
-                if count >= expected and not queued.done():
-                    queued.set_result(None)
-
-            ON_QUEUED.set(one_more)  # (this task's own context: the `running` task of _run)
+        observation reconnects and reads what the command did."""
         identical = None
         for batch in _batches(commands):
             if len(batch) > 1:
                 monitor = self.monitor
                 if monitor is None:
                     return op, None, identical
-                results = await asyncio.gather(*(monitor.execute(c.name, c.args) for c in batch),
+                results = await asyncio.gather(*(self._send(monitor, c, op) for c in batch),
                                                return_exceptions=True)
                 failure = None
                 for command, result in zip(batch, results, strict=True):
@@ -528,7 +547,7 @@ class Driver:
         if command.name == "stop":
             return await self._stop(monitor, op), None
         seen = monitor.event_seq
-        await monitor.execute(command.name, command.args)
+        await self._send(monitor, command, op)
         if command.name == "cont":
             op = dataclasses.replace(op, resume_ts=monitor.event_time_since("RESUME", seen))
         return op, None
@@ -658,9 +677,21 @@ def _batchable(command: Command) -> bool:
 
 def _messages(commands: tuple[Command, ...]) -> int:
     """How many QMP messages carrying out ``commands`` sends at most: one per QMP command, two for
-    ``stop`` (its run-state check first, see ``Driver._stop``), none for file work. (Fewer, when a
-    guest is not running, only delays an observation that waits for them: never ahead of them.)"""
-    return sum(2 if c.name == "stop" else 1 for c in commands if c.kind == "qmp")
+    ``stop`` (its run-state check first, see ``Driver._stop``), three for adding DEST (add-fd,
+    blockdev-add, remove-fd after a refusal), none for other file work. An observation waits for
+    that many: fewer sent only delays it to the step's end, never ahead of the commands."""
+    return sum(2 if c.name == "stop" else 1 if c.kind == "qmp" else 3 if c.kind == "add-dest" else 0
+               for c in commands)
+
+
+def _once_key(op: Operation, command: Command) -> tuple[str, str, str]:
+    return (op.id, command.name, repr(sorted(command.args.items())))
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Done callback of a task nobody awaits any more: its exception is read, not logged as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _batches(commands: tuple[Command, ...]) -> list[list[Command]]:

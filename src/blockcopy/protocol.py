@@ -523,7 +523,11 @@ def _pivoting(op: Operation, obs: Observation) -> Step:
         # pauses every running guest for the pivot; journaled before the `stop`.
         return Step(record=_replace(op, paused_by_us=True, vm_was_running=True),
                     note="the guest runs now: pause it for the pivot")
-    completes = tuple(qmp("job-complete", {"id": d.job_id}, disk=i) for i, d in ready)
+    # Once per job (and process): QEMU 7.2's mirror takes a second job-complete while the job is
+    # still `ready` (it copies what is left dirty before it leaves `ready`), and for a mirror that
+    # `replaces` a node below filters (throttle) it then sets its replace blocker a second time,
+    # which QEMU's error API asserts against (read in mirror.c: QEMU would abort, with the guest).
+    completes = tuple(qmp("job-complete", {"id": d.job_id}, disk=i, once=True) for i, d in ready)
     if op.paused_by_us and running:
         # `stop` flushes every image; writing the dirty page cache out first keeps that flush (and
         # so the guest's pause) short however much the guest wrote just before. `stop` returns
