@@ -11,8 +11,9 @@ another one served by `blockcopy serve` (same install). Per rep, with the page c
   embedded   with --no-daemon: exec -> its own first QMP command (qmp_capabilities on its connection);
   daemon     through the daemon's socket: exec -> the daemon's first QMP command after the exec.
 
-QMP commands are seen with `strace --seccomp-bpf -f -ttt` on the sending process (the CLI, or the
-daemon, started under strace), tracing only sendto/sendmsg/write (the other syscalls run untraced). exec
+QMP commands are seen with `strace --seccomp-bpf -f -ttt` on the sending process (the CLI started
+under it, or the running daemon attached with -p), tracing only sendto/sendmsg/write (the other
+syscalls run untraced; with -p, seccomp-bpf does not apply and every syscall of the daemon stops). exec
 time is the wall clock just before the process is spawned. Each job is aborted after the rep.
 Writes bench/results/startup.json.
 """
@@ -72,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         vm = ScratchVM(work, [DiskSpec("vda", str(make_image(work / "src.qcow2", 64 << 20)))], accel=pick_accel())
         embedded, served = work / "embedded", work / "served"
-        daemon = subprocess.Popen([*STRACE, "-o", str(work / "daemon.trace"), *cli, "serve", "--state-dir",
-                                   str(served)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        daemon = subprocess.Popen([*cli, "serve", "--state-dir", str(served)], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE)
+        tracer = subprocess.Popen([*STRACE, "-o", str(work / "daemon.trace"), "-p", str(daemon.pid)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 30
             while not (served / "run" / "blockcopy.sock").exists():
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=30)
+            tracer.wait(timeout=30)  # (it ends with the traced daemon)
             vm.kill()
     summary = {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in results.items()}
     for key, value in summary.items():
