@@ -236,7 +236,7 @@ def test_recovery_killed_during_recovery_still_converges(attached, bc: Blockcopy
     assert bc.ok("recover", "--json").json == []
 
 
-SOAK_ITERATIONS = 12  # (the daemon's random-kill test adds 10 kills under load: tests/test_service.py)
+SOAK_ITERATIONS = 10  # (the daemon's random-kill test adds 10 kills under load: tests/test_service.py)
 
 
 def _journaled(state: Path) -> bool:
