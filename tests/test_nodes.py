@@ -483,7 +483,7 @@ def within(measured: float, limit: float, tolerance: float = 0.2) -> bool:
 
 
 def assert_limit_holds(vm: ConfigVM, disk_id: str, limit: float, *, what: str, size: int = 4096,
-                       count: int = 150, bursts: int = 3) -> list[float]:
+                       count: int = 100, bursts: int = 3) -> list[float]:
     """The throttle holds: the median of ``bursts`` measured bursts is within 20% of the limit.
 
     A median, because single bursts stray both ways on this host: on a loaded machine a CPU-starved
@@ -525,10 +525,10 @@ def test_without_replaces_the_pivot_drops_the_throttle_filter(lab: Lab) -> None:
 
 def test_backend_throttle_holds_across_the_pivot(lab: Lab) -> None:
     vm = start_config(lab, "backend-throttle")
-    assert_limit_holds(vm, "hda", BACKEND_BPS, what="bps", size=65536, count=150)
+    assert_limit_holds(vm, "hda", BACKEND_BPS, what="bps", size=65536, count=100)
     p = pivot(vm, "hda", lab.dest_for(vm, vm.config.disks[0]))
     assert p.after.backend_throttle == {"bps": BACKEND_BPS, "group": "hda"}
-    assert_limit_holds(vm, "hda", BACKEND_BPS, what="bps", size=65536, count=150)
+    assert_limit_holds(vm, "hda", BACKEND_BPS, what="bps", size=65536, count=100)
 
 
 @pytest.fixture
@@ -700,7 +700,7 @@ def test_blockcopy_keeps_blockbackend_throttling(lab: Lab, tmp_path: Path) -> No
     bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
     bc.ok("copy", "vm", "hda", str(tmp_path / "dest.qcow2"), "--pivot")
     assert vm.tree("hda").backend_throttle == {"bps": BACKEND_BPS, "group": "hda"}
-    assert_limit_holds(vm, "hda", BACKEND_BPS, what="bps", size=65536, count=150)
+    assert_limit_holds(vm, "hda", BACKEND_BPS, what="bps", size=65536, count=100)
 
 
 def test_blockcopy_refuses_o_direct_options_on_storage_without_o_direct(lab: Lab, ramfs: Path, tmp_path: Path) -> None:
