@@ -52,3 +52,13 @@ def test_default_buffer_is_one_second_of_a_speed_limit_within_1_and_16_mib() -> 
     assert default_buf_size(0) == 4 * mib
     assert default_buf_size(mib // 2) == mib and default_buf_size(2 * mib) == 2 * mib
     assert default_buf_size(100 * mib) == 4 * mib
+
+
+def test_every_public_name_loads_from_the_package() -> None:
+    """``blockcopy`` loads its names on first use (PEP 562): its table of where each lives must
+    name exactly what ``__all__`` promises, and each must load."""
+    import blockcopy
+
+    assert sorted([*blockcopy._WHERE, "__version__"]) == sorted(blockcopy.__all__)
+    for name in blockcopy.__all__:
+        assert getattr(blockcopy, name) is not None, name

@@ -512,7 +512,6 @@ def _run(command: Callable[[], Coroutine[Any, Any, int]], *, loop: bool = True) 
         return Interrupted.exit_code
 
 
-
 def _to_the_end(coroutine: Coroutine[Any, Any, int]) -> int:
     """The result of a coroutine that never suspends, without an event loop (importing asyncio
     alone takes 60-80 ms on the test machine, more than the rest of the command through the daemon)."""

@@ -2,7 +2,7 @@
 
 The CLI builds its parser (help text, choices) from these before it knows whether it will talk to
 the daemon or load the core; through the daemon it never loads asyncio, QMP or SQLite, which cost
-most of a command's start (``bench/libvirt_rig.py`` measures it).
+most of a command's start (``bench/startup.py`` measures it).
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from pathlib import Path
 #: How long QEMU may take to answer one command before blockcopy drops the connection and asks
 #: again: no QMP command blockcopy sends takes long; a silent QEMU is hung, stopped or deadlocked.
 COMMAND_TIMEOUT = 60.0
-#: How long a pivot, finish or abort may wait for QEMU, and how long a QEMU that does not answer
-#: is retried.
+#: A transition that QEMU should finish by itself (complete -> pending takes ~8 ms) is given up on
+#: after this long without progress; the state machine then rolls back instead of leaving a guest
+#: paused. The clock starts when a step's commands have returned, so a slow fsync or a slow command
+#: does not count against it; it is also how long blockcopy retries a QEMU that does not answer.
 TRANSITION_TIMEOUT = 30.0
 
 MODES = ("write-blocking", "background")

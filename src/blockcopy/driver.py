@@ -42,12 +42,6 @@ from blockcopy.writeback import Writeback
 
 log = logging.getLogger(__name__)
 
-# TRANSITION_TIMEOUT (blockcopy.defaults): a transition that QEMU should finish by itself (complete
-# -> pending takes ~8 ms) is given up on after this long without progress; the state machine then
-# rolls back instead of leaving a guest paused. The clock starts when a step's commands have
-# returned, so a slow fsync or a slow command does not count against it; it is also how long
-# blockcopy retries a QEMU that does not answer.
-
 #: How often progress is written to the journal while copying (for `status` from other processes).
 PROGRESS_SAVE_INTERVAL = 2.0
 #: Phases in which a guest that blockcopy paused may still be paused (the outcome is not journaled).

@@ -124,12 +124,11 @@ def event_time(event: Mapping[str, Any]) -> float:
 class Monitor:
     """One exclusive QMP connection to one QEMU process."""
 
-    DEFAULT_COMMAND_TIMEOUT = COMMAND_TIMEOUT  # (see blockcopy.defaults)
     #: called with (command, seconds) after every command, answered or not (the daemon's metrics)
     round_trip_observer: Callable[[str, float], None] | None = None
 
     def __init__(self, socket_path: str, client: QMPClient, process: QemuProcess | None, *,
-                 command_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> None:
+                 command_timeout: float = COMMAND_TIMEOUT) -> None:
         self.socket_path = socket_path
         self.process = process  # who answered: SO_PEERCRED of this connection
         self.command_timeout = command_timeout
@@ -144,10 +143,9 @@ class Monitor:
         # replaces it: one pass at a time per connection (the daemon shares one among jobs).
         self._passing_fd = asyncio.Lock()
 
-
     @classmethod
     async def connect(cls, socket_path: str, *, timeout: float = 5.0,
-                      command_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> Monitor:
+                      command_timeout: float = COMMAND_TIMEOUT) -> Monitor:
         """Connect and negotiate. The socket is connected here, not by the library, so that the
         kernel can say which process listens on it (SO_PEERCRED) for this very connection.
 

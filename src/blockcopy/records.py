@@ -239,7 +239,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-
 _STATE_BY_PHASE = {
     Phase.STARTING: "created",
     Phase.PIVOTING: "pivoting",

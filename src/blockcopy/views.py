@@ -13,9 +13,6 @@ if TYPE_CHECKING:  # (the CLI shows views from the daemon without loading the jo
     from blockcopy.journal import Domain
     from blockcopy.monitor import DeviceInfo
 
-#: QEMU-style job state for the whole operation (kept here by that name for the views' users).
-state = job_state
-
 
 def _progress(current: int, total: int) -> dict[str, Any]:
     return {"current": current, "total": total,
@@ -42,7 +39,7 @@ def operation_view(op: Operation) -> dict[str, Any]:
         "id": op.id,
         "domain": op.domain,
         "disk": ",".join(d.name for d in op.disks),
-        "state": state(op),
+        "state": job_state(op),
         "phase": op.phase.value,
         "goal": op.goal.value,
         "mode": op.mode,

@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from blockcopy import views
 from blockcopy.monitor import Monitor
+from blockcopy.records import job_state
 
 if TYPE_CHECKING:
     from blockcopy.service.daemon import Daemon
@@ -33,7 +33,7 @@ class _JournalCollector:
     def collect(self) -> Iterator[Metric]:
         ops = self.daemon.journal.operations()
         jobs = GaugeMetricFamily("blockcopy_jobs", "Jobs by state (as `blockcopy jobs` shows it)", labels=["state"])
-        for state, count in sorted(Counter(views.state(op) for op in ops).items()):
+        for state, count in sorted(Counter(job_state(op) for op in ops).items()):
             jobs.add_metric([state], count)
         yield jobs
         outcomes = CounterMetricFamily("blockcopy_job_outcomes", "Ended jobs by outcome", labels=["outcome"])
