@@ -27,6 +27,8 @@ throughput: per rep, in a rotating order, each tool after `sync; echo 3 > drop_c
                  libvirt's buffer, and 1M): what the default buffer trades
   timed end to end (command start -> sync done); mirror phase = job created -> BLOCK_JOB_READY from
   QEMU's event times; every DEST checked equal to the source with `qemu-img compare` afterwards.
+  Each VM is first left until QEMU is idle (wait_until_idle: the firmware spins a vCPU for ~5 s
+  after start when there is nothing to boot; a copy timed then shares this 2-core machine with it).
 
 stall: the writer guest (TCG unless it boots under KVM) copied and pivoted by libvirt and by
 blockcopy, alternating; stall = the largest gap between consecutive host-stamped guest
@@ -138,6 +140,33 @@ def wait_for_path(path: Path, timeout: float = 30.0, alive: Callable[[], bool] |
 
 
 # --- libvirtd --------------------------------------------------------------------------------------
+
+
+def wait_until_idle(pid: int, timeout: float = 30.0) -> float:
+    """Wait until QEMU ``pid`` uses less than a tenth of a core (over 0.5 s); the seconds waited.
+
+    A VM with no guest OS spins a vCPU at 100% for its first ~5 s here (the firmware looking for
+    something to boot) and then halts. A copy timed during that spin runs on one core of this
+    machine's two, which no running VM that users copy does; `qemu-img` never pays it."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu_seconds() -> float:
+        total = 0
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            with contextlib.suppress(OSError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / tick
+
+    started = time.monotonic()
+    last = cpu_seconds()
+    while time.monotonic() - started < timeout:
+        time.sleep(0.5)
+        now = cpu_seconds()
+        if now - last < 0.05:
+            return time.monotonic() - started
+        last = now
+    raise RuntimeError(f"QEMU {pid} still busy after {timeout:.0f} s")
 
 
 def ensure_libvirt() -> None:
@@ -541,6 +570,7 @@ def tool_libvirt(rig: Rig) -> dict[str, Any]:
     vm = start_libvirt_vm(rig.lv, rig.lv / "source.qcow2", rig.accel, None)
     dest = rig.lv / "dest.qcow2"
     try:
+        wait_until_idle(qemu_pid_of_domain())
         drop_caches()
         offset = rig.libvirtd.log_offset()
         seconds, start, _end, _p = timed(["virsh", "-c", URI, "blockcopy", DOMAIN, DISK_TARGET, str(dest),
@@ -562,6 +592,8 @@ def tool_blockcopy(rig: Rig, extra: list[str]) -> dict[str, Any]:
     cli = blockcopy_cli()
     try:
         run([*cli, "attach", DOMAIN, "--qmp", str(vm.extra["qmp"]), "--state-dir", str(state)])
+        assert vm.proc is not None
+        wait_until_idle(vm.proc.pid)
         drop_caches()
         seconds, start, _end, proc = timed([*cli, "copy", DOMAIN, QDEV, str(dest), "--pivot", "--json",
                                             "--state-dir", str(state), *extra], dest)
@@ -855,17 +887,20 @@ def main(argv: list[str] | None = None) -> int:
             env = environment(args.workdir, libvirtd)
             if args.mode in ("throughput", "all"):
                 print("== throughput")
-                save("throughput", {"environment": env, "quick": args.quick, **bench_throughput(rig, args)})
+                save("throughput_quick" if args.quick else "throughput",
+                     {"environment": env, "quick": args.quick, **bench_throughput(rig, args)})
             if args.mode in ("stall", "all"):
                 print("== stall")
-                save("stall", {"environment": env, "quick": args.quick, **bench_stall(rig, args)})
+                save("stall_quick" if args.quick else "stall",
+                     {"environment": env, "quick": args.quick, **bench_stall(rig, args)})
         finally:
             libvirtd.stop()
     return 0
 
 
 def save(section: str, data: dict[str, Any]) -> None:
-    """Write one mode's results into bench/results/libvirt.json, keeping the other mode's."""
+    """Write one mode's results into bench/results/libvirt.json, keeping the other sections (a
+    --quick run has its own section, so that it never replaces a full run's)."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "libvirt.json"
     saved = json.loads(path.read_text()) if path.exists() else {}

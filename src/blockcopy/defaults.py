@@ -24,9 +24,10 @@ PREALLOCATIONS = ("off", "metadata", "falloc", "full")
 FORMATS = ("qcow2", "raw")
 MIB = 1024 * 1024
 MAX_BUF_SIZE = 1024 * MIB
-#: The mirror's buffer, from same-run figures on libvirt's rig (README, Benchmarks): 4 MiB copied
-#: as fast as QEMU's and libvirt's 16 MiB, where 1 MiB was 1.2x slower; and the guest's largest
-#: stall just before `ready` was 21 ms with 1 MiB, 138 ms with 4 MiB, 312-326 ms with 8-16 MiB.
+#: The mirror's buffer, from same-run figures on libvirt's rig (README, Benchmarks): the guest's
+#: largest stall just before `ready` was 21 ms with 1 MiB, 138 ms with 4 MiB, 312-326 ms with 8-16
+#: MiB (libvirt, with QEMU's 16 MiB: 280-299 ms); 16 MiB copies random data 1.1-1.2x faster than
+#: 4 MiB, 1 MiB 1.2-1.3x slower. 4 MiB halves libvirt's stall and still copies faster than libvirt.
 DEFAULT_BUF_SIZE = 4 * MIB
 #: How long a client's idempotency key may be.
 CLIENT_KEY_MAX = 200
