@@ -31,14 +31,15 @@ throughput: per rep, in a rotating order, each tool after `sync; echo 3 > drop_c
   after start when there is nothing to boot; a copy timed then shares this 2-core machine with it).
 
 stall: the writer guest (TCG unless it boots under KVM) copied and pivoted by libvirt and by
-blockcopy, alternating; stall = the largest gap between consecutive host-stamped guest
-acknowledgements that overlaps the pivot window (libvirt: its first pivot-related QMP command (a
-bitmap `transaction`, then `job-complete`) to its last cleanup reply (`blockdev-del`), from
-libvirtd's debug log, millisecond stamps; blockcopy: QEMU's STOP event to the journaled end in
-`status --log`, which follows the reply of its last cleanup command, so a bound from above; the
-JSON also has blockcopy's stall up to QEMU's job-dismiss event, a bound from below); also the
-largest gap while copying (job created -> READY) and in the last second before READY. Same gap code
-(AckLog.max_gap) for both. Every acknowledged write is checked on DEST afterwards (VM paused).
+blockcopy (and by blockcopy with --buf-size SIZE for each --stall-alt-buf), alternating; stall = the
+largest gap between consecutive host-stamped guest acknowledgements that overlaps the pivot window
+(libvirt: its first pivot-related QMP command (a bitmap `transaction`, then `job-complete`) to its
+last cleanup reply (`blockdev-del`), from libvirtd's debug log, millisecond stamps; blockcopy:
+QEMU's STOP event to the journaled end in `status --log`, which follows the reply of its last
+cleanup command, so a bound from above; the JSON also has blockcopy's stall up to QEMU's job-dismiss
+event, a bound from below); also the largest gap while copying (job created -> READY) and in the
+last second before READY. Same gap code (AckLog.max_gap) for both. Every acknowledged write is
+checked on DEST afterwards (VM paused).
 
 libvirtd logs its monitor traffic (log_filters 1:qemu.qemu_monitor) in both modes: that is where
 its pivot window comes from. Writes bench/results/libvirt.json (one section per mode).
@@ -143,7 +144,8 @@ def wait_for_path(path: Path, timeout: float = 30.0, alive: Callable[[], bool] |
 
 
 def wait_until_idle(pid: int, timeout: float = 30.0) -> float:
-    """Wait until QEMU ``pid`` uses less than a tenth of a core (over 0.5 s); the seconds waited.
+    """Wait until QEMU ``pid`` used less than a tenth of a core in each of two consecutive 0.5 s
+    windows; the seconds waited.
 
     A VM with no guest OS spins a vCPU at 100% for its first ~5 s here (the firmware looking for
     something to boot) and then halts. A copy timed during that spin runs on one core of this
@@ -151,19 +153,18 @@ def wait_until_idle(pid: int, timeout: float = 30.0) -> float:
     tick = os.sysconf("SC_CLK_TCK")
 
     def cpu_seconds() -> float:
-        total = 0
-        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
-            with contextlib.suppress(OSError):
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / tick
+        # The process's own utime and stime (fields 14 and 15): they include threads that exited,
+        # which a sum over /proc/PID/task would lose.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
 
     started = time.monotonic()
-    last = cpu_seconds()
+    last, quiet = cpu_seconds(), 0
     while time.monotonic() - started < timeout:
         time.sleep(0.5)
         now = cpu_seconds()
-        if now - last < 0.05:
+        quiet = quiet + 1 if now - last < 0.05 else 0
+        if quiet == 2:
             return time.monotonic() - started
         last = now
     raise RuntimeError(f"QEMU {pid} still busy after {timeout:.0f} s")
@@ -742,6 +743,8 @@ def blockcopy_pivot_window(state: Path, job: str, tap: EventTap) -> dict[str, An
 
 
 def stall_run(rig: Rig, side: str, master: Path, guest: Guest, run_no: int) -> dict[str, Any]:
+    """One copy and pivot of the writer guest's disk by ``side``: "libvirt", "blockcopy", or
+    "blockcopy-SIZE" (blockcopy with --buf-size SIZE)."""
     from blockcopy.guest.session import AckLog, verify
 
     side_dir = rig.lv if side == "libvirt" else rig.bc
@@ -767,8 +770,9 @@ def stall_run(rig: Rig, side: str, master: Path, guest: Guest, run_no: int) -> d
             cli = blockcopy_cli()
             run([*cli, "attach", DOMAIN, "--qmp", str(vm.extra["qmp"]), "--state-dir", str(state)])
             drop_caches()
+            extra = ["--buf-size", side.split("-", 1)[1]] if "-" in side else []
             seconds, _s, _e, proc = timed([*cli, "copy", DOMAIN, QDEV, str(dest), "--pivot", "--json",
-                                           "--state-dir", str(state)], dest)
+                                           "--state-dir", str(state), *extra], dest)
             op = json.loads(proc.stdout)
             assert op["outcome"] == "pivoted", op
             window = blockcopy_pivot_window(state, op["id"], vm.tap)
@@ -819,24 +823,25 @@ def bench_stall(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
     print(f"guest on {accel}, {GUEST_MIB} MiB disk, writer 4 KiB O_DIRECT every 2 ms")
     print_command_lines(rig)
     runs = []
+    sides = ["libvirt", "blockcopy", *(f"blockcopy-{size}" for size in args.stall_alt_buf)]
     for n in range(args.reps):
-        for side in (("libvirt", "blockcopy") if n % 2 == 0 else ("blockcopy", "libvirt")):
+        for side in (sides if n % 2 == 0 else sides[::-1]):
             try:
                 row = stall_run(rig, side, master, guest, n)
             except (RuntimeError, AssertionError, TimeoutError, subprocess.CalledProcessError) as exc:
                 runs.append({"tool": side, "run": n, "error": str(exc)})  # recorded, not fatal
-                print(f"  run {n} {side:>9}: FAILED {exc}", flush=True)
+                print(f"  run {n} {side:>13}: FAILED {exc}", flush=True)
                 continue
             runs.append(row)
-            print(f"  run {n} {side:>9}: {row['seconds']:.2f} s, mirror {row['mirror_s']:.2f} s, pivot window "
+            print(f"  run {n} {side:>13}: {row['seconds']:.2f} s, mirror {row['mirror_s']:.2f} s, pivot window "
                   f"{row['pivot_window_ms']} ms, pivot stall {row['pivot_stall_ms']} ms, copying gap "
                   f"{row['copying_gap_ms']} ms, pre-READY gap {row['pre_ready_gap_ms']} ms"
                   + (f", PROBLEMS {row['problems']}" if row["problems"] else ""), flush=True)
     master.unlink()
     summary = {}
     keys = ("pivot_stall_ms", "pivot_window_ms", "copying_gap_ms", "pre_ready_gap_ms", "mirror_s", "seconds")
-    print(f"\n{'tool':>9} " + " ".join(f"{k:>16}" for k in keys) + "   (medians; max in brackets)")
-    for side in ("libvirt", "blockcopy"):
+    print(f"\n{'tool':>13} " + " ".join(f"{k:>16}" for k in keys) + "   (medians; max in brackets)")
+    for side in sides:
         rows = [r for r in runs if r["tool"] == side and "error" not in r]
         if not rows:
             continue
@@ -845,7 +850,7 @@ def bench_stall(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
         if lower:
             summary[side]["pivot_stall_to_dismiss_ms"] = {"median": _median(lower), "max": max(lower)}
         cells = [f"{summary[side][k]['median']} [{summary[side][k]['max']}]" for k in keys]
-        print(f"{side:>9} " + " ".join(f"{c:>16}" for c in cells))
+        print(f"{side:>13} " + " ".join(f"{c:>16}" for c in cells))
     return {"guest_accel": accel, "libvirt_command_line": rig.libvirt_args, "standalone_command_line": rig.standalone,
             "removed_from_libvirt_command_line": rig.removed, "guest_cmdline": guest.cmdline, "runs": runs,
             "summary": summary}
@@ -870,6 +875,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 GiB random only, 3 reps")
     parser.add_argument("--alt-buf", nargs="*", default=["16M", "1M"], metavar="SIZE",
                         help="extra blockcopy columns with these --buf-size values (default: 16M 1M)")
+    parser.add_argument("--stall-alt-buf", nargs="*", default=[], metavar="SIZE",
+                        help="stall: extra blockcopy runs with these --buf-size values (default: none)")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                         help="where images go (its file system is measured)")
     args = parser.parse_args(argv)

@@ -13,10 +13,11 @@ QEMU is idle (libvirt_rig.wait_until_idle), after `sync; echo 3 > drop_caches`:
   qemu-img             qemu-img convert -O qcow2 SRC DEST; sync -f DEST (end to end, as users time it)
   blockcopy            blockcopy copy vm virtio-disk0 DEST --pivot; sync -f DEST (end to end; the CLI
                        pip-installed as users install it, `attach` not timed, no daemon)
-  mirror-SIZE          blockdev-mirror sync=full of the VM's cache=none disk into a new qcow2 DEST
-                       opened through the page cache (what blockcopy does for a pivot, see
-                       protocol._copy_through_page_cache), buf-size SIZE: 4M (blockcopy's default)
-                       and 16M (QEMU's and libvirt's)
+  mirror-SIZE          blockdev-mirror sync=full (background copy mode) of the VM's cache=none disk
+                       into a new qcow2 DEST opened through the page cache, as blockcopy opens it
+                       for a pivot (protocol._copy_through_page_cache) but without blockcopy's
+                       destination writeback (writeback.py) and its write-blocking mode; buf-size
+                       SIZE: 4M (blockcopy's default) and 16M (QEMU's and libvirt's)
   mirror-direct-16M    the same with DEST opened with cache.direct=on, as libvirt 9.0 opens it
   mirror-cached-src-16M  the VM's disk *not* cache=none (page cache, readahead): not libvirt's rig,
                        the control for what reading a cache=none source costs
@@ -25,7 +26,9 @@ The mirror phase is job created -> BLOCK_JOB_READY by QEMU's event times, read o
 monitor (bench/libvirt_rig.py's EventTap); QEMU flushes DEST before it reports ready, so the copy is
 durable then, as after qemu-img's `sync -f`. Ratios are throughput relative to qemu-img's in the same
 rep (qemu-img's seconds over the other's): end to end for blockcopy, mirror phase for the raw
-variants and for "blockcopy mirror phase". blockcopy's DEST is checked equal to the source.
+variants and for "blockcopy mirror phase" (a mirror phase leaves out DEST's creation and the job's
+completion, which qemu-img's run includes: it favours the mirror). blockcopy's DEST is checked
+equal to the source; the raw variants' DESTs are not checked.
 Writes bench/results/mirror_floor.json.
 """
 
@@ -73,8 +76,9 @@ VARIANTS: dict[str, tuple[bool, bool, int]] = {
 
 def vm_args(source: Path, work: Path, accel: str, source_direct: bool) -> list[str]:
     """libvirt 9.0's -blockdev pair for a cache='none' qcow2 disk (bench/libvirt_rig.py reads it from
-    libvirt itself), on a running VM with no guest OS (firmware only, as in libvirt_rig's throughput
-    mode; blockcopy refuses a VM that has not started). Two QMP sockets: the tap (events, and the
+    libvirt itself; the rest of libvirt's command line, -boot, USB, memory backend, is left out),
+    on a running VM with no guest OS (firmware only, as in libvirt_rig's throughput mode; blockcopy
+    refuses a VM that has not started). Two QMP sockets: the tap (events, and the
     raw variants' commands) and blockcopy's."""
     cache = {"direct": source_direct, "no-flush": False}
     storage = {"driver": "file", "filename": str(source), "node-name": "libvirt-1-storage", "cache": cache,
@@ -106,6 +110,7 @@ def run_tool(work: Path, source: Path, size_mib: int, accel: str, tool: str, cli
         path.unlink(missing_ok=True)
     shutil.rmtree(work / "state", ignore_errors=True)
     qemu = subprocess.Popen(vm_args(source, work, accel, source_direct), stderr=subprocess.DEVNULL)
+    tap = None
     try:
         tap = EventTap(work / "tap.qmp", alive=lambda: qemu.poll() is None)
         wait_until_idle(qemu.pid)  # (the firmware spins a vCPU for its first seconds, see there)
@@ -131,8 +136,9 @@ def run_tool(work: Path, source: Path, size_mib: int, accel: str, tool: str, cli
                     raise RuntimeError(f"mirror ended without READY: {tap.events[-3:]}")
                 time.sleep(0.01)
         result["mirror_s"] = mirror_phase(tap)
-        tap.close()
     finally:
+        if tap is not None:
+            tap.close()
         qemu.kill()
         qemu.wait()
     if tool == "blockcopy" and not images_equal(source, dest):
@@ -193,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
                              "host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
                              "qemu": subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
                                                     text=True).stdout.splitlines()[0],
-                             "workdir": str(args.workdir)}
+                             "workdir": str(args.workdir),
+                             "commit": subprocess.run(["git", "-C", str(Path(__file__).parent), "describe",
+                                                       "--always", "--dirty"], capture_output=True,
+                                                      text=True).stdout.strip()}
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "mirror_floor.json"
     out.write_text(json.dumps(result, indent=2, sort_keys=True))
