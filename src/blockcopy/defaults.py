@@ -24,10 +24,11 @@ PREALLOCATIONS = ("off", "metadata", "falloc", "full")
 FORMATS = ("qcow2", "raw")
 MIB = 1024 * 1024
 MAX_BUF_SIZE = 1024 * MIB
-#: The mirror's buffer, from same-run figures on libvirt's rig (README, Benchmarks): the guest's
-#: largest stall just before `ready` was 21 ms with 1 MiB, 138 ms with 4 MiB, 312-326 ms with 8-16
-#: MiB (libvirt, with QEMU's 16 MiB: 280-299 ms); 16 MiB copies random data 1.1-1.2x faster than
-#: 4 MiB, 1 MiB 1.2-1.3x slower. 4 MiB halves libvirt's stall and still copies faster than libvirt.
+#: The mirror's buffer, from runs on libvirt's rig (README, Benchmarks): the guest's largest stall
+#: in the last second before `ready` was 158 ms median with 4 MiB against 263 ms with 16 MiB and
+#: libvirt's 439 ms (one 5-run stall run); 16 MiB copies random data 1.05-1.21x faster than 4 MiB,
+#: 1 MiB 1.2-1.3x slower (one 7-rep run). 4 MiB gives up that speed for the shorter stall and
+#: still copies faster than libvirt.
 DEFAULT_BUF_SIZE = 4 * MIB
 #: How long a client's idempotency key may be.
 CLIENT_KEY_MAX = 200
