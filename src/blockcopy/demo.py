@@ -91,7 +91,10 @@ async def _run(workdir: Path, size_mib: int, as_json: bool) -> dict[str, Any]:
         after = [a for a in acks if a.at > op.resume_ts + 0.05]
         on_source = writes_present(str(source), "qcow2", after, 0)
         # Two different stalls: the pivot's pause, and QEMU's flush of the target before `ready`.
-        stall = vm.acklog.max_gap(op.stop_ts - 0.05, op.resume_ts + 0.05)
+        # The pivot's is the gap that spans any part of the pause (from the guest's last write
+        # before `stop` to its first after `cont`); no margin around it, since the pivot follows
+        # `ready` within tens of milliseconds and a margin would count the flush's gap twice.
+        stall = vm.acklog.max_gap(op.stop_ts, op.resume_ts)
         copying_stall = vm.acklog.max_gap(op.created_at, op.ready_at)
         result = {
             "job": views.operation_view(op),
