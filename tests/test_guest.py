@@ -73,7 +73,7 @@ def test_pivot_while_the_guest_writes_loses_nothing(guest, bc: Blockcopy, tmp_pa
         assert after, "no writes after the pivot to check"
         assert writes_present(vm.disks[i].path, "qcow2", after, i) == 0
         assert writes_present(str(dests[i]), "qcow2", after, i) == len(after)
-    stall = vm.acklog.max_gap(op.stop_ts, op.resume_ts)  # the gap spanning the pause (see demo.py)
+    stall = vm.acklog.max_gap(op.stop_ts, op.ended_at or op.resume_ts)  # the pivot's gap, as demo.py
     report("guest", f"pivot {disks} disk(s), guest writing ({vm.accel}): blockcopy pause window "
                          f"{op.pause_window_ms:.1f} ms, largest gap between guest acks around it "
                          f"{stall * 1000:.1f} ms, {len(acks)} acknowledged writes verified")

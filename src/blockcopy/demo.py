@@ -90,12 +90,14 @@ async def _run(workdir: Path, size_mib: int, as_json: bool) -> dict[str, Any]:
         assert op.stop_ts is not None and op.resume_ts is not None
         after = [a for a in acks if a.at > op.resume_ts + 0.05]
         on_source = writes_present(str(source), "qcow2", after, 0)
-        # Two different stalls: the pivot's pause, and QEMU's flush of the target before `ready`.
-        # The pivot's is the gap that spans any part of the pause (from the guest's last write
-        # before `stop` to its first after `cont`); no margin around it, since the pivot follows
-        # `ready` within tens of milliseconds and a margin would count the flush's gap twice.
-        stall = vm.acklog.max_gap(op.stop_ts, op.resume_ts)
-        copying_stall = vm.acklog.max_gap(op.created_at, op.ready_at)
+        # Two different stalls: the pivot's, and QEMU's flush of the target before `ready`. The
+        # pivot's: the largest gap overlapping `stop` to the job's end (the cleanup right after
+        # `cont` included, as bench/libvirt_rig.py measures it). No margin before `stop`: the pivot
+        # follows `ready` within tens of ms, and a margin caught the end of the flush's gap. A gap
+        # that spans `stop` is the pivot's (and also counted before it): the guest waited through
+        # both. Before the pivot: from the job's creation to `stop` (copy, flush, pivot's start).
+        stall = vm.acklog.max_gap(op.stop_ts, op.ended_at or op.resume_ts)
+        copying_stall = vm.acklog.max_gap(op.created_at, op.stop_ts)
         result = {
             "job": views.operation_view(op),
             "accelerator": accel,
