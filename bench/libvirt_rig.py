@@ -140,9 +140,6 @@ def wait_for_path(path: Path, timeout: float = 30.0, alive: Callable[[], bool] |
         time.sleep(0.01)
 
 
-# --- libvirtd --------------------------------------------------------------------------------------
-
-
 def wait_until_idle(pid: int, timeout: float = 30.0) -> float:
     """Wait until QEMU ``pid`` used less than a tenth of a core in each of two consecutive 0.5 s
     windows; the seconds waited.
@@ -168,6 +165,9 @@ def wait_until_idle(pid: int, timeout: float = 30.0) -> float:
             return time.monotonic() - started
         last = now
     raise RuntimeError(f"QEMU {pid} still busy after {timeout:.0f} s")
+
+
+# --- libvirtd --------------------------------------------------------------------------------------
 
 
 def ensure_libvirt() -> None:

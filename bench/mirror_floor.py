@@ -60,6 +60,7 @@ from libvirt_rig import (
     make_source,
     run,
     timed,
+    tool_command,
     wait_until_idle,
 )
 
@@ -150,8 +151,7 @@ def run_tool(work: Path, source: Path, size_mib: int, accel: str, tool: str, cli
 def qemu_img(work: Path, source: Path) -> dict[str, float]:
     dest = work / "dest.qcow2"
     dest.unlink(missing_ok=True)
-    drop_caches()
-    seconds, _start, _end, _proc = timed(["qemu-img", "convert", "-O", "qcow2", str(source), str(dest)], dest)
+    seconds = tool_command(["qemu-img", "convert", "-O", "qcow2", str(source), str(dest)], dest)["seconds"]
     dest.unlink()
     return {"seconds": seconds}
 
