@@ -1,4 +1,7 @@
-"""A real ``blockcopy serve`` process for the service tests, and a raw HTTP client for it."""
+"""A real ``blockcopy serve`` process for the service tests, and a raw HTTP client for it.
+
+The tests' client is the standard library's ``http.client``, not the CLI's own (which speaks the
+little HTTP it needs over the socket module, to start fast): two readings of the same replies."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +20,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blockcopy.service.client import UnixHTTPConnection, read_events
+from blockcopy.service.client import read_events
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a unix socket (the daemon's API)."""
+
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
 
 
 @dataclass

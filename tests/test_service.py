@@ -52,13 +52,15 @@ _PROBE = """
 import json, sys
 from blockcopy.cli import main
 code = main(sys.argv[1:])
-print(json.dumps(sorted(m for m in ("asyncio", "qemu.qmp", "sqlite3") if m in sys.modules)), file=sys.stderr)
+heavy = ("asyncio", "qemu.qmp", "sqlite3", "http.client", "blockcopy.records", "dataclasses", "pathlib")
+print(json.dumps(sorted(m for m in heavy if m in sys.modules)), file=sys.stderr)
 sys.exit(code)
 """
 
 
 def _core_loaded_by(bc: Blockcopy, *args: str) -> tuple[Any, list[str]]:
-    """A CLI command's ``--json`` output, and which of asyncio, QMP and SQLite it loaded."""
+    """A CLI command's ``--json`` output, and which of the modules that cost most of a command's
+    start it loaded (asyncio, QMP, SQLite, the records' dataclasses, http.client, pathlib)."""
     proc = subprocess.run([sys.executable, "-c", _PROBE, *args], env=bc.env, capture_output=True, text=True,
                           timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -79,10 +81,17 @@ def test_cli_goes_through_the_daemon_same_output_and_exit_codes(served: Any, vm_
     assert again["id"] == job["id"]
     assert [j["id"] for j in bc.ok("jobs", "--json").json] == [job["id"]]
     # Through the daemon the command loads none of the core (its start is mostly imports); without
-    # the daemon it does (the probe's control).
+    # the daemon it does (the probe's control). A copy too, up to its result (a bad option the
+    # daemon refuses, as the embedded backend does, with the same message and exit status).
     assert _core_loaded_by(bc, "jobs", "--json") == ([job["id"]], [])
-    assert _core_loaded_by(bc, "status", job["id"], "--json", "--no-daemon")[1] == ["asyncio", "qemu.qmp",
-                                                                                     "sqlite3"]
+    assert _core_loaded_by(bc, "status", job["id"], "--json", "--no-daemon")[1] == [
+        "asyncio", "blockcopy.records", "dataclasses", "pathlib", "qemu.qmp", "sqlite3"]
+    copied, loaded = _core_loaded_by(bc, "copy", "vm", "vda", str(dest), "--bandwidth", "0.25", "--request-id",
+                                     "r-1", "--json")
+    assert (copied["id"], loaded) == (job["id"], [])
+    for where in ([], ["--no-daemon"]):
+        bad = bc("copy", "vm", "vda", str(tmp_path / "bad.qcow2"), "--dest-option", "cache.direct=maybe", *where)
+        assert bad.returncode == 2 and "cache.direct takes on or off, not 'maybe'" in bad.stderr, bad.stderr
     other = bc("copy", "vm", "vda", str(tmp_path / "other.qcow2"), "--request-id", "r-1")
     assert other.returncode == 2 and "different request" in other.stderr
     # Without the daemon, the domain it holds is refused (not driven twice); status reads the journal.
@@ -487,3 +496,25 @@ def test_requests_on_the_domains_connection_during_pivots_never_leave_the_guest_
             await daemon.close()
 
     asyncio.run(main())
+
+
+def test_copy_wait_and_copy_pivot_through_the_daemon_follow_its_event_stream(served: Any, vm_factory: VMFactory,
+                                                                           bc: Blockcopy, tmp_path: Path) -> None:
+    """The CLI's own HTTP client reads the daemon's chunked event stream: ``copy --wait`` returns once
+    ready, ``copy --pivot`` once pivoted, as without the daemon (the same views, the same exit)."""
+    daemon = served()
+    vms = [vm_factory(1, name=f"vm{i}") for i in range(2)]
+    for i, vm in enumerate(vms):
+        bc.ok("attach", f"vm{i}", "--qmp", str(vm.qmp_socket))
+    vms[0].write_marker("vda", 0x5A, 4 * MIB)
+    ready = bc.ok("copy", "vm0", "vda", str(tmp_path / "w.qcow2"), "--wait", "--json").json
+    assert ready["ready_at"] is not None and ready["outcome"] is None and ready["state"] == "ready"
+    pivoted = bc.ok("copy", "vm1", "vda", str(tmp_path / "p.qcow2"), "--pivot", "--json").json
+    assert pivoted["outcome"] == "pivoted" and pivoted["authoritative"] == "destination"
+    assert vms[1].device_node("vda")[0] == f"bc-{pivoted['id']}-0"
+    # the events were the stream's: both jobs' "ready" went out on it
+    kinds = {(d["job"], k) for _s, k, d in _all_events(daemon)}
+    assert {(ready["id"], "ready"), (pivoted["id"], "ready"), (pivoted["id"], "outcome")} <= kinds
+    assert bc.ok("pivot", ready["id"], "--json").json["outcome"] == "pivoted"
+    assert guest_reads(vms[0], "vda", 0x5A, 4 * MIB)
+    assert daemon.stop() == 0

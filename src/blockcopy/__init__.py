@@ -7,7 +7,10 @@ goes through the daemon must not load asyncio, QMP and SQLite, which cost most o
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+#: ``typing.TYPE_CHECKING`` without loading typing (15 ms of a command's start on the test machine;
+#: the modules a command through the daemon loads do the same). mypy treats the name as True.
+TYPE_CHECKING = False
 
 __version__ = "0.1.0"
 
@@ -41,6 +44,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from blockcopy.driver import Until
     from blockcopy.errors import (
         BlockcopyError,

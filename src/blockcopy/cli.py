@@ -12,20 +12,22 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
 
-from blockcopy import __version__, views
+from blockcopy import __version__
 from blockcopy.defaults import COMMAND_TIMEOUT, DEFAULT_BUF_SIZE, FORMATS, MODES, PREALLOCATIONS, TRANSITION_TIMEOUT
 from blockcopy.errors import BlockcopyError, Interrupted, UsageError
-from blockcopy.records import CopyRequest, Goal, Outcome
 from blockcopy.ui import describe_view, progress_display
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING, without loading typing: see blockcopy/__init__.py)
 if TYPE_CHECKING:
-    from blockcopy.driver import ProgressCallback
-    from blockcopy.manager import Manager
+    from typing import Any
 
-# The core (asyncio, QMP, SQLite: most of a command's start) is loaded only by the commands that run
-# in this process (``_embedded``); through the daemon only its small stdlib client is.
+# The core (asyncio, QMP, SQLite, the records' dataclasses: most of a command's start) is loaded
+# only by the commands that run in this process (``_embedded``); through the daemon only the small
+# client over the socket module is (``bench/startup.py``; test_service checks what is loaded).
+
+#: ``Outcome.FAILED``'s value (:mod:`blockcopy.records` is not loaded through the daemon).
+FAILED = "failed"
 
 EPILOG = """\
 Give blockcopy its own QMP socket on each VM, e.g. add to the QEMU command line:
@@ -263,60 +265,6 @@ class Output:
             print(text)
 
 
-class EmbeddedBackend:
-    """The commands run in this process (no daemon): the manager, returning ``--json`` views."""
-
-    def __init__(self, manager: Manager) -> None:
-        self.manager = manager
-
-    async def attach(self, name: str, qmp_socket: str) -> dict[str, Any]:
-        return views.domain_view(await self.manager.attach(name, qmp_socket))
-
-    async def detach(self, name: str) -> None:
-        self.manager.detach(name)
-
-    async def domains(self) -> list[dict[str, Any]]:
-        return [views.domain_view(d) for d in self.manager.domains()]
-
-    async def disks(self, name: str) -> list[dict[str, Any]]:
-        return [views.device_view(d) for d in await self.manager.disks(name)]
-
-    async def copy(self, request: CopyRequest, wait_until: str, on_progress: ProgressCallback | None
-                   ) -> dict[str, Any]:
-        from blockcopy.driver import Until
-
-        until = {"started": Until.STARTED, "ready": Until.READY, "done": Until.DONE}[wait_until]
-        return views.operation_view(await self.manager.copy(request, until=until, on_progress=on_progress))
-
-    async def jobs(self, domain: str | None) -> list[dict[str, Any]]:
-        return [views.operation_view(op) for op in await self.manager.jobs(domain)]
-
-    async def status(self, job: str, log: bool) -> dict[str, Any]:
-        op = await self.manager.status(job)
-        data = views.operation_view(op)
-        if log:
-            data["log"] = [{"at": at, "phase": phase, "note": note} for at, phase, note in self.manager.history(op.id)]
-        return data
-
-    async def conclude(self, job: str, goal: str, wait: bool, on_progress: ProgressCallback | None
-                       ) -> dict[str, Any]:
-        if goal == "abort":
-            return views.operation_view(await self.manager.abort(job))
-        method = self.manager.pivot if goal == "pivot" else self.manager.finish
-        return views.operation_view(await method(job, wait=wait, on_progress=on_progress))
-
-    async def recover(self, domain: str | None, wait: bool, on_progress: ProgressCallback | None
-                      ) -> list[dict[str, Any]]:
-        ops = await self.manager.recover(domain, wait=wait, on_progress=on_progress)
-        return [views.operation_view(op) for op in ops]
-
-    async def speed(self, job: str, bandwidth_mib: float) -> dict[str, Any]:
-        return views.operation_view(await self.manager.set_speed(job, bandwidth_mib))
-
-    def close(self) -> None:
-        self.manager.close()
-
-
 async def run_command(args: argparse.Namespace, backend: Any, out: Output) -> int:
     """One command on ``backend`` (:class:`EmbeddedBackend` or the daemon's
     :class:`blockcopy.service.client.RemoteBackend`): the same output and exit status either way."""
@@ -364,7 +312,7 @@ async def run_command(args: argparse.Namespace, backend: Any, out: Output) -> in
         with progress_display(show_progress) as progress:
             jobs = await backend.recover(args.domain, not args.no_wait, progress)
         out.emit(jobs, "\n\n".join(describe_view(j) for j in jobs) or "nothing to recover")
-        return 7 if any(j["outcome"] == Outcome.FAILED.value for j in jobs) else 0
+        return 7 if any(j["outcome"] == FAILED for j in jobs) else 0
     return 0
 
 
@@ -374,18 +322,14 @@ async def _copy(args: argparse.Namespace, backend: Any, out: Output, show_progre
         if len(args.pair) != 2:
             raise UsageError("give one DISK DEST pair, or any number of --disk DISK=DEST")
         targets.append((args.pair[0], args.pair[1]))
-    goal = Goal.PIVOT if args.pivot else Goal.FINISH if args.finish else Goal.COPY
-    from blockcopy import nodes
-
-    try:
-        dest_options = dict(nodes.parse_dest_option(text) for text in args.dest_option)
-    except nodes.NodeTreeError as exc:
-        raise UsageError(str(exc)) from None
-    request = CopyRequest(domain=args.domain, targets=targets, format=args.format, shallow=args.shallow,
-                          reuse_external=args.reuse_external, bandwidth_mib=args.bandwidth,
-                          mode=args.mode, goal=goal, buf_size=args.buf_size, dest_options=dest_options,
-                          owner=args.owner, mode_bits=args.file_mode, cluster_size=args.cluster_size,
-                          preallocation=args.preallocation, client_key=args.request_id)
+    # CopyRequest's fields, with the goal's value and --dest-option's texts: each backend checks
+    # them the same way (the embedded one builds the CopyRequest, the daemon its API's request).
+    request = {"domain": args.domain, "targets": targets, "format": args.format, "shallow": args.shallow,
+               "reuse_external": args.reuse_external, "bandwidth_mib": args.bandwidth, "mode": args.mode,
+               "goal": "pivot" if args.pivot else "finish" if args.finish else "copy", "buf_size": args.buf_size,
+               "dest_options": list(args.dest_option), "owner": args.owner, "mode_bits": args.file_mode,
+               "cluster_size": args.cluster_size, "preallocation": args.preallocation,
+               "client_key": args.request_id}
     waits = args.wait or args.pivot or args.finish
     wait_until = "done" if args.pivot or args.finish else "ready" if args.wait else "started"
     with progress_display(show_progress and waits) as progress:
@@ -398,7 +342,7 @@ async def _copy(args: argparse.Namespace, backend: Any, out: Output, show_progre
 
 def _result(view: dict[str, Any], out: Output) -> int:
     out.emit(view, describe_view(view))
-    return 7 if view["outcome"] == Outcome.FAILED.value else 0
+    return 7 if view["outcome"] == FAILED else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,6 +387,7 @@ async def _through_daemon(args: argparse.Namespace, backend: Any, out: Output) -
 async def _embedded(args: argparse.Namespace, out: Output) -> int:
     import asyncio
 
+    from blockcopy.embedded import EmbeddedBackend
     from blockcopy.manager import Manager
 
     manager = Manager(args.state_dir, create_journal=args.command == "attach", command_timeout=args.qmp_timeout,
@@ -458,13 +403,10 @@ async def _embedded(args: argparse.Namespace, out: Output) -> int:
 
 def _daemon(state_dir: str | None, socket_path: str | None) -> Any:
     """The daemon's backend when a daemon serves this state directory, else None."""
-    from pathlib import Path
-
-    from blockcopy.defaults import default_state_dir
+    from blockcopy.defaults import default_state_path
     from blockcopy.service.client import DaemonClient, RemoteBackend, default_socket
 
-    path = Path(socket_path) if socket_path else default_socket(Path(state_dir) if state_dir else default_state_dir())
-    client = DaemonClient.find(path)
+    client = DaemonClient.find(socket_path or default_socket(state_dir or default_state_path()))
     return RemoteBackend(client) if client is not None else None
 
 

@@ -8,7 +8,10 @@ most of a command's start (``bench/startup.py`` measures it).
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING, without loading typing: see blockcopy/__init__.py)
+if TYPE_CHECKING:
+    from pathlib import Path
 
 #: How long QEMU may take to answer one command before blockcopy drops the connection and asks
 #: again: no QMP command blockcopy sends takes long; a silent QEMU is hung, stopped or deadlocked.
@@ -47,10 +50,17 @@ def default_buf_size(bandwidth: int) -> int:
 
 def default_state_dir() -> Path:
     """``$BLOCKCOPY_STATE_DIR``, else /var/lib/blockcopy for root, else the XDG state directory."""
+    from pathlib import Path
+
+    return Path(default_state_path())
+
+
+def default_state_path() -> str:
+    """:func:`default_state_dir` as a string, for the daemon's client (which does not load pathlib)."""
     env = os.environ.get("BLOCKCOPY_STATE_DIR")
     if env:
-        return Path(env)
+        return env
     if os.geteuid() == 0:
-        return Path("/var/lib/blockcopy")
-    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(xdg) / "blockcopy"
+        return "/var/lib/blockcopy"
+    xdg = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(xdg, "blockcopy")

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
 
-from blockcopy import views
-from blockcopy.records import Operation
-
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING, without loading typing: see blockcopy/__init__.py)
 if TYPE_CHECKING:
+    from typing import Any
+
     from blockcopy.driver import ProgressCallback
+    from blockcopy.records import Operation
 
 
 def describe(op: Operation) -> str:
+    from blockcopy import views  # (not loaded by a command through the daemon: it prints views)
+
     return describe_view(views.operation_view(op))
 
 

@@ -1,5 +1,11 @@
-"""The CLI's side of the daemon: HTTP over its unix socket with the standard library only (a
-command must start fast; FastAPI is the daemon's, not the client's).
+"""The CLI's side of the daemon: HTTP/1.1 over its unix socket, with nothing but the socket module.
+
+A command through the daemon must start fast (issue 11: under 0.1 s from exec to the first QMP
+command). Its start is almost all imports, and on the test machine ``http.client`` alone takes
+40-50 ms (it loads ``email`` and ``ssl``), ``h11`` about as much, ``pathlib`` 8 ms. The daemon's
+replies are simple (a JSON body with a Content-Length, or a chunked event stream), so the client
+speaks the little HTTP it needs itself (:class:`Response`); the tests talk to the same daemon
+through ``http.client``, so a misreading of HTTP here shows up as a disagreement there.
 
 :class:`DaemonClient` makes the requests and turns problem details back into the CLI's exceptions
 (same message, same exit code); :class:`RemoteBackend` is the CLI's backend over it, returning the
@@ -10,45 +16,124 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import http.client
 import json
 import os
 import socket
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 from blockcopy import errors
 from blockcopy.errors import BlockcopyError, Interrupted
 
+TYPE_CHECKING = False  # (typing.TYPE_CHECKING, without loading typing: see blockcopy/__init__.py)
+if TYPE_CHECKING:
+    from typing import Any
+
 #: ``blockcopy --no-daemon`` or this variable set to 1: never use the daemon.
 NO_DAEMON_ENV = "BLOCKCOPY_NO_DAEMON"
+#: The longest status line, header line or chunk-size line a reply may have.
+_LINE_MAX = 65536
 
 
-def default_socket(state_dir: Path) -> Path:
+def default_socket(state_dir: str | os.PathLike[str]) -> str:
     """``$BLOCKCOPY_SOCKET``, else ``run/blockcopy.sock`` in the state directory."""
-    env = os.environ.get("BLOCKCOPY_SOCKET")
-    return Path(env) if env else state_dir / "run" / "blockcopy.sock"
+    return os.environ.get("BLOCKCOPY_SOCKET") or os.path.join(state_dir, "run", "blockcopy.sock")
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP/1.1 over a unix socket (the daemon's API)."""
+class BadReply(ConnectionError):
+    """The daemon's reply is not HTTP/1.1 as the client reads it (an OSError: the request failed)."""
 
-    def __init__(self, path: str, timeout: float | None) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+class Response:
+    """One HTTP/1.1 reply read from a socket: status, headers (names lower-cased) and a body framed
+    by Content-Length, by chunks, or by the end of the connection (every request says
+    ``Connection: close``)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._file = sock.makefile("rb")
+        parts = self._line().split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise BadReply(f"not an HTTP/1.1 status line: {parts!r}")
+        self.status = int(parts[1])
+        self.headers: dict[str, str] = {}
+        while (line := self._line()) not in (b"\r\n", b"\n", b""):
+            name, sep, value = line.decode("latin-1").partition(":")
+            if not sep:
+                raise BadReply(f"not a header line: {line!r}")
+            self.headers[name.strip().lower()] = value.strip()
+        self._chunked = self.headers.get("transfer-encoding", "").lower() == "chunked"
+
+    def read(self) -> bytes:
+        """The whole body."""
+        if self._chunked:
+            return b"".join(self._chunks())
+        length = self.headers.get("content-length")
+        if length is None:
+            return self._file.read()
+        if not length.isdigit():
+            raise BadReply(f"bad Content-Length {length!r}")
+        body = self._file.read(int(length))
+        if len(body) != int(length):
+            raise BadReply(f"the reply ended after {len(body)} of {length} bytes")
+        return body
+
+    def lines(self) -> Iterator[bytes]:
+        """The body line by line as it arrives (an event stream), each with its newline."""
+        parts = self._chunks() if self._chunked else iter(lambda: self._file.read1(_LINE_MAX), b"")
+        pending = b""
+        for part in parts:
+            pending += part
+            *complete, pending = pending.split(b"\n")
+            yield from (line + b"\n" for line in complete)
+        if pending:
+            yield pending
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _chunks(self) -> Iterator[bytes]:
+        while True:
+            size_text = self._line().split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise BadReply(f"bad chunk size {size_text!r}") from None
+            if size == 0:
+                while self._line() not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return
+            chunk = self._file.read(size)
+            if len(chunk) != size or self._line() not in (b"\r\n", b"\n"):
+                raise BadReply("a chunk ended early")
+            yield chunk
+
+    def _line(self) -> bytes:
+        line = self._file.readline(_LINE_MAX + 1)
+        if len(line) > _LINE_MAX:
+            raise BadReply("a line of the reply is too long")
+        return line
+
+
+def exchange(path: str, method: str, target: str, body: bytes | None = None, *,
+             headers: Mapping[str, str] | None = None, timeout: float | None = None
+             ) -> tuple[socket.socket, Response]:
+    """Send one request to the daemon at ``path``; its connection and reply (the caller closes both).
+
+    :raise OSError: the daemon could not be reached or its reply is not HTTP/1.1 (:class:`BadReply`).
+    """
+    head = [f"{method} {target} HTTP/1.1", "Host: localhost", "Connection: close"]
+    head += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    if body is not None:
+        head.append(f"Content-Length: {len(body)}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall("\r\n".join(head).encode("latin-1") + b"\r\n\r\n" + (body or b""))
+        return sock, Response(sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def error_from(status: int, body: Mapping[str, Any]) -> BlockcopyError:
@@ -68,40 +153,42 @@ class DaemonClient:
         self.timeout = timeout
 
     @classmethod
-    def find(cls, socket_path: Path) -> DaemonClient | None:
+    def find(cls, socket_path: str) -> DaemonClient | None:
         """The daemon listening on ``socket_path``, or None (no socket, or a dead daemon's)."""
         try:
-            if os.environ.get(NO_DAEMON_ENV) == "1" or not socket_path.exists():
+            if os.environ.get(NO_DAEMON_ENV) == "1" or not os.path.exists(socket_path):
                 return None
         except PermissionError:
             return None  # not this user's daemon: the command runs here (and says what it cannot open)
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            probe.connect(str(socket_path))
+            probe.connect(socket_path)
         except OSError as exc:
             if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK, errno.EACCES):
                 return None
             raise BlockcopyError(f"cannot reach the blockcopy daemon at {socket_path}: {exc.strerror}") from None
         finally:
             probe.close()
-        return cls(str(socket_path))
+        return cls(socket_path)
 
     def call(self, method: str, path: str, body: Any = None, *, headers: Mapping[str, str] | None = None,
              query: Mapping[str, Any] | None = None) -> Any:
         """One request; the decoded JSON reply. :raise BlockcopyError: the daemon's error, as the CLI's."""
         if query:
-            path += "?" + urllib.parse.urlencode({k: _q(v) for k, v in query.items() if v is not None})
-        conn = UnixHTTPConnection(self.path, self.timeout)
+            path += "?" + _urlencode({k: _q(v) for k, v in query.items() if v is not None})
+        data = json.dumps(body).encode() if body is not None else None
+        sock = None
         try:
-            data = json.dumps(body).encode() if body is not None else None
-            conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-            response = conn.getresponse()
+            sock, response = exchange(self.path, method, path, data, timeout=self.timeout,
+                                      headers={"Content-Type": "application/json", **(headers or {})})
             raw = response.read()
+            response.close()
         except OSError as exc:
             raise BlockcopyError(f"the blockcopy daemon at {self.path} did not answer: {exc}; its jobs go on. "
                                  "Run the command again (with --no-daemon if the daemon is stopped)") from None
         finally:
-            conn.close()
+            if sock is not None:
+                sock.close()
         try:
             decoded = json.loads(raw) if raw else None
         except ValueError:
@@ -113,16 +200,15 @@ class DaemonClient:
     def events(self, after: int, job: str | None = None) -> Iterator[tuple[int, str, dict[str, Any]]]:
         """Server-sent events from ``after`` on: (sequence number, kind, data), until the daemon
         closes the stream (it stops)."""
-        query = urllib.parse.urlencode({k: v for k, v in (("after", after), ("job", job)) if v is not None})
-        conn = UnixHTTPConnection(self.path, None)
+        query = _urlencode({k: str(v) for k, v in (("after", after), ("job", job)) if v is not None})
+        sock, response = exchange(self.path, "GET", f"/v1/events?{query}", headers={"Accept": "text/event-stream"})
         try:
-            conn.request("GET", f"/v1/events?{query}", headers={"Accept": "text/event-stream"})
-            response = conn.getresponse()
             if response.status >= 400:
                 raise error_from(response.status, json.loads(response.read() or b"{}"))
-            yield from read_events(response)
+            yield from read_events(response.lines())
         finally:
-            conn.close()
+            response.close()
+            sock.close()
 
 
 def read_events(lines: Iterable[bytes]) -> Iterator[tuple[int, str, dict[str, Any]]]:
@@ -147,12 +233,6 @@ def _q(value: Any) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
-def _option_text(key: str, value: Any) -> str:
-    if isinstance(value, bool):
-        return f"{key}={'on' if value else 'off'}"
-    return f"{key}={'default' if value is None else value}"
-
-
 class RemoteBackend:
     """The CLI's commands through the daemon; every method returns the CLI's ``--json`` views."""
 
@@ -171,22 +251,28 @@ class RemoteBackend:
     async def disks(self, name: str) -> list[dict[str, Any]]:
         return list(self.client.call("GET", f"/v1/domains/{_seg(name)}/disks"))
 
-    async def copy(self, request: Any, wait_until: str, on_progress: Callable[[Any], None] | None) -> dict[str, Any]:
-        """``wait_until``: "started", "ready" or "done" (followed on the event stream)."""
+    async def copy(self, fields: Mapping[str, Any], wait_until: str, on_progress: Callable[[Any], None] | None
+                   ) -> dict[str, Any]:
+        """``fields``: CopyRequest's, with the goal's value and ``--dest-option`` texts (the daemon
+        checks them as the embedded backend does). ``wait_until``: "started", "ready" or "done"
+        (followed on the event stream)."""
+        owner = fields["owner"]
         body: dict[str, Any] = {
-            "domain": request.domain, "disks": [{"disk": d, "destination": p} for d, p in request.targets],
-            "goal": request.goal.value, "format": request.format, "shallow": request.shallow,
-            "reuse_external": request.reuse_external, "bandwidth_mib": request.bandwidth_mib,
-            "buf_size": request.buf_size, "mode": request.mode,
-            "dest_options": [_option_text(k, v) for k, v in request.dest_options.items()],
-            "owner": {"uid": request.owner[0], "gid": request.owner[1]} if request.owner else None,
-            "file_mode": request.mode_bits, "cluster_size": request.cluster_size,
-            "preallocation": request.preallocation, "request_id": request.client_key}
-        after = int(self.client.call("GET", "/v1/health")["last_event"])
+            "domain": fields["domain"], "disks": [{"disk": d, "destination": p} for d, p in fields["targets"]],
+            "goal": fields["goal"], "format": fields["format"], "shallow": fields["shallow"],
+            "reuse_external": fields["reuse_external"], "bandwidth_mib": fields["bandwidth_mib"],
+            "buf_size": fields["buf_size"], "mode": fields["mode"], "dest_options": list(fields["dest_options"]),
+            "owner": {"uid": owner[0], "gid": owner[1]} if owner else None, "file_mode": fields["mode_bits"],
+            "cluster_size": fields["cluster_size"], "preallocation": fields["preallocation"],
+            "request_id": fields["client_key"]}
         view = dict(self.client.call("POST", "/v1/jobs", {k: v for k, v in body.items() if v is not None}))
         if wait_until == "started" or view["outcome"] is not None:
             return view
         with self._interruptible(view["id"]):
+            # The request goes first (it starts QEMU's work); then where the event stream stands, then
+            # the job as of then: what it did before is in the view, what it does after is on the stream.
+            after = int(self.client.call("GET", "/v1/health")["last_event"])
+            view = dict(self.client.call("GET", f"/v1/jobs/{_seg(view['id'])}"))
             return self._follow(view, after, wait_until, on_progress)
 
     @contextlib.contextmanager
@@ -247,7 +333,16 @@ class RemoteBackend:
 
 
 def _seg(text: str) -> str:
-    return urllib.parse.quote(text, safe="")
+    """``text`` as one path segment (RFC 3986 unreserved characters kept, every other byte escaped),
+    as ``urllib.parse.quote(text, safe="")`` writes it; urllib.parse is not loaded for this."""
+    return "".join(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in text.encode())
+
+
+def _urlencode(query: Mapping[str, str]) -> str:
+    return "&".join(f"{_seg(k)}={_seg(v)}" for k, v in query.items())
+
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
 def _progress_record(job: str, current: int, total: int, *, ready: bool) -> Any:

@@ -263,7 +263,7 @@ async def serve(options: ServeOptions) -> int:
         loop.add_signal_handler(sig, stop.set)
     daemon = Daemon(options.state_dir, **options.daemon_options)
     sockets: list[socket.socket] = []
-    path = Path(options.socket_path) if options.socket_path else default_socket(daemon.state_dir)
+    path = Path(options.socket_path or default_socket(daemon.state_dir))
     bound: os.stat_result | None = None
     try:
         if options.socket_group is not None and not options.socket_path:

@@ -1,0 +1,102 @@
+"""The CLI's own HTTP/1.1 reader (``blockcopy.service.client.Response``), on replies a server could
+send: framing by length, by chunks (extensions, trailers) and by the end of the connection, and the
+malformed ones, which must be a clear OSError (the CLI's "did not answer") rather than a wrong body.
+Pure parsing over a socketpair; the same client against the real daemon is in test_service.py."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from blockcopy.errors import BlockcopyError
+from blockcopy.service.client import BadReply, DaemonClient, Response, _seg, _urlencode, read_events
+
+
+def reply(raw: bytes) -> Response:
+    """The reply a server sends as ``raw`` and then closes (the socket lives as long as the reply's file)."""
+    ours, theirs = socket.socketpair()
+    theirs.sendall(raw)
+    theirs.close()
+    return Response(ours)
+
+
+def test_a_body_with_a_content_length_is_read_to_its_length_only() -> None:
+    r = reply(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 7\r\n\r\n{\"a\":1}extra")
+    assert (r.status, r.headers["content-type"], r.read()) == (201, "application/json", b'{"a":1}')
+
+
+def test_chunks_with_extensions_and_trailers_are_joined() -> None:
+    r = reply(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n"
+              b"4;ext=1\r\nabcd\r\n3\r\nefg\r\n0\r\nX-Trailer: t\r\n\r\n")
+    assert r.read() == b"abcdefg"
+
+
+def test_without_a_length_the_body_ends_with_the_connection() -> None:
+    assert reply(b"HTTP/1.0 200 OK\r\nServer: x\r\n\r\nall of it").read() == b"all of it"
+
+
+def test_an_event_stream_split_across_chunks_gives_whole_lines_and_events() -> None:
+    stream = (b'id: 7\nevent: ready\ndata: {"job": "j1"}\n\n: keepalive\n\n'
+              b'id: 8\nevent: outcome\ndata: {"job": "j1"}\n\n')
+    pieces = [stream[i:i + 5] for i in range(0, len(stream), 5)]
+    body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+    r = reply(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + body)
+    assert list(read_events(r.lines())) == [(7, "ready", {"job": "j1"}), (8, "outcome", {"job": "j1"})]
+
+
+@pytest.mark.parametrize("raw", [
+    b"",  # the daemon closed without a word
+    b"SSH-2.0-OpenSSH\r\n\r\n",  # not HTTP
+    b"HTTP/1.1 abc OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n",  # a header line past the limit
+])
+def test_a_reply_that_is_not_http_is_a_bad_reply(raw: bytes) -> None:
+    with pytest.raises(BadReply):
+        reply(raw)
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc",
+])
+def test_a_body_cut_short_or_badly_framed_is_a_bad_reply_not_a_wrong_body(raw: bytes) -> None:
+    with pytest.raises(BadReply):
+        reply(raw).read()
+
+
+def test_a_bad_reply_from_the_daemon_is_the_clis_clear_error(tmp_path: object) -> None:
+    """A peer that answers garbage: the CLI says the daemon did not answer (exit 1), nothing else."""
+    path = f"{tmp_path}/api.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n{}")
+        conn.close()
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        with pytest.raises(BlockcopyError, match=r"did not answer.*ended after 2 of 99 bytes") as caught:
+            DaemonClient(path, timeout=10).call("GET", "/v1/jobs")
+        assert type(caught.value) is BlockcopyError and caught.value.exit_code == 1
+    finally:
+        thread.join(timeout=10)
+        server.close()
+
+
+def test_path_segments_and_queries_are_escaped_as_urllib_does() -> None:
+    import urllib.parse
+
+    for text in ("job-1", "a b/c?d#e%f", "é_~.-", "&="):
+        assert _seg(text) == urllib.parse.quote(text, safe="")
+    query = {"domain": "vm 1&x", "wait": "true"}
+    assert urllib.parse.parse_qs(_urlencode(query)) == {k: [v] for k, v in query.items()}
