@@ -25,6 +25,11 @@ throughput: per rep, in a rotating order, each tool after `sync; echo 3 > drop_c
               --state-dir, `attach` done before and not timed; it creates DEST itself)
   blockcopy-SIZE  the same with --buf-size SIZE, for each --alt-buf (default 16M, QEMU's and
                  libvirt's buffer, and 1M): what the default buffer trades
+  blockcopy-daemon[-SIZE]  for each --daemon-buf (default none; "default" for the default buffer):
+              the same command through `blockcopy serve` (a daemon of the same install, started
+              with the VM and attached through it before the page cache is dropped, as a resident
+              service is; the command's own start is cold): what a management app that runs the
+              service pays per job
   timed end to end (command start -> sync done); mirror phase = job created -> BLOCK_JOB_READY from
   QEMU's event times; every DEST checked equal to the source with `qemu-img compare` afterwards.
   Each VM is first left until QEMU is idle (wait_until_idle: the firmware spins a vCPU for ~5 s
@@ -607,13 +612,45 @@ def tool_blockcopy(rig: Rig, extra: list[str]) -> dict[str, Any]:
             "pause_window_ms": op.get("pause_window_ms"), "dest": dest}
 
 
+def tool_blockcopy_daemon(rig: Rig, extra: list[str]) -> dict[str, Any]:
+    """``tool_blockcopy`` through a daemon (``blockcopy serve``) that serves the state directory."""
+    vm = start_standalone_vm(rig)
+    dest = rig.bc / "dest.qcow2"
+    state = rig.bc / "state"
+    shutil.rmtree(state, ignore_errors=True)
+    cli = blockcopy_cli()
+    with open(rig.bc / "daemon.log", "ab") as log:
+        daemon = subprocess.Popen([*cli, "serve", "--state-dir", str(state)], stdout=log, stderr=log)
+    try:
+        wait_for_path(state / "run" / "blockcopy.sock", alive=lambda: daemon.poll() is None)
+        run([*cli, "attach", DOMAIN, "--qmp", str(vm.extra["qmp"]), "--state-dir", str(state)])
+        assert vm.proc is not None
+        wait_until_idle(vm.proc.pid)
+        drop_caches()
+        seconds, start, _end, proc = timed([*cli, "copy", DOMAIN, QDEV, str(dest), "--pivot", "--json",
+                                            "--state-dir", str(state), *extra], dest)
+        created, ready = vm.tap.mirror_times()
+        op = json.loads(proc.stdout)
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+        vm.kill()
+    assert op["outcome"] == "pivoted", op
+    return {"seconds": seconds, "start": start, "created": created, "ready": ready,
+            "pause_window_ms": op.get("pause_window_ms"), "dest": dest}
+
+
 def tool_command(argv: list[str], dest: Path) -> dict[str, Any]:
     drop_caches()
     seconds, start, _end, _p = timed(argv, dest)
     return {"seconds": seconds, "start": start, "dest": dest}
 
 
-def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, alt_bufs: list[str]) -> dict[str, Any]:
+def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, alt_bufs: list[str],
+                    daemon_bufs: list[str]) -> dict[str, Any]:
     master = rig.work / "source.qcow2"
     make_source(master, size_mib, sparse)
     for side in (rig.lv, rig.bc):  # the disk of each VM, a copy of the same image
@@ -628,6 +665,10 @@ def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, alt_bufs: 
     }
     for size in alt_bufs:
         tools[f"blockcopy-{size}"] = functools.partial(tool_blockcopy, rig, ["--buf-size", size])
+    for size in daemon_bufs:
+        name, extra = ("blockcopy-daemon", []) if size == "default" else (f"blockcopy-daemon-{size}",
+                                                                          ["--buf-size", size])
+        tools[name] = functools.partial(tool_blockcopy_daemon, rig, extra)
     names = list(tools)
     raw: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     label = f"{size_mib} MiB{' half sparse' if sparse else ''} random"
@@ -714,7 +755,7 @@ def bench_throughput(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
     probe_command_lines(rig, probe, None)
     probe.unlink()
     print_command_lines(rig)
-    results = [throughput_case(rig, size, sparse, args.reps, args.alt_buf) for size, sparse in cases]
+    results = [throughput_case(rig, size, sparse, args.reps, args.alt_buf, args.daemon_buf) for size, sparse in cases]
     print_throughput(results)
     return {"libvirt_command_line": rig.libvirt_args, "standalone_command_line": rig.standalone,
             "removed_from_libvirt_command_line": rig.removed, "accel": rig.accel, "reps": args.reps,
@@ -875,6 +916,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 GiB random only, 3 reps")
     parser.add_argument("--alt-buf", nargs="*", default=["16M", "1M"], metavar="SIZE",
                         help="extra blockcopy columns with these --buf-size values (default: 16M 1M)")
+    parser.add_argument("--daemon-buf", nargs="*", default=[], metavar="SIZE",
+                        help="throughput: extra columns through `blockcopy serve` with these --buf-size values "
+                        "('default': blockcopy's default buffer; default: none)")
     parser.add_argument("--stall-alt-buf", nargs="*", default=[], metavar="SIZE",
                         help="stall: extra blockcopy runs with these --buf-size values (default: none)")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
