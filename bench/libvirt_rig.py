@@ -921,10 +921,14 @@ def main(argv: list[str] | None = None) -> int:
                         "('default': blockcopy's default buffer; default: none)")
     parser.add_argument("--stall-alt-buf", nargs="*", default=[], metavar="SIZE",
                         help="stall: extra blockcopy runs with these --buf-size values (default: none)")
+    parser.add_argument("--section", metavar="NAME", help="the JSON section to write (default: the mode's, "
+                        "with _quick for --quick), so that a run with other columns keeps the others")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                         help="where images go (its file system is measured)")
     args = parser.parse_args(argv)
     args.reps = args.reps or (3 if args.quick else 7)
+    if args.section and args.mode == "all":
+        parser.error("--section takes one mode: throughput or stall")
     if os.geteuid() != 0:
         parser.error("run as root (libvirtd, drop_caches)")
     with tempfile.TemporaryDirectory(prefix="bc-libvirt-", dir=args.workdir) as tmp:
@@ -938,11 +942,11 @@ def main(argv: list[str] | None = None) -> int:
             env = environment(args.workdir, libvirtd)
             if args.mode in ("throughput", "all"):
                 print("== throughput")
-                save("throughput_quick" if args.quick else "throughput",
+                save(args.section or ("throughput_quick" if args.quick else "throughput"),
                      {"environment": env, "quick": args.quick, **bench_throughput(rig, args)})
             if args.mode in ("stall", "all"):
                 print("== stall")
-                save("stall_quick" if args.quick else "stall",
+                save(args.section or ("stall_quick" if args.quick else "stall"),
                      {"environment": env, "quick": args.quick, **bench_stall(rig, args)})
         finally:
             libvirtd.stop()
