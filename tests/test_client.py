@@ -5,13 +5,25 @@ Pure parsing over a socketpair; the same client against the real daemon is in te
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
+from collections.abc import Callable
 
 import pytest
 
+from blockcopy.cli import FAILED, _last_per_key, _to_the_end
 from blockcopy.errors import BlockcopyError
-from blockcopy.service.client import BadReply, DaemonClient, Response, _seg, _urlencode, read_events
+from blockcopy.records import Outcome
+from blockcopy.service.client import (
+    BadReply,
+    DaemonClient,
+    RemoteBackend,
+    Response,
+    _seg,
+    _urlencode,
+    read_events,
+)
 
 
 def reply(raw: bytes) -> Response:
@@ -52,6 +64,11 @@ def test_an_event_stream_split_across_chunks_gives_whole_lines_and_events() -> N
     b"HTTP/1.1 abc OK\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n",  # a header line past the limit
+    b"HTTP/1.1 200 OK\r\n",  # the head ends with the connection
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",  # never asked for
+    b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded: 2\r\n\r\n",  # obsolete line folding
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
 ])
 def test_a_reply_that_is_not_http_is_a_bad_reply(raw: bytes) -> None:
     with pytest.raises(BadReply):
@@ -61,6 +78,10 @@ def test_a_reply_that_is_not_http_is_a_bad_reply(raw: bytes) -> None:
 @pytest.mark.parametrize("raw", [
     b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
     b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nab",  # a digit to str.isdigit, not to HTTP
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nab\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"f" * 40 + b"\r\nab\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc",
 ])
@@ -100,3 +121,94 @@ def test_path_segments_and_queries_are_escaped_as_urllib_does() -> None:
         assert _seg(text) == urllib.parse.quote(text, safe="")
     query = {"domain": "vm 1&x", "wait": "true"}
     assert urllib.parse.parse_qs(_urlencode(query)) == {k: [v] for k, v in query.items()}
+
+
+class FakeDaemon:
+    """A unix-socket server that answers each request with the reply its handler gives for the
+    request line (pure logic: what the CLI's client does with the replies, not the daemon)."""
+
+    def __init__(self, path: str, handler: Callable[[str], bytes]) -> None:
+        self.requests: list[str] = []
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(path)
+        self._server.listen(8)
+        self._handler = handler
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head and (data := conn.recv(65536)):
+                    head += data
+                line = head.split(b"\r\n", 1)[0].decode()
+                self.requests.append(line)
+                conn.sendall(self._handler(line))
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def _json(body: object, status: str = "200 OK") -> bytes:
+    data = json.dumps(body).encode()
+    return b"HTTP/1.1 %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (status.encode(), len(data), data)
+
+
+@pytest.mark.parametrize("stream", [
+    b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1a\r\nid: 3\nevent: progress\ndata: {"cu',  # cut mid-chunk
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",  # cut before the first chunk
+    b"",  # the daemon went away between the job's request and the stream's
+])
+def test_a_stream_cut_while_a_copy_is_followed_ends_the_wait_with_the_clis_message(tmp_path: object,
+                                                                                  stream: bytes) -> None:
+    """The daemon killed while `copy --wait` follows the job: the CLI says so (the job goes on, how
+    to see it), as a BlockcopyError; no traceback, no hang."""
+    view = {"id": "j1", "outcome": None, "ready_at": None}
+
+    def handler(line: str) -> bytes:
+        if line.startswith("POST /v1/jobs "):
+            return _json(view, "201 Created")
+        if line.startswith("GET /v1/health"):
+            return _json({"last_event": 2})
+        if line.startswith("GET /v1/jobs/j1 "):
+            return _json(view)
+        assert line.startswith("GET /v1/events?after=2&job=j1 "), line
+        return stream
+
+    fake = FakeDaemon(f"{tmp_path}/api.sock", handler)
+    try:
+        backend = RemoteBackend(DaemonClient(f"{tmp_path}/api.sock", timeout=10))
+        fields = {"domain": "vm", "targets": [("vda", "/d.qcow2")], "goal": "copy", "format": None, "shallow": False,
+                  "reuse_external": False, "bandwidth_mib": None, "buf_size": None, "mode": "write-blocking",
+                  "dest_options": [], "owner": None, "mode_bits": None, "cluster_size": None, "preallocation": None,
+                  "client_key": None}
+        with pytest.raises(BlockcopyError, match=r"daemon stopped while job j1 was followed; the job goes on"):
+            _to_the_end(backend.copy(fields, "ready", None))
+        assert [r.split(" ")[0] + " " + r.split(" ")[1].split("?")[0] for r in fake.requests] == [
+            "POST /v1/jobs", "GET /v1/health", "GET /v1/jobs/j1", "GET /v1/events"]
+    finally:
+        fake.close()
+
+
+def test_a_success_without_a_json_body_is_an_error_not_none(tmp_path: object) -> None:
+    fake = FakeDaemon(f"{tmp_path}/api.sock", lambda line: b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    try:
+        with pytest.raises(BlockcopyError, match="not JSON"):
+            DaemonClient(f"{tmp_path}/api.sock", timeout=10).call("GET", "/v1/jobs")
+    finally:
+        fake.close()
+
+
+def test_the_clis_failed_outcome_is_the_records() -> None:
+    assert Outcome.FAILED.value == FAILED  # (the CLI does not load records through the daemon)
+
+
+def test_dest_options_keep_the_last_text_of_each_key_as_the_options_dict_does() -> None:
+    texts = ["cache.direct=on", "aio=native", " cache.direct = off", "aio=threads"]
+    assert _last_per_key(texts) == [" cache.direct = off", "aio=threads"]
+    assert _last_per_key(["x=1"] * 40) == ["x=1"]  # (the daemon takes at most 32)

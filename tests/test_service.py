@@ -51,21 +51,36 @@ def _copy_body(vm: ScratchVM, name: str, tmp_path: Path, **extra: Any) -> dict[s
 _PROBE = """
 import json, sys
 from blockcopy.cli import main
+from blockcopy.service import client
+streams = []
+follow = client.DaemonClient.events
+def events(self, *args, **kwargs):
+    streams.append(args)
+    yield from follow(self, *args, **kwargs)
+client.DaemonClient.events = events
 code = main(sys.argv[1:])
-heavy = ("asyncio", "qemu.qmp", "sqlite3", "http.client", "blockcopy.records", "dataclasses", "pathlib")
-print(json.dumps(sorted(m for m in heavy if m in sys.modules)), file=sys.stderr)
+heavy = ("asyncio", "qemu.qmp", "sqlite3", "http.client", "blockcopy.records", "dataclasses", "pathlib", "typing",
+         "urllib.parse", "email", "ssl")
+print(json.dumps([sorted(m for m in heavy if m in sys.modules), len(streams)]), file=sys.stderr)
 sys.exit(code)
 """
 
 
-def _core_loaded_by(bc: Blockcopy, *args: str) -> tuple[Any, list[str]]:
-    """A CLI command's ``--json`` output, and which of the modules that cost most of a command's
-    start it loaded (asyncio, QMP, SQLite, the records' dataclasses, http.client, pathlib)."""
+def _probe(bc: Blockcopy, *args: str) -> tuple[Any, list[str], int]:
+    """A CLI command's ``--json`` output; which of the modules that cost most of a command's start
+    it loaded (asyncio, QMP, SQLite, the records' dataclasses, HTTP and URL libraries, typing,
+    pathlib); and how many event streams from the daemon it followed."""
     proc = subprocess.run([sys.executable, "-c", _PROBE, *args], env=bc.env, capture_output=True, text=True,
                           timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    return ([j["id"] for j in out] if isinstance(out, list) else out), json.loads(proc.stderr.splitlines()[-1])
+    loaded, streams = json.loads(proc.stderr.splitlines()[-1])
+    return ([j["id"] for j in out] if isinstance(out, list) else out), loaded, streams
+
+
+def _core_loaded_by(bc: Blockcopy, *args: str) -> tuple[Any, list[str]]:
+    out, loaded, _streams = _probe(bc, *args)
+    return out, loaded
 
 
 def test_cli_goes_through_the_daemon_same_output_and_exit_codes(served: Any, vm_factory: VMFactory, bc: Blockcopy,
@@ -85,7 +100,8 @@ def test_cli_goes_through_the_daemon_same_output_and_exit_codes(served: Any, vm_
     # daemon refuses, as the embedded backend does, with the same message and exit status).
     assert _core_loaded_by(bc, "jobs", "--json") == ([job["id"]], [])
     assert _core_loaded_by(bc, "status", job["id"], "--json", "--no-daemon")[1] == [
-        "asyncio", "blockcopy.records", "dataclasses", "pathlib", "qemu.qmp", "sqlite3"]
+        "asyncio", "blockcopy.records", "dataclasses", "pathlib", "qemu.qmp", "sqlite3", "ssl", "typing",
+        "urllib.parse"]
     copied, loaded = _core_loaded_by(bc, "copy", "vm", "vda", str(dest), "--bandwidth", "0.25", "--request-id",
                                      "r-1", "--json")
     assert (copied["id"], loaded) == (job["id"], [])
@@ -501,18 +517,23 @@ def test_requests_on_the_domains_connection_during_pivots_never_leave_the_guest_
 def test_copy_wait_and_copy_pivot_through_the_daemon_follow_its_event_stream(served: Any, vm_factory: VMFactory,
                                                                            bc: Blockcopy, tmp_path: Path) -> None:
     """The CLI's own HTTP client reads the daemon's chunked event stream: ``copy --wait`` returns once
-    ready, ``copy --pivot`` once pivoted, as without the daemon (the same views, the same exit)."""
+    ready, ``copy --pivot`` once pivoted, as without the daemon (the same views, the same exit). The
+    copies are throttled, so that neither is ready when the client first looks: both must wait on the
+    stream. The wait loads none of the core either."""
     daemon = served()
     vms = [vm_factory(1, name=f"vm{i}") for i in range(2)]
     for i, vm in enumerate(vms):
         bc.ok("attach", f"vm{i}", "--qmp", str(vm.qmp_socket))
     vms[0].write_marker("vda", 0x5A, 4 * MIB)
-    ready = bc.ok("copy", "vm0", "vda", str(tmp_path / "w.qcow2"), "--wait", "--json").json
+    ready, loaded, streams = _probe(bc, "copy", "vm0", "vda", str(tmp_path / "w.qcow2"), "--wait", "--bandwidth",
+                                    "32", "--json")
+    assert (loaded, streams) == ([], 1)  # (throttled: not ready when first looked at)
     assert ready["ready_at"] is not None and ready["outcome"] is None and ready["state"] == "ready"
-    pivoted = bc.ok("copy", "vm1", "vda", str(tmp_path / "p.qcow2"), "--pivot", "--json").json
+    pivoted, loaded, streams = _probe(bc, "copy", "vm1", "vda", str(tmp_path / "p.qcow2"), "--pivot", "--bandwidth",
+                                      "32", "--json")
+    assert (loaded, streams) == ([], 1)
     assert pivoted["outcome"] == "pivoted" and pivoted["authoritative"] == "destination"
     assert vms[1].device_node("vda")[0] == f"bc-{pivoted['id']}-0"
-    # the events were the stream's: both jobs' "ready" went out on it
     kinds = {(d["job"], k) for _s, k, d in _all_events(daemon)}
     assert {(ready["id"], "ready"), (pivoted["id"], "ready"), (pivoted["id"], "outcome")} <= kinds
     assert bc.ok("pivot", ready["id"], "--json").json["outcome"] == "pivoted"

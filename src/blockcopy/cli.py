@@ -266,7 +266,7 @@ class Output:
 
 
 async def run_command(args: argparse.Namespace, backend: Any, out: Output) -> int:
-    """One command on ``backend`` (:class:`EmbeddedBackend` or the daemon's
+    """One command on ``backend`` (:class:`blockcopy.embedded.EmbeddedBackend` or the daemon's
     :class:`blockcopy.service.client.RemoteBackend`): the same output and exit status either way."""
     cmd = args.command
     show_progress = not args.json and sys.stderr.isatty()
@@ -327,7 +327,7 @@ async def _copy(args: argparse.Namespace, backend: Any, out: Output, show_progre
     request = {"domain": args.domain, "targets": targets, "format": args.format, "shallow": args.shallow,
                "reuse_external": args.reuse_external, "bandwidth_mib": args.bandwidth, "mode": args.mode,
                "goal": "pivot" if args.pivot else "finish" if args.finish else "copy", "buf_size": args.buf_size,
-               "dest_options": list(args.dest_option), "owner": args.owner, "mode_bits": args.file_mode,
+               "dest_options": _last_per_key(args.dest_option), "owner": args.owner, "mode_bits": args.file_mode,
                "cluster_size": args.cluster_size, "preallocation": args.preallocation,
                "client_key": args.request_id}
     waits = args.wait or args.pivot or args.finish
@@ -338,6 +338,11 @@ async def _copy(args: argparse.Namespace, backend: Any, out: Output, show_progre
         out.emit(view, f"started job {view['id']}\n" + describe_view(view))
         return 0
     return _result(view, out)
+
+
+def _last_per_key(texts: list[str]) -> list[str]:
+    """``--dest-option`` texts, the last one of each key (as the options' dict keeps them)."""
+    return list({text.partition("=")[0].strip(): text for text in texts}.values())
 
 
 def _result(view: dict[str, Any], out: Output) -> int:

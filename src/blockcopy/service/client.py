@@ -4,8 +4,9 @@ A command through the daemon must start fast (issue 11: under 0.1 s from exec to
 command). Its start is almost all imports, and on the test machine ``http.client`` alone takes
 40-50 ms (it loads ``email`` and ``ssl``), ``h11`` about as much, ``pathlib`` 8 ms. The daemon's
 replies are simple (a JSON body with a Content-Length, or a chunked event stream), so the client
-speaks the little HTTP it needs itself (:class:`Response`); the tests talk to the same daemon
-through ``http.client``, so a misreading of HTTP here shows up as a disagreement there.
+speaks the little HTTP it needs itself (:class:`Response`), and takes anything else as a broken
+reply (an OSError), never as a body. The service tests talk to the same daemon through
+``http.client`` as well.
 
 :class:`DaemonClient` makes the requests and turns problem details back into the CLI's exceptions
 (same message, same exit code); :class:`RemoteBackend` is the CLI's backend over it, returning the
@@ -52,16 +53,21 @@ class Response:
     def __init__(self, sock: socket.socket) -> None:
         self._file = sock.makefile("rb")
         parts = self._line().split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not _digits(parts[1].decode("latin-1")):
             raise BadReply(f"not an HTTP/1.1 status line: {parts!r}")
         self.status = int(parts[1])
+        if self.status < 200:  # (no request says Expect: an interim reply is not the daemon's)
+            raise BadReply(f"unexpected interim reply {self.status}")
         self.headers: dict[str, str] = {}
-        while (line := self._line()) not in (b"\r\n", b"\n", b""):
+        while (line := self._line()) not in (b"\r\n", b"\n"):
             name, sep, value = line.decode("latin-1").partition(":")
-            if not sep:
-                raise BadReply(f"not a header line: {line!r}")
+            if not line or not sep or name[:1].isspace():  # (the end of the reply, or a folded line)
+                raise BadReply(f"the reply's head ends in {line!r}")
             self.headers[name.strip().lower()] = value.strip()
-        self._chunked = self.headers.get("transfer-encoding", "").lower() == "chunked"
+        coding = self.headers.get("transfer-encoding")
+        if coding is not None and coding.lower() != "chunked":
+            raise BadReply(f"unexpected Transfer-Encoding {coding!r}")
+        self._chunked = coding is not None
 
     def read(self) -> bytes:
         """The whole body."""
@@ -70,7 +76,7 @@ class Response:
         length = self.headers.get("content-length")
         if length is None:
             return self._file.read()
-        if not length.isdigit():
+        if not _digits(length):
             raise BadReply(f"bad Content-Length {length!r}")
         body = self._file.read(int(length))
         if len(body) != int(length):
@@ -94,10 +100,9 @@ class Response:
     def _chunks(self) -> Iterator[bytes]:
         while True:
             size_text = self._line().split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise BadReply(f"bad chunk size {size_text!r}") from None
+            if not 0 < len(size_text) <= 16 or size_text.strip(b"0123456789abcdefABCDEF"):
+                raise BadReply(f"bad chunk size {size_text!r}")
+            size = int(size_text, 16)
             if size == 0:
                 while self._line() not in (b"\r\n", b"\n", b""):
                     pass  # trailers
@@ -112,6 +117,11 @@ class Response:
         if len(line) > _LINE_MAX:
             raise BadReply("a line of the reply is too long")
         return line
+
+
+def _digits(text: str) -> bool:
+    """``text`` is a non-negative decimal number in ASCII digits (``str.isdigit`` takes ``²``)."""
+    return 0 < len(text) <= 18 and text.isascii() and text.isdigit()
 
 
 def exchange(path: str, method: str, target: str, body: bytes | None = None, *,
@@ -155,11 +165,10 @@ class DaemonClient:
     @classmethod
     def find(cls, socket_path: str) -> DaemonClient | None:
         """The daemon listening on ``socket_path``, or None (no socket, or a dead daemon's)."""
-        try:
-            if os.environ.get(NO_DAEMON_ENV) == "1" or not os.path.exists(socket_path):
-                return None
-        except PermissionError:
-            return None  # not this user's daemon: the command runs here (and says what it cannot open)
+        # (os.path.exists is False for a socket this user may not look at: not this user's daemon,
+        # so the command runs here and says what it cannot open.)
+        if os.environ.get(NO_DAEMON_ENV) == "1" or not os.path.exists(socket_path):
+            return None
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             probe.connect(socket_path)
@@ -193,19 +202,29 @@ class DaemonClient:
             decoded = json.loads(raw) if raw else None
         except ValueError:
             decoded = None
+        if response.status < 300 and response.status != 204 and decoded is None and raw != b"null":
+            raise BlockcopyError(f"the blockcopy daemon at {self.path} sent a reply that is not JSON "
+                                 f"(HTTP {response.status}); its jobs go on. Run the command again")
         if response.status >= 400:
             raise error_from(response.status, decoded if isinstance(decoded, dict) else {})
         return decoded
 
     def events(self, after: int, job: str | None = None) -> Iterator[tuple[int, str, dict[str, Any]]]:
         """Server-sent events from ``after`` on: (sequence number, kind, data), until the daemon
-        closes the stream (it stops)."""
+        closes the stream or the connection breaks (it stopped, was killed, or is not there):
+        either way the stream just ends, and the caller says what that means for its wait."""
         query = _urlencode({k: str(v) for k, v in (("after", after), ("job", job)) if v is not None})
-        sock, response = exchange(self.path, "GET", f"/v1/events?{query}", headers={"Accept": "text/event-stream"})
+        try:
+            sock, response = exchange(self.path, "GET", f"/v1/events?{query}",
+                                      headers={"Accept": "text/event-stream"})
+        except OSError:
+            return
         try:
             if response.status >= 400:
                 raise error_from(response.status, json.loads(response.read() or b"{}"))
             yield from read_events(response.lines())
+        except OSError:
+            return  # cut mid-stream (a chunk or a line that never ended)
         finally:
             response.close()
             sock.close()
