@@ -1,6 +1,7 @@
 """blockcopy vs libvirt's `virsh blockcopy` on libvirt's own rig, in one run, interleaved (issue 11).
 
-    .venv/bin/python bench/libvirt_rig.py [throughput|stall|all] [--reps N] [--quick]
+    .venv/bin/python bench/libvirt_rig.py [throughput|stall|all] [--reps N] [--quick] [--alt-buf SIZE...]
+        [--daemon-buf SIZE|default...] [--stall-alt-buf SIZE...] [--section NAME] [--workdir DIR]
 
 Not part of `make test`: it installs Debian's libvirt if missing (apt-get), starts libvirtd itself
 (no systemd here) in a private mount namespace whose /etc/libvirt/qemu.conf is this benchmark's own
@@ -28,8 +29,11 @@ throughput: per rep, in a rotating order, each tool after `sync; echo 3 > drop_c
   blockcopy-daemon[-SIZE]  for each --daemon-buf (default none; "default" for the default buffer):
               the same command through `blockcopy serve` (a daemon of the same install, started
               with the VM and attached through it before the page cache is dropped, as a resident
-              service is; the command's own start is cold): what a management app that runs the
-              service pays per job
+              service is; the command's .pyc files are cold, the interpreter the daemon keeps
+              mapped is not): what a CLI user pays per job with the service running (an app that
+              speaks HTTP to the daemon does not pay the CLI's start). Note the daemon journals
+              progress every 1 s, the CLI without it every 2 s. With fewer reps than tools the
+              rotation is not balanced.
   timed end to end (command start -> sync done); mirror phase = job created -> BLOCK_JOB_READY from
   QEMU's event times; every DEST checked equal to the source with `qemu-img compare` afterwards.
   Each VM is first left until QEMU is idle (wait_until_idle: the firmware spins a vCPU for ~5 s
@@ -47,7 +51,8 @@ last second before READY. Same gap code (AckLog.max_gap) for both. Every acknowl
 checked on DEST afterwards (VM paused).
 
 libvirtd logs its monitor traffic (log_filters 1:qemu.qemu_monitor) in both modes: that is where
-its pivot window comes from. Writes bench/results/libvirt.json (one section per mode).
+its pivot window comes from. Writes bench/results/libvirt.json (one section per mode, `_quick` for
+--quick, or the --section given), with the commit of the worktree it installed.
 """
 
 from __future__ import annotations
@@ -613,30 +618,37 @@ def tool_blockcopy(rig: Rig, extra: list[str]) -> dict[str, Any]:
 
 
 def tool_blockcopy_daemon(rig: Rig, extra: list[str]) -> dict[str, Any]:
-    """``tool_blockcopy`` through a daemon (``blockcopy serve``) that serves the state directory."""
+    """``tool_blockcopy`` through a daemon (``blockcopy serve``) that serves the state directory.
+    The daemon must still run when the command has ended: the CLI would otherwise have run the
+    command itself (it falls back to that, silently, when no daemon answers)."""
     vm = start_standalone_vm(rig)
     dest = rig.bc / "dest.qcow2"
     state = rig.bc / "state"
-    shutil.rmtree(state, ignore_errors=True)
-    cli = blockcopy_cli()
-    with open(rig.bc / "daemon.log", "ab") as log:
-        daemon = subprocess.Popen([*cli, "serve", "--state-dir", str(state)], stdout=log, stderr=log)
+    daemon: subprocess.Popen[bytes] | None = None
     try:
-        wait_for_path(state / "run" / "blockcopy.sock", alive=lambda: daemon.poll() is None)
+        shutil.rmtree(state, ignore_errors=True)
+        cli = blockcopy_cli()
+        with open(rig.bc / "daemon.log", "ab") as log:
+            daemon = subprocess.Popen([*cli, "serve", "--state-dir", str(state)], stdout=log, stderr=log)
+        wait_for_path(state / "run" / "blockcopy.sock", alive=lambda: daemon is not None and daemon.poll() is None)
         run([*cli, "attach", DOMAIN, "--qmp", str(vm.extra["qmp"]), "--state-dir", str(state)])
         assert vm.proc is not None
         wait_until_idle(vm.proc.pid)
         drop_caches()
         seconds, start, _end, proc = timed([*cli, "copy", DOMAIN, QDEV, str(dest), "--pivot", "--json",
                                             "--state-dir", str(state), *extra], dest)
+        if daemon.poll() is not None:
+            raise RuntimeError(f"the daemon exited during the copy ({daemon.returncode}): the CLI ran it itself")
         created, ready = vm.tap.mirror_times()
         op = json.loads(proc.stdout)
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
+        if daemon is not None:
+            daemon.terminate()
+            try:
+                daemon.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
         vm.kill()
     assert op["outcome"] == "pivoted", op
     return {"seconds": seconds, "start": start, "created": created, "ready": ready,
@@ -677,7 +689,8 @@ def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, alt_bufs: 
         for name in order:
             try:
                 result = tools[name]()
-            except (RuntimeError, AssertionError, subprocess.CalledProcessError) as exc:  # recorded, not fatal
+            except (RuntimeError, AssertionError, TimeoutError,
+                    subprocess.CalledProcessError) as exc:  # recorded, not fatal
                 raw[name].append({"rep": rep, "error": str(exc)})
                 print(f"  {label} rep {rep} {name:>13}: FAILED {exc}", flush=True)
                 for dest in (rig.work / "dest.qcow2", rig.lv / "dest.qcow2", rig.bc / "dest.qcow2"):
@@ -715,6 +728,8 @@ def summarize_throughput(label: str, size_mib: int, raw: dict[str, list[dict[str
     pairs = [("blockcopy", "libvirt"), ("blockcopy", "qemu-img"), ("libvirt", "qemu-img"), ("blockcopy", "cp")]
     for alt in (name for name in secs if name.startswith("blockcopy-")):
         pairs += [(alt, "libvirt"), (alt, "qemu-img"), (alt, "blockcopy")]
+        if alt.startswith("blockcopy-daemon-") and f"blockcopy-{alt.rsplit('-', 1)[1]}" in secs:
+            pairs.append((alt, f"blockcopy-{alt.rsplit('-', 1)[1]}"))  # the same buffer without the daemon
     per_rep = {f"{a}/{b}": ratios(a, b) for a, b in pairs}
     tools = {}
     for name, rows in raw.items():
@@ -906,7 +921,15 @@ def environment(workdir: Path, libvirtd: Libvirtd) -> dict[str, Any]:
     return {"qemu": qemu, "libvirt": libvirtd.version(), "accel": pick_accel(), "filesystem": fs,
             "kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M"), "cache": "cache=none (cache.direct=on), page cache dropped "
-            "before every tool", "blockcopy_cli": blockcopy_cli()}
+            "before every tool", "blockcopy_cli": blockcopy_cli(), "code": code_version()}
+
+
+def code_version() -> str:
+    """The commit the worktree (which the rig installs) is at, and whether it has changes."""
+    top = Path(__file__).parents[1]
+    commit = run(["git", "-C", str(top), "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
+    dirty = run(["git", "-C", str(top), "status", "--porcelain", "--", "src"], check=False).stdout.strip()
+    return f"{commit or 'unknown'}{' + uncommitted changes in src' if dirty else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
