@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in summary.items():
         print(f"{key:>14}: median {value['median_ms']} ms (min {value['min_ms']}, max {value['max_ms']})")
     RESULTS.mkdir(exist_ok=True)
-    out = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "accel": pick_accel(), "code": code_version(),
+    out = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "accel": pick_accel(),
+           "code": code_version(),
            "python": subprocess.run(["/usr/bin/python3", "--version"], capture_output=True, text=True).stdout.strip(),
            "method": "strace --seccomp-bpf on the CLI (embedded) or the daemon; exec = wall time before spawn",
            "runs_ms": results, "summary": summary}
