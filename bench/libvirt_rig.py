@@ -952,6 +952,8 @@ def main(argv: list[str] | None = None) -> int:
     args.reps = args.reps or (3 if args.quick else 7)
     if args.section and args.mode == "all":
         parser.error("--section takes one mode: throughput or stall")
+    if args.quick and args.section in ("throughput", "stall"):
+        parser.error(f"a --quick run does not go into the full run's section {args.section}")
     if os.geteuid() != 0:
         parser.error("run as root (libvirtd, drop_caches)")
     with tempfile.TemporaryDirectory(prefix="bc-libvirt-", dir=args.workdir) as tmp:

@@ -6,7 +6,7 @@ goes through the daemon must not load asyncio, QMP and SQLite, which cost most o
 
 from __future__ import annotations
 
-#: ``typing.TYPE_CHECKING`` without loading typing (4-6 ms of its own at a command's start on the test machine;
+#: ``typing.TYPE_CHECKING`` without loading typing (4-6 ms of its own in one-off readings on the test machine;
 #: the modules a command through the daemon loads do the same). mypy treats the name as True.
 TYPE_CHECKING = False
 

@@ -1,8 +1,9 @@
 """The CLI's side of the daemon: HTTP/1.1 over its unix socket, with nothing but the socket module.
 
 A command through the daemon must start fast (issue 11: under 0.1 s from exec to the first QMP
-command). Its start is almost all imports, and on the test machine ``http.client`` alone takes
-40-50 ms (it loads ``email`` and ``ssl``), ``h11`` about as much, ``pathlib`` 8 ms. The daemon's
+command). Its start is almost all imports, and on the test machine ``http.client`` alone took
+40-50 ms (it loads ``email`` and ``ssl``), ``h11`` about as much, ``pathlib`` 8 ms (one-off
+readings of ``python -X importtime``). The daemon's
 replies are simple (a JSON body with a Content-Length, or a chunked event stream), so the client
 speaks the little HTTP it needs itself (:class:`Response`), and takes anything else as a broken
 reply (an OSError), never as a body. The service tests talk to the same daemon through
