@@ -75,6 +75,12 @@ def test_a_reply_that_is_not_http_is_a_bad_reply(raw: bytes) -> None:
         reply(raw)
 
 
+def test_an_event_line_that_never_ends_is_a_bad_reply_not_a_growing_buffer() -> None:
+    r = reply(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\ndata: " + b"x" * 200_000)
+    with pytest.raises(BadReply, match="too long"):
+        list(r.lines())
+
+
 @pytest.mark.parametrize("raw", [
     b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
     b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",

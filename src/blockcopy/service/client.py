@@ -92,6 +92,8 @@ class Response:
             pending += part
             *complete, pending = pending.split(b"\n")
             yield from (line + b"\n" for line in complete)
+            if len(pending) > _LINE_MAX:
+                raise BadReply("a line of the event stream is too long")
         if pending:
             yield pending
 
