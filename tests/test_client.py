@@ -5,6 +5,7 @@ Pure parsing over a socketpair; the same client against the real daemon is in te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from blockcopy.cli import FAILED, _last_per_key, _to_the_end
+from blockcopy.cli import FAILED, _last_per_key, _to_the_end, main
 from blockcopy.errors import BlockcopyError
 from blockcopy.records import Outcome
 from blockcopy.service.client import (
@@ -76,7 +77,7 @@ def test_a_reply_that_is_not_http_is_a_bad_reply(raw: bytes) -> None:
 
 
 def test_an_event_line_that_never_ends_is_a_bad_reply_not_a_growing_buffer() -> None:
-    r = reply(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\ndata: " + b"x" * 200_000)
+    r = reply(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\ndata: " + b"x" * 70_000)
     with pytest.raises(BadReply, match="too long"):
         list(r.lines())
 
@@ -157,7 +158,10 @@ class FakeDaemon:
                 conn.sendall(self._handler(line))
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)  # (ends the accept() its thread waits in)
         self._server.close()
+        self._thread.join(timeout=10)
 
 
 def _json(body: object, status: str = "200 OK") -> bytes:
@@ -183,7 +187,6 @@ def test_a_stream_cut_while_a_copy_is_followed_ends_the_wait_with_the_clis_messa
             return _json({"last_event": 2})
         if line.startswith("GET /v1/jobs/j1 "):
             return _json(view)
-        assert line.startswith("GET /v1/events?after=2&job=j1 "), line
         return stream
 
     fake = FakeDaemon(f"{tmp_path}/api.sock", handler)
@@ -193,19 +196,10 @@ def test_a_stream_cut_while_a_copy_is_followed_ends_the_wait_with_the_clis_messa
                   "reuse_external": False, "bandwidth_mib": None, "buf_size": None, "mode": "write-blocking",
                   "dest_options": [], "owner": None, "mode_bits": None, "cluster_size": None, "preallocation": None,
                   "client_key": None}
-        with pytest.raises(BlockcopyError, match=r"daemon stopped while job j1 was followed; the job goes on"):
+        with pytest.raises(BlockcopyError, match=r"blockcopy daemon.* while job j1 was followed; the job goes on"):
             _to_the_end(backend.copy(fields, "ready", None))
-        assert [r.split(" ")[0] + " " + r.split(" ")[1].split("?")[0] for r in fake.requests] == [
-            "POST /v1/jobs", "GET /v1/health", "GET /v1/jobs/j1", "GET /v1/events"]
-    finally:
-        fake.close()
-
-
-def test_a_success_without_a_json_body_is_an_error_not_none(tmp_path: object) -> None:
-    fake = FakeDaemon(f"{tmp_path}/api.sock", lambda line: b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    try:
-        with pytest.raises(BlockcopyError, match="not JSON"):
-            DaemonClient(f"{tmp_path}/api.sock", timeout=10).call("GET", "/v1/jobs")
+        assert fake.requests == ["POST /v1/jobs HTTP/1.1", "GET /v1/health HTTP/1.1", "GET /v1/jobs/j1 HTTP/1.1",
+                                 "GET /v1/events?after=2&job=j1 HTTP/1.1"]
     finally:
         fake.close()
 
@@ -214,7 +208,56 @@ def test_the_clis_failed_outcome_is_the_records() -> None:
     assert Outcome.FAILED.value == FAILED  # (the CLI does not load records through the daemon)
 
 
-def test_dest_options_keep_the_last_text_of_each_key_as_the_options_dict_does() -> None:
-    texts = ["cache.direct=on", "aio=native", " cache.direct = off", "aio=threads"]
-    assert _last_per_key(texts) == [" cache.direct = off", "aio=threads"]
+def test_repeated_dest_options_are_sent_once_and_every_distinct_text_is_still_checked() -> None:
     assert _last_per_key(["x=1"] * 40) == ["x=1"]  # (the daemon takes at most 32)
+    # A key's last value wins, as in the options' dict; a bad text before a good one is still sent
+    # (and refused), not dropped.
+    assert _last_per_key(["x=1", "y=1", "x=2", "x=1"]) == ["y=1", "x=2", "x=1"]
+    assert _last_per_key(["cache.direct=maybe", "cache.direct=on"]) == ["cache.direct=maybe", "cache.direct=on"]
+
+
+@pytest.mark.parametrize("reply_bytes", [
+    b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /v1/jobs\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnull",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n42",
+])
+def test_a_success_that_is_not_a_json_document_is_an_error(tmp_path: object, reply_bytes: bytes) -> None:
+    fake = FakeDaemon(f"{tmp_path}/api.sock", lambda line: reply_bytes)
+    try:
+        with pytest.raises(BlockcopyError, match="not JSON"):
+            DaemonClient(f"{tmp_path}/api.sock", timeout=10).call("GET", "/v1/jobs")
+    finally:
+        fake.close()
+
+
+def test_an_error_reply_that_is_not_json_on_the_event_stream_is_the_daemons_error(tmp_path: object) -> None:
+    """uvicorn's own 500 is chunked text: the CLI's error, not a traceback."""
+    text = b"Internal Server Error"
+    answer = b"HTTP/1.1 500 Internal Server Error\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+        len(text), text)
+    fake = FakeDaemon(f"{tmp_path}/api.sock", lambda line: answer)
+    try:
+        with pytest.raises(BlockcopyError, match="HTTP 500"):
+            list(DaemonClient(f"{tmp_path}/api.sock", timeout=10).events(0, "j1"))
+    finally:
+        fake.close()
+
+
+def test_a_huge_chunk_is_a_bad_reply_and_a_chunked_line_is_capped_as_it_grows() -> None:
+    with pytest.raises(BadReply, match="chunk of"):
+        reply(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nab").read()
+    body = b"x" * 70_000
+    r = reply(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    with pytest.raises(BadReply, match="too long"):
+        list(r.lines())
+    with pytest.raises(BadReply, match="Content-Length"):
+        reply(b"HTTP/1.1 200 OK\r\nContent-Length: 999999999999999999\r\n\r\n").read()
+
+
+@pytest.mark.parametrize("argv", [["status", ""], ["detach", ""], ["pivot", ""], ["disks", ""]])
+def test_an_empty_job_or_domain_name_is_refused_before_anything_is_asked(tmp_path: object, argv: list[str],
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """(Through the daemon an empty path segment would name another resource: the API redirects it.)"""
+    assert main([*argv, "--state-dir", f"{tmp_path}/state"]) == 2
+    assert "give a" in capsys.readouterr().err

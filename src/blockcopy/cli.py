@@ -341,8 +341,9 @@ async def _copy(args: argparse.Namespace, backend: Any, out: Output, show_progre
 
 
 def _last_per_key(texts: list[str]) -> list[str]:
-    """``--dest-option`` texts, the last one of each key (as the options' dict keeps them)."""
-    return list({text.partition("=")[0].strip(): text for text in texts}.values())
+    """``--dest-option`` texts without repeats (the last of equal texts kept, so that the options'
+    dict, which keeps a key's last value, comes out the same): every distinct text is still checked."""
+    return list(reversed(dict.fromkeys(reversed(texts))))
 
 
 def _result(view: dict[str, Any], out: Output) -> int:
@@ -362,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     out = Output(args.json)
+    for name in ("job", "domain"):
+        if getattr(args, name, None) == "":
+            print(f"blockcopy: error: give a {name} name, not an empty one", file=sys.stderr)
+            return UsageError.exit_code
     try:
         remote = None if args.no_daemon else _daemon(args.state_dir, args.socket)
     except BlockcopyError as exc:

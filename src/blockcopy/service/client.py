@@ -5,9 +5,10 @@ command). Its start is almost all imports, and on the test machine ``http.client
 40-50 ms (it loads ``email`` and ``ssl``), ``h11`` about as much, ``pathlib`` 8 ms (one-off
 readings of ``python -X importtime``). The daemon's
 replies are simple (a JSON body with a Content-Length, or a chunked event stream), so the client
-speaks the little HTTP it needs itself (:class:`Response`), and takes anything else as a broken
-reply (an OSError), never as a body. The service tests talk to the same daemon through
-``http.client`` as well.
+speaks the little HTTP it needs itself (:class:`Response`: HTTP/1.x replies framed by
+Content-Length, by chunks, or by the end of the connection), and takes what it cannot frame as a
+broken reply (an OSError); a success whose body is not a JSON object or list is an error too. The
+service tests talk to the same daemon through ``http.client`` as well.
 
 :class:`DaemonClient` makes the requests and turns problem details back into the CLI's exceptions
 (same message, same exit code); :class:`RemoteBackend` is the CLI's backend over it, returning the
@@ -33,8 +34,11 @@ if TYPE_CHECKING:
 
 #: ``blockcopy --no-daemon`` or this variable set to 1: never use the daemon.
 NO_DAEMON_ENV = "BLOCKCOPY_NO_DAEMON"
-#: The longest status line, header line or chunk-size line a reply may have.
+#: The longest status line, header line, chunk-size line or event-stream line a reply may have
+#: (the events the CLI follows, its own job's after its creation, are far shorter).
 _LINE_MAX = 65536
+#: The largest body the client reads: the daemon's longest reply, a list of every job, is a few MiB.
+_BODY_MAX = 256 * 1024 * 1024
 
 
 def default_socket(state_dir: str | os.PathLike[str]) -> str:
@@ -73,11 +77,19 @@ class Response:
     def read(self) -> bytes:
         """The whole body."""
         if self._chunked:
-            return b"".join(self._chunks())
+            joined = bytearray()
+            for piece in self._chunks():
+                joined += piece
+                if len(joined) > _BODY_MAX:
+                    raise BadReply("the reply's body is too long")
+            return bytes(joined)
         length = self.headers.get("content-length")
         if length is None:
-            return self._file.read()
-        if not _digits(length):
+            rest = self._file.read(_BODY_MAX + 1)
+            if len(rest) > _BODY_MAX:
+                raise BadReply("the reply's body is too long")
+            return rest
+        if not _digits(length) or int(length) > _BODY_MAX:
             raise BadReply(f"bad Content-Length {length!r}")
         body = self._file.read(int(length))
         if len(body) != int(length):
@@ -106,14 +118,20 @@ class Response:
             if not 0 < len(size_text) <= 16 or size_text.strip(b"0123456789abcdefABCDEF"):
                 raise BadReply(f"bad chunk size {size_text!r}")
             size = int(size_text, 16)
+            if size > _BODY_MAX:
+                raise BadReply(f"a chunk of {size} bytes")
             if size == 0:
                 while self._line() not in (b"\r\n", b"\n", b""):
                     pass  # trailers
                 return
-            chunk = self._file.read(size)
-            if len(chunk) != size or self._line() not in (b"\r\n", b"\n"):
+            while size:  # in pieces: a line's length is checked as it grows (lines())
+                piece = self._file.read(min(size, _LINE_MAX))
+                if not piece:
+                    raise BadReply("a chunk ended early")
+                size -= len(piece)
+                yield piece
+            if self._line() not in (b"\r\n", b"\n"):
                 raise BadReply("a chunk ended early")
-            yield chunk
 
     def _line(self) -> bytes:
         line = self._file.readline(_LINE_MAX + 1)
@@ -205,7 +223,7 @@ class DaemonClient:
             decoded = json.loads(raw) if raw else None
         except ValueError:
             decoded = None
-        if response.status < 300 and response.status != 204 and decoded is None and raw != b"null":
+        if response.status < 400 and not isinstance(decoded, (dict, list)):
             raise BlockcopyError(f"the blockcopy daemon at {self.path} sent a reply that is not JSON "
                                  f"(HTTP {response.status}); its jobs go on. Run the command again")
         if response.status >= 400:
@@ -214,20 +232,24 @@ class DaemonClient:
 
     def events(self, after: int, job: str | None = None) -> Iterator[tuple[int, str, dict[str, Any]]]:
         """Server-sent events from ``after`` on: (sequence number, kind, data), until the daemon
-        closes the stream or the connection breaks (it stopped, was killed, or is not there):
-        either way the stream just ends, and the caller says what that means for its wait."""
+        closes the stream (it stops).
+
+        :raise OSError: the stream could not be opened or broke (the daemon was killed, or sent
+            what the client cannot read). :raise BlockcopyError: the daemon refused the request.
+        """
         query = _urlencode({k: str(v) for k, v in (("after", after), ("job", job)) if v is not None})
-        try:
-            sock, response = exchange(self.path, "GET", f"/v1/events?{query}",
-                                      headers={"Accept": "text/event-stream"})
-        except OSError:
-            return
+        sock, response = exchange(self.path, "GET", f"/v1/events?{query}", headers={"Accept": "text/event-stream"})
         try:
             if response.status >= 400:
-                raise error_from(response.status, json.loads(response.read() or b"{}"))
-            yield from read_events(response.lines())
-        except OSError:
-            return  # cut mid-stream (a chunk or a line that never ended)
+                try:
+                    body = json.loads(response.read())
+                except ValueError:
+                    body = {}
+                raise error_from(response.status, body if isinstance(body, dict) else {})
+            try:
+                yield from read_events(response.lines())
+            except (ValueError, UnicodeDecodeError) as exc:  # an event cut short or garbled
+                raise BadReply(f"an event that cannot be read: {exc}") from None
         finally:
             response.close()
             sock.close()
@@ -313,15 +335,19 @@ class RemoteBackend:
         job = view["id"]
         if self._reached(view, wait_until):
             return view
-        for _seq, kind, data in self.client.events(after, job):
-            if kind == "progress" and on_progress is not None:
-                on_progress(_progress_record(job, data["current"], data["total"], ready=False))
-            if kind == "ready" and on_progress is not None:
-                on_progress(_progress_record(job, 1, 1, ready=True))
-            if kind in ("ready", "outcome", "state"):
-                view = dict(self.client.call("GET", f"/v1/jobs/{_seg(job)}"))
-                if self._reached(view, wait_until):
-                    return view
+        try:
+            for _seq, kind, data in self.client.events(after, job):
+                if kind == "progress" and on_progress is not None:
+                    on_progress(_progress_record(job, data["current"], data["total"], ready=False))
+                if kind == "ready" and on_progress is not None:
+                    on_progress(_progress_record(job, 1, 1, ready=True))
+                if kind in ("ready", "outcome", "state"):
+                    view = dict(self.client.call("GET", f"/v1/jobs/{_seg(job)}"))
+                    if self._reached(view, wait_until):
+                        return view
+        except OSError as exc:
+            raise BlockcopyError(f"the blockcopy daemon's event stream broke ({exc}) while job {job} was followed; "
+                                 f"the job goes on. `blockcopy status {job}` shows it") from None
         raise BlockcopyError(f"the blockcopy daemon stopped while job {job} was followed; the job goes on. "
                              f"`blockcopy status {job}` shows it")
 
