@@ -31,9 +31,9 @@ throughput: per rep, in a rotating order, each tool after `sync; echo 3 > drop_c
               with the VM and attached through it before the page cache is dropped, as a resident
               service is; the command's .pyc files are cold, the interpreter the daemon keeps
               mapped is not): what a CLI user pays per job with the service running (an app that
-              speaks HTTP to the daemon does not pay the CLI's start). Note the daemon journals
-              progress every 1 s, the CLI without it every 2 s. With fewer reps than tools the
-              rotation is not balanced.
+              speaks HTTP to the daemon does not pay the CLI's start). Both journal progress every
+              2 s (the daemon every 1 s before 783e772). With fewer reps than tools the rotation is
+              not balanced.
   timed end to end (command start -> sync done); mirror phase = job created -> BLOCK_JOB_READY from
   QEMU's event times; every DEST checked equal to the source with `qemu-img compare` afterwards.
   Each VM is first left until QEMU is idle (wait_until_idle: the firmware spins a vCPU for ~5 s

@@ -43,9 +43,10 @@ from blockcopy.writeback import Writeback
 log = logging.getLogger(__name__)
 
 #: How often progress is written to the journal while copying (for `status` from other processes,
-#: and the daemon's progress events). Each save is an fsynced commit, and a device flush slows the
-#: mirror writing DEST beside it: on libvirt's rig a daemon saving every 1 s had a mirror phase
-#: 0.19 s longer (median of 7 interleaved reps, 1 GiB, 6 of 7 longer) than one saving every 2 s.
+#: progress events, metrics). Each save is an fsynced commit, which may slow a mirror writing DEST
+#: on the same device: in one experiment on libvirt's rig (README, Benchmarks), a daemon saving
+#: every 1 s had a mirror phase 0.19 s longer than one saving every 2 s (median of per-rep
+#: differences, 7 reps, 6 longer); weak evidence, and the reason the daemon uses this value too.
 PROGRESS_SAVE_INTERVAL = 2.0
 #: Phases in which a guest that blockcopy paused may still be paused (the outcome is not journaled).
 _PAUSE_PHASES = frozenset({Phase.PIVOTING, Phase.FINALIZING, Phase.ABORTING, Phase.SETTLING})

@@ -106,9 +106,8 @@ class ResidentManager(Manager):
 
     def _driver(self, link: Link, on_progress: ProgressCallback | None = None) -> Driver:
         guard = next((h.pivot_guard for h in self.daemon.hubs.values() if h.link is link), None)
-        # Progress is journaled (and so sent as an event) as often as without the daemon: each
-        # save is an fsync on the journal's file system, and at 1 s the mirror phase ran longer
-        # (driver.PROGRESS_SAVE_INTERVAL).
+        # Progress is journaled (and so sent as an event) as often as without the daemon, every
+        # driver.PROGRESS_SAVE_INTERVAL: each save is an fsync (the daemon used 1 s before).
         return Driver(self.journal, link, on_progress=on_progress, interrupt=None,
                       transition_timeout=self.transition_timeout, pivot_guard=guard)
 
