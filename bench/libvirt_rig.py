@@ -595,32 +595,11 @@ def tool_libvirt(rig: Rig) -> dict[str, Any]:
             "pivot_window_ms": round((pivot["end"] - pivot["start"]) * 1000, 2) if pivot else None, "dest": dest}
 
 
-def tool_blockcopy(rig: Rig, extra: list[str]) -> dict[str, Any]:
-    vm = start_standalone_vm(rig)
-    dest = rig.bc / "dest.qcow2"
-    state = rig.bc / "state"
-    shutil.rmtree(state, ignore_errors=True)
-    cli = blockcopy_cli()
-    try:
-        run([*cli, "attach", DOMAIN, "--qmp", str(vm.extra["qmp"]), "--state-dir", str(state)])
-        assert vm.proc is not None
-        wait_until_idle(vm.proc.pid)
-        drop_caches()
-        seconds, start, _end, proc = timed([*cli, "copy", DOMAIN, QDEV, str(dest), "--pivot", "--json",
-                                            "--state-dir", str(state), *extra], dest)
-        created, ready = vm.tap.mirror_times()
-        op = json.loads(proc.stdout)
-    finally:
-        vm.kill()
-    assert op["outcome"] == "pivoted", op
-    return {"seconds": seconds, "start": start, "created": created, "ready": ready,
-            "pause_window_ms": op.get("pause_window_ms"), "dest": dest}
-
-
-def tool_blockcopy_daemon(rig: Rig, extra: list[str]) -> dict[str, Any]:
-    """``tool_blockcopy`` through a daemon (``blockcopy serve``) that serves the state directory.
-    The daemon must still run when the command has ended: the CLI would otherwise have run the
-    command itself (it falls back to that, silently, when no daemon answers)."""
+def tool_blockcopy(rig: Rig, extra: list[str], *, through_daemon: bool = False) -> dict[str, Any]:
+    """``blockcopy copy --pivot`` on the standalone VM, or, ``through_daemon``, answered by a
+    ``blockcopy serve`` that serves the state directory. The daemon must still run when the command
+    has ended: the CLI would otherwise have run the command itself (it falls back to that, silently,
+    when no daemon answers)."""
     vm = start_standalone_vm(rig)
     dest = rig.bc / "dest.qcow2"
     state = rig.bc / "state"
@@ -628,16 +607,18 @@ def tool_blockcopy_daemon(rig: Rig, extra: list[str]) -> dict[str, Any]:
     try:
         shutil.rmtree(state, ignore_errors=True)
         cli = blockcopy_cli()
-        with open(rig.bc / "daemon.log", "ab") as log:
-            daemon = subprocess.Popen([*cli, "serve", "--state-dir", str(state)], stdout=log, stderr=log)
-        wait_for_path(state / "run" / "blockcopy.sock", alive=lambda: daemon is not None and daemon.poll() is None)
+        if through_daemon:
+            with open(rig.bc / "daemon.log", "ab") as log:
+                daemon = subprocess.Popen([*cli, "serve", "--state-dir", str(state)], stdout=log, stderr=log)
+            wait_for_path(state / "run" / "blockcopy.sock",
+                          alive=lambda: daemon is not None and daemon.poll() is None)
         run([*cli, "attach", DOMAIN, "--qmp", str(vm.extra["qmp"]), "--state-dir", str(state)])
         assert vm.proc is not None
         wait_until_idle(vm.proc.pid)
         drop_caches()
         seconds, start, _end, proc = timed([*cli, "copy", DOMAIN, QDEV, str(dest), "--pivot", "--json",
                                             "--state-dir", str(state), *extra], dest)
-        if daemon.poll() is not None:
+        if daemon is not None and daemon.poll() is not None:
             raise RuntimeError(f"the daemon exited during the copy ({daemon.returncode}): the CLI ran it itself")
         created, ready = vm.tap.mirror_times()
         op = json.loads(proc.stdout)
@@ -680,7 +661,7 @@ def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, alt_bufs: 
     for size in daemon_bufs:
         name, extra = ("blockcopy-daemon", []) if size == "default" else (f"blockcopy-daemon-{size}",
                                                                           ["--buf-size", size])
-        tools[name] = functools.partial(tool_blockcopy_daemon, rig, extra)
+        tools[name] = functools.partial(tool_blockcopy, rig, extra, through_daemon=True)
     names = list(tools)
     raw: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     label = f"{size_mib} MiB{' half sparse' if sparse else ''} random"

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from blockcopy import nodes, views
-from blockcopy.errors import UsageError
 from blockcopy.records import CopyRequest, Goal
 
 if TYPE_CHECKING:
@@ -37,10 +36,7 @@ class EmbeddedBackend:
         """``fields``: CopyRequest's, with the goal's value and ``--dest-option`` texts."""
         from blockcopy.driver import Until
 
-        try:
-            dest_options = dict(nodes.parse_dest_option(text) for text in fields["dest_options"])
-        except nodes.NodeTreeError as exc:
-            raise UsageError(str(exc)) from None
+        dest_options = nodes.parse_dest_options(fields["dest_options"])
         request = CopyRequest(**{**fields, "goal": Goal(fields["goal"]), "dest_options": dest_options})
         until = {"started": Until.STARTED, "ready": Until.READY, "done": Until.DONE}[wait_until]
         return views.operation_view(await self.manager.copy(request, until=until, on_progress=on_progress))

@@ -112,6 +112,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from blockcopy.errors import UsageError
+
 #: Filter drivers that may sit between the BlockBackend and the image; the pivot keeps them.
 FILTER_DRIVERS = frozenset({"throttle", "copy-on-read", "compress", "blklogwrites", "blkdebug", "blkverify",
                             "preallocate"})
@@ -520,6 +522,17 @@ def parse_dest_option(text: str) -> tuple[str, Any]:
         value = None
     _check_option(key, value)
     return key, value
+
+
+def parse_dest_options(texts: Iterable[str]) -> dict[str, Any]:
+    """Every ``--dest-option`` text of a request, as DEST's node options (a key's last value wins).
+
+    :raise UsageError: a text is not a valid option (its message says why).
+    """
+    try:
+        return dict(parse_dest_option(text) for text in texts)
+    except NodeTreeError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def mirror_target_args(tree: NodeTree) -> dict[str, Any]:

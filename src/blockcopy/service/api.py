@@ -255,10 +255,7 @@ def create_app(daemon: Daemon, *, token: str | None = None, metrics: Metrics | N
         nothing; another request under that id is refused (409)."""
         if idempotency_key is not None and body.request_id is not None and idempotency_key != body.request_id:
             raise UsageError("the Idempotency-Key header and request_id differ; send one of them")
-        try:
-            dest_options = dict(nodes.parse_dest_option(text) for text in body.dest_options)
-        except nodes.NodeTreeError as exc:
-            raise UsageError(str(exc)) from None
+        dest_options = nodes.parse_dest_options(body.dest_options)
         request = CopyRequest(
             domain=body.domain, targets=[(t.disk, t.destination) for t in body.disks], format=body.format,
             shallow=body.shallow, reuse_external=body.reuse_external, bandwidth_mib=body.bandwidth_mib,

@@ -167,8 +167,19 @@ def exchange(path: str, method: str, target: str, body: bytes | None = None, *,
         raise
 
 
-def error_from(status: int, body: Mapping[str, Any]) -> BlockcopyError:
-    """The CLI's exception for a problem document (its class by name, else one with its exit code)."""
+def _json(raw: bytes) -> Any:
+    """A reply's body decoded, or None when it is empty or not JSON."""
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def error_from(status: int, body: Any) -> BlockcopyError:
+    """The CLI's exception for a problem document (its class by name, else one with its exit code);
+    a body that is not one (not JSON, or not an object) gives the status alone."""
+    if not isinstance(body, Mapping):
+        body = {}
     detail = str(body.get("detail") or body.get("title") or f"HTTP {status}")
     kind = getattr(errors, str(body.get("error", "")), None)
     if isinstance(kind, type) and issubclass(kind, BlockcopyError):
@@ -219,15 +230,12 @@ class DaemonClient:
         finally:
             if sock is not None:
                 sock.close()
-        try:
-            decoded = json.loads(raw) if raw else None
-        except ValueError:
-            decoded = None
-        if response.status < 400 and not isinstance(decoded, (dict, list)):
+        decoded = _json(raw)
+        if response.status >= 400:
+            raise error_from(response.status, decoded)
+        if not isinstance(decoded, (dict, list)):
             raise BlockcopyError(f"the blockcopy daemon at {self.path} sent a reply that is not JSON "
                                  f"(HTTP {response.status}); its jobs go on. Run the command again")
-        if response.status >= 400:
-            raise error_from(response.status, decoded if isinstance(decoded, dict) else {})
         return decoded
 
     def events(self, after: int, job: str | None = None) -> Iterator[tuple[int, str, dict[str, Any]]]:
@@ -241,11 +249,7 @@ class DaemonClient:
         sock, response = exchange(self.path, "GET", f"/v1/events?{query}", headers={"Accept": "text/event-stream"})
         try:
             if response.status >= 400:
-                try:
-                    body = json.loads(response.read())
-                except ValueError:
-                    body = {}
-                raise error_from(response.status, body if isinstance(body, dict) else {})
+                raise error_from(response.status, _json(response.read()))
             try:
                 yield from read_events(response.lines())
             except (ValueError, UnicodeDecodeError) as exc:  # an event cut short or garbled
