@@ -838,8 +838,16 @@ def stall_run(rig: Rig, side: str, master: Path, guest: Guest, run_no: int) -> d
         "acks": len(acks), "acked_writes_checked_on_dest": check.checked, "problems": check.problems[:5],
         "pause_window_ms": window.get("pause_window_ms"),
         "pivot_commands": window.get("commands") or [(round(e["at"], 3), e["note"]) for e in window.get("log", [])],
+        "pivot_events": pivot_timeline(vm.tap.events, window["start"], window["end"]),
     })
     return row
+
+
+def pivot_timeline(events: list[dict[str, Any]], start: float, end: float) -> list[tuple[float, str, str]]:
+    """QEMU's events from 50 ms before the pivot window to its end, in ms after its start (QEMU's
+    times): what the stall is made of, e.g. STOP -> JOB_STATUS_CHANGE pending -> RESUME."""
+    return [(round((e["qemu_at"] - start) * 1000, 2), e["event"], str(e.get("data", {}).get("status", "")))
+            for e in events if start - 0.05 <= e["qemu_at"] <= end]
 
 
 def bench_stall(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
