@@ -844,8 +844,10 @@ def stall_run(rig: Rig, side: str, master: Path, guest: Guest, run_no: int) -> d
 
 
 def pivot_timeline(events: list[dict[str, Any]], start: float, end: float) -> list[tuple[float, str, str]]:
-    """QEMU's events from 50 ms before the pivot window to its end, in ms after its start (QEMU's
-    times): what the stall is made of, e.g. STOP -> JOB_STATUS_CHANGE pending -> RESUME."""
+    """QEMU's events from 50 ms before the pivot window to its end, in ms after its start, by QEMU's
+    event times: what the stall is made of, e.g. STOP -> JOB_STATUS_CHANGE pending -> RESUME. The
+    window starts at QEMU's STOP for blockcopy, at libvirtd's log time of its first pivot command
+    for libvirt (the same host clock)."""
     return [(round((e["qemu_at"] - start) * 1000, 2), e["event"], str(e.get("data", {}).get("status", "")))
             for e in events if start - 0.05 <= e["qemu_at"] <= end]
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 from typing import Any
 
 import pytest
-from conftest import VMFactory
+from conftest import VMFactory, has_pattern
 
 from blockcopy.driver import Driver, Link, _batches
 from blockcopy.errors import ConnectionLost
@@ -108,7 +109,7 @@ def test_the_observation_behind_the_commands_waits_for_the_steps_own_messages(vm
                 queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 running = asyncio.ensure_future(driver._run_counted(commands, op, queued))
                 current[:] = [running]
-                assert await driver._observe_behind(running, queued, op, None) == "observation"
+                assert (await driver._observe_behind(running, queued, op, None))[0] == "observation"
                 await running
                 mine = [c for c in written if c != "query-status"]
                 assert mine == [c.name for c in commands] + ["query-name"], written
@@ -116,7 +117,7 @@ def test_the_observation_behind_the_commands_waits_for_the_steps_own_messages(vm
             failing = asyncio.ensure_future(driver._run_counted((qmp("no-such-command"), qmp("query-kvm")), op,
                                                                 never := asyncio.get_running_loop().create_future()))
             current[:] = [failing]
-            assert await asyncio.wait_for(driver._observe_behind(failing, never, op, None), 10) == "observation"
+            assert (await asyncio.wait_for(driver._observe_behind(failing, never, op, None), 10))[0] == "observation"
             assert failing.done() and not never.done() and pipelined[-1] is False
             # Pipelined: the observation went out before the commands' answers were all in, at least
             # most of the time (a fast QEMU may answer before the observation task runs).
@@ -131,38 +132,58 @@ def test_the_observation_behind_the_commands_waits_for_the_steps_own_messages(vm
     assert "query-status" in written, "the other client's queries ran meanwhile"
 
 
+class WireLog:
+    """The QMP messages of the clients of this process, in the order the client saw them."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from blockcopy.monitor import LeanQMPClient
+
+        self.wire: list[tuple[str, str]] = []
+        self.on_sent: Any = None
+        names: dict[str, str] = {}
+        out_real, in_real = LeanQMPClient._cb_outbound, LeanQMPClient._cb_inbound
+
+        def outbound(client: LeanQMPClient, msg: Any) -> Any:
+            if "execute" in msg:
+                names[str(msg.get("id"))] = str(msg["execute"])
+                self.wire.append(("sent", str(msg["execute"])))
+                if self.on_sent is not None:
+                    self.on_sent(str(msg["execute"]))
+            return out_real(client, msg)
+
+        def inbound(client: LeanQMPClient, msg: Any) -> Any:
+            if "return" in msg or "error" in msg:
+                self.wire.append(("answered", names.get(str(msg.get("id")), "?")))
+            elif "event" in msg:
+                self.wire.append(("event", f"{msg['event']} {msg.get('data', {}).get('status', '')}".strip()))
+            return in_real(client, msg)
+
+        monkeypatch.setattr(LeanQMPClient, "_cb_outbound", outbound)
+        monkeypatch.setattr(LeanQMPClient, "_cb_inbound", inbound)
+
+    def sent(self) -> list[str]:
+        return [name for way, name in self.wire if way == "sent"]
+
+
 def test_a_pivot_observes_right_behind_its_job_complete_and_finalizes_on_that_observation(
-        vm_factory: VMFactory, tmp_path: Any) -> None:
+        vm_factory: VMFactory, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Inside the guest's pause, the queries that find the jobs `pending` go out behind
-    `job-complete` before its answer is in (QEMU is held up to make that certain), and that one
-    observation suffices: `job-finalize` is the next command (QEMU 7.2's mirror is pending by the
-    time it reads the queries). Before
+    `job-complete` before its answer is in (QEMU is held up to make that certain), and with no
+    data left to copy that one observation suffices: `job-finalize` is the next command. Before
     this, the driver waited for the answer and observed after it: a round trip more, about 1.5-2 ms
     of the pause on libvirt's rig (bench/libvirt_rig.py stall, ``pivot_events``)."""
     from blockcopy import CopyRequest, Manager, Outcome
-    from blockcopy.monitor import LeanQMPClient
 
     vm = vm_factory(2)
-    wire: list[tuple[str, str]] = []
-    names: dict[str, str] = {}
-    held: list[bool] = []
-    out_real, in_real = LeanQMPClient._cb_outbound, LeanQMPClient._cb_inbound
+    log = WireLog(monkeypatch)
+    held: list[threading.Timer] = []
 
-    def outbound(self: LeanQMPClient, msg: Any) -> Any:
-        if "execute" in msg:
-            names[str(msg.get("id"))] = str(msg["execute"])
-            wire.append(("sent", str(msg["execute"])))
-            if msg["execute"] == "job-complete" and not held:
-                # QEMU holds its answers for 0.3 s (a busy host): the queries must not wait for them.
-                held.append(True)
-                os.kill(vm.process.pid, signal.SIGSTOP)
-                asyncio.get_running_loop().call_later(0.3, os.kill, vm.process.pid, signal.SIGCONT)
-        return out_real(self, msg)
-
-    def inbound(self: LeanQMPClient, msg: Any) -> Any:
-        if "return" in msg or "error" in msg:
-            wire.append(("answered", names.get(str(msg.get("id")), "?")))
-        return in_real(self, msg)
+    def hold_qemu(name: str) -> None:
+        if name == "job-complete" and not held:
+            # QEMU holds its answers for 0.3 s (a busy host): the queries must not wait for them.
+            os.kill(vm.process.pid, signal.SIGSTOP)
+            held.append(threading.Timer(0.3, os.kill, (vm.process.pid, signal.SIGCONT)))
+            held[0].start()
 
     async def scenario() -> Any:
         manager = Manager(tmp_path / "state")
@@ -171,21 +192,122 @@ def test_a_pivot_observes_right_behind_its_job_complete_and_finalizes_on_that_ob
             op = await manager.copy(CopyRequest("vm", [("vda", str(tmp_path / "a.qcow2")),
                                                        ("vdb", str(tmp_path / "b.qcow2"))]))
             await manager.wait_ready(op.id)
-            LeanQMPClient._cb_outbound, LeanQMPClient._cb_inbound = outbound, inbound  # type: ignore[method-assign]
-            try:
-                return await manager.pivot(op.id)
-            finally:
-                LeanQMPClient._cb_outbound, LeanQMPClient._cb_inbound = out_real, in_real  # type: ignore[method-assign]
+            log.wire.clear()
+            log.on_sent = hold_qemu
+            return await manager.pivot(op.id)
         finally:
             manager.close()
 
-    op = asyncio.run(scenario())
+    try:
+        op = asyncio.run(scenario())
+    finally:
+        for timer in held:
+            timer.cancel()
+        os.kill(vm.process.pid, signal.SIGCONT)
+    assert held, "QEMU was held at the job-complete"
     assert op.outcome is Outcome.PIVOTED
-    sent = [name for way, name in wire if way == "sent"]
+    sent = log.sent()
     stop = sent.index("stop")
     assert sent[stop + 1:stop + 3] == ["job-complete", "job-complete"], sent
     after = sent[stop + 3:sent.index("job-finalize")]
     assert after == ["query-status", "query-jobs", "query-block"], f"one observation, then finalize: {sent}"
     # ...and it went out before the answers to the job-completes were in.
-    first_query = wire.index(("sent", "query-status"), wire.index(("sent", "stop")))
-    assert ("answered", "job-complete") not in wire[:first_query], wire
+    first_query = log.wire.index(("sent", "query-status"), log.wire.index(("sent", "stop")))
+    assert ("answered", "job-complete") not in log.wire[:first_query], log.wire
+
+
+@pytest.mark.parametrize("guest", ["running", "paused by its user"])
+def test_an_observation_behind_job_complete_that_came_too_early_waits_for_the_next_event(
+        vm_factory: VMFactory, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, guest: str) -> None:
+    """A background-mode mirror with data left to copy when the pivot begins (16 MiB written right
+    before `stop` or, for a guest paused by its user, before `job-complete`) turns `pending` well
+    after the observation behind `job-complete`:
+    that observation shows the jobs still `ready`, and the driver must wake on QEMU's next event.
+    A review found it waiting out the full 0.5 s instead when the `waiting` and `pending` events
+    were counted together before the stale observation was read (made certain here by holding the
+    event loop up once): they did not count as news for it. No wait during the pivot may run into
+    its time limit."""
+    from blockcopy import CopyRequest, Manager, Outcome
+    from blockcopy.monitor import Monitor
+
+    vm = vm_factory(1)
+    log = WireLog(monkeypatch)
+    timed_out: list[int] = []
+    slowed: list[bool] = []
+    real_wait = Monitor.wait_event
+
+    async def wait_event(monitor: Monitor, timeout: float, since: int) -> None:
+        if "job-complete" in log.sent() and not slowed:
+            slowed.append(True)
+            await asyncio.sleep(0.3)  # a busy event loop (a daemon's other jobs): QEMU's events pile up
+        await real_wait(monitor, timeout, since)
+        if monitor.connected and monitor.events_seen() <= since:
+            timed_out.append(since)
+
+    written: list[str] = []
+
+    def write_first(name: str) -> None:
+        # Right before the pivot's first command to QEMU that matters here, through another
+        # monitor: data left for the mirror to copy after job-complete (tens of ms here).
+        if name == ("stop" if guest == "running" else "job-complete") and not written:
+            written.append(name)
+            vm.qemu_io("vda", "write -P 0x5a 1M 16M")
+
+    async def scenario() -> Any:
+        manager = Manager(tmp_path / "state")
+        try:
+            await manager.attach("vm", str(vm.qmp_socket))
+            op = await manager.copy(CopyRequest("vm", [("vda", str(tmp_path / "a.qcow2"))], mode="background"))
+            await manager.wait_ready(op.id)
+            if guest != "running":
+                vm.cmd("stop")
+            log.wire.clear()
+            log.on_sent = write_first
+            monkeypatch.setattr(Monitor, "wait_event", wait_event)
+            return await manager.pivot(op.id)
+        finally:
+            manager.close()
+
+    op = asyncio.run(scenario())
+    assert op.outcome is Outcome.PIVOTED and written
+    sent = log.sent()
+    between = sent[sent.index("job-complete"):sent.index("job-finalize")]
+    assert between.count("query-jobs") >= 2, f"the first observation was not too early; nothing tested: {log.wire}"
+    assert not timed_out, f"a wait ran out its time although QEMU had moved on: {log.wire}"
+    assert has_pattern(str(tmp_path / "a.qcow2"), 0x5A, 1 << 20, 16 << 20)
+
+
+def test_a_later_run_of_a_job_in_the_same_process_does_not_send_a_once_command_again(
+        vm_factory: VMFactory, tmp_path: Any) -> None:
+    """The daemon retries a job's run with a new driver, and an app may call the Python API again:
+    a `job-complete` that one run sent (QEMU 7.2 aborts on a second one for a mirror that replaces
+    a node below a filter) must not go out again from the next run. The drivers of one Manager
+    (the daemon has one) share what they sent (review of 0e67d6d: each driver had its own)."""
+    from blockcopy import Manager
+
+    vm = vm_factory(1)
+    op = Operation(id="x", domain="d", goal=Goal.PIVOT, phase=Phase.PIVOTING, disks=())
+    complete = qmp("job-complete", {"id": "j0"}, once=True)
+
+    async def main() -> None:
+        manager = Manager(tmp_path / "state")
+        try:
+            first = manager._driver(Link(str(vm.qmp_socket), connect=None))  # type: ignore[arg-type]
+            monitor = await Monitor.connect(str(vm.qmp_socket))
+            try:
+                with pytest.raises(CommandRefused):  # (no such job) but queued: QEMU had it
+                    await first._send(monitor, complete, op)
+            finally:
+                await monitor.close()
+            later = manager._driver(Link(str(vm.qmp_socket), connect=None))  # type: ignore[arg-type]
+            assert later._not_sent_yet(op, (complete,)) == ()
+            other = Manager(tmp_path / "state2")  # another process's manager, as after a crash: sent again
+            try:
+                assert other._driver(Link(str(vm.qmp_socket), connect=None))._not_sent_yet(  # type: ignore[arg-type]
+                    op, (complete,)) == (complete,)
+            finally:
+                other.close()
+        finally:
+            manager.close()
+
+    asyncio.run(main())

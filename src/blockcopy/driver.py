@@ -148,10 +148,15 @@ class Driver:
     def __init__(self, journal: Journal, link: Link, *, on_progress: ProgressCallback | None = None,
                  poll_interval: float = 1.0, interrupt: asyncio.Event | None = None,
                  transition_timeout: float = TRANSITION_TIMEOUT, pivot_guard: asyncio.Lock | None = None,
-                 progress_save_interval: float = PROGRESS_SAVE_INTERVAL) -> None:
+                 progress_save_interval: float = PROGRESS_SAVE_INTERVAL,
+                 sent_once: set[tuple[str, str, str]] | None = None) -> None:
         """``pivot_guard``: held from the step that begins a pivot to the end of the run, where
         several drivers share a domain (the daemon): two pivots must not pause and resume one guest
-        in turn. (A command takes the domain's lock file for all it does instead.)"""
+        in turn. (A command takes the domain's lock file for all it does instead.)
+
+        ``sent_once``: the `once` commands sent so far, as (op id, command, args); the process's
+        set, shared by its drivers, so that a later run of a job (the daemon's retry, a second call
+        of the Python API) does not send them again. Default: this driver's own."""
         self.journal = journal
         self.pivot_guard = pivot_guard
         self.progress_save_interval = progress_save_interval
@@ -161,7 +166,7 @@ class Driver:
         self.poll_interval = poll_interval
         self.transition_timeout = transition_timeout
         self._writeback: asyncio.Task[None] | None = None
-        self._sent_once: set[tuple[str, str, str]] = set()  # (op id, command, args) of `once` commands
+        self._sent_once = set() if sent_once is None else sent_once
         self._guarding = False  # this driver holds pivot_guard
         self._stopped = False  # the run was cancelled: a file step's thread that outlives it journals nothing
 
@@ -261,13 +266,21 @@ class Driver:
             self._writeback = None
 
     async def _observe_behind(self, running: asyncio.Future[Any], queued: asyncio.Future[None], op: Operation,
-                              identical: tuple[bool, ...] | None) -> Observation:
+                              identical: tuple[bool, ...] | None) -> tuple[Observation, int | None]:
         """Observe once every message of this step's commands is queued for QEMU (``queued``: the
         library writes its queue in order, and QEMU answers in that order), or once they have run
-        (one failed before it was queued, the connection changed): never ahead of them."""
+        (one failed before it was queued, the connection changed): never ahead of them.
+
+        Also returns how many events had arrived just before the queries went out (None if the
+        connection changed meanwhile): an event counted later may be news to this observation (the
+        jobs turned `pending` after QEMU answered it), so a wait after it must wake on any such
+        event, not only on those after the wait began."""
         if not running.done():
             await asyncio.wait((queued, running), return_when=asyncio.FIRST_COMPLETED)
-        return await self._observe(op, None, identical, False)
+        monitor = self.monitor
+        seen = monitor.events_seen() if monitor is not None else None
+        obs = await self._observe(op, None, identical, False)
+        return obs, (seen if monitor is not None and self.monitor is monitor else None)
 
     async def _run(self, op: Operation, until: Until) -> Operation:
         failure: Failure | None = None
@@ -277,7 +290,8 @@ class Driver:
         progress_at = time.monotonic()
         previous_commands: tuple[Command, ...] = ()
         last_progress_save = 0.0
-        ahead: asyncio.Task[Observation] | None = None  # an observation sent right behind the commands
+        # an observation sent right behind the commands, and the events counted before it went out
+        ahead: asyncio.Task[tuple[Observation, int | None]] | None = None
         while True:
             guard = self.pivot_guard
             if guard is not None and not self._guarding and guard.locked():
@@ -288,7 +302,10 @@ class Driver:
             stalled = time.monotonic() - progress_at > self.transition_timeout
             seen = self.monitor.event_seq if self.monitor is not None else 0
             if ahead is not None and failure is None:
-                obs = dataclasses.replace(await ahead, stalled=stalled)
+                early, seen_before = await ahead
+                obs = dataclasses.replace(early, stalled=stalled)
+                if seen_before is not None:
+                    seen = seen_before
             else:
                 if ahead is not None:  # a command was refused: read what QEMU says after that
                     await ahead  # (an observation that failed ends the run as any other does)
@@ -331,6 +348,8 @@ class Driver:
             wait = step.wait
             if step.commands and not commands and wait is None:
                 wait = Wait.SETTLE  # each was sent already (`once`): QEMU has yet to act on them
+            if ahead is not None:
+                wait = None  # the observation behind the commands comes next; it decides any wait
             if step.terminal:
                 return op
             self._writeback_while_copying(op)

@@ -78,6 +78,8 @@ class Manager:
         self.command_timeout = command_timeout
         self.transition_timeout = transition_timeout
         self.interrupt = asyncio.Event()  # set it (e.g. on SIGINT) to stop waiting for a copy; cleared then
+        # The `once` commands its drivers sent (see Driver): a later run of a job must not repeat them.
+        self.sent_once: set[tuple[str, str, str]] = set()
 
     def close(self) -> None:
         self.journal.close()
@@ -384,7 +386,7 @@ class Manager:
 
     def _driver(self, link: Link, on_progress: ProgressCallback | None = None) -> Driver:
         return Driver(self.journal, link, on_progress=on_progress, interrupt=self.interrupt,
-                      transition_timeout=self.transition_timeout)
+                      transition_timeout=self.transition_timeout, sent_once=self.sent_once)
 
     async def _drive(self, driver: Driver, op: Operation, until: Until, *, withdraw_goal: bool = True) -> Operation:
         """Run ``op``; an interrupted wait withdraws a --pivot/--finish wish of the command that waits

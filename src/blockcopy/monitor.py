@@ -255,6 +255,11 @@ class Monitor:
             self._note(event)
         return events
 
+    def events_seen(self) -> int:
+        """How many watched events have arrived by now (the count ``wait_event`` compares with)."""
+        self._drain_events()
+        return self.event_seq
+
     async def wait_event(self, timeout: float, since: int) -> None:
         """Return once a watched event arrived after event number ``since``, or after ``timeout`` s."""
         self._drain_events()

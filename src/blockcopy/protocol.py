@@ -145,9 +145,10 @@ class Command:
     disk: int | None = None
     after: Operation | None = None  # journaled once the command succeeded
     purpose: str = ""  # "cleanup" failures are warnings, not errors
-    #: send at most once per process: repeating it could change its meaning (a second soft cancel
-    #: of a mirror that has meanwhile left `ready` is a hard one). After a crash it is sent again,
-    #: once, since nothing says whether it went out.
+    #: send at most once per process (a Manager's drivers, or the daemon's, share what they sent):
+    #: repeating it could change its meaning (a second soft cancel of a mirror that has meanwhile
+    #: left `ready` is a hard one). After a crash it is sent again, once, since nothing says whether
+    #: it went out.
     once: bool = False
 
     def describe(self) -> str:
@@ -170,12 +171,14 @@ class Step:
     #: QEMU does not carry out a transition that cannot be given up: the operation stays unfinished
     #: (journal as is) and the driver stops with this message; the next command or `recover` retries.
     stuck: str | None = None
-    #: QEMU has carried the commands out, or usually has, when it answers: ``job-finalize`` swaps
-    #: the nodes before its reply, and QEMU 7.2's mirror was ``pending`` by the reply to
-    #: ``job-complete`` in every traced pivot on libvirt's rig (bench/libvirt_rig.py's
-    #: ``pivot_events``). The next observation goes out right behind them, in the same pipeline,
-    #: instead of after the reply: one round trip less while the guest is paused. An observation
-    #: that comes too early only shows the jobs still on their way, and the step waits as before.
+    #: The next observation goes out right behind the commands, in the same pipeline, instead of
+    #: after their answers: one round trip less while the guest is paused. QEMU answers in order,
+    #: so the queries see what the commands did by then. ``job-finalize`` swaps the nodes before
+    #: its answer. After ``job-complete`` a mirror with nothing left to copy turns ``pending`` a
+    #: moment later, before QEMU has read the queries behind it (it reads commands a byte per
+    #: main-loop iteration; tests/test_driver.py shows it). An observation that comes too early
+    #: shows the jobs on their way; the driver then waits for QEMU's next event after the queries
+    #: went out, and observes again.
     observe_at_once: bool = False
 
     @property

@@ -109,7 +109,7 @@ class ResidentManager(Manager):
         # Progress is journaled (and so sent as an event) as often as without the daemon, every
         # driver.PROGRESS_SAVE_INTERVAL: each save is an fsync (the daemon used 1 s before).
         return Driver(self.journal, link, on_progress=on_progress, interrupt=None,
-                      transition_timeout=self.transition_timeout, pivot_guard=guard)
+                      transition_timeout=self.transition_timeout, pivot_guard=guard, sent_once=self.sent_once)
 
 
 @dataclasses.dataclass
