@@ -839,6 +839,10 @@ def stall_run(rig: Rig, side: str, master: Path, guest: Guest, run_no: int) -> d
         "pause_window_ms": window.get("pause_window_ms"),
         "pivot_commands": window.get("commands") or [(round(e["at"], 3), e["note"]) for e in window.get("log", [])],
         "pivot_events": pivot_timeline(vm.tap.events, window["start"], window["end"]),
+        # the guest's acknowledged writes around the pivot window, ms after its start (host times):
+        # where the largest gap lies against QEMU's STOP and RESUME
+        "pivot_acks_ms": [round((a.at - window["start"]) * 1000, 2) for a in acks
+                          if window["start"] - 0.02 <= a.at <= window["end"] + 0.02],
     })
     return row
 
