@@ -94,10 +94,10 @@ class Served:
         try:
             data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
             conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+            response = conn.getresponse()
             try:
-                response = conn.getresponse()
                 payload = response.read()
-            except http.client.HTTPException as exc:  # (IncompleteRead is no OSError) the daemon died mid-answer
+            except http.client.IncompleteRead as exc:  # (not an OSError) the daemon died mid-answer
                 raise ConnectionError(f"the daemon's answer was cut short: {exc!r}") from exc
             try:
                 decoded = json.loads(payload) if payload else None

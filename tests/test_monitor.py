@@ -65,3 +65,32 @@ def test_a_real_qemu_gets_short_ids_and_every_query_asked_for(vm_factory) -> Non
     assert [m["execute"] for m in executes] == ["query-status", "query-jobs", "query-block",
                                                 "query-named-block-nodes"]
     assert all(len(m["id"]) <= 2 for m in executes), [m["id"] for m in executes]
+
+
+def test_every_task_waiting_on_one_connection_wakes_on_each_event(vm_factory) -> None:
+    """The daemon's jobs of one domain share its connection: one task's wait, or its query, must
+    not take an event another task waits for (a review found a wait sleeping out its timeout while
+    the event count had already passed its mark: the events sat in one queue that one reader
+    emptied). Real QEMU: `stop` and `cont` from another monitor give STOP and RESUME."""
+    vm = vm_factory(1, size=16 * 1024 * 1024, fill=False)
+
+    async def run() -> tuple[int, int, int]:
+        monitor = await Monitor.connect(str(vm.qmp_socket))
+        try:
+            since = monitor.events_seen()
+            waiters = [asyncio.ensure_future(monitor.wait_event(60, since)) for _ in range(3)]
+            querier = asyncio.ensure_future(monitor.execute("query-status"))  # answered; events counted too
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(vm.cmd, "stop")
+            await asyncio.wait_for(asyncio.gather(*waiters, querier), 20)  # not 60 s: each woke
+            after_stop = monitor.events_seen()
+            again = [asyncio.ensure_future(monitor.wait_event(60, after_stop)) for _ in range(2)]
+            await asyncio.to_thread(vm.cmd, "cont")
+            await asyncio.wait_for(asyncio.gather(*again), 20)
+            return since, after_stop, monitor.events_seen()
+        finally:
+            await monitor.close()
+
+    since, after_stop, end = asyncio.run(run())
+    assert since < after_stop < end
+    assert vm.run_state() == "running"

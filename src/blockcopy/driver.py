@@ -154,9 +154,12 @@ class Driver:
         several drivers share a domain (the daemon): two pivots must not pause and resume one guest
         in turn. (A command takes the domain's lock file for all it does instead.)
 
-        ``sent_once``: the `once` commands sent so far, as (op id, command, args); the process's
-        set, shared by its drivers, so that a later run of a job (the daemon's retry, a second call
-        of the Python API) does not send them again. Default: this driver's own."""
+        ``sent_once``: the `once` commands sent so far, as (op id, command, args); a Manager's set,
+        shared by its drivers (the daemon has one Manager), so that a later run of a job (the
+        daemon's retry, a second call of the Python API) does not send them again. A command counts
+        as sent once it is queued: should the connection drop before QEMU read it, the later run
+        does not send it either, and the step ends at the transition time limit (a pivot is then
+        given up, no disk pivoted). Default: this driver's own."""
         self.journal = journal
         self.pivot_guard = pivot_guard
         self.progress_save_interval = progress_save_interval
@@ -300,16 +303,19 @@ class Driver:
                 async with guard:
                     pass
             stalled = time.monotonic() - progress_at > self.transition_timeout
-            seen = self.monitor.event_seq if self.monitor is not None else 0
+            counted_on = self.monitor
+            seen = counted_on.event_seq if counted_on is not None else 0
             if ahead is not None and failure is None:
                 early, seen_before = await ahead
                 obs = dataclasses.replace(early, stalled=stalled)
                 if seen_before is not None:
-                    seen = seen_before
+                    seen, counted_on = seen_before, self.monitor
             else:
                 if ahead is not None:  # a command was refused: read what QEMU says after that
                     await ahead  # (an observation that failed ends the run as any other does)
                 obs = await self._observe(op, failure, identical, stalled)
+            if self.monitor is not counted_on:
+                seen = 0  # the observation reconnected: any event on the new connection is news
             ahead = None
             was_ready = op.ready_at is not None
             op = self._measure(op, obs)
@@ -348,7 +354,7 @@ class Driver:
             wait = step.wait
             if step.commands and not commands and wait is None:
                 wait = Wait.SETTLE  # each was sent already (`once`): QEMU has yet to act on them
-            if ahead is not None:
+            if ahead is not None and failure is None:
                 wait = None  # the observation behind the commands comes next; it decides any wait
             if step.terminal:
                 return op

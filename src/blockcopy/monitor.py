@@ -11,6 +11,7 @@ ask whether that process still exists.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import errno
 import itertools
@@ -91,12 +92,17 @@ class LeanQMPClient(QMPClient):
         return msg
 
 
-class _QueueOnlyListener(EventListener):
-    """An EventListener without the unbounded ``history`` list (a manager runs for days)."""
+class _CountingListener(EventListener):
+    """Hands each watched event to ``on_event`` as it arrives: no queue for one reader to empty and
+    no unbounded ``history`` list (a manager runs for days)."""
+
+    def __init__(self, names: Iterable[str], on_event: Callable[[Mapping[str, Any]], None]) -> None:
+        super().__init__(list(names))
+        self._on_event = on_event
 
     async def put(self, event: Message) -> None:
         if self.accept(event):
-            await self._queue.put(event)
+            self._on_event(event)
 
 
 @dataclass(frozen=True)
@@ -133,8 +139,11 @@ class Monitor:
         self.process = process  # who answered: SO_PEERCRED of this connection
         self.command_timeout = command_timeout
         self._client = client
-        self._listener = _QueueOnlyListener(WATCHED_EVENTS)
+        self._listener = _CountingListener(WATCHED_EVENTS, self._note)
         client.register_listener(self._listener)
+        # Done at the next watched event; every task waiting for one awaits it (the daemon's jobs
+        # of a domain share this connection, and each must wake on each event).
+        self._arrived: asyncio.Future[None] | None = None
         # The built-in listener keeps every event forever; blockcopy does not read it.
         client.events.event_filter = lambda _event: False
         self.last_events: dict[str, tuple[int, float]] = {}  # name -> (event number, QEMU's time)
@@ -210,7 +219,6 @@ class Monitor:
         finally:
             if Monitor.round_trip_observer is not None:
                 Monitor.round_trip_observer(command, time.perf_counter() - started)
-        self._drain_events()
         return result
 
     async def add_fd(self, fd: int, opaque: str, fdset_id: int | None = None) -> int:
@@ -236,7 +244,6 @@ class Monitor:
 
     def event_time_since(self, name: str, since: int) -> float | None:
         """QEMU's time of the latest ``name`` event that arrived after event number ``since``."""
-        self._drain_events()
         seq, at = self.last_events.get(name, (0, 0.0))
         return at if seq > since else None
 
@@ -246,31 +253,27 @@ class Monitor:
         return str(result)
 
     def _note(self, event: Mapping[str, Any]) -> None:
+        """Count a watched event as it arrives, and wake every task waiting for one."""
         self.event_seq += 1
         self.last_events[str(event["event"])] = (self.event_seq, event_time(event))
-
-    def _drain_events(self) -> list[Mapping[str, Any]]:
-        events: list[Mapping[str, Any]] = list(self._listener.clear())
-        for event in events:
-            self._note(event)
-        return events
+        arrived, self._arrived = self._arrived, None
+        if arrived is not None and not arrived.done():
+            arrived.set_result(None)
 
     def events_seen(self) -> int:
         """How many watched events have arrived by now (the count ``wait_event`` compares with)."""
-        self._drain_events()
         return self.event_seq
 
     async def wait_event(self, timeout: float, since: int) -> None:
-        """Return once a watched event arrived after event number ``since``, or after ``timeout`` s."""
-        self._drain_events()
+        """Return once a watched event arrived after event number ``since``, or after ``timeout`` s.
+        Events are counted as they arrive, so any number of tasks may wait at once, each for its
+        own ``since``: one task's wait or query never takes another's event."""
         if self.event_seq > since or not self.connected:
             return
-        try:
-            first = await asyncio.wait_for(self._listener.get(), timeout)
-        except TimeoutError:
-            return
-        self._note(first)
-        self._drain_events()
+        if self._arrived is None:
+            self._arrived = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._arrived), timeout)
 
     # --- queries ---------------------------------------------------------------------------------
 

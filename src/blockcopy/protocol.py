@@ -145,7 +145,7 @@ class Command:
     disk: int | None = None
     after: Operation | None = None  # journaled once the command succeeded
     purpose: str = ""  # "cleanup" failures are warnings, not errors
-    #: send at most once per process (a Manager's drivers, or the daemon's, share what they sent):
+    #: send at most once per Manager (its drivers, or the daemon's, share what they sent):
     #: repeating it could change its meaning (a second soft cancel of a mirror that has meanwhile
     #: left `ready` is a hard one). After a crash it is sent again, once, since nothing says whether
     #: it went out.
@@ -529,7 +529,7 @@ def _pivoting(op: Operation, obs: Observation) -> Step:
         # pauses every running guest for the pivot; journaled before the `stop`.
         return Step(record=_replace(op, paused_by_us=True, vm_was_running=True),
                     note="the guest runs now: pause it for the pivot")
-    # Once per job (and process): QEMU 7.2's mirror takes a second job-complete while the job is
+    # Once per job (and Manager): QEMU 7.2's mirror takes a second job-complete while the job is
     # still `ready` (it copies what is left dirty before it leaves `ready`), and for a mirror that
     # `replaces` a node below filters (throttle) it then sets its replace blocker a second time,
     # which QEMU's error API asserts against (read in mirror.c: QEMU would abort, with the guest).
