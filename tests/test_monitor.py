@@ -68,10 +68,11 @@ def test_a_real_qemu_gets_short_ids_and_every_query_asked_for(vm_factory) -> Non
 
 
 def test_every_task_waiting_on_one_connection_wakes_on_each_event(vm_factory) -> None:
-    """The daemon's jobs of one domain share its connection: one task's wait, or its query, must
-    not take an event another task waits for (a review found a wait sleeping out its timeout while
-    the event count had already passed its mark: the events sat in one queue that one reader
-    emptied). Real QEMU: `stop` and `cont` from another monitor give STOP and RESUME."""
+    """The daemon's jobs of one domain share its connection: one task's wait must not take an
+    event another task waits for (a review found a wait sleeping out its timeout while the event
+    count had already passed its mark: the events sat in one queue that one reader emptied, and
+    each command's end emptied it too). Real QEMU: `stop` and `cont` from another monitor give
+    STOP and RESUME; three tasks, then two, wait for them at once."""
     vm = vm_factory(1, size=16 * 1024 * 1024, fill=False)
 
     async def run() -> tuple[int, int, int]:
@@ -94,3 +95,20 @@ def test_every_task_waiting_on_one_connection_wakes_on_each_event(vm_factory) ->
     since, after_stop, end = asyncio.run(run())
     assert since < after_stop < end
     assert vm.run_state() == "running"
+
+
+def test_closing_the_connection_ends_the_waits_on_it(vm_factory) -> None:
+    """No event comes on a closed connection: a task waiting for one looks again at once instead of
+    sleeping out its timeout (the caller reconnects)."""
+    vm = vm_factory(1, size=16 * 1024 * 1024, fill=False)
+
+    async def run() -> bool:
+        monitor = await Monitor.connect(str(vm.qmp_socket))
+        waiter = asyncio.ensure_future(monitor.wait_event(60, monitor.events_seen()))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await monitor.close()
+        await asyncio.wait_for(waiter, 20)  # not 60 s
+        return monitor.connected
+
+    assert asyncio.run(run()) is False

@@ -269,21 +269,22 @@ class Driver:
             self._writeback = None
 
     async def _observe_behind(self, running: asyncio.Future[Any], queued: asyncio.Future[None], op: Operation,
-                              identical: tuple[bool, ...] | None) -> tuple[Observation, int | None]:
+                              identical: tuple[bool, ...] | None
+                              ) -> tuple[Observation, tuple[Monitor, int] | None]:
         """Observe once every message of this step's commands is queued for QEMU (``queued``: the
         library writes its queue in order, and QEMU answers in that order), or once they have run
         (one failed before it was queued, the connection changed): never ahead of them.
 
-        Also returns how many events had arrived just before the queries went out (None if the
-        connection changed meanwhile): an event counted later may be news to this observation (the
-        jobs turned `pending` after QEMU answered it), so a wait after it must wake on any such
-        event, not only on those after the wait began."""
+        Also returns the connection and how many of its events had arrived just before the queries
+        went out (None if the connection changed meanwhile): an event counted later may be news to
+        this observation (the jobs turned `pending` after QEMU answered it), so a wait after it
+        must wake on any such event, not only on those after the wait began."""
         if not running.done():
             await asyncio.wait((queued, running), return_when=asyncio.FIRST_COMPLETED)
         monitor = self.monitor
-        seen = monitor.events_seen() if monitor is not None else None
+        seen = monitor.events_seen() if monitor is not None else 0
         obs = await self._observe(op, None, identical, False)
-        return obs, (seen if monitor is not None and self.monitor is monitor else None)
+        return obs, ((monitor, seen) if monitor is not None and self.monitor is monitor else None)
 
     async def _run(self, op: Operation, until: Until) -> Operation:
         failure: Failure | None = None
@@ -294,7 +295,7 @@ class Driver:
         previous_commands: tuple[Command, ...] = ()
         last_progress_save = 0.0
         # an observation sent right behind the commands, and the events counted before it went out
-        ahead: asyncio.Task[tuple[Observation, int | None]] | None = None
+        ahead: asyncio.Task[tuple[Observation, tuple[Monitor, int] | None]] | None = None
         while True:
             guard = self.pivot_guard
             if guard is not None and not self._guarding and guard.locked():
@@ -306,16 +307,14 @@ class Driver:
             counted_on = self.monitor
             seen = counted_on.event_seq if counted_on is not None else 0
             if ahead is not None and failure is None:
-                early, seen_before = await ahead
+                early, counted = await ahead
                 obs = dataclasses.replace(early, stalled=stalled)
-                if seen_before is not None:
-                    seen, counted_on = seen_before, self.monitor
+                # (None: it reconnected; then any event of the new connection is news to it)
+                counted_on, seen = (None, 0) if counted is None else counted
             else:
                 if ahead is not None:  # a command was refused: read what QEMU says after that
                     await ahead  # (an observation that failed ends the run as any other does)
                 obs = await self._observe(op, failure, identical, stalled)
-            if self.monitor is not counted_on:
-                seen = 0  # the observation reconnected: any event on the new connection is news
             ahead = None
             was_ready = op.ready_at is not None
             op = self._measure(op, obs)
@@ -373,9 +372,9 @@ class Driver:
                 if self.interrupt is not None and self.interrupt.is_set():
                     self.interrupt.clear()  # one interrupt stops one wait
                     raise Interrupted(f"stopped waiting; job {op.id} keeps running in QEMU")
-                await self._wait(self.poll_interval, seen)
+                await self._wait(self.poll_interval, seen, counted_on)
             elif wait is Wait.SETTLE:
-                await self._wait(0.5, seen)
+                await self._wait(0.5, seen, counted_on)
 
     def _not_sent_yet(self, op: Operation, commands: tuple[Command, ...]) -> tuple[Command, ...]:
         """The step's commands without the `once` commands this process already sent (see
@@ -630,9 +629,13 @@ class Driver:
                 await monitor.execute("remove-fd", {"fdset-id": fdset})
             raise
 
-    async def _wait(self, timeout: float, since: int) -> None:
-        if self.monitor is not None and self.monitor.connected:
-            await self.monitor.wait_event(timeout, since)
+    async def _wait(self, timeout: float, since: int, counted_on: Monitor | None) -> None:
+        """Wait for an event after number ``since`` of the connection ``counted_on``; on another
+        connection (reconnected meanwhile, by this run or by another job on the daemon's shared
+        link), for any event of that one."""
+        monitor = self.monitor
+        if monitor is not None and monitor.connected:
+            await monitor.wait_event(timeout, since if monitor is counted_on else 0)
         else:
             await asyncio.sleep(min(timeout, 0.2))
 

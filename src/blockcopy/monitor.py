@@ -102,7 +102,10 @@ class _CountingListener(EventListener):
 
     async def put(self, event: Message) -> None:
         if self.accept(event):
-            self._on_event(event)
+            try:
+                self._on_event(event)
+            except (TypeError, ValueError, KeyError) as exc:  # never the library's reader task's end
+                log.warning("QMP event not understood (%s): %.200s", exc, event)
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,9 @@ class Monitor:
 
     async def close(self) -> None:
         await _quiet_disconnect(self._client)
+        arrived, self._arrived = self._arrived, None
+        if arrived is not None and not arrived.done():
+            arrived.set_result(None)  # a task waiting for an event looks again: no more will come
 
     @property
     def connected(self) -> bool:
