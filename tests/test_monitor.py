@@ -78,17 +78,17 @@ def test_every_task_waiting_on_one_connection_wakes_on_each_event(vm_factory) ->
     async def run() -> tuple[int, int, int]:
         monitor = await Monitor.connect(str(vm.qmp_socket))
         try:
-            since = monitor.events_seen()
+            since = monitor.event_seq
             waiters = [asyncio.ensure_future(monitor.wait_event(60, since)) for _ in range(3)]
             querier = asyncio.ensure_future(monitor.execute("query-status"))  # answered; events counted too
             await asyncio.sleep(0.05)
             await asyncio.to_thread(vm.cmd, "stop")
             await asyncio.wait_for(asyncio.gather(*waiters, querier), 20)  # not 60 s: each woke
-            after_stop = monitor.events_seen()
+            after_stop = monitor.event_seq
             again = [asyncio.ensure_future(monitor.wait_event(60, after_stop)) for _ in range(2)]
             await asyncio.to_thread(vm.cmd, "cont")
             await asyncio.wait_for(asyncio.gather(*again), 20)
-            return since, after_stop, monitor.events_seen()
+            return since, after_stop, monitor.event_seq
         finally:
             await monitor.close()
 
@@ -104,7 +104,7 @@ def test_closing_the_connection_ends_the_waits_on_it(vm_factory) -> None:
 
     async def run() -> bool:
         monitor = await Monitor.connect(str(vm.qmp_socket))
-        waiter = asyncio.ensure_future(monitor.wait_event(60, monitor.events_seen()))
+        waiter = asyncio.ensure_future(monitor.wait_event(60, monitor.event_seq))
         await asyncio.sleep(0.05)
         assert not waiter.done()
         await monitor.close()

@@ -282,7 +282,7 @@ class Driver:
         if not running.done():
             await asyncio.wait((queued, running), return_when=asyncio.FIRST_COMPLETED)
         monitor = self.monitor
-        seen = monitor.events_seen() if monitor is not None else 0
+        seen = monitor.event_seq if monitor is not None else 0
         obs = await self._observe(op, None, identical, False)
         return obs, ((monitor, seen) if monitor is not None and self.monitor is monitor else None)
 

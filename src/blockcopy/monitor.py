@@ -195,9 +195,7 @@ class Monitor:
 
     async def close(self) -> None:
         await _quiet_disconnect(self._client)
-        arrived, self._arrived = self._arrived, None
-        if arrived is not None and not arrived.done():
-            arrived.set_result(None)  # a task waiting for an event looks again: no more will come
+        self._wake_waiters()  # a task waiting for an event looks again: no more will come
 
     @property
     def connected(self) -> bool:
@@ -262,13 +260,12 @@ class Monitor:
         """Count a watched event as it arrives, and wake every task waiting for one."""
         self.event_seq += 1
         self.last_events[str(event["event"])] = (self.event_seq, event_time(event))
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
         arrived, self._arrived = self._arrived, None
         if arrived is not None and not arrived.done():
             arrived.set_result(None)
-
-    def events_seen(self) -> int:
-        """How many watched events have arrived by now (the count ``wait_event`` compares with)."""
-        return self.event_seq
 
     async def wait_event(self, timeout: float, since: int) -> None:
         """Return once a watched event arrived after event number ``since``, or after ``timeout`` s.
