@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 from pathlib import Path
 
 from blockcopy import CopyRequest, Manager, driver
 from blockcopy.vm import DiskSpec, fill_pattern, make_image
-from blockcopy.writeback import Writeback
+from blockcopy.writeback import Writeback, start_writeback
 
 MIB = 1024 * 1024
 
@@ -19,12 +20,50 @@ def _grow(path: Path, mib: int) -> None:
         f.write(os.urandom(mib * MIB))
 
 
+def resident(path: Path) -> int:
+    """Bytes of ``path`` in the host's page cache (util-linux's fincore, which asks mincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
+
+
+def test_the_write_out_drops_what_is_already_written_from_the_page_cache(tmp_path: Path) -> None:
+    path = tmp_path / "dest"
+    _grow(path, 32)
+    start_writeback(str(path))  # starts writing the dirty pages out; they stay cached while dirty
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)  # written now: clean pages, which a plain fdatasync leaves in the cache
+    finally:
+        os.close(fd)
+    assert resident(path) >= 24 * MIB, "the test needs a page-cached file system under tmp_path"
+    start_writeback(str(path))
+    assert resident(path) < 4 * MIB
+
+
+def test_the_write_out_never_follows_a_symlink_swapped_in(tmp_path: Path) -> None:
+    target = tmp_path / "someone-elses"
+    _grow(target, 8)
+    fd = os.open(target, os.O_RDONLY)
+    os.fdatasync(fd)
+    os.close(fd)
+    link = tmp_path / "dest"
+    link.symlink_to(target)
+    try:
+        start_writeback(str(link))
+    except OSError as exc:
+        assert exc.errno == 40  # ELOOP: O_NOFOLLOW
+    else:
+        raise AssertionError("followed the symlink")
+    assert resident(target) >= 6 * MIB  # nothing of the other file was dropped
+
+
 def test_only_files_that_grew_by_the_threshold_are_due(tmp_path: Path) -> None:
     big, small, missing = tmp_path / "big", tmp_path / "small", tmp_path / "missing"
     _grow(big, 3)
     _grow(small, 1)
     synced: list[str] = []
-    wb = Writeback([str(big), str(small), str(missing)], threshold=2 * MIB, sync=synced.append)
+    wb = Writeback([str(big), str(small), str(missing)], threshold=2 * MIB, write_out=synced.append)
     assert wb.due(wb.sizes()) == [str(big)]
 
 
@@ -33,7 +72,7 @@ def test_run_syncs_a_growing_destination_and_leaves_a_quiet_one_alone(tmp_path: 
     quiet.write_bytes(b"x")
     synced: list[str] = []
     wb = Writeback([str(growing), str(quiet)], interval=0.01, max_interval=0.05, threshold=MIB,
-                   sync=synced.append)
+                   write_out=synced.append)
 
     async def scenario() -> None:
         task = asyncio.create_task(wb.run())
@@ -68,7 +107,7 @@ def test_a_failing_sync_does_not_stop_the_writeback(tmp_path: Path) -> None:
         calls.append(p)
         raise OSError(5, "I/O error")
 
-    wb = Writeback([str(path)], interval=0.01, max_interval=0.05, threshold=MIB, sync=flaky)
+    wb = Writeback([str(path)], interval=0.01, max_interval=0.05, threshold=MIB, write_out=flaky)
 
     async def scenario() -> None:
         task = asyncio.create_task(wb.run())
@@ -94,7 +133,7 @@ def test_a_real_copy_syncs_its_destination_while_copying_and_stops_at_ready(vm_f
 
     class Recording(Writeback):
         def __init__(self, paths) -> None:  # type: ignore[no-untyped-def]
-            super().__init__(paths, threshold=4 * MIB, sync=lambda p: synced.append((p, time.time())))
+            super().__init__(paths, threshold=4 * MIB, write_out=lambda p: synced.append((p, time.time())))
 
     monkeypatch.setattr(driver, "Writeback", Recording)
 
@@ -117,3 +156,26 @@ def test_a_real_copy_syncs_its_destination_while_copying_and_stops_at_ready(vm_f
     ready_seen = asyncio.run(scenario())
     assert synced and {p for p, _ in synced} == {str(dest)}
     assert all(at <= ready_seen for _, at in synced), "no writeback once the copy is ready"
+
+
+def test_a_real_copy_does_not_leave_its_destination_in_the_page_cache(vm_factory, tmp_path: Path) -> None:
+    """At 64 MiB/s the disk keeps up with the mirror: every kick drops what the previous one wrote
+    out, so at `ready` the page cache holds about the last kick's worth (8 MiB), not the copy."""
+    source = make_image(tmp_path / "source.qcow2", 96 * MIB)
+    fill_pattern(source, "qcow2", 0x3C, 0, 96 * MIB)
+    vm = vm_factory([DiskSpec("vda", str(source))])
+    dest = tmp_path / "dest.qcow2"
+
+    async def scenario() -> None:
+        manager = Manager(tmp_path / "state")
+        try:
+            await manager.attach("vm", str(vm.qmp_socket))
+            op = await manager.copy(CopyRequest("vm", [("vda", str(dest))], bandwidth_mib=64),
+                                    until=driver.Until.READY)
+            assert op.ready_at is not None
+        finally:
+            manager.close()
+
+    asyncio.run(scenario())
+    assert dest.stat().st_blocks * 512 >= 96 * MIB
+    assert resident(dest) < 48 * MIB, f"{resident(dest)} bytes of the 96 MiB copy are in the page cache"

@@ -256,7 +256,7 @@ class Driver:
             return True
 
     def _writeback_while_copying(self, op: Operation) -> None:
-        """Sync the destinations from outside while the mirror fills them (see writeback.py)."""
+        """Keep the kernel writing the destinations out while the mirror fills them (see writeback.py)."""
         copying = op.phase is Phase.COPYING and op.ready_at is None
         if copying and self._writeback is None:
             self._writeback = asyncio.create_task(Writeback(d.dest_path for d in op.disks).run())
