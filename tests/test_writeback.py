@@ -1,4 +1,4 @@
-"""Writeback of destination files while a mirror fills them (real files, a recording sync)."""
+"""Writeback of destination files while a mirror fills them (real files; a recording write-out, or the real one)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 from blockcopy import CopyRequest, Manager, driver
 from blockcopy.vm import DiskSpec, fill_pattern, make_image
@@ -58,17 +60,48 @@ def test_the_write_out_never_follows_a_symlink_swapped_in(tmp_path: Path) -> Non
     assert resident(target) >= 6 * MIB  # nothing of the other file was dropped
 
 
-def test_only_files_that_grew_by_the_threshold_are_due(tmp_path: Path) -> None:
-    big, small, missing = tmp_path / "big", tmp_path / "small", tmp_path / "missing"
-    _grow(big, 3)
-    _grow(small, 1)
-    synced: list[str] = []
-    wb = Writeback([str(big), str(small), str(missing)], threshold=2 * MIB, write_out=synced.append)
-    assert wb.due(wb.sizes()) == [str(big)]
+def test_files_written_since_their_write_out_last_started_are_due(tmp_path: Path) -> None:
+    written, quiet, missing = tmp_path / "written", tmp_path / "quiet", tmp_path / "missing"
+    _grow(written, 1)
+    _grow(quiet, 1)
+    wb = Writeback([str(written), str(quiet), str(missing)], threshold=2 * MIB, write_out=lambda p: None)
+    first = wb.looks()
+    assert str(missing) not in first
+    wb._started.update(first)  # as run() does on first sight
+    assert wb.due(first) == []  # nothing written since
+    time.sleep(0.01)  # (mtime moves with the file system's clock tick)
+    _grow(written, 1)  # less than the threshold: the threshold only paces the looks now
+    assert wb.due(wb.looks()) == [str(written)]
 
 
-def test_run_syncs_a_growing_destination_and_leaves_a_quiet_one_alone(tmp_path: Path) -> None:
+def test_a_preallocated_file_written_in_place_is_looked_at_often(tmp_path: Path) -> None:
+    """Its growth does not show, so the looks would back off to MAX_INTERVAL; written in place, it
+    is looked at (and its write-out started) every PREALLOCATED_INTERVAL instead."""
+    preallocated = tmp_path / "preallocated"
+    with open(preallocated, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, 16 * MIB)
+    kicked: list[str] = []
+    wb = Writeback([str(preallocated)], interval=0.01, max_interval=0.5, threshold=MIB, write_out=kicked.append)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(wb.run())
+        fd = os.open(preallocated, os.O_WRONLY)
+        try:
+            for i in range(16):  # 1.0 s of writes in place, as a mirror into a preallocated DEST
+                await asyncio.sleep(0.0625)
+                os.pwrite(fd, os.urandom(65536), i * MIB)
+        finally:
+            os.close(fd)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert os.stat(preallocated).st_blocks * 512 == 16 * MIB  # never grew
+    assert kicked.count(str(preallocated)) >= 6, kicked  # about 10; backed off to 0.5 s it would be 2-3
+
+
+def test_run_writes_out_a_growing_destination_and_leaves_a_quiet_one_alone(tmp_path: Path) -> None:
     growing, quiet = tmp_path / "growing", tmp_path / "quiet"
+    growing.touch()  # as created before the copy starts
     quiet.write_bytes(b"x")
     synced: list[str] = []
     wb = Writeback([str(growing), str(quiet)], interval=0.01, max_interval=0.05, threshold=MIB,
@@ -76,6 +109,7 @@ def test_run_syncs_a_growing_destination_and_leaves_a_quiet_one_alone(tmp_path: 
 
     async def scenario() -> None:
         task = asyncio.create_task(wb.run())
+        await asyncio.sleep(0.05)  # its first look: what the files hold then is not news
         for spurt in range(1, 4):
             _grow(growing, 2)  # as the mirror would
             for _ in range(200):
@@ -99,8 +133,9 @@ def test_looks_often_while_files_grow_fast_and_rarely_when_slow_or_quiet() -> No
     assert wb.next_interval(0.4, 0, 0.4) == 0.5  # ... up to the cap
 
 
-def test_a_failing_sync_does_not_stop_the_writeback(tmp_path: Path) -> None:
+def test_a_failing_write_out_does_not_stop_the_writeback(tmp_path: Path) -> None:
     path = tmp_path / "d"
+    path.touch()
     calls: list[str] = []
 
     def flaky(p: str) -> None:
@@ -111,6 +146,7 @@ def test_a_failing_sync_does_not_stop_the_writeback(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         task = asyncio.create_task(wb.run())
+        await asyncio.sleep(0.05)  # its first look
         for spurt in (1, 2):
             _grow(path, 2)
             for _ in range(200):
@@ -123,7 +159,7 @@ def test_a_failing_sync_does_not_stop_the_writeback(tmp_path: Path) -> None:
     assert len(calls) == 2
 
 
-def test_a_real_copy_syncs_its_destination_while_copying_and_stops_at_ready(vm_factory, tmp_path: Path,
+def test_a_real_copy_writes_out_its_destination_while_copying_and_stops_at_ready(vm_factory, tmp_path: Path,
                                                                               monkeypatch) -> None:
     source = make_image(tmp_path / "source.qcow2", 64 * MIB)
     fill_pattern(source, "qcow2", 0x3C, 0, 48 * MIB)
@@ -158,9 +194,12 @@ def test_a_real_copy_syncs_its_destination_while_copying_and_stops_at_ready(vm_f
     assert all(at <= ready_seen for _, at in synced), "no writeback once the copy is ready"
 
 
-def test_a_real_copy_does_not_leave_its_destination_in_the_page_cache(vm_factory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("preallocation", [None, "falloc"])
+def test_a_real_copy_does_not_leave_its_destination_in_the_page_cache(vm_factory, tmp_path: Path,
+                                                                      preallocation: str | None) -> None:
     """At 64 MiB/s the disk keeps up with the mirror: every kick drops what the previous one wrote
-    out, so at `ready` the page cache holds about the last kick's worth (8 MiB), not the copy."""
+    out, so at `ready` the page cache holds about the last kick's worth (8 MiB, or 0.1 s of copy
+    for a preallocated DEST), not the copy."""
     source = make_image(tmp_path / "source.qcow2", 96 * MIB)
     fill_pattern(source, "qcow2", 0x3C, 0, 96 * MIB)
     vm = vm_factory([DiskSpec("vda", str(source))])
@@ -170,7 +209,8 @@ def test_a_real_copy_does_not_leave_its_destination_in_the_page_cache(vm_factory
         manager = Manager(tmp_path / "state")
         try:
             await manager.attach("vm", str(vm.qmp_socket))
-            op = await manager.copy(CopyRequest("vm", [("vda", str(dest))], bandwidth_mib=64),
+            op = await manager.copy(CopyRequest("vm", [("vda", str(dest))], bandwidth_mib=64,
+                                                preallocation=preallocation),
                                     until=driver.Until.READY)
             assert op.ready_at is not None
         finally:
