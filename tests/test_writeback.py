@@ -32,7 +32,6 @@ def resident(path: Path) -> int:
 def test_the_write_out_drops_what_is_already_written_from_the_page_cache(tmp_path: Path) -> None:
     path = tmp_path / "dest"
     _grow(path, 32)
-    start_writeback(str(path))  # starts writing the dirty pages out; they stay cached while dirty
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fdatasync(fd)  # written now: clean pages, which a plain fdatasync leaves in the cache
@@ -74,6 +73,33 @@ def test_files_written_since_their_write_out_last_started_are_due(tmp_path: Path
     assert wb.due(wb.looks()) == [str(written)]
 
 
+def test_a_file_is_fdatasynced_each_time_it_grew_by_flush_every_and_written_out_on_every_look(
+        tmp_path: Path) -> None:
+    """The write-out is started on every look at a file written since the last; the device's cache
+    is flushed once per ``flush_every`` of growth, so that QEMU's flush before `ready` has little left."""
+    path = tmp_path / "dest"
+    path.touch()
+    calls: list[str] = []
+    wb = Writeback([str(path)], interval=0.01, max_interval=0.05, threshold=MIB, flush_every=4 * MIB,
+                   write_out=lambda p: calls.append("start"), flush=lambda p: calls.append("flush"))
+
+    async def scenario() -> None:
+        task = asyncio.create_task(wb.run())
+        await asyncio.sleep(0.05)  # its first look
+        for spurt in range(1, 6):  # 5 spurts of 2 MiB: 10 MiB, two flush_every's worth
+            _grow(path, 2)
+            for _ in range(200):
+                if calls.count("start") >= spurt:
+                    break
+                await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert calls.count("start") == 5, calls
+    assert calls.count("flush") == 2, calls  # at 4 and 8 MiB
+    assert calls[calls.index("flush") + 1] == "start"  # the flush first: the start then drops its pages
+
+
 def test_a_preallocated_file_written_in_place_is_looked_at_often(tmp_path: Path) -> None:
     """Its growth does not show, so the looks would back off to MAX_INTERVAL; written in place, it
     is looked at (and its write-out started) every PREALLOCATED_INTERVAL instead."""
@@ -81,7 +107,9 @@ def test_a_preallocated_file_written_in_place_is_looked_at_often(tmp_path: Path)
     with open(preallocated, "wb") as f:
         os.posix_fallocate(f.fileno(), 0, 16 * MIB)
     kicked: list[str] = []
-    wb = Writeback([str(preallocated)], interval=0.01, max_interval=0.5, threshold=MIB, write_out=kicked.append)
+    flushed: list[str] = []
+    wb = Writeback([str(preallocated)], interval=0.01, max_interval=0.5, threshold=MIB, write_out=kicked.append,
+                   flush=flushed.append)
 
     async def scenario() -> None:
         task = asyncio.create_task(wb.run())
@@ -97,6 +125,7 @@ def test_a_preallocated_file_written_in_place_is_looked_at_often(tmp_path: Path)
     asyncio.run(scenario())
     assert os.stat(preallocated).st_blocks * 512 == 16 * MIB  # never grew
     assert kicked.count(str(preallocated)) >= 6, kicked  # about 10; backed off to 0.5 s it would be 2-3
+    assert flushed.count(str(preallocated)) >= 5, flushed  # written in place: its growth cannot say when
 
 
 def test_run_writes_out_a_growing_destination_and_leaves_a_quiet_one_alone(tmp_path: Path) -> None:
