@@ -108,8 +108,8 @@ def test_a_preallocated_file_written_in_place_is_looked_at_often(tmp_path: Path)
         os.posix_fallocate(f.fileno(), 0, 16 * MIB)
     kicked: list[str] = []
     flushed: list[str] = []
-    wb = Writeback([str(preallocated)], interval=0.01, max_interval=0.5, threshold=MIB, write_out=kicked.append,
-                   flush=flushed.append)
+    wb = Writeback([str(preallocated)], interval=0.01, max_interval=0.5, threshold=MIB, flush_every=4 * MIB,
+                   write_out=kicked.append, flush=flushed.append)
 
     async def scenario() -> None:
         task = asyncio.create_task(wb.run())

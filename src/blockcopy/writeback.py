@@ -30,8 +30,9 @@ Nothing here is needed for durability: QEMU's flush before ``ready`` makes the c
 A file counts as written when its mtime moved or it grew (one ``lstat``, cheap). The files are
 looked at about twice per ``threshold`` of growth (``st_blocks``), so a throttled copy costs few
 wake-ups (each is about 0.2 ms of CPU). A preallocated DEST (``--preallocation falloc``/``full``)
-does not grow as the mirror fills it: while one is written in place, the files are looked at every
-``PREALLOCATED_INTERVAL``.
+does not grow as the mirror fills it: a file that is fully allocated and at least ``flush_every``
+large when first seen counts as preallocated, and while one is written, the files are looked at
+every ``PREALLOCATED_INTERVAL`` and it is fdatasynced on each look.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class Look(NamedTuple):
     """What one ``lstat`` of a destination file says."""
 
     allocated: int  # bytes
+    size: int  # bytes
     mtime_ns: int  # moves with every write
 
 
@@ -94,7 +96,7 @@ def look(path: str) -> Look | None:
         st = os.lstat(path)
     except OSError:
         return None  # not there (yet), or not a local file: nothing to do
-    return Look(st.st_blocks * 512, st.st_mtime_ns)
+    return Look(st.st_blocks * 512, st.st_size, st.st_mtime_ns)
 
 
 class Writeback:
@@ -111,6 +113,9 @@ class Writeback:
         #: each file as it was when its write-out was last started, or when first seen
         self._started: dict[str, Look] = {}
         self._flushed: dict[str, int] = {}  # allocated bytes of each file at its last flush, or when first seen
+        #: files that were fully allocated (and at least ``flush_every`` large) when first seen: a
+        #: preallocated DEST, whose growth cannot show how much the mirror has written
+        self._preallocated: set[str] = set()
 
     def looks(self) -> dict[str, Look]:
         """A :func:`look` at each file that is there."""
@@ -122,14 +127,14 @@ class Writeback:
         return [path for path, now in looks.items() if path in self._started and now != self._started[path]]
 
     def written_in_place(self, path: str, now: Look) -> bool:
-        """Whether ``path`` was written since the last start without growing (preallocated)."""
+        """Whether a preallocated file was written since its write-out was last started."""
         before = self._started.get(path)
-        return before is not None and now.mtime_ns != before.mtime_ns and now.allocated == before.allocated
+        return path in self._preallocated and before is not None and now.mtime_ns != before.mtime_ns
 
     def to_flush(self, path: str, now: Look) -> bool:
         """Whether a due file is to be fdatasynced too: it grew by ``flush_every`` since its last
-        flush, or it is written in place (its growth does not show)."""
-        return now.allocated - self._flushed.get(path, 0) >= self.flush_every or self.written_in_place(path, now)
+        flush, or it is preallocated (its growth does not show)."""
+        return path in self._preallocated or now.allocated - self._flushed.get(path, 0) >= self.flush_every
 
     def next_interval(self, current: float, grown: int, elapsed: float) -> float:
         """Half the time the files take to grow by ``threshold`` at the rate just seen; when they
@@ -151,8 +156,10 @@ class Writeback:
                 interval = min(interval, PREALLOCATED_INTERVAL)
             last_total, last_look = total, now
             for path, found in looks.items():
-                self._started.setdefault(path, found)  # first seen: what it holds is not news
-                self._flushed.setdefault(path, found.allocated)
+                if path not in self._started:  # first seen: what it holds is not news
+                    self._started[path], self._flushed[path] = found, found.allocated
+                    if found.allocated >= found.size >= self.flush_every:
+                        self._preallocated.add(path)
             for path in self.due(looks):
                 flush = self.to_flush(path, looks[path])
                 try:
