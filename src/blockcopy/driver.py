@@ -256,10 +256,11 @@ class Driver:
             return True
 
     def _writeback_while_copying(self, op: Operation) -> None:
-        """Keep the kernel writing the destinations out while the mirror fills them (see writeback.py)."""
+        """Sync the destinations from outside while the mirror fills them (see writeback.py)."""
         copying = op.phase is Phase.COPYING and op.ready_at is None
         if copying and self._writeback is None:
-            self._writeback = asyncio.create_task(Writeback(d.dest_path for d in op.disks).run())
+            in_place = [d.dest_path for d in op.disks if op.reuse_external or d.preallocation in ("falloc", "full")]
+            self._writeback = asyncio.create_task(Writeback((d.dest_path for d in op.disks), in_place=in_place).run())
         elif not copying:
             self._stop_writeback()
 
