@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -54,6 +55,78 @@ def test_a_preallocated_file_written_in_place_is_synced_often(tmp_path: Path) ->
     asyncio.run(scenario())
     assert os.stat(preallocated).st_blocks * 512 == 16 * MIB  # never grew
     assert synced.count(str(preallocated)) >= 6, synced  # about 10; backed off to 0.5 s it would be 2-3
+
+
+def test_what_is_not_a_regular_file_is_never_looked_at(tmp_path: Path) -> None:
+    """A reused block device's node moves its mtime with every write, though nothing of it is in
+    the page cache: it would be synced on every look."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    wb = Writeback(["/dev/null", str(fifo)], in_place=["/dev/null", str(fifo)], sync=lambda p: None)
+    assert wb.looks() == {}
+
+
+def _run_while(wb: Writeback, writes) -> None:  # type: ignore[no-untyped-def]
+    """Run ``wb`` while ``writes`` (a callable of the step number) is called every 62.5 ms, 16 times."""
+    async def scenario() -> None:
+        task = asyncio.create_task(wb.run())
+        await asyncio.sleep(0.05)  # its first look
+        for i in range(16):
+            await asyncio.sleep(0.0625)
+            writes(i)
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_reused_sparse_file_that_grows_is_synced_by_its_growth_not_on_every_look(tmp_path: Path) -> None:
+    path = tmp_path / "reused"
+    with open(path, "wb") as f:
+        f.truncate(64 * MIB)  # reused, sparse: the copy allocates it as it goes
+    synced: list[str] = []
+    wb = Writeback([str(path)], interval=0.01, max_interval=0.5, threshold=4 * MIB, sync=synced.append,
+                   in_place=[str(path)])
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        _run_while(wb, lambda i: os.pwrite(fd, os.urandom(MIB), i * MIB))  # 16 MiB, 1 MiB a time
+    finally:
+        os.close(fd)
+    assert 2 <= len(synced) <= 5, synced  # about one per 4 MiB; on every look it would be about 16
+
+
+def test_a_file_that_shrank_is_synced_again_as_it_grows_back(tmp_path: Path) -> None:
+    path = tmp_path / "dest"
+    _grow(path, 16)
+    synced: list[str] = []
+    wb = Writeback([str(path)], interval=0.01, max_interval=0.05, threshold=4 * MIB, sync=synced.append)
+
+    def writes(i: int) -> None:
+        if i == 0:
+            os.truncate(path, 0)  # discarded, or replaced by a new file
+        elif i <= 12:
+            _grow(path, 1)  # 12 MiB: less than the 16 MiB it had when last synced
+
+    _run_while(wb, writes)
+    assert len(synced) >= 3, synced  # the first look's sync of the 16 MiB, then per 4 MiB regrown
+
+
+def test_a_failing_sync_is_logged_once(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "preallocated"
+    with open(path, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, 16 * MIB)
+
+    def failing(p: str) -> None:
+        raise OSError(5, "I/O error")
+
+    wb = Writeback([str(path)], interval=0.01, max_interval=0.5, threshold=MIB, sync=failing, in_place=[str(path)])
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        with caplog.at_level(logging.INFO, logger="blockcopy.writeback"):
+            _run_while(wb, lambda i: os.pwrite(fd, b"x" * 4096, i * MIB))
+    finally:
+        os.close(fd)
+    assert len([r for r in caplog.records if "I/O error" in r.getMessage()]) == 1
 
 
 def test_run_syncs_a_growing_destination_and_leaves_a_quiet_one_alone(tmp_path: Path) -> None:

@@ -14,10 +14,11 @@ to read), so a slow or idle copy costs no device flushes; and the files are look
 per ``threshold`` of growth, so a throttled copy costs few wake-ups (each is about 0.2 ms of CPU).
 A DEST written in place does not grow as the mirror fills it: a preallocated one
 (``--preallocation falloc``/``full``) or a reused one (``--reuse-external``). The driver names
-those; each is synced on each look after a write (its mtime moved), and while one is written the
-files are looked at every ``PREALLOCATED_INTERVAL``. Until 2026-11-27 such a file was never synced
-(or only as far as it grew), and QEMU's flush before ``ready`` wrote the rest while the guest's
-writes waited.
+those; each is synced on each look after a write (its mtime moved) that did not grow it (a reused
+sparse file grows like a new one), and while one is written so, the files are looked at every
+``PREALLOCATED_INTERVAL``. Until 2026-11-27 blockcopy never synced such a
+file (or only as far as it grew): the kernel's flusher wrote it after 30 s or past its background
+threshold, and QEMU's flush before ``ready`` the rest, while the guest's writes waited.
 
 Why ``fdatasync`` and not a call that only starts the write-out (2026-11-27, README, Benchmarks,
 "The destination's write-out"): ``posix_fadvise(DONTNEED)`` alone copied faster on libvirt's rig,
@@ -64,11 +65,13 @@ class Look(NamedTuple):
 
 
 def look(path: str) -> Look | None:
+    """None for what there is nothing to do about: no file (yet), or not a regular file (a block
+    device, whose node's mtime moves with writes although nothing of it is in the page cache)."""
     try:
         st = os.lstat(path)
     except OSError:
-        return None  # not there (yet), or not a local file: nothing to do
-    return Look(st.st_blocks * 512, st.st_size, st.st_mtime_ns)
+        return None
+    return Look(st.st_blocks * 512, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 
 
 class Writeback:
@@ -81,6 +84,8 @@ class Writeback:
         self.threshold = threshold
         self.sync = sync
         self._synced: dict[str, Look] = {}  # each file as it was at its last sync (in place: or first seen)
+        self._previous: dict[str, Look] = {}  # each file at the previous look
+        self._failed: set[tuple[str, int | None]] = set()  # (path, errno) already logged
         #: the files written in place (preallocated or reused), which are synced after each write
         self.in_place = frozenset(in_place)
 
@@ -89,23 +94,27 @@ class Writeback:
         return {path: found for path in self.paths if (found := look(path)) is not None}
 
     def see(self, looks: dict[str, Look]) -> None:
-        """Take note of files written in place seen for the first time: what they hold is not news."""
+        """Take note of what each file holds: a file written in place seen for the first time holds
+        nothing new, and a file that shrank (DEST discarded or replaced) grows from its new size."""
         for path, found in looks.items():
-            if path in self.in_place:
-                self._synced.setdefault(path, found)
+            synced = self._synced.get(path)
+            first_in_place = synced is None and path in self.in_place
+            if first_in_place or (synced is not None and found.allocated < synced.allocated):
+                self._synced[path] = found
 
     def written_in_place(self, path: str, now: Look) -> bool:
-        """Whether a file written in place was written since its last sync (its mtime moved)."""
-        return path in self.in_place and path in self._synced and now.mtime_ns != self._synced[path].mtime_ns
+        """Whether a file named as written in place was written since its last sync (its mtime
+        moved) without growing since the previous look (a reused sparse file grows like any other)."""
+        before, synced = self._previous.get(path), self._synced.get(path)
+        return (path in self.in_place and synced is not None and before is not None
+                and now.mtime_ns != synced.mtime_ns and now.allocated == before.allocated)
 
     def due(self, looks: dict[str, Look]) -> list[str]:
         """The files of ``looks`` that grew by ``threshold`` since blockcopy last synced them, and
-        those written in place that were written since."""
+        those written in place since."""
         return [path for path, now in looks.items()
                 if self.written_in_place(path, now)
-                or (path not in self.in_place
-                    and now.allocated - (self._synced[path].allocated if path in self._synced else 0)
-                    >= self.threshold)]
+                or now.allocated - (self._synced[path].allocated if path in self._synced else 0) >= self.threshold]
 
     def next_interval(self, current: float, grown: int, elapsed: float) -> float:
         """Half the time the files take to grow by ``threshold`` at the rate just seen; when they
@@ -131,6 +140,9 @@ class Writeback:
                 try:
                     await asyncio.to_thread(self.sync, path)
                 except OSError as exc:  # an optimisation only; QEMU reports real I/O errors
-                    log.info("writeback of %s: %s", path, exc)
+                    if (path, exc.errno) not in self._failed:  # (once: a look may come 50 times a second)
+                        self._failed.add((path, exc.errno))
+                        log.info("writeback of %s: %s", path, exc)
                 self._synced[path] = looks[path]
+            self._previous = looks
             await asyncio.sleep(interval)
