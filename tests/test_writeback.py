@@ -29,15 +29,17 @@ def test_only_files_that_grew_by_the_threshold_are_due(tmp_path: Path) -> None:
     assert wb.due(wb.looks()) == [str(big)]
 
 
-def test_a_preallocated_file_written_in_place_is_synced_often(tmp_path: Path) -> None:
+def test_a_preallocated_file_written_in_place_is_synced_often_and_left_alone_once_quiet(tmp_path: Path) -> None:
     """Its growth does not show: by growth alone it would never be synced, and the looks would back
-    off to MAX_INTERVAL; named as written in place, it is synced every PREALLOCATED_INTERVAL."""
+    off to MAX_INTERVAL; named as written in place, it is synced every PREALLOCATED_INTERVAL while
+    it is written, and no more once it is not."""
     preallocated = tmp_path / "preallocated"
     with open(preallocated, "wb") as f:
         os.posix_fallocate(f.fileno(), 0, 16 * MIB)
     synced: list[str] = []
     wb = Writeback([str(preallocated)], interval=0.01, max_interval=0.5, threshold=MIB, sync=synced.append,
                    in_place=[str(preallocated)])
+    written: list[int] = []
 
     async def scenario() -> None:
         task = asyncio.create_task(wb.run())
@@ -50,11 +52,31 @@ def test_a_preallocated_file_written_in_place_is_synced_often(tmp_path: Path) ->
                 os.pwrite(fd, os.urandom(65536), i * MIB)
         finally:
             os.close(fd)
+        await asyncio.sleep(0.3)  # the last write's sync
+        written.append(len(synced))
+        await asyncio.sleep(0.7)  # quiet
         task.cancel()
 
     asyncio.run(scenario())
-    assert os.stat(preallocated).st_blocks * 512 == 16 * MIB  # never grew
-    assert synced.count(str(preallocated)) >= 6, synced  # about 10; backed off to 0.5 s it would be 2-3
+    assert os.stat(preallocated).st_blocks * 512 >= 16 * MIB  # never grew
+    assert written[0] >= 6, synced  # about 10; backed off to 0.5 s it would be 2-3
+    assert len(synced) == written[0], "synced again although nothing was written"
+
+
+def test_under_a_speed_limit_a_file_written_in_place_is_synced_about_once_per_threshold(tmp_path: Path) -> None:
+    preallocated = tmp_path / "preallocated"
+    with open(preallocated, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, 16 * MIB)
+    synced: list[str] = []
+    # 2 MiB/s and 1 MiB between syncs: one every 0.5 s, not every PREALLOCATED_INTERVAL
+    wb = Writeback([str(preallocated)], interval=0.01, max_interval=0.5, threshold=MIB, sync=synced.append,
+                   in_place=[str(preallocated)], bandwidth=2 * MIB)
+    fd = os.open(preallocated, os.O_WRONLY)
+    try:
+        _run_while(wb, lambda i: os.pwrite(fd, os.urandom(65536), i * MIB))
+    finally:
+        os.close(fd)
+    assert 1 <= len(synced) <= 3, synced  # 1.1 s of writes; about 10 without the limit
 
 
 def test_what_is_not_a_regular_file_is_never_looked_at(tmp_path: Path) -> None:
@@ -245,5 +267,38 @@ def test_a_real_copy_into_a_preallocated_destination_syncs_it_while_copying(vm_f
             manager.close()
 
     asyncio.run(scenario())
-    assert dest.stat().st_blocks * 512 >= 64 * MIB  # preallocated: it never grew while copied
-    assert synced.count(str(dest)) >= 3, synced  # 1.5 s at 32 MiB/s: about every 0.1 s
+    assert synced.count(str(dest)) >= 2, synced  # 1.5 s at 32 MiB/s, one per 4 MiB at that speed: about 5
+
+
+def test_a_real_copy_into_a_reused_destination_syncs_it_while_copying(vm_factory, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """A reused DEST (here a fully written raw file, as an old copy would be) is synced while the
+    mirror fills it. (QEMU may first punch a reused DEST's blocks away with zero writes, and then it
+    grows again; the test does not tell that from a DEST filled in place.)"""
+    source = make_image(tmp_path / "source.qcow2", 64 * MIB)
+    fill_pattern(source, "qcow2", 0x3C, 0, 48 * MIB)
+    vm = vm_factory([DiskSpec("vda", str(source))])
+    dest = tmp_path / "dest.raw"
+    with open(dest, "wb") as f:
+        for _ in range(64):
+            f.write(b"\xee" * MIB)
+    synced: list[str] = []
+
+    class Recording(Writeback):
+        def __init__(self, paths, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(paths, threshold=4 * MIB, sync=synced.append, **kwargs)
+
+    monkeypatch.setattr(driver, "Writeback", Recording)
+
+    async def scenario() -> None:
+        manager = Manager(tmp_path / "state")
+        try:
+            await manager.attach("vm", str(vm.qmp_socket))
+            op = await manager.copy(CopyRequest("vm", [("vda", str(dest))], bandwidth_mib=32, reuse_external=True,
+                                                format="raw"), until=driver.Until.READY)
+            assert op.ready_at is not None
+        finally:
+            manager.close()
+
+    asyncio.run(scenario())
+    assert synced.count(str(dest)) >= 2, synced  # 2 s at 32 MiB/s, one per 4 MiB at that speed: about 6

@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 INTERVAL = 0.02  # seconds between looks at the files while they grow fast
 MAX_INTERVAL = 0.5  # ... and when they grow slowly or not at all
 THRESHOLD = 8 * 1024 * 1024  # bytes of growth that make a file worth syncing
-#: seconds between looks while a file written in place is written: its growth does not show, so the
-#: looks cannot follow the copy's speed
+#: seconds between syncs of a file written in place while it is written, at least: its growth does not
+#: show, so the syncs cannot follow the copy's speed; under a speed limit, about one per ``threshold``
+#: of copy at that speed instead
 PREALLOCATED_INTERVAL = 0.1
 
 
@@ -60,8 +61,7 @@ class Look(NamedTuple):
     """What one ``lstat`` of a destination file says."""
 
     allocated: int  # bytes
-    size: int  # bytes
-    mtime_ns: int  # moves with every write
+    mtime_ns: int  # moves with writes, at most once per tick of the file system's clock (a few ms)
 
 
 def look(path: str) -> Look | None:
@@ -71,13 +71,13 @@ def look(path: str) -> Look | None:
         st = os.lstat(path)
     except OSError:
         return None
-    return Look(st.st_blocks * 512, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+    return Look(st.st_blocks * 512, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 
 
 class Writeback:
     def __init__(self, paths: Iterable[str], *, interval: float = INTERVAL, max_interval: float = MAX_INTERVAL,
                  threshold: int = THRESHOLD, sync: Callable[[str], None] = fdatasync_path,
-                 in_place: Iterable[str] = ()) -> None:
+                 in_place: Iterable[str] = (), bandwidth: int = 0) -> None:
         self.paths = tuple(paths)
         self.interval = interval
         self.max_interval = max_interval
@@ -88,6 +88,9 @@ class Writeback:
         self._failed: set[tuple[str, int | None]] = set()  # (path, errno) already logged
         #: the files written in place (preallocated or reused), which are synced after each write
         self.in_place = frozenset(in_place)
+        #: the copy's speed limit in bytes/s (0: none); the driver keeps it up to date
+        self.bandwidth = bandwidth
+        self._synced_at: dict[str, float] = {}  # loop time of each file's last sync
 
     def looks(self) -> dict[str, Look]:
         """A :func:`look` at each file that is there (one ``lstat`` each)."""
@@ -109,12 +112,18 @@ class Writeback:
         return (path in self.in_place and synced is not None and before is not None
                 and now.mtime_ns != synced.mtime_ns and now.allocated == before.allocated)
 
-    def due(self, looks: dict[str, Look]) -> list[str]:
+    def in_place_gap(self) -> float:
+        """Seconds between syncs of a file written in place: PREALLOCATED_INTERVAL, or the time the
+        copy takes for ``threshold`` at its speed limit when that is longer."""
+        return max(PREALLOCATED_INTERVAL, self.threshold / self.bandwidth if self.bandwidth > 0 else 0.0)
+
+    def due(self, looks: dict[str, Look], now: float = float("inf")) -> list[str]:
         """The files of ``looks`` that grew by ``threshold`` since blockcopy last synced them, and
-        those written in place since."""
-        return [path for path, now in looks.items()
-                if self.written_in_place(path, now)
-                or now.allocated - (self._synced[path].allocated if path in self._synced else 0) >= self.threshold]
+        those written in place since, if their last sync is :meth:`in_place_gap` old (``now``: loop time)."""
+        gap = self.in_place_gap()
+        return [path for path, found in looks.items()
+                if (self.written_in_place(path, found) and now - self._synced_at.get(path, -gap) >= gap)
+                or found.allocated - (self._synced[path].allocated if path in self._synced else 0) >= self.threshold]
 
     def next_interval(self, current: float, grown: int, elapsed: float) -> float:
         """Half the time the files take to grow by ``threshold`` at the rate just seen; when they
@@ -134,15 +143,15 @@ class Writeback:
             if last_total is not None:
                 interval = self.next_interval(interval, total - last_total, now - last_look)
             if any(self.written_in_place(path, found) for path, found in looks.items()):
-                interval = min(interval, PREALLOCATED_INTERVAL)
+                interval = min(interval, self.in_place_gap())
             last_total, last_look = total, now
-            for path in self.due(looks):
+            for path in self.due(looks, now):
                 try:
                     await asyncio.to_thread(self.sync, path)
                 except OSError as exc:  # an optimisation only; QEMU reports real I/O errors
                     if (path, exc.errno) not in self._failed:  # (once: a look may come 50 times a second)
                         self._failed.add((path, exc.errno))
                         log.info("writeback of %s: %s", path, exc)
-                self._synced[path] = looks[path]
+                self._synced[path], self._synced_at[path] = looks[path], now
             self._previous = looks
             await asyncio.sleep(interval)
