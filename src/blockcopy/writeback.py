@@ -22,9 +22,11 @@ threshold, and QEMU's flush before ``ready`` the rest, while the guest's writes 
 
 Why ``fdatasync`` and not a call that only starts the write-out (2026-11-27, README, Benchmarks,
 "The destination's write-out"): ``posix_fadvise(DONTNEED)`` alone copied faster on libvirt's rig,
-but left the disk's own write cache to QEMU's flush before ``ready``, and the guest's largest gap
-before ``ready`` about doubled; with an ``fdatasync`` per 32 MiB in between, the gap in a same-run
-A/B was still above this one's.
+but the guest's largest gap before ``ready`` about doubled (QEMU's flush before ``ready`` then had
+the whole copy to make durable, the likely reason); with an ``fdatasync`` per 32 MiB in between the
+gap was no better than with this code in same-run A/Bs of six runs (which are noisy), the speed-up
+mostly went, and one stall run of that version found an acknowledged guest write missing on DEST,
+cause not known.
 """
 
 from __future__ import annotations
