@@ -265,7 +265,7 @@ class Driver:
                                               bandwidth=op.bandwidth)
             self._writeback = asyncio.create_task(self._writeback_files.run())
         elif copying and self._writeback_files is not None:
-            self._writeback_files.bandwidth = op.bandwidth  # (a speed change)
+            self._writeback_files.bandwidth = op.bandwidth  # (in step with the journaled speed)
         elif not copying:
             self._stop_writeback()
 

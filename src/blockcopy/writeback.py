@@ -14,11 +14,14 @@ to read), so a slow or idle copy costs no device flushes; and the files are look
 per ``threshold`` of growth, so a throttled copy costs few wake-ups (each is about 0.2 ms of CPU).
 A DEST written in place does not grow as the mirror fills it: a preallocated one
 (``--preallocation falloc``/``full``) or a reused one (``--reuse-external``). The driver names
-those; each is synced on each look after a write (its mtime moved) that did not grow it (a reused
-sparse file grows like a new one), and while one is written so, the files are looked at every
-``PREALLOCATED_INTERVAL``. Until 2026-11-27 blockcopy never synced such a
-file (or only as far as it grew): the kernel's flusher wrote it after 30 s or past its background
-threshold, and QEMU's flush before ``ready`` the rest, while the guest's writes waited.
+those; each is synced when a look finds it written (its mtime moved) without growth since the
+previous look, at most every :meth:`Writeback.in_place_gap` (``PREALLOCATED_INTERVAL``, or about one
+``threshold`` of copy at the job's speed limit), and while one is written so, the looks come by
+that gap. A reused sparse file is synced by its growth while the looks see it grow; a look in a
+pause of the copy may sync it as written in place, no more often than that gap. Until 2026-11-27
+blockcopy never synced such a file (or only as far as it grew): the kernel's flusher wrote it after
+30 s or past its background threshold, and QEMU's flush before ``ready`` the rest, while the
+guest's writes waited.
 
 Why ``fdatasync`` and not a call that only starts the write-out (2026-11-27, README, Benchmarks,
 "The destination's write-out"): ``posix_fadvise(DONTNEED)`` alone copied faster on libvirt's rig,
@@ -144,10 +147,17 @@ class Writeback:
             total = sum(found.allocated for found in looks.values())
             if last_total is not None:
                 interval = self.next_interval(interval, total - last_total, now - last_look)
+            gap, due = self.in_place_gap(), self.due(looks, now)
             if any(self.written_in_place(path, found) for path, found in looks.items()):
-                interval = min(interval, self.in_place_gap())
+                interval = min(interval, gap)
+            # a file written in place that is not due yet: look again when it is (the looks may be
+            # further apart than a long gap under a speed limit)
+            waiting = [self._synced_at.get(path, -gap) + gap - now for path, found in looks.items()
+                       if path not in due and self.written_in_place(path, found)]
+            if waiting:
+                interval = min(interval, max(self.interval, min(waiting)))
             last_total, last_look = total, now
-            for path in self.due(looks, now):
+            for path in due:
                 try:
                     await asyncio.to_thread(self.sync, path)
                 except OSError as exc:  # an optimisation only; QEMU reports real I/O errors
