@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from blockcopy import CopyRequest, Manager, driver
 from blockcopy.vm import DiskSpec, fill_pattern, make_image
@@ -246,12 +247,12 @@ def test_a_real_copy_syncs_its_destination_while_copying_and_stops_at_ready(vm_f
     assert all(at <= ready_seen for _, at in synced), "no writeback once the copy is ready"
 
 
-def test_a_real_copy_into_a_preallocated_destination_syncs_it_while_copying(vm_factory, tmp_path: Path,
-                                                                           monkeypatch) -> None:
+def _synced_while_copying(vm_factory, tmp_path: Path, monkeypatch, dest: Path,  # type: ignore[no-untyped-def]
+                          **request: Any) -> list[str]:
+    """The writeback's syncs of a real copy into ``dest`` at 32 MiB/s, until the copy is ready."""
     source = make_image(tmp_path / "source.qcow2", 64 * MIB)
     fill_pattern(source, "qcow2", 0x3C, 0, 48 * MIB)
     vm = vm_factory([DiskSpec("vda", str(source))])
-    dest = tmp_path / "dest.qcow2"
     synced: list[str] = []
 
     class Recording(Writeback):
@@ -264,13 +265,20 @@ def test_a_real_copy_into_a_preallocated_destination_syncs_it_while_copying(vm_f
         manager = Manager(tmp_path / "state")
         try:
             await manager.attach("vm", str(vm.qmp_socket))
-            op = await manager.copy(CopyRequest("vm", [("vda", str(dest))], bandwidth_mib=32,
-                                                preallocation="falloc"), until=driver.Until.READY)
+            op = await manager.copy(CopyRequest("vm", [("vda", str(dest))], bandwidth_mib=32, **request),
+                                    until=driver.Until.READY)
             assert op.ready_at is not None
         finally:
             manager.close()
 
     asyncio.run(scenario())
+    return synced
+
+
+def test_a_real_copy_into_a_preallocated_destination_syncs_it_while_copying(vm_factory, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    dest = tmp_path / "dest.qcow2"
+    synced = _synced_while_copying(vm_factory, tmp_path, monkeypatch, dest, preallocation="falloc")
     assert synced.count(str(dest)) >= 2, synced  # 1.5 s at 32 MiB/s, one per 4 MiB at that speed: about 5
 
 
@@ -279,30 +287,9 @@ def test_a_real_copy_into_a_reused_destination_syncs_it_while_copying(vm_factory
     """A reused DEST (here a fully written raw file, as an old copy would be) is synced while the
     mirror fills it. (QEMU may first punch a reused DEST's blocks away with zero writes, and then it
     grows again; the test does not tell that from a DEST filled in place.)"""
-    source = make_image(tmp_path / "source.qcow2", 64 * MIB)
-    fill_pattern(source, "qcow2", 0x3C, 0, 48 * MIB)
-    vm = vm_factory([DiskSpec("vda", str(source))])
     dest = tmp_path / "dest.raw"
     with open(dest, "wb") as f:
         for _ in range(64):
             f.write(b"\xee" * MIB)
-    synced: list[str] = []
-
-    class Recording(Writeback):
-        def __init__(self, paths, **kwargs) -> None:  # type: ignore[no-untyped-def]
-            super().__init__(paths, threshold=4 * MIB, sync=synced.append, **kwargs)
-
-    monkeypatch.setattr(driver, "Writeback", Recording)
-
-    async def scenario() -> None:
-        manager = Manager(tmp_path / "state")
-        try:
-            await manager.attach("vm", str(vm.qmp_socket))
-            op = await manager.copy(CopyRequest("vm", [("vda", str(dest))], bandwidth_mib=32, reuse_external=True,
-                                                format="raw"), until=driver.Until.READY)
-            assert op.ready_at is not None
-        finally:
-            manager.close()
-
-    asyncio.run(scenario())
+    synced = _synced_while_copying(vm_factory, tmp_path, monkeypatch, dest, reuse_external=True, format="raw")
     assert synced.count(str(dest)) >= 2, synced  # 2 s at 32 MiB/s, one per 4 MiB at that speed: about 6

@@ -169,7 +169,6 @@ class Driver:
         self.poll_interval = poll_interval
         self.transition_timeout = transition_timeout
         self._writeback: asyncio.Task[None] | None = None
-        self._writeback_files: Writeback | None = None
         self._sent_once = set() if sent_once is None else sent_once
         self._guarding = False  # this driver holds pivot_guard
         self._stopped = False  # the run was cancelled: a file step's thread that outlives it journals nothing
@@ -260,19 +259,17 @@ class Driver:
         """Sync the destinations from outside while the mirror fills them (see writeback.py)."""
         copying = op.phase is Phase.COPYING and op.ready_at is None
         if copying and self._writeback is None:
+            # (a speed change starts a new run of the driver, and with it a new writeback)
             in_place = [d.dest_path for d in op.disks if op.reuse_external or d.preallocation in ("falloc", "full")]
-            self._writeback_files = Writeback((d.dest_path for d in op.disks), in_place=in_place,
-                                              bandwidth=op.bandwidth)
-            self._writeback = asyncio.create_task(self._writeback_files.run())
-        elif copying and self._writeback_files is not None:
-            self._writeback_files.bandwidth = op.bandwidth  # (in step with the journaled speed)
+            files = Writeback((d.dest_path for d in op.disks), in_place=in_place, bandwidth=op.bandwidth)
+            self._writeback = asyncio.create_task(files.run())
         elif not copying:
             self._stop_writeback()
 
     def _stop_writeback(self) -> None:
         if self._writeback is not None:
             self._writeback.cancel()
-            self._writeback = self._writeback_files = None
+            self._writeback = None
 
     async def _observe_behind(self, running: asyncio.Future[Any], queued: asyncio.Future[None], op: Operation,
                               identical: tuple[bool, ...] | None

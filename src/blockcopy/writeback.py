@@ -93,7 +93,7 @@ class Writeback:
         self._failed: set[tuple[str, int | None]] = set()  # (path, errno) already logged
         #: the files written in place (preallocated or reused), which are synced after each write
         self.in_place = frozenset(in_place)
-        #: the copy's speed limit in bytes/s (0: none); the driver keeps it up to date
+        #: the copy's speed limit in bytes/s (0: none); a speed change starts a new Writeback
         self.bandwidth = bandwidth
         self._synced_at: dict[str, float] = {}  # loop time of each file's last sync
 
@@ -148,14 +148,12 @@ class Writeback:
             if last_total is not None:
                 interval = self.next_interval(interval, total - last_total, now - last_look)
             gap, due = self.in_place_gap(), self.due(looks, now)
-            if any(self.written_in_place(path, found) for path, found in looks.items()):
-                interval = min(interval, gap)
-            # a file written in place that is not due yet: look again when it is (the looks may be
-            # further apart than a long gap under a speed limit)
-            waiting = [self._synced_at.get(path, -gap) + gap - now for path, found in looks.items()
-                       if path not in due and self.written_in_place(path, found)]
-            if waiting:
-                interval = min(interval, max(self.interval, min(waiting)))
+            # while a file is written in place, look again by the gap after its sync now, or when it
+            # is due if not yet (the looks may be further apart than a long gap under a speed limit)
+            for path, found in looks.items():
+                if self.written_in_place(path, found):
+                    waited = now - self._synced_at.get(path, -gap)
+                    interval = min(interval, gap if path in due else max(self.interval, gap - waited), gap)
             last_total, last_look = total, now
             for path in due:
                 try:
