@@ -48,7 +48,13 @@ QEMU's STOP event to the journaled end in `status --log`, which follows the repl
 cleanup command, so a bound from above; the JSON also has blockcopy's stall up to QEMU's job-dismiss
 event, a bound from below); also the largest gap while copying (job created -> READY) and in the
 last second before READY. Same gap code (AckLog.max_gap) for both. Every acknowledged write is
-checked on DEST afterwards (VM paused).
+checked on DEST afterwards (VM paused). With --stall-floor, two more sides measure the floor of any
+pivot that pauses the guest, on the same VM: blockcopy copies and is killed right after it journals
+PIVOTING, then this script pivots with QEMU's least command sequence on blockcopy's socket, from
+one thread, commands that need not wait sent back to back (``bare-pause``: stop + job-complete,
+wait for pending, job-finalize + cont, job-dismiss), and the same with two fsynced SQLite commits
+where blockcopy makes its two (``bare-pause+journal``: ... pending, commit, job-finalize, commit,
+cont); see bare_pivot. Their window is QEMU's STOP to the job-dismiss reply; their "seconds" are not timed (0).
 
 libvirtd logs its monitor traffic (log_filters 1:qemu.qemu_monitor) in both modes: that is where
 its pivot window comes from. Writes bench/results/libvirt.json (one section per mode, `_quick` for
@@ -69,6 +75,7 @@ import queue
 import re
 import shutil
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -779,9 +786,155 @@ def blockcopy_pivot_window(state: Path, job: str, tap: EventTap) -> dict[str, An
             "pause_window_ms": status.get("pause_window_ms")}
 
 
+FLOOR_SIDES = ("bare-pause", "bare-pause+journal")
+
+
+class BareQMP:
+    """The least QMP client, for the floor sides: one thread, a blocking socket read through a
+    buffer, commands written back to back when they need not wait for each other (QEMU runs them
+    in order), events collected while replies are read."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        deadline = time.monotonic() + 30
+        while True:  # blockcopy's connection was just killed: QEMU frees the monitor on its next loop
+            try:
+                self.sock.connect(str(path))
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        self.sock.settimeout(60)
+        self.reader = self.sock.makefile("rb")
+        self.events: list[dict[str, Any]] = []
+        json.loads(self.reader.readline())  # greeting
+        self.execute("qmp_capabilities")
+
+    def send(self, name: str, arguments: dict[str, Any] | None = None) -> None:
+        msg: dict[str, Any] = {"execute": name}
+        if arguments:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def _next(self) -> dict[str, Any]:
+        line = self.reader.readline()
+        if not line:
+            raise RuntimeError("QEMU closed the QMP connection")
+        msg: dict[str, Any] = json.loads(line)
+        return msg
+
+    def reply(self) -> Any:
+        """The next reply (events before it are kept)."""
+        while True:
+            msg = self._next()
+            if "event" in msg:
+                self.events.append(msg)
+            elif "error" in msg:
+                raise RuntimeError(f"QMP: {msg['error']}")
+            else:
+                return msg.get("return")
+
+    def execute(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
+        self.send(name, arguments)
+        return self.reply()
+
+    def until(self, done: Callable[[list[dict[str, Any]]], bool]) -> None:
+        """Read events until ``done(events so far)``."""
+        while not done(self.events):
+            msg = self._next()
+            if "event" not in msg:
+                raise RuntimeError(f"unexpected reply {msg}")
+            self.events.append(msg)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def bare_pivot(vm: VM, state: Path, journal: bool) -> dict[str, Any]:
+    """The floor of a pivot that pauses the guest, for the ``bare-pause`` sides: QEMU's least
+    command sequence, sent by this script on blockcopy's QMP socket once blockcopy (killed right
+    after journaling PIVOTING: DEST reopened as the source's cache mode, every job ready, the guest
+    running) is gone. ``stop`` and every ``job-complete`` go out together; once every job is
+    ``pending``, every ``job-finalize`` and ``cont`` go out together; then ``job-dismiss``. Nothing
+    else: no observation, no fsync before ``stop``, no journal. With ``journal``, two commits of
+    an SQLite database in blockcopy's journal mode (WAL, synchronous=FULL, in the state directory,
+    the WAL emptied by a commit before ``stop``, as blockcopy's PIVOTING save does) go where
+    blockcopy's go: after every job is pending, and after the finalize replies and before ``cont``.
+    Window: QEMU's STOP to the ``job-dismiss`` reply, as blockcopy's ends after its cleanup replies."""
+    qmp = BareQMP(vm.extra["qmp"])
+    db = None
+    try:
+        jobs = [j["id"] for j in qmp.execute("query-jobs") if j["status"] == "ready"]
+        assert jobs, "no ready job left by blockcopy"
+
+        def device_node() -> str:
+            devices = [d for d in qmp.execute("query-block") if d.get("qdev", "").endswith(f"/{QDEV}/virtio-backend")]
+            return str(devices[0]["inserted"]["node-name"])
+
+        def commit(n: int) -> None:
+            if db is not None:
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("UPDATE t SET record = ? WHERE k = 1", (str(n % 10) * 2048,))
+                db.execute("COMMIT")
+
+        def all_pending(events: list[dict[str, Any]]) -> bool:
+            return {e["data"].get("id") for e in events if e["event"] == "JOB_STATUS_CHANGE"
+                    and e["data"].get("status") == "pending"} >= set(jobs)
+
+        source_node = device_node()
+        if journal:
+            db = sqlite3.connect(state / "floor.sqlite", isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, record TEXT)")
+            db.execute("INSERT INTO t VALUES (1, '')")
+            for n in range(4):
+                commit(n)
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            commit(5)  # PIVOTING's save: restarts the WAL, so that the pause's commits overwrite it
+        qmp.send("stop")
+        for job in jobs:
+            qmp.send("job-complete", {"id": job})
+        for _ in range(1 + len(jobs)):
+            qmp.reply()
+        qmp.until(all_pending)
+        commit(6)
+        for job in jobs:
+            qmp.send("job-finalize", {"id": job})
+        if not journal:
+            qmp.send("cont")
+        for _ in jobs:
+            qmp.reply()
+        if journal:
+            commit(7)
+            qmp.execute("cont")
+        else:
+            qmp.reply()
+        for job in jobs:
+            qmp.send("job-dismiss", {"id": job})
+        for _ in jobs:
+            qmp.reply()
+        end = time.time()
+        assert device_node() != source_node, "the device did not switch to DEST"
+    finally:
+        if db is not None:
+            db.close()
+        qmp.close()
+    stop = vm.tap.first("STOP")
+    assert stop is not None
+    deadline = time.monotonic() + 5
+    while (resume := vm.tap.first("RESUME", lambda e: e["qemu_at"] >= stop)) is None:  # the tap reads on its own
+        if time.monotonic() > deadline:
+            raise RuntimeError("no RESUME event on the passive monitor")
+        time.sleep(0.01)
+    return {"start": stop, "end": end, "resume": resume}
+
+
 def stall_run(rig: Rig, side: str, master: Path, guest: Guest, run_no: int) -> dict[str, Any]:
-    """One copy and pivot of the writer guest's disk by ``side``: "libvirt", "blockcopy", or
-    "blockcopy-SIZE" (blockcopy with --buf-size SIZE)."""
+    """One copy and pivot of the writer guest's disk by ``side``: "libvirt", "blockcopy",
+    "blockcopy-SIZE" (blockcopy with --buf-size SIZE), or one of FLOOR_SIDES (see bare_pivot)."""
     from blockcopy.guest.session import AckLog, verify
 
     side_dir = rig.lv if side == "libvirt" else rig.bc
@@ -807,12 +960,21 @@ def stall_run(rig: Rig, side: str, master: Path, guest: Guest, run_no: int) -> d
             cli = blockcopy_cli()
             run([*cli, "attach", DOMAIN, "--qmp", str(vm.extra["qmp"]), "--state-dir", str(state)])
             drop_caches()
-            extra = ["--buf-size", side.split("-", 1)[1]] if "-" in side else []
-            seconds, _s, _e, proc = timed([*cli, "copy", DOMAIN, QDEV, str(dest), "--pivot", "--json",
-                                           "--state-dir", str(state), *extra], dest)
-            op = json.loads(proc.stdout)
-            assert op["outcome"] == "pivoted", op
-            window = blockcopy_pivot_window(state, op["id"], vm.tap)
+            if side in FLOOR_SIDES:
+                # blockcopy copies and is killed once PIVOTING is journaled; this script pivots
+                killed = run([*cli, "copy", DOMAIN, QDEV, str(dest), "--pivot", "--json", "--state-dir", str(state)],
+                             check=False, env={**os.environ, "BLOCKCOPY_CRASH_AT": "journal:pivoting"})
+                assert killed.returncode == -9, (killed.returncode, killed.stderr)
+                seconds = 0.0
+                window = bare_pivot(vm, state, journal=side.endswith("+journal"))
+                window["pause_window_ms"] = round((window["resume"] - window["start"]) * 1000, 2)
+            else:
+                extra = ["--buf-size", side.split("-", 1)[1]] if "-" in side else []
+                seconds, _s, _e, proc = timed([*cli, "copy", DOMAIN, QDEV, str(dest), "--pivot", "--json",
+                                               "--state-dir", str(state), *extra], dest)
+                op = json.loads(proc.stdout)
+                assert op["outcome"] == "pivoted", op
+                window = blockcopy_pivot_window(state, op["id"], vm.tap)
         time.sleep(1.0)  # the guest writes on, on DEST
         vm.pause()
         time.sleep(0.2)
@@ -874,7 +1036,8 @@ def bench_stall(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
     print(f"guest on {accel}, {GUEST_MIB} MiB disk, writer 4 KiB O_DIRECT every 2 ms")
     print_command_lines(rig)
     runs = []
-    sides = ["libvirt", "blockcopy", *(f"blockcopy-{size}" for size in args.stall_alt_buf)]
+    sides = ["libvirt", "blockcopy", *(f"blockcopy-{size}" for size in args.stall_alt_buf),
+             *(FLOOR_SIDES if args.stall_floor else ())]
     for n in range(args.reps):
         for side in (sides if n % 2 == 0 else sides[::-1]):
             try:
@@ -939,6 +1102,9 @@ def main(argv: list[str] | None = None) -> int:
                         "('default': blockcopy's default buffer; default: none)")
     parser.add_argument("--stall-alt-buf", nargs="*", default=[], metavar="SIZE",
                         help="stall: extra blockcopy runs with these --buf-size values (default: none)")
+    parser.add_argument("--stall-floor", action="store_true",
+                        help="stall: also the floor of a pausing pivot, bare QMP with and without two journal "
+                        "commits (the bare-pause sides)")
     parser.add_argument("--section", metavar="NAME", help="the JSON section to write (default: the mode's, "
                         "with _quick for --quick), so that a run with other columns keeps the others")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),

@@ -10,6 +10,9 @@ another one served by `blockcopy serve` (same install). Per rep, with the page c
 
   embedded   with --no-daemon: exec -> its own first QMP command (qmp_capabilities on its connection);
   daemon     through the daemon's socket: exec -> the daemon's first QMP command after the exec.
+  floor      the floor of any CLI of this design: the same venv's python imports only what a
+             command cannot start without (``qemu.qmp``, hence asyncio; ``sqlite3`` for the journal),
+             connects to the QMP socket and sends ``qmp_capabilities`` (FLOOR below): exec -> that.
 
 QMP commands are seen with `strace --seccomp-bpf -f -ttt` on the sending process (the CLI started
 under it, or the running daemon attached with -p), tracing only sendto/sendmsg/write (the other
@@ -34,11 +37,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from libvirt_rig import blockcopy_cli, code_version, drop_caches
+from libvirt_rig import USER_VENV, blockcopy_cli, code_version, drop_caches
 
 from blockcopy.vm import DiskSpec, ScratchVM, make_image, pick_accel
 
 RESULTS = Path(__file__).with_name("results")
+#: the "floor" side's program: what every command must import, then one QMP command (argv[1]: the socket)
+FLOOR = ("import socket, sqlite3, sys\nimport qemu.qmp\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n"
+         "s.recv(65536)\ns.sendall(b'{\"execute\": \"qmp_capabilities\"}\\n')\ns.recv(65536)\n")
 STRACE = ["strace", "--seccomp-bpf", "-f", "-ttt", "-e", "trace=sendto,sendmsg,write", "-s", "64"]
 
 
@@ -68,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("run as root (drop_caches)")
     cli = blockcopy_cli()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    results: dict[str, list[float]] = {"embedded cold": [], "embedded warm": [], "daemon cold": [], "daemon warm": []}
+    results: dict[str, list[float]] = {f"{side} {temperature}": [] for side in ("embedded", "daemon", "floor")
+                                       for temperature in ("cold", "warm")}
     with tempfile.TemporaryDirectory(prefix="bc-startup-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         vm = ScratchVM(work, [DiskSpec("vda", str(make_image(work / "src.qcow2", 64 << 20)))], accel=pick_accel())
@@ -81,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             deadline = time.monotonic() + 30
             while not (served / "run" / "blockcopy.sock").exists():
                 if daemon.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the daemon did not start: {daemon.stderr.read() if daemon.stderr else ''}")
+                    said = daemon.stderr.read().decode(errors="replace") if daemon.stderr else ""
+                    raise RuntimeError(f"the daemon did not start: {said}")
                 time.sleep(0.05)
             run_cli(cli, "attach", "vm", "--qmp", str(vm.qmp_socket), "--state-dir", str(embedded), "--no-daemon",
                     env=env)
@@ -92,14 +100,16 @@ def main(argv: list[str] | None = None) -> int:
                 run_cli(cli, "attach", "vm2", "--qmp", str(vm2.qmp_socket), "--state-dir", str(served), env=env)
                 for rep in range(args.reps):
                     for temperature in ("cold", "warm"):
-                        for side in ("embedded", "daemon"):
+                        for side in ("embedded", "daemon", "floor"):
                             state = embedded if side == "embedded" else served
                             domain = "vm" if side == "embedded" else "vm2"
                             extra = ["--no-daemon"] if side == "embedded" else []
                             trace = work / f"{side}-{rep}-{temperature}.trace"
                             dest = work / f"{side}-{rep}-{temperature}.qcow2"
                             argv = [*cli, "copy", domain, "vda", str(dest), "--state-dir", str(state), "--json", *extra]
-                            if side == "embedded":
+                            if side == "floor":
+                                argv = [str(USER_VENV / "bin" / "python"), "-c", FLOOR, str(vm.qmp_socket)]
+                            if side != "daemon":
                                 argv = [*STRACE, "-o", str(trace), *argv]
                             if temperature == "cold":
                                 drop_caches()
@@ -108,12 +118,13 @@ def main(argv: list[str] | None = None) -> int:
                                                   check=False)
                             if proc.returncode != 0:
                                 raise RuntimeError(f"copy ({side}): {proc.stderr.strip()}")
-                            job = json.loads(proc.stdout)["id"]
-                            seen = first_qmp_command(trace if side == "embedded" else work / "daemon.trace", started)
+                            seen = first_qmp_command(trace if side != "daemon" else work / "daemon.trace", started)
                             if seen is None:
                                 raise RuntimeError(f"no QMP command seen ({side})")
                             results[f"{side} {temperature}"].append(round((seen - started) * 1000, 1))
-                            run_cli(cli, "abort", job, "--state-dir", str(state), *extra, env=env)
+                            if side != "floor":
+                                run_cli(cli, "abort", json.loads(proc.stdout)["id"], "--state-dir", str(state),
+                                        *extra, env=env)
                             dest.unlink(missing_ok=True)
                     print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]} ms" for k, v in results.items()), flush=True)
             finally:
