@@ -786,30 +786,36 @@ def blockcopy_pivot_window(state: Path, job: str, tap: EventTap) -> dict[str, An
             "pause_window_ms": status.get("pause_window_ms")}
 
 
-FLOOR_SIDES = ("bare-pause", "bare-pause+journal")
+#: The floor sides (see bare_pivot): QEMU's least pausing pivot; with blockcopy's two fsynced commits;
+#: and with blockcopy's observations inside the pause too (its QMP traffic, without its client stack).
+FLOOR_SIDES = ("bare-pause", "bare-pause+journal", "bare-pause+journal+queries")
 
 
 class BareQMP:
     """The least QMP client, for the floor sides: one thread, a blocking socket read through a
     buffer, commands written back to back when they need not wait for each other (QEMU runs them
-    in order), events collected while replies are read."""
+    in order and answers in order), events collected while replies are read."""
 
     def __init__(self, path: Path) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
-        deadline = time.monotonic() + 30
-        while True:  # blockcopy's connection was just killed: QEMU frees the monitor on its next loop
-            try:
-                self.sock.connect(str(path))
-                break
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-        self.sock.settimeout(60)
-        self.reader = self.sock.makefile("rb")
-        self.events: list[dict[str, Any]] = []
-        json.loads(self.reader.readline())  # greeting
-        self.execute("qmp_capabilities")
+        try:
+            deadline = time.monotonic() + 30
+            while True:  # blockcopy's connection was just killed: QEMU frees the monitor on its next loop
+                try:
+                    self.sock.connect(str(path))
+                    break
+                except ConnectionRefusedError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+            self.sock.settimeout(60)
+            self.reader = self.sock.makefile("rb")
+            self.events: list[dict[str, Any]] = []
+            json.loads(self.reader.readline())  # greeting
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self.sock.close()
+            raise
 
     def send(self, name: str, arguments: dict[str, Any] | None = None) -> None:
         msg: dict[str, Any] = {"execute": name}
@@ -852,26 +858,58 @@ class BareQMP:
         self.sock.close()
 
 
-def bare_pivot(vm: VM, state: Path, journal: bool) -> dict[str, Any]:
-    """The floor of a pivot that pauses the guest, for the ``bare-pause`` sides: QEMU's least
-    command sequence, sent by this script on blockcopy's QMP socket once blockcopy (killed right
-    after journaling PIVOTING: DEST reopened as the source's cache mode, every job ready, the guest
-    running) is gone. ``stop`` and every ``job-complete`` go out together; once every job is
-    ``pending``, every ``job-finalize`` and ``cont`` go out together; then ``job-dismiss``. Nothing
-    else: no observation, no fsync before ``stop``, no journal. With ``journal``, two commits of
-    an SQLite database in blockcopy's journal mode (WAL, synchronous=FULL, in the state directory,
-    the WAL emptied by a commit before ``stop``, as blockcopy's PIVOTING save does) go where
-    blockcopy's go: after every job is pending, and after the finalize replies and before ``cont``.
+def _device_node(block: list[dict[str, Any]]) -> str:
+    devices = [d for d in block if d.get("qdev", "").endswith(f"/{QDEV}/virtio-backend")]
+    if not devices:
+        raise RuntimeError(f"no device {QDEV} in query-block")
+    return str(devices[0]["inserted"]["node-name"])
+
+
+def _wait_event(vm: VM, name: str, after: float | None = None) -> float:
+    """QEMU's time of the first ``name`` event (after ``after``) on the passive monitor, which its
+    own thread reads: waited for, briefly."""
+    deadline = time.monotonic() + 5
+    while (at := vm.tap.first(name, lambda e: after is None or e["qemu_at"] >= after)) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {name} event on the passive monitor")
+        time.sleep(0.01)
+    return at
+
+
+def bare_pivot(vm: VM, state: Path, side: str, images: list[Path]) -> dict[str, Any]:
+    """The floor of a pivot that pauses the guest, for the FLOOR_SIDES, on the VM state blockcopy
+    leaves when it is killed right after journaling PIVOTING (DEST reopened with the source's cache
+    mode, every job ready, the guest running), over blockcopy's QMP socket. Before ``stop``, as
+    blockcopy does: the image files are fsynced (``images``), and an SQLite database in blockcopy's
+    journal mode (WAL, synchronous=FULL, in the state directory; made for every side, so that
+    each does the same before ``stop``) gets a commit after a checkpoint, as blockcopy's PIVOTING
+    save empties the WAL so that the pause's commits overwrite it.
+
+    ``bare-pause``: ``stop`` and every ``job-complete`` written together; once every job is
+    ``pending``, every ``job-finalize`` and ``cont`` together; then ``job-dismiss``. No journal,
+    no observation: QEMU's least command sequence.
+
+    ``bare-pause+journal``: the same with a commit once every job is pending and another after the
+    finalize replies, before ``cont`` (where blockcopy makes its two). Each commit writes one small
+    row; blockcopy's saves also write a step and an event row, so these fsyncs are a little lighter.
+
+    ``bare-pause+journal+queries``: that, plus the observations blockcopy makes inside the pause,
+    sent where it sends them: ``query-status``, ``query-jobs`` and ``query-block`` behind the
+    job-completes (and again after the ``pending`` events when that answer came too early), and
+    ``query-jobs`` and ``query-block`` behind the job-finalizes, whose answer (the device on DEST)
+    comes before the second commit. blockcopy's QMP traffic in the pause, without its client stack
+    (asyncio, ``qemu.qmp``), its decisions and its records' encoding.
+
     Window: QEMU's STOP to the ``job-dismiss`` reply, as blockcopy's ends after its cleanup replies."""
+    journal = "+journal" in side
+    queries = side.endswith("+queries")
     qmp = BareQMP(vm.extra["qmp"])
     db = None
     try:
         jobs = [j["id"] for j in qmp.execute("query-jobs") if j["status"] == "ready"]
-        assert jobs, "no ready job left by blockcopy"
-
-        def device_node() -> str:
-            devices = [d for d in qmp.execute("query-block") if d.get("qdev", "").endswith(f"/{QDEV}/virtio-backend")]
-            return str(devices[0]["inserted"]["node-name"])
+        if not jobs:
+            raise RuntimeError("no ready job left by blockcopy")
+        source_node = _device_node(qmp.execute("query-block"))
 
         def commit(n: int) -> None:
             if db is not None:
@@ -883,53 +921,66 @@ def bare_pivot(vm: VM, state: Path, journal: bool) -> dict[str, Any]:
             return {e["data"].get("id") for e in events if e["event"] == "JOB_STATUS_CHANGE"
                     and e["data"].get("status") == "pending"} >= set(jobs)
 
-        source_node = device_node()
-        if journal:
-            db = sqlite3.connect(state / "floor.sqlite", isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, record TEXT)")
-            db.execute("INSERT INTO t VALUES (1, '')")
-            for n in range(4):
-                commit(n)
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            commit(5)  # PIVOTING's save: restarts the WAL, so that the pause's commits overwrite it
+        def observe(names: tuple[str, ...]) -> list[Any]:
+            for name in names:
+                qmp.send(name)
+            return [qmp.reply() for _ in names]
+
+        db = sqlite3.connect(state / "floor.sqlite", isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, record TEXT)")
+        db.execute("INSERT INTO t VALUES (1, '')")
+        for n in range(4):
+            commit(n)
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        commit(5)  # PIVOTING's save: restarts the WAL, so that the pause's commits overwrite it
+        if not journal:
+            db.close()
+            db = None
+        for image in images:  # blockcopy's sync-images before its stop
+            fsync_path(image)
+        pivot_queries = ("query-status", "query-jobs", "query-block")
         qmp.send("stop")
         for job in jobs:
             qmp.send("job-complete", {"id": job})
-        for _ in range(1 + len(jobs)):
-            qmp.reply()
-        qmp.until(all_pending)
+        for name in pivot_queries if queries else ():
+            qmp.send(name)
+        answers = [qmp.reply() for _ in range(1 + len(jobs) + (len(pivot_queries) if queries else 0))]
+        if queries:
+            statuses = {j["id"]: j["status"] for j in answers[-2]}
+            if not all(statuses.get(job) == "pending" for job in jobs):  # too early: QEMU's next events
+                qmp.until(all_pending)
+                observe(pivot_queries)
+        else:
+            qmp.until(all_pending)
         commit(6)
         for job in jobs:
             qmp.send("job-finalize", {"id": job})
+        if queries:
+            for name in ("query-jobs", "query-block"):
+                qmp.send(name)
         if not journal:
             qmp.send("cont")
-        for _ in jobs:
-            qmp.reply()
+        answers = [qmp.reply() for _ in range(len(jobs) + (2 if queries else 0) + (0 if journal else 1))]
+        if queries and _device_node(answers[-1]) == source_node:
+            raise RuntimeError("the device did not switch to DEST")
         if journal:
             commit(7)
             qmp.execute("cont")
-        else:
-            qmp.reply()
         for job in jobs:
             qmp.send("job-dismiss", {"id": job})
         for _ in jobs:
             qmp.reply()
         end = time.time()
-        assert device_node() != source_node, "the device did not switch to DEST"
+        if _device_node(qmp.execute("query-block")) == source_node:
+            raise RuntimeError("the device did not switch to DEST")
     finally:
         if db is not None:
             db.close()
         qmp.close()
-    stop = vm.tap.first("STOP")
-    assert stop is not None
-    deadline = time.monotonic() + 5
-    while (resume := vm.tap.first("RESUME", lambda e: e["qemu_at"] >= stop)) is None:  # the tap reads on its own
-        if time.monotonic() > deadline:
-            raise RuntimeError("no RESUME event on the passive monitor")
-        time.sleep(0.01)
-    return {"start": stop, "end": end, "resume": resume}
+    stop = _wait_event(vm, "STOP")
+    return {"start": stop, "end": end, "resume": _wait_event(vm, "RESUME", after=stop)}
 
 
 def stall_run(rig: Rig, side: str, master: Path, guest: Guest, run_no: int) -> dict[str, Any]:
@@ -966,7 +1017,7 @@ def stall_run(rig: Rig, side: str, master: Path, guest: Guest, run_no: int) -> d
                              check=False, env={**os.environ, "BLOCKCOPY_CRASH_AT": "journal:pivoting"})
                 assert killed.returncode == -9, (killed.returncode, killed.stderr)
                 seconds = 0.0
-                window = bare_pivot(vm, state, journal=side.endswith("+journal"))
+                window = bare_pivot(vm, state, side, [source, dest])
                 window["pause_window_ms"] = round((window["resume"] - window["start"]) * 1000, 2)
             else:
                 extra = ["--buf-size", side.split("-", 1)[1]] if "-" in side else []
@@ -1042,7 +1093,8 @@ def bench_stall(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
         for side in (sides if n % 2 == 0 else sides[::-1]):
             try:
                 row = stall_run(rig, side, master, guest, n)
-            except (RuntimeError, AssertionError, TimeoutError, subprocess.CalledProcessError) as exc:
+            except (RuntimeError, AssertionError, TimeoutError, subprocess.CalledProcessError, OSError, sqlite3.Error,
+                    ValueError, LookupError) as exc:
                 runs.append({"tool": side, "run": n, "error": str(exc)})  # recorded, not fatal
                 print(f"  run {n} {side:>13}: FAILED {exc}", flush=True)
                 continue

@@ -10,9 +10,14 @@ another one served by `blockcopy serve` (same install). Per rep, with the page c
 
   embedded   with --no-daemon: exec -> its own first QMP command (qmp_capabilities on its connection);
   daemon     through the daemon's socket: exec -> the daemon's first QMP command after the exec.
-  floor      the floor of any CLI of this design: the same venv's python imports only what a
-             command cannot start without (``qemu.qmp``, hence asyncio; ``sqlite3`` for the journal),
-             connects to the QMP socket and sends ``qmp_capabilities`` (FLOOR below): exec -> that.
+  floor      a floor for any command that talks QMP itself: the same venv's python imports only
+             what a command cannot start without (``qemu.qmp``, hence asyncio; ``sqlite3`` for the
+             journal), connects to the QMP socket and sends ``qmp_capabilities`` (FLOOR below; no
+             event loop, no journal read): exec -> that, under strace as "embedded" is;
+  floor-self the same program without strace, timed by itself (the wall time it prints just
+             before it sends): what strace adds to the floor.
+
+The sides run in an order rotated by one each rep.
 
 QMP commands are seen with `strace --seccomp-bpf -f -ttt` on the sending process (the CLI started
 under it, or the running daemon attached with -p), tracing only sendto/sendmsg/write (the other
@@ -43,8 +48,17 @@ from blockcopy.vm import DiskSpec, ScratchVM, make_image, pick_accel
 
 RESULTS = Path(__file__).with_name("results")
 #: the "floor" side's program: what every command must import, then one QMP command (argv[1]: the socket)
-FLOOR = ("import socket, sqlite3, sys\nimport qemu.qmp\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n"
-         "s.recv(65536)\ns.sendall(b'{\"execute\": \"qmp_capabilities\"}\\n')\ns.recv(65536)\n")
+FLOOR = """
+import socket, sqlite3, sys, time
+import qemu.qmp
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.recv(65536)
+print(repr(time.time()))
+s.sendall(b'{"execute": "qmp_capabilities"}\\n')
+s.recv(65536)
+"""
+SIDES = ("embedded", "daemon", "floor", "floor-self")
 STRACE = ["strace", "--seccomp-bpf", "-f", "-ttt", "-e", "trace=sendto,sendmsg,write", "-s", "64"]
 
 
@@ -74,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("run as root (drop_caches)")
     cli = blockcopy_cli()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    results: dict[str, list[float]] = {f"{side} {temperature}": [] for side in ("embedded", "daemon", "floor")
+    results: dict[str, list[float]] = {f"{side} {temperature}": [] for side in SIDES
                                        for temperature in ("cold", "warm")}
     with tempfile.TemporaryDirectory(prefix="bc-startup-", dir="/var/tmp") as tmp:
         work = Path(tmp)
@@ -100,16 +114,16 @@ def main(argv: list[str] | None = None) -> int:
                 run_cli(cli, "attach", "vm2", "--qmp", str(vm2.qmp_socket), "--state-dir", str(served), env=env)
                 for rep in range(args.reps):
                     for temperature in ("cold", "warm"):
-                        for side in ("embedded", "daemon", "floor"):
+                        for side in SIDES[rep % len(SIDES):] + SIDES[:rep % len(SIDES)]:
                             state = embedded if side == "embedded" else served
                             domain = "vm" if side == "embedded" else "vm2"
                             extra = ["--no-daemon"] if side == "embedded" else []
                             trace = work / f"{side}-{rep}-{temperature}.trace"
                             dest = work / f"{side}-{rep}-{temperature}.qcow2"
                             argv = [*cli, "copy", domain, "vda", str(dest), "--state-dir", str(state), "--json", *extra]
-                            if side == "floor":
+                            if side.startswith("floor"):
                                 argv = [str(USER_VENV / "bin" / "python"), "-c", FLOOR, str(vm.qmp_socket)]
-                            if side != "daemon":
+                            if side in ("embedded", "floor"):
                                 argv = [*STRACE, "-o", str(trace), *argv]
                             if temperature == "cold":
                                 drop_caches()
@@ -118,11 +132,15 @@ def main(argv: list[str] | None = None) -> int:
                                                   check=False)
                             if proc.returncode != 0:
                                 raise RuntimeError(f"copy ({side}): {proc.stderr.strip()}")
-                            seen = first_qmp_command(trace if side != "daemon" else work / "daemon.trace", started)
+                            if side == "floor-self":
+                                seen: float | None = float(proc.stdout.strip())
+                            else:
+                                seen = first_qmp_command(trace if side != "daemon" else work / "daemon.trace",
+                                                         started)
                             if seen is None:
                                 raise RuntimeError(f"no QMP command seen ({side})")
                             results[f"{side} {temperature}"].append(round((seen - started) * 1000, 1))
-                            if side != "floor":
+                            if not side.startswith("floor"):
                                 run_cli(cli, "abort", json.loads(proc.stdout)["id"], "--state-dir", str(state),
                                         *extra, env=env)
                             dest.unlink(missing_ok=True)
