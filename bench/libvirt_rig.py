@@ -814,6 +814,8 @@ class BareQMP:
             json.loads(self.reader.readline())  # greeting
             self.execute("qmp_capabilities")
         except BaseException:
+            if hasattr(self, "reader"):
+                self.reader.close()  # (the socket's descriptor stays open while its file object is)
             self.sock.close()
             raise
 
@@ -893,8 +895,10 @@ def bare_pivot(vm: VM, state: Path, side: str, images: list[Path]) -> dict[str, 
     finalize replies, before ``cont`` (where blockcopy makes its two). Each commit writes one small
     row; blockcopy's saves also write a step and an event row, so these fsyncs are a little lighter.
 
-    ``bare-pause+journal+queries``: that, plus the observations blockcopy makes inside the pause,
-    sent where it sends them: ``query-status``, ``query-jobs`` and ``query-block`` behind the
+    ``bare-pause+journal+queries``: that, plus the observations blockcopy makes inside the pause
+    for one disk, sent where it sends them (with several jobs blockcopy may observe once more per
+    job turning ``pending``; and it sends the job-completes only after ``stop``'s answer, which no
+    floor side reproduces): ``query-status``, ``query-jobs`` and ``query-block`` behind the
     job-completes (and again after the ``pending`` events when that answer came too early), and
     ``query-jobs`` and ``query-block`` behind the job-finalizes, whose answer (the device on DEST)
     comes before the second commit. blockcopy's QMP traffic in the pause, without its client stack
@@ -1109,9 +1113,13 @@ def bench_stall(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
     print(f"\n{'tool':>13} " + " ".join(f"{k:>16}" for k in keys) + "   (medians; max in brackets)")
     for side in sides:
         rows = [r for r in runs if r["tool"] == side and "error" not in r]
+        failed = sum(1 for r in runs if r["tool"] == side and "error" in r)
+        if failed:
+            print(f"{side:>13}: {failed} run(s) FAILED (see the JSON's errors)")
         if not rows:
             continue
         summary[side] = {k: {"median": _median([r[k] for r in rows]), "max": max(r[k] for r in rows)} for k in keys}
+        summary[side]["failed_runs"] = failed
         lower = [r["pivot_stall_to_dismiss_ms"] for r in rows if r.get("pivot_stall_to_dismiss_ms") is not None]
         if lower:
             summary[side]["pivot_stall_to_dismiss_ms"] = {"median": _median(lower), "max": max(lower)}
