@@ -157,6 +157,23 @@ def wait_for_path(path: Path, timeout: float = 30.0, alive: Callable[[], bool] |
         time.sleep(0.01)
 
 
+def connect_unix(path: Path, timeout: float = 30.0) -> socket.socket:
+    """A connected AF_UNIX socket to ``path``, retried while it refuses: a QMP socket file exists
+    from QEMU's bind(), connections work from its listen(), and a monitor whose client was just
+    killed is free again only on QEMU's next loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.connect(str(path))
+            return sock
+        except ConnectionRefusedError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def wait_until_idle(pid: int, timeout: float = 30.0) -> float:
     """Wait until QEMU ``pid`` used less than a tenth of a core in each of two consecutive 0.5 s
     windows; the seconds waited.
@@ -309,17 +326,7 @@ class EventTap:
 
     def __init__(self, path: Path, alive: Callable[[], bool] | None = None) -> None:
         wait_for_path(path, alive=alive)
-        deadline = time.monotonic() + 30
-        while True:  # the socket file exists from QEMU's bind(), connections work from its listen()
-            self.sock = socket.socket(socket.AF_UNIX)
-            try:
-                self.sock.connect(str(path))
-                break
-            except ConnectionRefusedError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        self.sock = connect_unix(path)
         self.stream = self.sock.makefile("rwb", buffering=0)
         self.events: list[dict[str, Any]] = []
         self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -797,17 +804,8 @@ class BareQMP:
     in order and answers in order), events collected while replies are read."""
 
     def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock = connect_unix(path)  # (blockcopy's connection was just killed)
         try:
-            deadline = time.monotonic() + 30
-            while True:  # blockcopy's connection was just killed: QEMU frees the monitor on its next loop
-                try:
-                    self.sock.connect(str(path))
-                    break
-                except ConnectionRefusedError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.01)
             self.sock.settimeout(60)
             self.reader = self.sock.makefile("rb")
             self.events: list[dict[str, Any]] = []

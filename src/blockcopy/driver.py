@@ -739,7 +739,7 @@ def fsync_image(path: str) -> None:
     """fsync an image file or block device: the kernel writes its dirty pages, whoever wrote them
     (QEMU). Opened without following a symlink and without blocking (a FIFO swapped in would block
     an open for reading); anything but a regular file or block device is refused."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    fd = images.open_to_sync(path)
     try:
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):

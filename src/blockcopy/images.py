@@ -95,6 +95,16 @@ def open_identified(path: str, identity: tuple[int, int]) -> int:
     return fd
 
 
+def open_to_sync(path: str) -> int:
+    """A read-only descriptor of ``path`` for an fsync: never through a symlink, and never blocking
+    on a FIFO swapped in for an image (an open for reading would wait for a writer). The caller
+    checks the file type on the descriptor and closes it.
+
+    :raise OSError: as ``os.open``.
+    """
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+
+
 def locked_by(path: str, fmt: str) -> str | None:
     """Why an image is in use by another process (a QEMU holding its image locks), or None."""
     proc = _run([QEMU_IMG, "info", "--output=json", "-f", fmt, path])

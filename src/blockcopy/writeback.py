@@ -41,6 +41,8 @@ import stat
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+from blockcopy.images import open_to_sync
+
 log = logging.getLogger(__name__)
 
 INTERVAL = 0.02  # seconds between looks at the files while they grow fast
@@ -53,8 +55,8 @@ PREALLOCATED_INTERVAL = 0.1
 
 
 def fdatasync_path(path: str) -> None:
-    # Never through a symlink, never blocking on a FIFO swapped in for DEST.
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    """fdatasync ``path`` if it is a regular file (see :func:`images.open_to_sync`)."""
+    fd = open_to_sync(path)
     try:
         if stat.S_ISREG(os.fstat(fd).st_mode):
             os.fdatasync(fd)
@@ -91,7 +93,7 @@ class Writeback:
         self._synced: dict[str, Look] = {}  # each file as it was at its last sync (in place: or first seen)
         self._previous: dict[str, Look] = {}  # each file at the previous look
         self._failed: set[tuple[str, int | None]] = set()  # (path, errno) already logged
-        #: the files written in place (preallocated or reused), which are synced after each write
+        #: the files written in place (preallocated or reused): synced when written, at most every in_place_gap()
         self.in_place = frozenset(in_place)
         #: the copy's speed limit in bytes/s (0: none); a speed change starts a new Writeback
         self.bandwidth = bandwidth
