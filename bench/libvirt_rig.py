@@ -1,7 +1,8 @@
 """blockcopy vs libvirt's `virsh blockcopy` on libvirt's own rig, in one run, interleaved (issue 11).
 
     .venv/bin/python bench/libvirt_rig.py [throughput|stall|all] [--reps N] [--quick] [--alt-buf SIZE...]
-        [--daemon-buf SIZE|default...] [--stall-alt-buf SIZE...] [--section NAME] [--workdir DIR]
+        [--daemon-buf SIZE|default...] [--stall-alt-buf SIZE...] [--page-cache-fill] [--section NAME]
+        [--workdir DIR]
 
 Not part of `make test`: it installs Debian's libvirt if missing (apt-get), starts libvirtd itself
 (no systemd here) in a private mount namespace whose /etc/libvirt/qemu.conf is this benchmark's own
@@ -26,6 +27,8 @@ throughput: per rep, in a rotating order, each tool after `sync; echo 3 > drop_c
               --state-dir, `attach` done before and not timed; it creates DEST itself)
   blockcopy-SIZE  the same with --buf-size SIZE, for each --alt-buf (default 16M, QEMU's and
                  libvirt's buffer, and 1M): what the default buffer trades
+  blockcopy-pcf  with --page-cache-fill (the option's column, throughput and stall): DEST filled
+                 through the page cache, reopened O_DIRECT once ready (the default until 2026-11-27)
   blockcopy-daemon[-SIZE]  for each --daemon-buf (default none; "default" for the default buffer):
               the same command through `blockcopy serve` (a daemon of the same install, started
               with the VM and attached through it before the page cache is dropped, as a resident
@@ -656,8 +659,19 @@ def tool_command(argv: list[str], dest: Path) -> dict[str, Any]:
     return {"seconds": seconds, "start": start, "dest": dest}
 
 
+PAGE_CACHE_FILL_SIDE = "blockcopy-pcf"
+
+
+def side_args(side: str) -> list[str]:
+    """The CLI options of a blockcopy column: "blockcopy", "blockcopy-SIZE" (--buf-size SIZE) or
+    PAGE_CACHE_FILL_SIDE (--page-cache-fill)."""
+    if side == PAGE_CACHE_FILL_SIDE:
+        return ["--page-cache-fill"]
+    return ["--buf-size", side.split("-", 1)[1]] if "-" in side else []
+
+
 def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, alt_bufs: list[str],
-                    daemon_bufs: list[str]) -> dict[str, Any]:
+                    daemon_bufs: list[str], page_cache_fill: bool = False) -> dict[str, Any]:
     master = rig.work / "source.qcow2"
     make_source(master, size_mib, sparse)
     for side in (rig.lv, rig.bc):  # the disk of each VM, a copy of the same image
@@ -672,6 +686,8 @@ def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, alt_bufs: 
     }
     for size in alt_bufs:
         tools[f"blockcopy-{size}"] = functools.partial(tool_blockcopy, rig, ["--buf-size", size])
+    if page_cache_fill:
+        tools[PAGE_CACHE_FILL_SIDE] = functools.partial(tool_blockcopy, rig, side_args(PAGE_CACHE_FILL_SIDE))
     for size in daemon_bufs:
         name, extra = ("blockcopy-daemon", []) if size == "default" else (f"blockcopy-daemon-{size}",
                                                                           ["--buf-size", size])
@@ -765,7 +781,8 @@ def bench_throughput(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
     probe_command_lines(rig, probe, None)
     probe.unlink()
     print_command_lines(rig)
-    results = [throughput_case(rig, size, sparse, args.reps, args.alt_buf, args.daemon_buf) for size, sparse in cases]
+    results = [throughput_case(rig, size, sparse, args.reps, args.alt_buf, args.daemon_buf, args.page_cache_fill)
+               for size, sparse in cases]
     print_throughput(results)
     return {"libvirt_command_line": rig.libvirt_args, "standalone_command_line": rig.standalone,
             "removed_from_libvirt_command_line": rig.removed, "accel": rig.accel, "reps": args.reps,
@@ -1022,7 +1039,7 @@ def stall_run(rig: Rig, side: str, master: Path, guest: Guest, run_no: int) -> d
                 window = bare_pivot(vm, state, side, [source, dest])
                 window["pause_window_ms"] = round((window["resume"] - window["start"]) * 1000, 2)
             else:
-                extra = ["--buf-size", side.split("-", 1)[1]] if "-" in side else []
+                extra = side_args(side)
                 seconds, _s, _e, proc = timed([*cli, "copy", DOMAIN, QDEV, str(dest), "--pivot", "--json",
                                                "--state-dir", str(state), *extra], dest)
                 op = json.loads(proc.stdout)
@@ -1090,6 +1107,7 @@ def bench_stall(rig: Rig, args: argparse.Namespace) -> dict[str, Any]:
     print_command_lines(rig)
     runs = []
     sides = ["libvirt", "blockcopy", *(f"blockcopy-{size}" for size in args.stall_alt_buf),
+             *([PAGE_CACHE_FILL_SIDE] if args.page_cache_fill else []),
              *(FLOOR_SIDES if args.stall_floor else ())]
     for n in range(args.reps):
         for side in (sides if n % 2 == 0 else sides[::-1]):
@@ -1160,6 +1178,8 @@ def main(argv: list[str] | None = None) -> int:
                         "('default': blockcopy's default buffer; default: none)")
     parser.add_argument("--stall-alt-buf", nargs="*", default=[], metavar="SIZE",
                         help="stall: extra blockcopy runs with these --buf-size values (default: none)")
+    parser.add_argument("--page-cache-fill", action="store_true",
+                        help="also a blockcopy column with --page-cache-fill (throughput and stall)")
     parser.add_argument("--stall-floor", action="store_true",
                         help="stall: also the floor of a pausing pivot, bare QMP with and without two journal "
                         "commits (the bare-pause sides)")

@@ -7,7 +7,18 @@ import itertools
 
 import pytest
 
-from blockcopy.protocol import LIVE_STATUSES, Command, Failure, JobView, Observation, Wait, decide, needs, qmp
+from blockcopy.protocol import (
+    LIVE_STATUSES,
+    Command,
+    Failure,
+    JobView,
+    Observation,
+    Wait,
+    decide,
+    in_page_cache_while_copying,
+    needs,
+    qmp,
+)
 from blockcopy.records import Authority, DiskRecord, Goal, Operation, Outcome, Phase, Stage
 
 STATUSES = ("created", "running", "ready", "standby", "waiting", "pending", "aborting", "concluded", None)
@@ -137,10 +148,12 @@ def _direct_dest(i: int, aio: str = "threads") -> DiskRecord:
 
 
 def test_a_direct_destination_is_filled_through_the_page_cache_then_reopened_before_the_pivot() -> None:
-    o = dataclasses.replace(op(Phase.STARTING), disks=(dataclasses.replace(_direct_dest(0), stage=Stage.ADD),))
+    o = dataclasses.replace(op(Phase.STARTING, page_cache_fill=True),
+                            disks=(dataclasses.replace(_direct_dest(0), stage=Stage.ADD),))
     added = decide(o, obs(None, nodes=frozenset())).commands[0].args
     assert added["cache"]["direct"] is False and added["file"]["cache"]["direct"] is False
     assert added["file"]["aio"] == "threads" and added["file"]["filename"] == "/dev/fdset/7"
+    assert in_page_cache_while_copying(o, o.disks[0]), "so the driver writes it out while copying"
     o = dataclasses.replace(op(Phase.COPYING, n=2), disks=(_direct_dest(0), _direct_dest(1)))
     buffered = {"bc-op-0": (False, "json:{...}"), "bc-op-0-file": (False, "/dev/fdset/7"),
                 "bc-op-1": (True, "json:{...}"), "bc-op-1-file": (True, "/dev/fdset/8")}
@@ -201,17 +214,37 @@ def test_a_reopen_ends_when_every_node_has_its_journaled_cache_mode() -> None:
     assert stuck.record is not None and stuck.record.phase is Phase.ABORTING
 
 
-@pytest.mark.parametrize("case", ["copy-goal", "shallow", "block-device"])
-def test_a_direct_destination_is_added_o_direct_where_nothing_would_write_the_page_cache_back(case: str) -> None:
+@pytest.mark.parametrize("case", ["default", "copy-goal", "shallow", "block-device"])
+def test_a_direct_destination_is_added_o_direct_unless_a_page_cache_fill_is_asked_for_and_can_be_written_back(
+        case: str) -> None:
+    """By default (``page_cache_fill`` False) as the source, O_DIRECT from the start; asked for, the
+    fill through the page cache is still not done where nothing would write the page cache back."""
     dest = dataclasses.replace(_direct_dest(0), stage=Stage.ADD)
     if case == "block-device":
         args = dict(dest.dest_args or {})
         args["file"] = {**args["file"], "driver": "host_device", "filename": "/dev/fdset/7"}
         dest = dataclasses.replace(dest, dest_args=args)
     o = dataclasses.replace(op(Phase.STARTING, Goal.COPY if case == "copy-goal" else Goal.PIVOT,
-                               shallow=case == "shallow"), disks=(dest,))
+                               shallow=case == "shallow", page_cache_fill=case != "default"), disks=(dest,))
     added = decide(o, obs(None, nodes=frozenset())).commands[0].args
     assert added["cache"]["direct"] is True and added["file"]["cache"]["direct"] is True
+    assert not in_page_cache_while_copying(o, o.disks[0]), "an O_DIRECT DEST has nothing to write out"
+
+
+def test_a_destination_in_the_page_cache_by_its_own_options_is_written_out_while_copying() -> None:
+    buffered = dataclasses.replace(disk(0), dest_args={"driver": "qcow2", "node-name": "bc-op-0",
+                                                         "file": {"driver": "file", "filename": "/dev/fdset/7"}})
+    assert in_page_cache_while_copying(op(Phase.COPYING), buffered)
+    assert in_page_cache_while_copying(op(Phase.COPYING), disk(0)), "default options (no dest_args): page cache"
+
+
+def test_a_record_journaled_before_page_cache_fill_existed_goes_on_filling_through_the_page_cache() -> None:
+    """A job started by a blockcopy that filled every such DEST through the page cache keeps doing so
+    after an upgrade (it may be in STARTING, its DEST not added yet); a new record says what it says."""
+    record = op(Phase.STARTING).to_dict()
+    assert Operation.from_dict(record).page_cache_fill is False
+    del record["page_cache_fill"]
+    assert Operation.from_dict(record).page_cache_fill is True
 
 
 def test_finalizing_waits_after_a_refused_finalize_and_stops_stuck_when_stalled() -> None:

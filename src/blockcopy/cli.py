@@ -196,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set a node option of DEST instead of the source's (cache.direct, cache.no-flush, aio, "
                    "discard, detect-zeroes, locking); repeatable. By default DEST gets the "
                    "source's options that QEMU reports or its command line shows")
+    p.add_argument("--page-cache-fill", action="store_true",
+                   help="fill a DEST that is to be O_DIRECT (cache.direct=on, as libvirt's cache='none') through "
+                   "the host's page cache, written out while the copy runs, and reopen it O_DIRECT once ready "
+                   "(--pivot, --finish). Faster on storage where O_DIRECT writes of the mirror's chunks are slow; "
+                   "uses the host's page cache and stalls guest writes longer while copying (README: Benchmarks). "
+                   "Default: DEST is O_DIRECT from the start, as the source")
     p.add_argument("--owner", type=_owner, metavar="USER[:GROUP]",
                    help="owner of a DEST that blockcopy creates (default: the source file's)")
     p.add_argument("--file-mode", type=_octal_mode, metavar="MODE",
@@ -329,7 +335,7 @@ async def _copy(args: argparse.Namespace, backend: Any, out: Output, show_progre
                "goal": "pivot" if args.pivot else "finish" if args.finish else "copy", "buf_size": args.buf_size,
                "dest_options": _last_per_key(args.dest_option), "owner": args.owner, "mode_bits": args.file_mode,
                "cluster_size": args.cluster_size, "preallocation": args.preallocation,
-               "client_key": args.request_id}
+               "page_cache_fill": args.page_cache_fill, "client_key": args.request_id}
     waits = args.wait or args.pivot or args.finish
     wait_until = "done" if args.pivot or args.finish else "ready" if args.wait else "started"
     with progress_display(show_progress and waits) as progress:

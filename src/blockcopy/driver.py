@@ -35,7 +35,7 @@ from blockcopy.errors import (
 )
 from blockcopy.journal import Journal
 from blockcopy.monitor import FDSET_OPAQUE_PREFIX, ON_QUEUED, CommandRefused, Monitor, fdset_path
-from blockcopy.protocol import Command, Failure, Observation, Wait, decide, needs
+from blockcopy.protocol import Command, Failure, Observation, Wait, decide, in_page_cache_while_copying, needs
 from blockcopy.qemuproc import QemuProcess
 from blockcopy.records import DiskRecord, Operation, Phase, Stage
 from blockcopy.writeback import Writeback
@@ -260,8 +260,11 @@ class Driver:
         copying = op.phase is Phase.COPYING and op.ready_at is None
         if copying and self._writeback is None:
             # (a speed change starts a new run of the driver, and with it a new writeback)
-            in_place = [d.dest_path for d in op.disks if op.reuse_external or d.preallocation in ("falloc", "full")]
-            files = Writeback((d.dest_path for d in op.disks), in_place=in_place, bandwidth=op.bandwidth)
+            buffered = [d for d in op.disks if in_page_cache_while_copying(op, d)]
+            if not buffered:
+                return
+            in_place = [d.dest_path for d in buffered if op.reuse_external or d.preallocation in ("falloc", "full")]
+            files = Writeback((d.dest_path for d in buffered), in_place=in_place, bandwidth=op.bandwidth)
             self._writeback = asyncio.create_task(files.run())
         elif not copying:
             self._stop_writeback()

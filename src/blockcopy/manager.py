@@ -525,7 +525,7 @@ def _plan_disks(request: CopyRequest, qemu: QemuProcess, block: list[dict[str, A
                      disks=tuple(disks), mode=request.mode, shallow=request.shallow,
                      reuse_external=request.reuse_external, bandwidth=bandwidth,
                      buf_size=request.buf_size if request.buf_size is not None else default_buf_size(bandwidth),
-                     warnings=tuple(warnings))
+                     page_cache_fill=request.page_cache_fill, warnings=tuple(warnings))
 
 
 def refuse_concluded(op: Operation, goal: Goal) -> None:

@@ -142,6 +142,9 @@ class Operation:
     reuse_external: bool = False
     bandwidth: int = 0  # bytes per second, 0 = unlimited
     buf_size: int = 0  # mirror buffer (bytes of data in flight), 0 = QEMU's default
+    #: a DEST journaled O_DIRECT is filled through the host's page cache and reopened O_DIRECT once
+    #: ready (``copy --page-cache-fill``); False: O_DIRECT from the start, as the source
+    page_cache_fill: bool = False
     qemu_pid: int | None = None  # the QEMU process the operation runs in (see qemuproc.py)
     qemu_start: int | None = None  # ... and its start time: pid + start time name one process
     qemu_boot: str | None = None  # ... during this boot
@@ -226,6 +229,9 @@ class Operation:
             disk_fields = {f.name for f in dataclasses.fields(DiskRecord)}
             disks.append(DiskRecord(**{k: v for k, v in d.items() if k in disk_fields}))
         values["disks"] = tuple(disks)
+        # Journaled before the field existed: such a job was started by a blockcopy that filled every
+        # such DEST through the page cache, and goes on as it began.
+        values.setdefault("page_cache_fill", True)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -270,6 +276,7 @@ class CopyRequest:
     bandwidth_mib: float | None = None
     mode: str = "write-blocking"
     buf_size: int | None = None  # bytes; None: default_buf_size(bandwidth)
+    page_cache_fill: bool = False  # see Operation.page_cache_fill
     goal: Goal = Goal.COPY
     dest_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # nodes.parse_dest_option
     owner: tuple[int, int] | None = None  # a created DEST's uid, gid (default: the source file's)

@@ -1,5 +1,9 @@
 """Keeps the kernel writing destination files out while a mirror copies into them.
 
+Only files the mirror writes through the host's page cache (``protocol.in_page_cache_while_copying``):
+a DEST of a page-cached disk, or one filled so on request (``--page-cache-fill``). An O_DIRECT DEST
+leaves nothing to write out.
+
 Before a mirror job reports ``ready`` QEMU flushes the target, and guest writes wait for that
 flush: in write-blocking mode each one is also written to the target, and (as we read qcow2's
 cache code) the metadata flush can ``fdatasync`` the file while holding the image's lock. After an

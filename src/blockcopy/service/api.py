@@ -111,6 +111,8 @@ class CopyBody(_Strict):
     file_mode: int | None = Field(None, ge=0, le=0o777, description="permission bits of a created DEST")
     cluster_size: int | None = Field(None, gt=0, le=2**31)
     preallocation: str | None = Field(None, max_length=20)
+    page_cache_fill: bool = Field(False, description="fill a DEST that is to be O_DIRECT through the host's page "
+                                  "cache and reopen it O_DIRECT once ready, as `--page-cache-fill`")
     request_id: str | None = Field(None, min_length=1, max_length=200, description="idempotency key (or the "
                                    "Idempotency-Key header): the same request again returns the same job")
 
@@ -262,7 +264,7 @@ def create_app(daemon: Daemon, *, token: str | None = None, metrics: Metrics | N
             mode=body.mode, goal=Goal(body.goal), buf_size=body.buf_size, dest_options=dest_options,
             owner=(body.owner.uid, body.owner.gid) if body.owner else None, mode_bits=body.file_mode,
             cluster_size=body.cluster_size, preallocation=body.preallocation,
-            client_key=idempotency_key or body.request_id)
+            page_cache_fill=body.page_cache_fill, client_key=idempotency_key or body.request_id)
         op, created = await daemon.copy(request)
         response.headers["Location"] = f"/v1/jobs/{op.id}"
         if not created:
