@@ -1004,7 +1004,8 @@ def bare_pivot(vm: VM, state: Path, side: str, images: list[Path]) -> dict[str, 
 
 def stall_run(rig: Rig, side: str, master: Path, guest: Guest, run_no: int) -> dict[str, Any]:
     """One copy and pivot of the writer guest's disk by ``side``: "libvirt", "blockcopy",
-    "blockcopy-SIZE" (blockcopy with --buf-size SIZE), or one of FLOOR_SIDES (see bare_pivot)."""
+    "blockcopy-SIZE" (blockcopy with --buf-size SIZE), PAGE_CACHE_FILL_SIDE (--page-cache-fill), or one of
+    FLOOR_SIDES (see bare_pivot)."""
     from blockcopy.guest.session import AckLog, verify
 
     side_dir = rig.lv if side == "libvirt" else rig.bc

@@ -15,10 +15,11 @@ QEMU is idle (libvirt_rig.wait_until_idle), after `sync; echo 3 > drop_caches`:
                        pip-installed as users install it, `attach` not timed, no daemon)
   mirror-SIZE          blockdev-mirror sync=full (background copy mode) of the VM's cache=none disk
                        into a new qcow2 DEST opened through the page cache, as blockcopy opens it
-                       for a pivot (protocol._copy_through_page_cache) but without blockcopy's
+                       for a pivot with --page-cache-fill (protocol._copy_through_page_cache) but without blockcopy's
                        destination writeback (writeback.py) and its write-blocking mode; buf-size
                        SIZE: 4M (blockcopy's default) and 16M (QEMU's and libvirt's)
-  mirror-direct-16M    the same with DEST opened with cache.direct=on, as libvirt 9.0 opens it
+  mirror-direct-16M    the same with DEST opened with cache.direct=on, as libvirt 9.0 opens it (and
+                       blockcopy by default since 2026-11-27 evening)
   mirror-cached-src-16M  the VM's disk *not* cache=none (page cache, readahead): not libvirt's rig,
                        the control for what reading a cache=none source costs
 

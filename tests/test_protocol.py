@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 
 import pytest
 
@@ -19,7 +21,7 @@ from blockcopy.protocol import (
     needs,
     qmp,
 )
-from blockcopy.records import Authority, DiskRecord, Goal, Operation, Outcome, Phase, Stage
+from blockcopy.records import Authority, CopyRequest, DiskRecord, Goal, Operation, Outcome, Phase, Stage
 
 STATUSES = ("created", "running", "ready", "standby", "waiting", "pending", "aborting", "concluded", None)
 
@@ -154,7 +156,7 @@ def test_a_direct_destination_is_filled_through_the_page_cache_then_reopened_bef
     assert added["cache"]["direct"] is False and added["file"]["cache"]["direct"] is False
     assert added["file"]["aio"] == "threads" and added["file"]["filename"] == "/dev/fdset/7"
     assert in_page_cache_while_copying(o, o.disks[0]), "so the driver writes it out while copying"
-    o = dataclasses.replace(op(Phase.COPYING, n=2), disks=(_direct_dest(0), _direct_dest(1)))
+    o = dataclasses.replace(op(Phase.COPYING, n=2, page_cache_fill=True), disks=(_direct_dest(0), _direct_dest(1)))
     buffered = {"bc-op-0": (False, "json:{...}"), "bc-op-0-file": (False, "/dev/fdset/7"),
                 "bc-op-1": (True, "json:{...}"), "bc-op-1-file": (True, "/dev/fdset/8")}
     assert decide(o, obs("ready", "running", node_cache=buffered)).wait is Wait.COPY, "not before every job is ready"
@@ -228,7 +230,9 @@ def test_a_direct_destination_is_added_o_direct_unless_a_page_cache_fill_is_aske
                                shallow=case == "shallow", page_cache_fill=case != "default"), disks=(dest,))
     added = decide(o, obs(None, nodes=frozenset())).commands[0].args
     assert added["cache"]["direct"] is True and added["file"]["cache"]["direct"] is True
-    assert not in_page_cache_while_copying(o, o.disks[0]), "an O_DIRECT DEST has nothing to write out"
+    # an O_DIRECT DEST has nothing to write out; one of a fill asked for under another goal is written
+    # out all the same (the goal may have been pivot when it was added: see the test below)
+    assert in_page_cache_while_copying(o, o.disks[0]) is (case == "copy-goal")
 
 
 def test_a_destination_in_the_page_cache_by_its_own_options_is_written_out_while_copying() -> None:
@@ -236,6 +240,25 @@ def test_a_destination_in_the_page_cache_by_its_own_options_is_written_out_while
                                                          "file": {"driver": "file", "filename": "/dev/fdset/7"}})
     assert in_page_cache_while_copying(op(Phase.COPYING), buffered)
     assert in_page_cache_while_copying(op(Phase.COPYING), disk(0)), "default options (no dest_args): page cache"
+    # O_DIRECT above, buffered file node (a hand-written command line): the file is in the page cache.
+    args = dict(_direct_dest(0).dest_args or {})
+    args["file"] = {**args["file"], "cache": {"direct": False, "no-flush": False}}
+    assert in_page_cache_while_copying(op(Phase.COPYING), dataclasses.replace(disk(0), dest_args=args))
+    # ... and a file node that inherits O_DIRECT from the format node is not.
+    args["file"] = {k: v for k, v in args["file"].items() if k != "cache"}
+    assert not in_page_cache_while_copying(op(Phase.COPYING), dataclasses.replace(disk(0), dest_args=args))
+
+
+@pytest.mark.parametrize("goal", [Goal.PIVOT, Goal.COPY])
+def test_a_page_cache_fill_is_written_out_whatever_the_goal_is_now(goal: Goal) -> None:
+    """The goal that decided how DEST was added may have changed since (an interrupted `copy --pivot`
+    keeps the copy as goal copy): a fill asked for is written out either way, and without one the
+    reopen's node query is not made on every poll."""
+    o = dataclasses.replace(op(Phase.COPYING, goal, page_cache_fill=True), disks=(_direct_dest(0),))
+    assert in_page_cache_while_copying(o, o.disks[0])
+    assert ("nodes" in needs(o)) is (goal is Goal.PIVOT)
+    plain = dataclasses.replace(o, page_cache_fill=False)
+    assert not in_page_cache_while_copying(plain, plain.disks[0]) and "nodes" not in needs(plain)
 
 
 def test_a_record_journaled_before_page_cache_fill_existed_goes_on_filling_through_the_page_cache() -> None:
@@ -770,3 +793,15 @@ def test_a_backing_node_two_disks_shared_is_deleted_once() -> None:
     step = decide(s, obs(None, None, pivoted=(True, True), nodes=nodes))
     assert [(c.disk, c.args["node-name"]) for c in step.commands] == [(0, "base")]
 
+
+
+def test_a_request_digest_is_unchanged_by_a_field_left_at_its_default_that_later_versions_added() -> None:
+    """A client retries a request under its idempotency key after an upgrade: the same request must
+    hash the same, so a field added since (page_cache_fill) counts only when it is set."""
+    request = CopyRequest(domain="vm", targets=[("vda", "/d.qcow2")], goal=Goal.PIVOT, client_key="k")
+    before = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)
+              if f.name not in ("client_key", "page_cache_fill")}
+    before.update(targets=[["vda", "/d.qcow2"]], goal="pivot", dest_options={})
+    digest = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()
+    assert request.digest() == digest, "the digest of the same request as journaled before the field existed"
+    assert dataclasses.replace(request, page_cache_fill=True).digest() != digest, "a different request"

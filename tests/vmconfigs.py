@@ -535,7 +535,8 @@ def production_pair(lab: Lab) -> VMConfig:
 def libvirt_threads(lab: Lab) -> VMConfig:
     """libvirt 9.0's own `cache='none'` disk (cache.direct=on, aio left to QEMU: threads), discard and
     detect-zeroes unmap, under a throttle group, on virtio-blk with an iothread: the DEST of such a
-    disk is filled through the page cache, then reopened O_DIRECT on the iothread."""
+    disk is O_DIRECT from the start, or with --page-cache-fill filled through the page cache, then
+    reopened O_DIRECT on the iothread."""
     file_opts = {k: v for k, v in LIBVIRT_FILE_OPTS.items() if k != "aio"}
     group = {"qom-type": "throttle-group", "id": "tgl", "limits": {"iops-total": 4000, "bps-total": 512 * MIB}}
     return VMConfig("libvirt", (Disk("vda", lab.image("vda.qcow2"), file_opts=file_opts, fmt_opts=LIBVIRT_FMT_OPTS,

@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-cache-fill", action="store_true",
                    help="fill a DEST that is to be O_DIRECT (cache.direct=on, as libvirt's cache='none') through "
                    "the host's page cache, written out while the copy runs, and reopen it O_DIRECT once ready "
-                   "(--pivot, --finish). Faster on storage where O_DIRECT writes of the mirror's chunks are slow; "
-                   "uses the host's page cache and stalls guest writes longer while copying (README: Benchmarks). "
+                   "(--pivot, --finish). It was faster on storage where O_DIRECT writes of the mirror's chunks were "
+                   "slow; it uses the host's page cache, and on faster storage it stalled guest writes longer "
+                   "while copying (README: Benchmarks). "
                    "Default: DEST is O_DIRECT from the start, as the source")
     p.add_argument("--owner", type=_owner, metavar="USER[:GROUP]",
                    help="owner of a DEST that blockcopy creates (default: the source file's)")

@@ -209,8 +209,11 @@ def needs(op: Operation) -> frozenset[str]:
     if op.phase is Phase.SETTLING and op.paused_by_us and not op.resumed:
         return frozenset({"status"})  # resume first, as fast as possible; clean up afterwards
     wanted = _NEEDS[op.phase]
-    if op.phase is Phase.COPYING and op.goal is Goal.PIVOT and any(_wants_direct(d) for d in op.disks):
-        wanted = wanted | {"nodes"}  # each node's cache mode, for the reopen (not on every poll otherwise)
+    if (op.phase is Phase.COPYING and op.goal is Goal.PIVOT and op.page_cache_fill
+            and any(_wants_direct(d) for d in op.disks)):
+        # each node's cache mode, for the reopen (not on every poll otherwise; without a page-cache
+        # fill DEST was added with its journaled cache mode and is never reopened)
+        wanted = wanted | {"nodes"}
     if "block" in wanted and any(d.replaces for d in op.disks):
         wanted = wanted | {"graph"}  # which image a filter sits on: only the block graph says
     return wanted
@@ -380,23 +383,43 @@ def _copy_through_page_cache(op: Operation, disk: DiskRecord) -> bool:
     """Whether DEST is added with cache.direct=off although its journaled options say on.
 
     Only where asked for (``op.page_cache_fill``; the default is O_DIRECT from the start, as the
-    source: on libvirt's rig of 2026-11-27 evening that copied faster and stalled guest writes
-    about a third as long, README, Benchmarks), the page cache is written out while the copy runs
+    source: on libvirt's rig of 2026-11-27 evening that copied as fast and the guest's largest gap
+    before `ready` was a quarter as long; README, Benchmarks), the page cache is written out while the copy runs
     and nothing else stands in the way: a regular file (the writeback follows files; a block device
     is O_DIRECT throughout), a goal whose command waits for the copy (a bare `copy` leaves no process to write back, and
     QEMU's flush before `ready` would then write it all while guest writes wait), no aio=native
     (needs O_DIRECT from the start), no shallow copy (its reopen, which names the backing node, is
     not tested)."""
+    return _may_fill_through_page_cache(op, disk) and op.goal in (Goal.PIVOT, Goal.FINISH)
+
+
+def _may_fill_through_page_cache(op: Operation, disk: DiskRecord) -> bool:
+    """:func:`_copy_through_page_cache` but for the goal, which may change after DEST was added (an
+    interrupted wait keeps the copy, `pivot` later asks for the pivot)."""
     levels = _levels(disk.dest_args or {})
-    return (op.page_cache_fill and _wants_direct(disk) and not op.shallow and op.goal in (Goal.PIVOT, Goal.FINISH)
+    return (op.page_cache_fill and _wants_direct(disk) and not op.shallow
             and levels[-1].get("driver") == "file" and not any(n.get("aio") == "native" for n in levels))
 
 
 def in_page_cache_while_copying(op: Operation, disk: DiskRecord) -> bool:
-    """Whether DEST's file is written through the host's page cache while the mirror fills it: the
-    files the driver writes out while copying (see writeback.py). An O_DIRECT DEST leaves nothing
-    to write out; syncing it would only add device flushes under the guest's writes."""
-    return not _wants_direct(disk) or _copy_through_page_cache(op, disk)
+    """Whether DEST's file may be written through the host's page cache while the mirror fills it:
+    the files the driver writes out while copying (see writeback.py). Its file node journaled
+    O_DIRECT (as inherited from the nodes above, as QEMU does) and no page-cache fill asked for:
+    nothing to write out, and syncing would only add device flushes under the guest's writes. With
+    a fill asked for, whatever the goal now: the goal that decided how DEST was added may have
+    changed since (syncing an O_DIRECT file costs little; not syncing a buffered one, a long stall
+    before `ready`)."""
+    return not _file_node_direct(disk) or _may_fill_through_page_cache(op, disk)
+
+
+def _file_node_direct(disk: DiskRecord) -> bool:
+    """DEST's bottom node is journaled cache.direct=on, set on it or inherited from a node above."""
+    direct = False
+    for level in _levels(disk.dest_args or {}):
+        value = (level.get("cache") or {}).get("direct")
+        if value is not None:
+            direct = bool(value)
+    return direct
 
 
 def _wants_direct(disk: DiskRecord) -> bool:
@@ -468,7 +491,7 @@ def _copying(op: Operation, obs: Observation) -> Step:
         return _set_speed(op, obs)
     if all(obs.jobs[d.job_id].status == "ready" for d in op.disks):
         if op.goal is Goal.PIVOT:
-            # DEST was filled through the page cache; the disk it becomes has the source's cache mode.
+            # A DEST filled through the page cache (--page-cache-fill) gets the source's cache mode.
             # (A finish closes and fsyncs DEST; a copy kept ready is reopened when it is pivoted.)
             reopens = tuple(qmp("blockdev-reopen", {"options": _reopened_options(d, obs)}, disk=i)
                             for i, d in enumerate(op.disks) if _needs_direct(d, obs))

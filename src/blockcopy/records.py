@@ -264,6 +264,11 @@ def job_state(op: Operation) -> str:
     return _STATE_BY_PHASE[op.phase]
 
 
+#: CopyRequest fields added after requests were first journaled with their digest: hashed only when
+#: not at their default, so that a request retried under its key after an upgrade is the same request.
+_DIGESTED_IF_SET = frozenset({"page_cache_fill"})
+
+
 @dataclasses.dataclass(frozen=True)
 class CopyRequest:
     """What ``copy`` is asked to do; validated against QEMU before anything is touched."""
@@ -289,7 +294,8 @@ class CopyRequest:
 
     def digest(self) -> str:
         """What was asked, as a hash: two requests under one key must be the same request."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "client_key"}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "client_key"
+                  and not (f.name in _DIGESTED_IF_SET and getattr(self, f.name) == f.default)}
         fields["targets"] = [list(t) for t in self.targets]
         fields["goal"] = self.goal.value
         fields["dest_options"] = dict(self.dest_options)

@@ -312,7 +312,9 @@ class RemoteBackend:
             "buf_size": fields["buf_size"], "mode": fields["mode"], "dest_options": list(fields["dest_options"]),
             "owner": {"uid": owner[0], "gid": owner[1]} if owner else None, "file_mode": fields["mode_bits"],
             "cluster_size": fields["cluster_size"], "preallocation": fields["preallocation"],
-            "page_cache_fill": fields["page_cache_fill"], "request_id": fields["client_key"]}
+            "request_id": fields["client_key"]}
+        if fields.get("page_cache_fill"):  # only when asked: a daemon older than the option refuses the field
+            body["page_cache_fill"] = True
         view = dict(self.client.call("POST", "/v1/jobs", {k: v for k, v in body.items() if v is not None}))
         if wait_until == "started" or view["outcome"] is not None:
             return view
