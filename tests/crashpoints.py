@@ -20,11 +20,13 @@ _START_2 = [*_START_1, "journal:starting@5", "create-image@2", "journal:starting
             "qmp:blockdev-mirror@2", "journal:starting@7"]
 
 POINTS: dict[tuple[str, int], list[str]] = {
-    ("pivot", 1): [*_START_1, "journal:copying@1", "journal:pivoting@1", "sync-images@1", "qmp:stop@1",
+    ("pivot", 1): [*_START_1, "journal:copying@1", "journal:pivoting@1", "sync-images@1", "run-state@1",
+                   "qmp:stop@1",
                    "qmp:job-complete@1", "journal:finalizing@1", "qmp:job-finalize@1", "journal:settling@1",
                    "qmp:cont@1", "journal:settling@2", "qmp:job-dismiss@1", "qmp:blockdev-del@1",
                    "qmp:blockdev-del@2", "journal:done@1"],
-    ("pivot", 2): [*_START_2, "journal:copying@1", "journal:pivoting@1", "sync-images@1", "qmp:stop@1",
+    ("pivot", 2): [*_START_2, "journal:copying@1", "journal:pivoting@1", "sync-images@1", "run-state@1",
+                   "qmp:stop@1",
                    "qmp:job-complete@1", "qmp:job-complete@2", "journal:finalizing@1", "qmp:job-finalize@1",
                    "qmp:job-finalize@2", "journal:settling@1", "qmp:cont@1", "journal:settling@2",
                    "qmp:job-dismiss@1", "qmp:blockdev-del@1", "qmp:job-dismiss@2", "qmp:blockdev-del@2",

@@ -612,6 +612,34 @@ def test_a_guest_paused_by_someone_just_before_the_stop_is_not_resumed(attached,
     assert vm.device_node("vda")[1] == str(tmp_path / "d.qcow2")
 
 
+@pytest.mark.parametrize("behind", [True, False], ids=["completes-behind-stop", "one-at-a-time"])
+def test_a_guest_paused_by_someone_between_the_last_look_and_the_stop_is_not_resumed(
+        attached, bc: Blockcopy, tmp_path: Path, behind: bool) -> None:
+    """Another tool pauses the guest after blockcopy read it running and before its `stop` (which
+    then emits no STOP event). With the job-completes written right behind the `stop` (as without
+    a fault), they are in QEMU before blockcopy reads whose STOP it was: the guest must still be
+    journaled as the other tool's, not resumed, and its STOP not taken for blockcopy's pause."""
+    vm = attached(1)
+    env = {**bc.env, "BLOCKCOPY_FAULT_AT": "run-state=stop", "BLOCKCOPY_FAULT_SERIAL": "1" if not behind else "0"}
+    proc = subprocess.Popen(bc.argv("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--pivot", "--json"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _SPAWNED.append(proc)
+    _stopped(proc)
+    assert vm.run_state() == "running", "stopped after reading the guest running, before its `stop`"
+    vm.cmd("stop")
+    os.kill(proc.pid, signal.SIGCONT)
+    code, out, err = _finish(proc)
+    assert code == 0, err
+    job = json.loads(out)
+    assert job["outcome"] == "pivoted" and job["paused_by_blockcopy"] is False
+    assert job["pause_window_ms"] is None
+    assert vm.run_state() == "paused", "blockcopy resumed a guest that someone else had paused"
+    assert vm.device_node("vda")[1] == str(tmp_path / "d.qcow2")
+    steps = bc.ok("status", job["id"], "--log").stdout
+    assert "paused by someone else just before" in steps
+    assert any("leaves it paused" in w for w in job["warnings"]), job["warnings"]
+
+
 def test_reused_raw_destination_is_read_as_raw_not_probed(attached, bc: Blockcopy, tmp_path: Path) -> None:
     """A raw DEST whose bytes happen to start with a qcow2 header (a guest may write one) is used as
     the raw image the user named, not probed into a qcow2 with someone else's backing file."""

@@ -433,7 +433,21 @@ class Driver:
         A command that QEMU does not answer, or a dropped connection, ends the step too: the next
         observation reconnects and reads what the command did."""
         identical = None
-        for batch in _batches(commands):
+        batches = _batches(commands)
+        while batches:
+            batch = batches.pop(0)
+            if batch[0].name == "stop" and batches and _completes_behind_stop(batches[0]):
+                monitor = self.monitor
+                if monitor is None:
+                    return op, None, identical
+                try:
+                    op, failure, lost = await self._stop_then(monitor, op, batch[0], batches.pop(0))
+                except (MonitorTimeout, ConnectionLost) as exc:  # before anything was journaled
+                    log.info("stop: %s", exc)
+                    return op, None, identical  # the next observation says what happened
+                if failure is not None or lost:
+                    return op, failure, identical
+                continue
             if len(batch) > 1:
                 monitor = self.monitor
                 if monitor is None:
@@ -580,24 +594,114 @@ class Driver:
             op = dataclasses.replace(op, resume_ts=monitor.event_time_since("RESUME", seen))
         return op, None
 
+    async def _stop_then(self, monitor: Monitor, op: Operation, stop_command: Command, completes: list[Command]
+                         ) -> tuple[Operation, Failure | None, bool]:
+        """``stop``, with the job-completes written right behind it: QEMU reads them as soon as the
+        guest is paused, instead of a round trip later (the pause is the guest's stall). Whether the
+        STOP was blockcopy's is read from the same answer as in :meth:`_stop_now`, and a guest
+        someone else paused is journaled as theirs before anything is decided (the observation sent
+        behind the completes is decided on with that record): the jobs' completion does not depend
+        on it (they are completed the same way whoever paused the guest), and a crash between the
+        two leaves the journal as a crash right after ``stop`` leaves it.
+
+        QEMU 7.2 refuses ``stop`` only while a dump of the guest's memory runs: the jobs would then
+        turn ``pending`` with the guest running, which gives the pivot up. So the run-state query
+        goes with ``query-dump``, and during a dump ``stop`` goes alone (refused, the step is tried
+        again after a wait, the jobs still ready). A dump started in between is not seen.
+
+        Returns the record, the first refusal, and whether the connection failed on the way (then
+        the next observation says what happened).
+
+        :raise MonitorTimeout, ConnectionLost: before anything was journaled or sent but the
+            queries (or the ``stop`` never got to QEMU)."""
+        state, dumping = await asyncio.gather(monitor.run_state(), monitor.dump_running())
+        if state != "running":
+            op = self._not_ours_to_resume(op)
+            failure, lost = await self._complete(monitor, op, completes)
+            return op, failure, lost
+        if dumping:
+            try:
+                op = await self._stop_now(monitor, op)
+            except CommandRefused as exc:
+                log.info("stop refused: %s", exc)
+                return op, Failure(stop_command, str(exc)), False
+            failure, lost = await self._complete(monitor, op, completes)
+            return op, failure, lost
+        faults.point("run-state")
+        seen, sent_at = monitor.event_seq, _now_us()
+        loop = asyncio.get_running_loop()
+        stop_queued: asyncio.Future[None] = loop.create_future()
+        outer = ON_QUEUED.get()
+
+        def queued() -> None:
+            if outer is not None:
+                outer()  # (the step's count of its messages, for the observation behind them)
+            if not stop_queued.done():
+                stop_queued.set_result(None)
+
+        token = ON_QUEUED.set(queued)
+        try:
+            stop = asyncio.ensure_future(monitor.execute("stop"))
+        finally:
+            ON_QUEUED.reset(token)
+        stop.add_done_callback(_retrieved)  # (read below; this only keeps asyncio from logging it as lost)
+        await asyncio.wait((stop_queued, stop), return_when=asyncio.FIRST_COMPLETED)
+        if not stop_queued.done():  # it never got to QEMU (the connection was gone): raises
+            try:
+                await stop
+            except CommandRefused as exc:  # (not from QEMU, which answers what it read)
+                return op, Failure(stop_command, str(exc)), False
+        results = await asyncio.gather(*(self._send(monitor, c, op) for c in completes), return_exceptions=True)
+        if not stop.done():
+            await asyncio.wait((stop,))
+        try:
+            stop.result()
+        except CommandRefused as exc:  # (a dump started since the query)
+            log.info("stop refused: %s", exc)
+            return op, Failure(stop_command, str(exc)), False
+        except (MonitorTimeout, ConnectionLost) as exc:
+            log.info("stop: %s", exc)
+            return op, None, True
+        faults.point("qmp:stop")  # (the points in the order of QEMU's answers)
+        stop_ts = _our_stop(monitor, seen, sent_at)
+        op = self._not_ours_to_resume(op) if stop_ts is None else dataclasses.replace(op, stop_ts=stop_ts)
+        failure, lost = _completed(completes, results)
+        return op, failure, lost
+
+    async def _complete(self, monitor: Monitor, op: Operation, completes: list[Command]
+                        ) -> tuple[Failure | None, bool]:
+        """Send the job-completes together (see :func:`_completed`)."""
+        return _completed(completes, await asyncio.gather(*(self._send(monitor, c, op) for c in completes),
+                                                          return_exceptions=True))
+
     async def _stop(self, monitor: Monitor, op: Operation) -> Operation:
-        """Pause the guest for the pivot. Its run state is read first: every event QEMU sent before
-        that answer has arrived by then, so a STOP that comes after belongs to this `stop` (no
-        clock is compared). A guest that someone else paused since blockcopy's last look is theirs
-        to resume, not blockcopy's: that is journaled before the jobs are completed."""
+        """Pause the guest for the pivot (one command at a time: while a test has a fault armed).
+        A guest that someone else paused since blockcopy's last look is theirs to resume, not
+        blockcopy's: that is journaled before the jobs are completed (see :func:`_our_stop`)."""
         if await monitor.run_state() != "running":
             return self._not_ours_to_resume(op)
-        seen = monitor.event_seq
+        return await self._stop_now(monitor, op)
+
+    async def _stop_now(self, monitor: Monitor, op: Operation) -> Operation:
+        """``stop`` a guest just read running; its STOP's time, or the guest journaled as someone
+        else's to resume.
+
+        :raise CommandRefused: QEMU refused (a dump of the guest's memory runs).
+        :raise MonitorTimeout, ConnectionLost: as :meth:`Monitor.execute`."""
+        faults.point("run-state")
+        seen, sent_at = monitor.event_seq, _now_us()
         await monitor.execute("stop")
-        stop_ts = monitor.event_time_since("STOP", seen)
-        if stop_ts is None:  # someone else's `stop` came in between: QEMU had nothing to stop
+        stop_ts = _our_stop(monitor, seen, sent_at)
+        if stop_ts is None:
             return self._not_ours_to_resume(op)
         return dataclasses.replace(op, stop_ts=stop_ts)
 
     def _not_ours_to_resume(self, op: Operation) -> Operation:
         if not op.paused_by_us:
             return op
-        return self.journal.save(dataclasses.replace(op, paused_by_us=False),
+        warning = ("the guest was paused by someone else just before blockcopy's pause for the pivot: blockcopy "
+                   "leaves it paused; resume it with QMP 'cont' (or virsh resume) if that was not intended")
+        return self.journal.save(dataclasses.replace(op, paused_by_us=False, warnings=(*op.warnings, warning)),
                                  "the guest was paused by someone else just before: blockcopy will not resume it")
 
     async def _add_dest(self, disk: DiskRecord, args: Mapping[str, Any]) -> None:
@@ -702,17 +806,64 @@ def _dest_state(disk: DiskRecord) -> str:
 BATCHABLE = frozenset({"job-complete", "job-finalize", "job-cancel", "block-job-cancel"})
 
 
+def _completed(completes: list[Command], results: list[Any]) -> tuple[Failure | None, bool]:
+    """The job-completes' answers: the first refusal, if any, and whether one went unanswered (a
+    timeout or a lost connection; the others may have been answered).
+
+    :raise BaseException: what a send raised otherwise."""
+    failure, lost = None, False
+    for command, result in zip(completes, results, strict=True):
+        if isinstance(result, CommandRefused):
+            log.info("%s refused: %s", command.describe(), result)
+            failure = failure or Failure(command, str(result))
+        elif isinstance(result, MonitorTimeout | ConnectionLost):
+            log.info("%s: %s", command.describe(), result)
+            lost = True
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            faults.point(f"qmp:{command.name}")
+    return failure, lost
+
+
+def _now_us() -> float:
+    """The host's wall clock, down to the microsecond as QEMU stamps its events."""
+    return int(time.time() * 1_000_000) / 1_000_000
+
+
+def _our_stop(monitor: Monitor, seen: int, sent_at: float) -> float | None:
+    """QEMU's time of the STOP that blockcopy's ``stop`` caused, or None: the guest was paused by
+    someone else, between blockcopy's reading it running (``seen``: events counted by then) and
+    QEMU's running blockcopy's ``stop`` (which then emits no STOP).
+
+    Their STOP arrives before the answer to blockcopy's ``stop`` (QEMU sends in order), and after
+    ``seen`` when they paused it after the run-state answer: counting events cannot tell it from
+    blockcopy's. Its time can: QEMU stamps events with the host's wall clock, and it cannot have run
+    blockcopy's ``stop`` before blockcopy sent it (``sent_at``, taken before sending). A STOP stamped
+    earlier is theirs. (One that lands between the sending and QEMU's reading of blockcopy's
+    ``stop`` cannot be told from one a moment after it, which QEMU answers without an event
+    either: no client can tell those apart.)"""
+    stop_ts = monitor.event_time_since("STOP", seen)
+    return stop_ts if stop_ts is not None and stop_ts >= sent_at else None
+
+
+def _completes_behind_stop(batch: list[Command]) -> bool:
+    """Job-completes that may be written right behind ``stop`` (see ``Driver._stop_then``); not
+    while a test has a fault armed, so that a crash can fall between the two."""
+    return all(c.kind == "qmp" and c.name == "job-complete" and c.after is None for c in batch) and not faults.serial()
+
+
 def _batchable(command: Command) -> bool:
     # While a test has a fault armed, each command goes alone, so that a fault can fall between two.
     return command.kind == "qmp" and command.name in BATCHABLE and command.after is None and not faults.serial()
 
 
 def _messages(commands: tuple[Command, ...]) -> int:
-    """How many QMP messages carrying out ``commands`` sends at most: one per QMP command, two for
-    ``stop`` (its run-state check first, see ``Driver._stop``), three for adding DEST (add-fd,
+    """How many QMP messages carrying out ``commands`` sends at most: one per QMP command, three for
+    ``stop`` (the run-state and dump queries first, see ``Driver._stop_then``), three for adding DEST (add-fd,
     blockdev-add, remove-fd after a refusal), none for other file work. An observation waits for
     that many: fewer sent only delays it to the step's end, never ahead of the commands."""
-    return sum(2 if c.name == "stop" else 1 if c.kind == "qmp" else 3 if c.kind == "add-dest" else 0
+    return sum(3 if c.name == "stop" else 1 if c.kind == "qmp" else 3 if c.kind == "add-dest" else 0
                for c in commands)
 
 

@@ -2,7 +2,8 @@
 
 Names are ``journal:<phase>`` (after a journaled protocol step in that phase, e.g.
 ``journal:pivoting``), ``qmp:<command>`` (after QEMU answered it, e.g. ``qmp:job-complete``),
-plus ``create-image``, ``sync-images`` and ``compare-images``. ``NAME@N`` is the N-th time the
+plus ``create-image``, ``sync-images``, ``compare-images`` and ``run-state`` (the pivot read the guest
+running, just before its ``stop``). ``NAME@N`` is the N-th time the
 point is reached (1-based; default 1).
 
 - ``BLOCKCOPY_CRASH_AT=NAME[@N][,...]``: SIGKILL the process right after the point.
@@ -15,7 +16,9 @@ point is reached (1-based; default 1).
 
 While a fault is armed, commands that the driver would send to QEMU together (one batch) go one
 at a time, so that a point can fall *between* two commands of a batch (e.g. after ``job-finalize``
-of disk 1 and before disk 2): see :func:`serial`.
+of disk 1 and before disk 2): see :func:`serial`. ``BLOCKCOPY_FAULT_SERIAL=0`` keeps the batches
+(and ``stop`` with the job-completes written behind it) as they go without a fault, for a test of
+that path.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections import Counter
 ENV = "BLOCKCOPY_CRASH_AT"
 FAULT_ENV = "BLOCKCOPY_FAULT_AT"
 TRACE_ENV = "BLOCKCOPY_TRACE_POINTS"
+SERIAL_ENV = "BLOCKCOPY_FAULT_SERIAL"
 _seen: Counter[str] = Counter()
 
 
@@ -45,8 +49,8 @@ def _armed() -> list[tuple[str, int, str]]:
 
 
 def serial() -> bool:
-    """True while a fault is armed: batches then go to QEMU one command at a time."""
-    return bool(os.environ.get(ENV) or os.environ.get(FAULT_ENV))
+    """True while a fault is armed (unless SERIAL_ENV is 0): batches then go to QEMU one command at a time."""
+    return bool(os.environ.get(ENV) or os.environ.get(FAULT_ENV)) and os.environ.get(SERIAL_ENV) != "0"
 
 
 def fails(name: str) -> bool:
@@ -56,7 +60,7 @@ def fails(name: str) -> bool:
 
 def point(name: str) -> None:
     trace = os.environ.get(TRACE_ENV)
-    if not trace and not serial():
+    if not trace and not (os.environ.get(ENV) or os.environ.get(FAULT_ENV)):
         return
     _seen[name] += 1
     if trace:

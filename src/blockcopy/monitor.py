@@ -284,6 +284,11 @@ class Monitor:
         status = await self.execute("query-status")
         return str(status["status"])
 
+    async def dump_running(self) -> bool:
+        """Whether a dump of the guest's memory runs (``dump-guest-memory`` with ``detach``):
+        QEMU refuses ``stop`` and ``cont`` meanwhile."""
+        return str((await self.execute("query-dump")).get("status")) == "active"
+
     async def jobs(self) -> dict[str, JobView]:
         result = await self.execute("query-jobs")
         return {j["id"]: JobView(j["id"], j["status"], int(j.get("current-progress", 0)),
