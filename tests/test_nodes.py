@@ -847,6 +847,24 @@ def test_a_destination_of_an_o_direct_disk_is_o_direct_while_it_is_copied(lab: L
     assert has_pattern(str(dest), "qcow2", FILL, 0, 4 * MIB)
 
 
+def test_a_page_cache_fill_asked_for_is_reopened_o_direct_before_the_pivot(lab: Lab, tmp_path: Path) -> None:
+    """`--page-cache-fill` end to end, no crash: DEST added through the page cache, reopened with the
+    source's cache mode once ready, then pivoted; the guest ends on an O_DIRECT DEST."""
+    vm = start_config(lab, "libvirt-threads")
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    dest = tmp_path / "d.qcow2"
+    done = bc.ok("copy", "vm", "vda", str(dest), "--pivot", "--page-cache-fill", "--json", "--verbose")
+    job = done.json
+    assert (job["outcome"], job["authoritative"]) == ("pivoted", "destination")
+    # (re-observed, never journaled: the step is in the verbose log, not in `status --log`)
+    assert "reopen the destinations with cache.direct=on" in done.stderr
+    tree = vm.tree("vda")
+    assert tree.protocol.options["cache.direct"] is True and tree.format is not None
+    assert tree.format.options["cache.direct"] is True
+    assert has_pattern(str(dest), "qcow2", FILL, 0, 4 * MIB)
+
+
 @pytest.mark.parametrize("point", ["qmp:blockdev-reopen@1", "journal:pivoting@1"])
 def test_a_crash_around_the_reopen_to_o_direct_ends_pivoted_with_an_o_direct_destination(
         lab: Lab, tmp_path: Path, point: str) -> None:

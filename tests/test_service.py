@@ -538,3 +538,24 @@ def test_copy_wait_and_copy_pivot_through_the_daemon_follow_its_event_stream(ser
     assert bc.ok("pivot", ready["id"], "--json").json["outcome"] == "pivoted"
     assert guest_reads(vms[0], "vda", 0x5A, 4 * MIB)
     assert daemon.stop() == 0
+
+
+def test_page_cache_fill_reaches_the_journaled_job_through_the_daemon(served: Any, vm_factory: VMFactory,
+                                                                      bc: Blockcopy, tmp_path: Path) -> None:
+    """`copy --page-cache-fill` through the daemon (its client sends the field only when set, so
+    that a daemon older than the option still takes a plain copy) and without it: the journaled
+    job says what was asked, and a plain copy is journaled without the fill."""
+    from blockcopy.journal import Journal
+
+    served()
+    vm = vm_factory(1)
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    for n, (flag, expected) in enumerate((([], False), (["--page-cache-fill"], True))):
+        job = bc.ok("copy", "vm", "vda", str(tmp_path / f"d{n}.qcow2"), *flag, "--bandwidth", "1", "--json").json
+        journal = Journal(bc.state_dir, create=False)
+        try:
+            record = journal.get(job["id"])
+        finally:
+            journal.close()
+        assert record is not None and record.page_cache_fill is expected, (flag, record)
+        bc.ok("abort", job["id"])
