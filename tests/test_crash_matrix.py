@@ -335,3 +335,21 @@ def test_recover_goes_on_past_an_unreachable_domain(vm_factory: Any, bc: Blockco
     assert jobs["busy"]["id"] == slow["id"] and jobs["busy"]["outcome"] is None
     assert bc("recover", "--no-wait", "--json").returncode == 0
     bc.ok("abort", slow["id"])
+
+
+PIPELINED = [(disks, point, after)
+             for disks, points in ((1, ("run-state@1", "qmp:stop@1", "qmp:job-complete@1")),
+                                   (2, ("run-state@1", "qmp:stop@1", "qmp:job-complete@1", "qmp:job-complete@2")))
+             for point in points for after in AFTER]
+
+
+@pytest.mark.parametrize(("disks", "point", "after"), PIPELINED,
+                         ids=[f"pivot-{d}disk-{p}-{a}" for d, p, a in PIPELINED])
+def test_crash_point_with_the_job_completes_behind_the_stop(vm_factory: Any, bc: Blockcopy, tmp_path: Path,
+                                                           disks: int, point: str, after: str) -> None:
+    """The matrix's kills around the pause, on the path blockcopy takes without a fault: the
+    job-completes written right behind `stop` (BLOCKCOPY_FAULT_SERIAL=0 keeps it under the fault).
+    A kill at `qmp:stop` then finds them sent, and done or about to be, with nothing journaled
+    since PIVOTING; the same five properties must hold."""
+    bc.env["BLOCKCOPY_FAULT_SERIAL"] = "0"
+    run_case(vm_factory, bc, tmp_path, "pivot", disks, point, after)

@@ -214,6 +214,8 @@ def test_a_pivot_observes_right_behind_its_job_complete_and_finalizes_on_that_ob
     # ...and it went out before the answers to the job-completes were in.
     first_query = log.wire.index(("sent", "query-status"), log.wire.index(("sent", "stop")))
     assert ("answered", "job-complete") not in log.wire[:first_query], log.wire
+    # ...and the job-completes went out right behind the `stop`, before its answer.
+    assert log.wire.index(("sent", "job-complete")) < log.wire.index(("answered", "stop")), log.wire
 
 
 @pytest.mark.parametrize("guest", ["running", "paused by its user"])
@@ -361,4 +363,27 @@ def test_a_refused_stop_is_tried_again_after_a_wait_not_at_once(
     if dump_seen:
         assert 2 <= len(stops) <= 10, f"{len(stops)} tries of `stop` within the 2 s limit"
     else:
-        assert len(stops) == 1 and "resumed by someone else" in (op.error or ""), (stops, op.error)
+        assert len(stops) == 1 and "QEMU refused to pause the guest" in (op.error or ""), (stops, op.error)
+
+
+@pytest.mark.parametrize(("stamped", "stepped", "ours"), [
+    (+0.001, False, True),   # QEMU ran blockcopy's stop after it was sent
+    (-0.001, False, False),  # someone else's STOP, stamped before blockcopy sent its stop
+    (-0.000001, False, True),  # within QEMU's microseconds and the float's rounding
+    (-0.2, True, True),      # the wall clock stepped back meanwhile: the times say nothing
+])
+def test_a_stop_is_blockcopys_only_if_stamped_after_it_was_sent(stamped: float, stepped: bool, ours: bool) -> None:
+    """The rule that keeps blockcopy from resuming a guest that someone else paused between its
+    look and its `stop` (their STOP arrives where blockcopy's would), and from leaving its own
+    pause unresumed when the host's clock steps (pure: the event times and the clock)."""
+    from blockcopy.driver import _Clock, _our_stop
+
+    clock = _Clock()
+
+    class Events:  # what Monitor.event_time_since answers: the STOP that arrived after `seen`
+        def event_time_since(self, name: str, since: int) -> float | None:
+            return clock.sent_at + stamped if name == "STOP" else None
+
+    if stepped:
+        clock._offset -= 0.2  # as if time.time() jumped between the two readings
+    assert (_our_stop(Events(), 0, clock) is not None) is ours  # type: ignore[arg-type]

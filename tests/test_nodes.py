@@ -888,11 +888,23 @@ def test_a_crash_around_the_reopen_to_o_direct_ends_pivoted_with_an_o_direct_des
     assert has_pattern(str(dest), "qcow2", FILL, 0, 4 * MIB)
 
 
+def _create_luks_qcow2(path: Path) -> None:
+    """A 16 MiB qcow2 with LUKS encryption (secret "pw"). QEMU times its key derivation on the CPU
+    first, and on a busy machine (this suite on 2 cores) that fails now and then with "Unable to
+    get accurate CPU usage" (seen 4 times in 12 creations beside two busy loops): tried again."""
+    for attempt in range(5):
+        made = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=pw",
+                               "-o", "encrypt.format=luks,encrypt.key-secret=sec0", str(path), "16M"],
+                              capture_output=True, text=True)
+        if made.returncode == 0:
+            return
+        assert "Unable to get accurate CPU usage" in made.stderr and attempt < 4, made.stderr
+
+
 def test_blockcopy_refuses_an_encrypted_disk(lab: Lab, tmp_path: Path) -> None:
     """DEST would hold the guest's data in the clear (blockcopy does not create encrypted images)."""
     path = tmp_path / "secret.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=pw",
-                    "-o", "encrypt.format=luks,encrypt.key-secret=sec0", str(path), "16M"], check=True)
+    _create_luks_qcow2(path)
     vm = lab.start(VMConfig("luks", (Disk("vda", str(path), fmt_opts={"encrypt": {"format": "luks",
                                                                                    "key-secret": "sec0"}}),),
                             objects=({"qom-type": "secret", "id": "sec0", "data": "pw"},)))
@@ -994,8 +1006,7 @@ def test_a_block_device_destination_stays_claimed_while_qemu_holds_it(lab: Lab, 
 
 def test_blockcopy_refuses_a_full_copy_over_an_encrypted_base(lab: Lab, tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=pw",
-                    "-o", "encrypt.format=luks,encrypt.key-secret=sec0", str(base), "16M"], check=True)
+    _create_luks_qcow2(base)
     top = tmp_path / "top.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)], check=True)
     disk = Disk("vda", str(top), fmt_opts={"backing": {"driver": "qcow2", "encrypt": {"format": "luks",

@@ -805,3 +805,16 @@ def test_a_request_digest_is_unchanged_by_a_field_left_at_its_default_that_later
     digest = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()
     assert request.digest() == digest, "the digest of the same request as journaled before the field existed"
     assert dataclasses.replace(request, page_cache_fill=True).digest() != digest, "a different request"
+
+
+def test_a_refused_stop_with_the_jobs_pending_and_the_guest_running_gives_the_pivot_up_and_says_why() -> None:
+    """The job-completes went right behind a `stop` that QEMU refused (a memory dump that started
+    after blockcopy looked): the jobs are pending, the guest runs; finalizing would pivot a running
+    guest. Given up, no disk pivoted, with QEMU's reason (not "resumed by someone else")."""
+    o = op(Phase.PIVOTING, paused_by_us=True, vm_was_running=True)
+    refused = Failure(qmp("stop"), "There is a dump in process, please wait.")
+    step = decide(o, obs("pending", run_state="running", failure=refused))
+    assert step.record is not None and step.record.phase is Phase.ABORTING
+    assert "QEMU refused to pause the guest" in (step.record.error or "") and "dump" in (step.record.error or "")
+    plain = decide(o, obs("pending", run_state="running"))
+    assert plain.record is not None and "resumed by someone else" in (plain.record.error or "")

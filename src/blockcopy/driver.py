@@ -598,11 +598,11 @@ class Driver:
                          ) -> tuple[Operation, Failure | None, bool]:
         """``stop``, with the job-completes written right behind it: QEMU reads them as soon as the
         guest is paused, instead of a round trip later (the pause is the guest's stall). Whether the
-        STOP was blockcopy's is read from the same answer as in :meth:`_stop_now`, and a guest
-        someone else paused is journaled as theirs before anything is decided (the observation sent
-        behind the completes is decided on with that record): the jobs' completion does not depend
-        on it (they are completed the same way whoever paused the guest), and a crash between the
-        two leaves the journal as a crash right after ``stop`` leaves it.
+        STOP was blockcopy's is read from the answer to ``stop`` as in :meth:`_stop_now` and
+        journaled at once, before the completes' answers are read and before anything is decided
+        (the observation sent behind the completes is decided on with that record): the jobs'
+        completion does not depend on it (they are completed the same way whoever paused the
+        guest), and a crash in between leaves the journal as a crash right after ``stop`` leaves it.
 
         QEMU 7.2 refuses ``stop`` only while a dump of the guest's memory runs: the jobs would then
         turn ``pending`` with the guest running, which gives the pivot up. So the run-state query
@@ -612,8 +612,8 @@ class Driver:
         Returns the record, the first refusal, and whether the connection failed on the way (then
         the next observation says what happened).
 
-        :raise MonitorTimeout, ConnectionLost: before anything was journaled or sent but the
-            queries (or the ``stop`` never got to QEMU)."""
+        :raise MonitorTimeout, ConnectionLost: before anything was journaled (a ``stop`` sent
+            alone during a dump may have reached QEMU)."""
         state, dumping = await asyncio.gather(monitor.run_state(), monitor.dump_running())
         if state != "running":
             op = self._not_ours_to_resume(op)
@@ -628,7 +628,7 @@ class Driver:
             failure, lost = await self._complete(monitor, op, completes)
             return op, failure, lost
         faults.point("run-state")
-        seen, sent_at = monitor.event_seq, _now_us()
+        seen, clock = monitor.event_seq, _Clock()
         loop = asyncio.get_running_loop()
         stop_queued: asyncio.Future[None] = loop.create_future()
         outer = ON_QUEUED.get()
@@ -651,21 +651,21 @@ class Driver:
                 await stop
             except CommandRefused as exc:  # (not from QEMU, which answers what it read)
                 return op, Failure(stop_command, str(exc)), False
-        results = await asyncio.gather(*(self._send(monitor, c, op) for c in completes), return_exceptions=True)
-        if not stop.done():
-            await asyncio.wait((stop,))
+        completing = asyncio.ensure_future(asyncio.gather(*(self._send(monitor, c, op) for c in completes),
+                                                          return_exceptions=True))
+        await asyncio.wait((stop,))
         try:
             stop.result()
-        except CommandRefused as exc:  # (a dump started since the query)
-            log.info("stop refused: %s", exc)
-            return op, Failure(stop_command, str(exc)), False
-        except (MonitorTimeout, ConnectionLost) as exc:
+        except (CommandRefused, MonitorTimeout, ConnectionLost) as exc:
             log.info("stop: %s", exc)
+            _completed(completes, await completing)  # (logged; the next observation shows the jobs)
+            if isinstance(exc, CommandRefused):  # (a dump started since the query)
+                return op, Failure(stop_command, str(exc)), False
             return op, None, True
         faults.point("qmp:stop")  # (the points in the order of QEMU's answers)
-        stop_ts = _our_stop(monitor, seen, sent_at)
+        stop_ts = _our_stop(monitor, seen, clock)
         op = self._not_ours_to_resume(op) if stop_ts is None else dataclasses.replace(op, stop_ts=stop_ts)
-        failure, lost = _completed(completes, results)
+        failure, lost = _completed(completes, await completing)
         return op, failure, lost
 
     async def _complete(self, monitor: Monitor, op: Operation, completes: list[Command]
@@ -675,7 +675,8 @@ class Driver:
                                                           return_exceptions=True))
 
     async def _stop(self, monitor: Monitor, op: Operation) -> Operation:
-        """Pause the guest for the pivot (one command at a time: while a test has a fault armed).
+        """Pause the guest for the pivot, ``stop`` alone (while a test has a fault armed, or when the
+        step's job-completes were sent already).
         A guest that someone else paused since blockcopy's last look is theirs to resume, not
         blockcopy's: that is journaled before the jobs are completed (see :func:`_our_stop`)."""
         if await monitor.run_state() != "running":
@@ -689,9 +690,9 @@ class Driver:
         :raise CommandRefused: QEMU refused (a dump of the guest's memory runs).
         :raise MonitorTimeout, ConnectionLost: as :meth:`Monitor.execute`."""
         faults.point("run-state")
-        seen, sent_at = monitor.event_seq, _now_us()
+        seen, clock = monitor.event_seq, _Clock()
         await monitor.execute("stop")
-        stop_ts = _our_stop(monitor, seen, sent_at)
+        stop_ts = _our_stop(monitor, seen, clock)
         if stop_ts is None:
             return self._not_ours_to_resume(op)
         return dataclasses.replace(op, stop_ts=stop_ts)
@@ -826,25 +827,49 @@ def _completed(completes: list[Command], results: list[Any]) -> tuple[Failure | 
     return failure, lost
 
 
-def _now_us() -> float:
-    """The host's wall clock, down to the microsecond as QEMU stamps its events."""
-    return int(time.time() * 1_000_000) / 1_000_000
+class _Clock:
+    """The host's wall clock when blockcopy sends its ``stop``, and whether it stepped since.
+
+    QEMU stamps its events with the wall clock (``g_get_real_time``). A step of that clock (ntpd or
+    chrony stepping it, a leap second, ``date -s``, this host paused) between the sending and the
+    answer would make blockcopy's own STOP look older than its sending: the offset between the
+    wall clock and the monotonic one, taken before and after, shows it (a slew moves it by
+    microseconds in that time)."""
+
+    #: how far the offset may move (seconds) before the clock is not trusted: slews move it by at
+    #: most 0.05 % of the time between the two readings; steps are of milliseconds or more
+    STEP = 0.0005
+
+    def __init__(self) -> None:
+        self.sent_at = time.time()
+        self._offset = self.sent_at - time.monotonic()
+
+    def stepped(self) -> bool:
+        return abs((time.time() - time.monotonic()) - self._offset) > self.STEP
 
 
-def _our_stop(monitor: Monitor, seen: int, sent_at: float) -> float | None:
+def _our_stop(monitor: Monitor, seen: int, clock: _Clock) -> float | None:
     """QEMU's time of the STOP that blockcopy's ``stop`` caused, or None: the guest was paused by
-    someone else, between blockcopy's reading it running (``seen``: events counted by then) and
-    QEMU's running blockcopy's ``stop`` (which then emits no STOP).
+    someone else, between blockcopy's reading it running (``seen``: events counted by then) and its
+    sending of ``stop`` (which then emits no STOP).
 
     Their STOP arrives before the answer to blockcopy's ``stop`` (QEMU sends in order), and after
     ``seen`` when they paused it after the run-state answer: counting events cannot tell it from
-    blockcopy's. Its time can: QEMU stamps events with the host's wall clock, and it cannot have run
-    blockcopy's ``stop`` before blockcopy sent it (``sent_at``, taken before sending). A STOP stamped
-    earlier is theirs. (One that lands between the sending and QEMU's reading of blockcopy's
-    ``stop`` cannot be told from one a moment after it, which QEMU answers without an event
-    either: no client can tell those apart.)"""
+    blockcopy's. Its time can: QEMU cannot have run blockcopy's ``stop`` before blockcopy sent it
+    (``clock.sent_at``, taken before sending). A STOP stamped earlier is theirs (with 2 us for
+    QEMU's microseconds and the float's rounding; QEMU takes far longer than that to read a
+    command). One that lands between the sending and QEMU's reading of blockcopy's ``stop``
+    cannot be told from one a moment after it, which QEMU answers without an event either: no
+    client can tell those apart. If the wall clock stepped meanwhile, the times say nothing, and
+    the STOP counts as blockcopy's (as before 2026-11-27 evening): a guest left paused for good
+    would be worse than one resumed."""
     stop_ts = monitor.event_time_since("STOP", seen)
-    return stop_ts if stop_ts is not None and stop_ts >= sent_at else None
+    if stop_ts is None:
+        return None
+    if clock.stepped():
+        log.warning("the host's clock stepped during the pivot's stop: its STOP is taken for blockcopy's")
+        return stop_ts
+    return stop_ts if stop_ts >= clock.sent_at - 2e-6 else None
 
 
 def _completes_behind_stop(batch: list[Command]) -> bool:

@@ -286,8 +286,12 @@ class Monitor:
 
     async def dump_running(self) -> bool:
         """Whether a dump of the guest's memory runs (``dump-guest-memory`` with ``detach``):
-        QEMU refuses ``stop`` and ``cont`` meanwhile."""
-        return str((await self.execute("query-dump")).get("status")) == "active"
+        QEMU refuses ``stop`` and ``cont`` meanwhile. A QEMU (or a QMP proxy) that refuses the
+        query is taken for one with no dump running: only a refused ``stop`` would then show it."""
+        try:
+            return str((await self.execute("query-dump")).get("status")) == "active"
+        except CommandRefused:
+            return False
 
     async def jobs(self) -> dict[str, JobView]:
         result = await self.execute("query-jobs")

@@ -543,6 +543,10 @@ def _pivoting(op: Operation, obs: Observation) -> Step:
     statuses = [obs.jobs[d.job_id].status for d in op.disks]
     running = obs.run_state == "running"
     if all(s == "pending" for s in statuses):  # checked before `stalled`: all pending wins
+        if running and failure is not None and failure.command.name == "stop":
+            # QEMU refused the pause (a memory dump started after blockcopy looked) with the
+            # job-completes already behind it: finalizing now would pivot a running guest.
+            return _abort(op, f"pivot abandoned, no disk pivoted: QEMU refused to pause the guest ({failure.message})")
         if running:
             # Someone resumed the guest after the jobs were completed. Finalizing now would let it
             # write to DEST before the outcome is journaled; should QEMU then die, the journal could
