@@ -179,8 +179,9 @@ def test_a_pivot_observes_right_behind_its_job_complete_and_finalizes_on_that_ob
     held: list[threading.Timer] = []
 
     def hold_qemu(name: str) -> None:
-        if name == "job-complete" and not held:
-            # QEMU holds its answers for 0.3 s (a busy host): the queries must not wait for them.
+        if name == "stop" and not held:
+            # QEMU holds its answers from `stop` on for 0.3 s (a busy host): the job-completes must
+            # not wait for stop's, nor the queries for theirs.
             os.kill(vm.process.pid, signal.SIGSTOP)
             held.append(threading.Timer(0.3, os.kill, (vm.process.pid, signal.SIGCONT)))
             held[0].start()
@@ -204,7 +205,7 @@ def test_a_pivot_observes_right_behind_its_job_complete_and_finalizes_on_that_ob
         for timer in held:
             timer.cancel()
         os.kill(vm.process.pid, signal.SIGCONT)
-    assert held, "QEMU was held at the job-complete"
+    assert held, "QEMU was held at the stop"
     assert op.outcome is Outcome.PIVOTED
     sent = log.sent()
     stop = sent.index("stop")
@@ -366,13 +367,15 @@ def test_a_refused_stop_is_tried_again_after_a_wait_not_at_once(
         assert len(stops) == 1 and "QEMU refused to pause the guest" in (op.error or ""), (stops, op.error)
 
 
-@pytest.mark.parametrize(("stamped", "stepped", "ours"), [
-    (+0.001, False, True),   # QEMU ran blockcopy's stop after it was sent
-    (-0.001, False, False),  # someone else's STOP, stamped before blockcopy sent its stop
-    (-0.000001, False, True),  # within QEMU's microseconds and the float's rounding
-    (-0.2, True, True),      # the wall clock stepped back meanwhile: the times say nothing
+@pytest.mark.parametrize(("stamped", "step", "ours"), [
+    (+0.001, 0.0, True),   # QEMU ran blockcopy's stop after it was sent
+    (-0.001, 0.0, False),  # someone else's STOP, stamped before blockcopy sent its stop
+    (-0.000001, 0.0, True),  # within QEMU's microseconds and the float's rounding
+    (-0.15, -0.2, True),   # blockcopy's own, after the wall clock stepped back 0.2 s meanwhile
+    (-0.25, -0.2, False),  # someone else's, from before that step
+    (-0.001, +0.2, False),  # a step forward does not make an older STOP blockcopy's
 ])
-def test_a_stop_is_blockcopys_only_if_stamped_after_it_was_sent(stamped: float, stepped: bool, ours: bool) -> None:
+def test_a_stop_is_blockcopys_only_if_stamped_after_it_was_sent(stamped: float, step: float, ours: bool) -> None:
     """The rule that keeps blockcopy from resuming a guest that someone else paused between its
     look and its `stop` (their STOP arrives where blockcopy's would), and from leaving its own
     pause unresumed when the host's clock steps (pure: the event times and the clock)."""
@@ -384,6 +387,5 @@ def test_a_stop_is_blockcopys_only_if_stamped_after_it_was_sent(stamped: float, 
         def event_time_since(self, name: str, since: int) -> float | None:
             return clock.sent_at + stamped if name == "STOP" else None
 
-    if stepped:
-        clock._offset -= 0.2  # as if time.time() jumped between the two readings
+    clock._offset -= step  # the offset moves with the step: time.time() jumped by `step` since sent_at
     assert (_our_stop(Events(), 0, clock) is not None) is ours  # type: ignore[arg-type]

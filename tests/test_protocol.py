@@ -576,7 +576,7 @@ def test_late_duplicate_job_complete_refusal_is_ignored() -> None:
 PHASES = [p for p in Phase if p is not Phase.DONE]
 
 
-FAILURES = (None, "job-complete", "job-finalize", "job-cancel", "block-job-cancel", "cont", "cleanup")
+FAILURES = (None, "stop", "job-complete", "job-finalize", "job-cancel", "block-job-cancel", "cont", "cleanup")
 
 
 def _failure(kind: str | None) -> Failure | None:
@@ -818,3 +818,16 @@ def test_a_refused_stop_with_the_jobs_pending_and_the_guest_running_gives_the_pi
     assert "QEMU refused to pause the guest" in (step.record.error or "") and "dump" in (step.record.error or "")
     plain = decide(o, obs("pending", run_state="running"))
     assert plain.record is not None and "resumed by someone else" in (plain.record.error or "")
+
+
+def test_a_pivot_does_not_begin_while_a_memory_dump_holds_the_guest_paused() -> None:
+    """A detached dump-guest-memory pauses the guest (`save-vm`) and resumes it when it ends, at any
+    moment: a pivot begun then would take that pause for its user's, pause nothing itself, and the
+    dump's end could resume the guest between job-finalize and the outcome's record. COPYING waits."""
+    o = op(Phase.COPYING)
+    step = decide(o, obs("ready", run_state="save-vm"))
+    assert step.record is None and not step.commands and step.wait is Wait.COPY
+    after = decide(o, obs("ready", run_state="running"))
+    assert after.record is not None and after.record.phase is Phase.PIVOTING and after.record.paused_by_us
+    finish = decide(op(Phase.COPYING, Goal.FINISH), obs("ready", run_state="save-vm"))
+    assert finish.record is not None and finish.record.phase is Phase.FINISHING, "a finish does not touch the guest"

@@ -690,3 +690,38 @@ def test_a_file_that_appears_at_dest_while_it_is_made_aborts_the_copy_cleanly(at
     assert job["outcome"] == "failed" and "appeared while blockcopy was making it" in job["error"], job
     assert dest.read_bytes() == b"someone else's file"  # left untouched
     assert qemu_jobs(vm) == [] and vm.run_state() == "running"
+
+
+def test_a_pivot_waits_for_a_memory_dump_that_holds_the_guest_paused(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    """A detached dump-guest-memory pauses the guest itself (run state `save-vm`) and resumes it
+    when the dump ends, whenever that is. A pivot begun meanwhile would take that pause for a
+    user's, pause nothing itself, and the dump's end could resume the guest between job-finalize and
+    the outcome's record. The dump here writes into a FIFO nobody reads, so it lasts until the test
+    drains it: the pivot must wait, then pause the guest itself and resume it."""
+    vm = attached(1)
+    job = bc.ok("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--wait", "--json").json
+    fifo = tmp_path / "dump.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # (QEMU's open for writing then returns at once)
+    pivot: subprocess.Popen[str] | None = None
+    try:
+        vm.cmd("dump-guest-memory", paging=False, protocol=f"file:{fifo}", detach=True)
+        assert vm.cmd("query-dump")["status"] == "active" and vm.run_state() == "save-vm"
+        pivot = subprocess.Popen(bc.argv("pivot", job["id"], "--wait", "--json"), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=bc.env)
+        _SPAWNED.append(pivot)
+        time.sleep(2.0)
+        assert pivot.poll() is None, pivot.communicate()
+        assert [j["status"] for j in vm.cmd("query-jobs")] == ["ready"], "no job completed during the dump"
+        assert vm.device_node("vda")[1] != str(tmp_path / "d.qcow2")
+    finally:
+        os.set_blocking(reader, True)
+        while os.read(reader, 1 << 20):  # the dump goes on to its end; QEMU resumes the guest
+            pass
+        os.close(reader)
+    code, out, err = _finish(pivot)
+    assert code == 0, err
+    done = json.loads(out)
+    assert done["outcome"] == "pivoted" and done["paused_by_blockcopy"] is True, done
+    assert done["pause_window_ms"] is not None and vm.run_state() == "running"
+    assert vm.device_node("vda")[1] == str(tmp_path / "d.qcow2")

@@ -604,10 +604,13 @@ class Driver:
         completion does not depend on it (they are completed the same way whoever paused the
         guest), and a crash in between leaves the journal as a crash right after ``stop`` leaves it.
 
-        QEMU 7.2 refuses ``stop`` only while a dump of the guest's memory runs: the jobs would then
-        turn ``pending`` with the guest running, which gives the pivot up. So the run-state query
-        goes with ``query-dump``, and during a dump ``stop`` goes alone (refused, the step is tried
-        again after a wait, the jobs still ready). A dump started in between is not seen.
+        QEMU 7.2 refuses ``stop`` only while a dump of the guest's memory runs. Such a dump pauses
+        the guest itself (run state ``save-vm``, which COPYING waits out before a pivot), so a guest
+        read running while a dump is active is one whose dump began between the two queries: the
+        run-state query goes with ``query-dump``, and then ``stop`` goes alone (refused, the step is
+        tried again after a wait, the jobs still ready). A dump that begins after both queries finds
+        the job-completes behind the refused ``stop``: PIVOTING then gives the pivot up if the
+        guest runs again by its next look.
 
         Returns the record, the first refusal, and whether the connection failed on the way (then
         the next observation says what happened).
@@ -828,24 +831,19 @@ def _completed(completes: list[Command], results: list[Any]) -> tuple[Failure | 
 
 
 class _Clock:
-    """The host's wall clock when blockcopy sends its ``stop``, and whether it stepped since.
+    """The host's wall clock when blockcopy sends its ``stop``, and how far it stepped since.
 
     QEMU stamps its events with the wall clock (``g_get_real_time``). A step of that clock (ntpd or
-    chrony stepping it, a leap second, ``date -s``, this host paused) between the sending and the
-    answer would make blockcopy's own STOP look older than its sending: the offset between the
-    wall clock and the monotonic one, taken before and after, shows it (a slew moves it by
-    microseconds in that time)."""
-
-    #: how far the offset may move (seconds) before the clock is not trusted: slews move it by at
-    #: most 0.05 % of the time between the two readings; steps are of milliseconds or more
-    STEP = 0.0005
+    chrony stepping it, a leap second, ``date -s``, the host suspended) between the sending and the
+    answer moves the offset between the wall clock and the monotonic one (a slew moves both)."""
 
     def __init__(self) -> None:
         self.sent_at = time.time()
         self._offset = self.sent_at - time.monotonic()
 
-    def stepped(self) -> bool:
-        return abs((time.time() - time.monotonic()) - self._offset) > self.STEP
+    def drift(self) -> float:
+        """Seconds the wall clock stepped since ``sent_at`` (negative: back)."""
+        return (time.time() - time.monotonic()) - self._offset
 
 
 def _our_stop(monitor: Monitor, seen: int, clock: _Clock) -> float | None:
@@ -856,20 +854,18 @@ def _our_stop(monitor: Monitor, seen: int, clock: _Clock) -> float | None:
     Their STOP arrives before the answer to blockcopy's ``stop`` (QEMU sends in order), and after
     ``seen`` when they paused it after the run-state answer: counting events cannot tell it from
     blockcopy's. Its time can: QEMU cannot have run blockcopy's ``stop`` before blockcopy sent it
-    (``clock.sent_at``, taken before sending). A STOP stamped earlier is theirs (with 2 us for
-    QEMU's microseconds and the float's rounding; QEMU takes far longer than that to read a
-    command). One that lands between the sending and QEMU's reading of blockcopy's ``stop``
-    cannot be told from one a moment after it, which QEMU answers without an event either: no
-    client can tell those apart. If the wall clock stepped meanwhile, the times say nothing, and
-    the STOP counts as blockcopy's (as before 2026-11-27 evening): a guest left paused for good
-    would be worse than one resumed."""
+    (``clock.sent_at``, taken before sending). A STOP stamped earlier is theirs, with 2 us for
+    QEMU's microseconds and the float's rounding (QEMU takes far longer to read a command), and
+    less by as far as the wall clock stepped back meanwhile (a step forward cannot make blockcopy's
+    STOP look early; an error in the offset, from this process being preempted between its two
+    clock readings, only counts more STOPs as blockcopy's, as before 2026-11-27 evening: a guest
+    resumed by mistake rather than one left paused for good). One that lands between the sending
+    and QEMU's reading of blockcopy's ``stop`` cannot be told from one a moment after it, which QEMU
+    answers without an event either: no client can tell those apart."""
     stop_ts = monitor.event_time_since("STOP", seen)
     if stop_ts is None:
         return None
-    if clock.stepped():
-        log.warning("the host's clock stepped during the pivot's stop: its STOP is taken for blockcopy's")
-        return stop_ts
-    return stop_ts if stop_ts >= clock.sent_at - 2e-6 else None
+    return stop_ts if stop_ts >= clock.sent_at + min(clock.drift(), 0.0) - 2e-6 else None
 
 
 def _completes_behind_stop(batch: list[Command]) -> bool:

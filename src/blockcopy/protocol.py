@@ -503,6 +503,12 @@ def _copying(op: Operation, obs: Observation) -> Step:
                                   "another cache mode after the reopen")
             if reopens:
                 return Step(commands=reopens, wait=Wait.SETTLE, note="reopen the destinations with cache.direct=on")
+        if op.goal is Goal.PIVOT and obs.run_state == SAVING_VM:
+            # A memory dump (dump-guest-memory, detached) pauses the guest itself and resumes it when
+            # it ends, at any moment: a pivot begun now would take that pause for its user's and go
+            # on without its own, and the dump's end could resume the guest between job-finalize
+            # and the outcome's record. Wait for the dump to end.
+            return Step(wait=Wait.COPY, note="waiting for QEMU's memory dump to end before the pivot")
         if op.goal is Goal.PIVOT:
             running = obs.run_state == "running"
             record = _replace(op, phase=Phase.PIVOTING, vm_was_running=running, paused_by_us=running)
@@ -510,6 +516,10 @@ def _copying(op: Operation, obs: Observation) -> Step:
         if op.goal is Goal.FINISH:
             return Step(record=_replace(op, phase=Phase.FINISHING), note="finish: every job is ready")
     return Step(wait=Wait.COPY, note="copying")
+
+
+#: QEMU's run state while a memory dump (or a savevm) holds the guest paused; it resumes it itself
+SAVING_VM = "save-vm"
 
 
 def _set_speed(op: Operation, obs: Observation) -> Step:
@@ -544,8 +554,9 @@ def _pivoting(op: Operation, obs: Observation) -> Step:
     running = obs.run_state == "running"
     if all(s == "pending" for s in statuses):  # checked before `stalled`: all pending wins
         if running and failure is not None and failure.command.name == "stop":
-            # QEMU refused the pause (a memory dump started after blockcopy looked) with the
-            # job-completes already behind it: finalizing now would pivot a running guest.
+            # QEMU refused the pause with the job-completes already behind it (QEMU 7.2 refuses
+            # `stop` only during a memory dump, which pauses the guest itself: a dump that had
+            # started and ended around blockcopy's look): finalizing now would pivot a running guest.
             return _abort(op, f"pivot abandoned, no disk pivoted: QEMU refused to pause the guest ({failure.message})")
         if running:
             # Someone resumed the guest after the jobs were completed. Finalizing now would let it
