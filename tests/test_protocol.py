@@ -590,7 +590,7 @@ def _failure(kind: str | None) -> Failure | None:
 def _cases() -> list[tuple[Operation, Observation]]:
     cases = []
     for phase, goal, paused_by_us, (s0, s1), run_state, piv in itertools.product(
-            PHASES, list(Goal), (False, True), itertools.product(STATUSES, repeat=2), ("running", "paused"),
+            PHASES, list(Goal), (False, True), itertools.product(STATUSES, repeat=2), ("running", "paused", "save-vm"),
             ((False, False), (True, True), (True, False))):
         outcome = Outcome.PIVOTED if phase is Phase.SETTLING else None
         authority = Authority.DESTINATION if outcome else None
@@ -653,6 +653,13 @@ def _check_invariants(o: Operation, ob: Observation) -> None:
             assert ob.run_state != "running", where
     if "job-complete" in cmds:
         assert o.phase is Phase.PIVOTING, where
+    # A memory dump holds the guest paused and resumes it at its end, whenever: no pivot starts or
+    # goes on to its point of no return under one.
+    if ob.run_state == "save-vm" and o.phase in (Phase.COPYING, Phase.PIVOTING) and not any(
+            _uses(ob, d) for d in o.disks):
+        assert not {"job-complete", "job-finalize", "stop"} & set(cmds), where
+        assert step.record is None or step.record.phase is not Phase.PIVOTING or o.phase is Phase.PIVOTING, where
+        assert step.record is None or step.record.phase is not Phase.FINALIZING, where
     if step.record is not None:
         assert step.record.id == o.id and step.record.domain == o.domain
         if step.record.outcome is not None:
@@ -818,6 +825,25 @@ def test_a_refused_stop_with_the_jobs_pending_and_the_guest_running_gives_the_pi
     assert "QEMU refused to pause the guest" in (step.record.error or "") and "dump" in (step.record.error or "")
     plain = decide(o, obs("pending", run_state="running"))
     assert plain.record is not None and "resumed by someone else" in (plain.record.error or "")
+
+
+def _uses(ob: Observation, d: DiskRecord) -> bool:
+    return ob.device_nodes.get(d.device_key) == d.dest_node
+
+
+def test_a_pivot_that_a_memory_dump_overtakes_goes_back_to_copying_or_is_given_up() -> None:
+    """A dump that begins after the copy's last look (PIVOTING journaled): with every job still
+    ready, back to copying until the dump ends; with one completed, the pivot is given up; a
+    job-complete that lands in copying afterwards cancels the copy (a pending mirror holds writes)."""
+    o = op(Phase.PIVOTING, paused_by_us=True, vm_was_running=True)
+    back = decide(o, obs("ready", run_state="save-vm"))
+    assert back.record is not None and back.record.phase is Phase.COPYING and not back.commands
+    assert not back.record.paused_by_us
+    gone = decide(o, obs("pending", run_state="save-vm"))
+    assert gone.record is not None and gone.record.phase is Phase.ABORTING
+    assert "memory dump" in (gone.record.error or "")
+    landed = decide(op(Phase.COPYING), obs("pending", run_state="running"))
+    assert landed.record is not None and landed.record.phase is Phase.ABORTING
 
 
 def test_a_pivot_does_not_begin_while_a_memory_dump_holds_the_guest_paused() -> None:

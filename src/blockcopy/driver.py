@@ -35,7 +35,16 @@ from blockcopy.errors import (
 )
 from blockcopy.journal import Journal
 from blockcopy.monitor import FDSET_OPAQUE_PREFIX, ON_QUEUED, CommandRefused, Monitor, fdset_path
-from blockcopy.protocol import Command, Failure, Observation, Wait, decide, in_page_cache_while_copying, needs
+from blockcopy.protocol import (
+    SAVING_VM,
+    Command,
+    Failure,
+    Observation,
+    Wait,
+    decide,
+    in_page_cache_while_copying,
+    needs,
+)
 from blockcopy.qemuproc import QemuProcess
 from blockcopy.records import DiskRecord, Operation, Phase, Stage
 from blockcopy.writeback import Writeback
@@ -618,6 +627,8 @@ class Driver:
         :raise MonitorTimeout, ConnectionLost: before anything was journaled (a ``stop`` sent
             alone during a dump may have reached QEMU)."""
         state, dumping = await asyncio.gather(monitor.run_state(), monitor.dump_running())
+        if state == SAVING_VM:  # a dump began since the last look: nothing is sent (PIVOTING goes back)
+            return op, Failure(stop_command, "a memory dump holds the guest paused"), False
         if state != "running":
             op = self._not_ours_to_resume(op)
             failure, lost = await self._complete(monitor, op, completes)
@@ -679,10 +690,16 @@ class Driver:
 
     async def _stop(self, monitor: Monitor, op: Operation) -> Operation:
         """Pause the guest for the pivot, ``stop`` alone (while a test has a fault armed, or when the
-        step's job-completes were sent already).
-        A guest that someone else paused since blockcopy's last look is theirs to resume, not
-        blockcopy's: that is journaled before the jobs are completed (see :func:`_our_stop`)."""
-        if await monitor.run_state() != "running":
+        step's job-completes were sent already). A guest that someone else paused since blockcopy's
+        last look is theirs to resume, not blockcopy's: that is journaled before the jobs are
+        completed (see :func:`_our_stop`).
+
+        :raise CommandRefused: a memory dump holds the guest paused (nothing was sent: PIVOTING
+            goes back to COPYING on the next look)."""
+        state = await monitor.run_state()
+        if state == SAVING_VM:  # a dump began since the last look: the step ends here (PIVOTING goes back)
+            raise CommandRefused("stop", "GenericError", "a memory dump holds the guest paused")
+        if state != "running":
             return self._not_ours_to_resume(op)
         return await self._stop_now(monitor, op)
 

@@ -28,11 +28,13 @@ COPYING       sends a journaled speed change (``block-job-set-speed``) until    
               QEMU took it; waits until every job is ``ready``; then, for a      FINISHING,
               pivot, ``blockdev-reopen`` of a DEST filled through the page       ABORTING
               cache (``page_cache_fill``) with its journaled cache mode
-              (re-observed, no record); then follows ``op.goal``
-PIVOTING      one step: fsync the images, ``stop`` a running VM (its run state   FINALIZING
-              was journaled on entry), ``job-complete`` each job; then waits     or ABORTING
-              until *every* job is ``pending`` (all or nothing) with the guest
-              not running
+              (re-observed, no record); then follows ``op.goal`` (a pivot
+              not while a memory dump holds the guest: ``save-vm``)
+PIVOTING      one step: fsync the images, ``stop`` a running VM (its run state   FINALIZING,
+              was journaled on entry), ``job-complete`` each job; then waits     ABORTING
+              until *every* job is ``pending`` (all or nothing) with the guest   or COPYING
+              not running; back to COPYING if a memory dump began before any
+              job was completed, ABORTING after
 FINALIZING    journaled, then in the same step ``job-finalize`` each: the       SETTLING
               point of no return; only goes forward from here; outcome from
               ``query-block``
@@ -487,6 +489,11 @@ def _copying(op: Operation, obs: Observation) -> Step:
     trouble = _job_trouble(op, obs)
     if trouble:
         return _abort(op, trouble)
+    if any(obs.jobs[d.job_id].status in ("waiting", "pending") for d in op.disks):
+        # Completed outside a pivot (a job-complete that landed after the pivot went back to
+        # copying, or another client's): a pending mirror holds the guest's writes; no pivot now.
+        return _abort(op, "a mirror job was completed outside blockcopy's pivot; the copy is cancelled, no disk "
+                          "pivoted")
     if not op.speed_applied:
         return _set_speed(op, obs)
     if all(obs.jobs[d.job_id].status == "ready" for d in op.disks):
@@ -518,7 +525,7 @@ def _copying(op: Operation, obs: Observation) -> Step:
     return Step(wait=Wait.COPY, note="copying")
 
 
-#: QEMU's run state while a memory dump (or a savevm) holds the guest paused; it resumes it itself
+#: QEMU's run state while a detached memory dump holds the guest paused; QEMU resumes it itself
 SAVING_VM = "save-vm"
 
 
@@ -552,6 +559,16 @@ def _pivoting(op: Operation, obs: Observation) -> Step:
             return _abort(op, f"pivot refused for disk {disk.name}: {failure.message}")
     statuses = [obs.jobs[d.job_id].status for d in op.disks]
     running = obs.run_state == "running"
+    if obs.run_state == SAVING_VM:
+        # A memory dump began after the copy's last look: it holds the guest paused and resumes it
+        # when it ends, at any moment, so blockcopy's pause would not hold. With no job completed
+        # yet, back to copying until the dump ends (a job-complete still on its way lands there and
+        # cancels the copy); with one completed, the pivot is given up (pending jobs can be cancelled).
+        if all(s == "ready" for s in statuses):
+            return Step(record=_replace(op, phase=Phase.COPYING, paused_by_us=False, vm_was_running=None),
+                        note="a memory dump paused the guest: back to copying until it ends")
+        return _abort(op, "pivot abandoned, no disk pivoted: a memory dump paused the guest during the pivot (QEMU "
+                          "resumes it when the dump ends)")
     if all(s == "pending" for s in statuses):  # checked before `stalled`: all pending wins
         if running and failure is not None and failure.command.name == "stop":
             # QEMU refused the pause with the job-completes already behind it (QEMU 7.2 refuses
