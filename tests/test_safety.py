@@ -707,7 +707,7 @@ def test_a_pivot_waits_for_a_memory_dump_that_holds_the_guest_paused(attached, b
     try:
         vm.cmd("dump-guest-memory", paging=False, protocol=f"file:{fifo}", detach=True)
         assert vm.cmd("query-dump")["status"] == "active" and vm.run_state() == "save-vm"
-        pivot = subprocess.Popen(bc.argv("pivot", job["id"], "--wait", "--json"), stdout=subprocess.PIPE,
+        pivot = subprocess.Popen(bc.argv("pivot", job["id"], "--wait", "--json", "--verbose"), stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, env=bc.env)
         _SPAWNED.append(pivot)
         time.sleep(2.0)
@@ -721,6 +721,7 @@ def test_a_pivot_waits_for_a_memory_dump_that_holds_the_guest_paused(attached, b
         os.close(reader)
     code, out, err = _finish(pivot)
     assert code == 0, err
+    assert err.count("waiting for QEMU's memory dump to end before the pivot") == 1, err  # seen, and said once
     done = json.loads(out)
     assert done["outcome"] == "pivoted" and done["paused_by_blockcopy"] is True, done
     assert done["pause_window_ms"] is not None and vm.run_state() == "running"

@@ -309,6 +309,7 @@ class Driver:
         progress_at = time.monotonic()
         previous_commands: tuple[Command, ...] = ()
         last_progress_save = 0.0
+        told = ""  # the last reason for a wait that was logged (a wait other than plain copying)
         # an observation sent right behind the commands, and the events counted before it went out
         ahead: asyncio.Task[tuple[Observation, tuple[Monitor, int] | None]] | None = None
         while True:
@@ -342,6 +343,10 @@ class Driver:
                 continue  # another job of the domain pivoted meanwhile: observe again
             if step.record is not None or step.commands:
                 log.info("job %s [%s] %s", op.id, op.phase.value, step.note)
+            elif step.wait is Wait.COPY and step.note not in ("copying", told):
+                log.info("job %s [%s] %s", op.id, op.phase.value, step.note)  # e.g. a memory dump holds the pivot
+            if step.wait is Wait.COPY:
+                told = step.note
             if step.stuck is not None:
                 raise TransitionStalled(step.stuck)
             if step.record is not None:
