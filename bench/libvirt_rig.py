@@ -685,7 +685,7 @@ def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, alt_bufs: 
         "blockcopy": lambda: tool_blockcopy(rig, []),
     }
     for size in alt_bufs:
-        tools[f"blockcopy-{size}"] = functools.partial(tool_blockcopy, rig, ["--buf-size", size])
+        tools[f"blockcopy-{size}"] = functools.partial(tool_blockcopy, rig, side_args(f"blockcopy-{size}"))
     if page_cache_fill:
         tools[PAGE_CACHE_FILL_SIDE] = functools.partial(tool_blockcopy, rig, side_args(PAGE_CACHE_FILL_SIDE))
     for size in daemon_bufs:

@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import (
@@ -51,8 +52,9 @@ def _no_process_left_stopped() -> Iterator[None]:
             proc.wait(timeout=30)
 
 
-def _spawn(bc: Blockcopy, *args: str, fault: str) -> subprocess.Popen[str]:
-    env = {**bc.env, "BLOCKCOPY_FAULT_AT": fault}
+def _spawn(bc: Blockcopy, *args: str, fault: str, serial: bool = True) -> subprocess.Popen[str]:
+    """``serial`` False: the batches go as without a fault (BLOCKCOPY_FAULT_SERIAL=0)."""
+    env = {**bc.env, "BLOCKCOPY_FAULT_AT": fault, "BLOCKCOPY_FAULT_SERIAL": "1" if serial else "0"}
     proc = subprocess.Popen(bc.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     _SPAWNED.append(proc)
     return proc
@@ -603,13 +605,20 @@ def test_a_guest_paused_by_someone_just_before_the_stop_is_not_resumed(attached,
     vm.cmd("stop")
     time.sleep(gap)
     os.kill(proc.pid, signal.SIGCONT)
+    _pivoted_and_left_paused(proc, vm, tmp_path / "d.qcow2")
+
+
+def _pivoted_and_left_paused(proc: subprocess.Popen[str], vm: ScratchVM, dest: Path) -> dict[str, Any]:
+    """The pivot of a guest that another tool paused: done, on DEST, not resumed, and that tool's
+    STOP not taken for blockcopy's pause window. The job's view."""
     code, out, err = _finish(proc)
     assert code == 0, err
-    job = json.loads(out)
+    job: dict[str, Any] = json.loads(out)
     assert job["outcome"] == "pivoted" and job["paused_by_blockcopy"] is False
     assert job["pause_window_ms"] is None
     assert vm.run_state() == "paused", "blockcopy resumed a guest that someone else had paused"
-    assert vm.device_node("vda")[1] == str(tmp_path / "d.qcow2")
+    assert vm.device_node("vda")[1] == str(dest)
+    return job
 
 
 @pytest.mark.parametrize("behind", [True, False], ids=["completes-behind-stop", "one-at-a-time"])
@@ -620,21 +629,13 @@ def test_a_guest_paused_by_someone_between_the_last_look_and_the_stop_is_not_res
     a fault), they are in QEMU before blockcopy reads whose STOP it was: the guest must still be
     journaled as the other tool's, not resumed, and its STOP not taken for blockcopy's pause."""
     vm = attached(1)
-    env = {**bc.env, "BLOCKCOPY_FAULT_AT": "run-state=stop", "BLOCKCOPY_FAULT_SERIAL": "1" if not behind else "0"}
-    proc = subprocess.Popen(bc.argv("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--pivot", "--json"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    _SPAWNED.append(proc)
+    proc = _spawn(bc, "copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--pivot", "--json", fault="run-state=stop",
+                  serial=not behind)
     _stopped(proc)
     assert vm.run_state() == "running", "stopped after reading the guest running, before its `stop`"
     vm.cmd("stop")
     os.kill(proc.pid, signal.SIGCONT)
-    code, out, err = _finish(proc)
-    assert code == 0, err
-    job = json.loads(out)
-    assert job["outcome"] == "pivoted" and job["paused_by_blockcopy"] is False
-    assert job["pause_window_ms"] is None
-    assert vm.run_state() == "paused", "blockcopy resumed a guest that someone else had paused"
-    assert vm.device_node("vda")[1] == str(tmp_path / "d.qcow2")
+    job = _pivoted_and_left_paused(proc, vm, tmp_path / "d.qcow2")
     steps = bc.ok("status", job["id"], "--log").stdout
     assert "paused by someone else just before" in steps
     assert any("leaves it paused" in w for w in job["warnings"]), job["warnings"]

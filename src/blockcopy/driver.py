@@ -466,20 +466,8 @@ class Driver:
                 monitor = self.monitor
                 if monitor is None:
                     return op, None, identical
-                results = await asyncio.gather(*(self._send(monitor, c, op) for c in batch),
-                                               return_exceptions=True)
-                failure = None
-                for command, result in zip(batch, results, strict=True):
-                    if isinstance(result, MonitorTimeout | ConnectionLost):
-                        return op, failure, identical
-                    if isinstance(result, CommandRefused):
-                        log.info("%s refused: %s", command.describe(), result)
-                        failure = failure or Failure(command, str(result))
-                    elif isinstance(result, BaseException):
-                        raise result
-                    else:
-                        faults.point(f"qmp:{command.name}")
-                if failure is not None:
+                failure, lost = await self._send_batch(monitor, op, batch)
+                if failure is not None or lost:
                     return op, failure, identical
                 continue
             command = batch[0]
@@ -636,7 +624,7 @@ class Driver:
             return op, Failure(stop_command, "a memory dump holds the guest paused"), False
         if state != "running":
             op = self._not_ours_to_resume(op)
-            failure, lost = await self._complete(monitor, op, completes)
+            failure, lost = await self._send_batch(monitor, op, completes)
             return op, failure, lost
         if dumping:
             try:
@@ -644,7 +632,7 @@ class Driver:
             except CommandRefused as exc:
                 log.info("stop refused: %s", exc)
                 return op, Failure(stop_command, str(exc)), False
-            failure, lost = await self._complete(monitor, op, completes)
+            failure, lost = await self._send_batch(monitor, op, completes)
             return op, failure, lost
         faults.point("run-state")
         seen, clock = monitor.event_seq, _Clock()
@@ -670,28 +658,30 @@ class Driver:
                 await stop
             except CommandRefused as exc:  # (not from QEMU, which answers what it read)
                 return op, Failure(stop_command, str(exc)), False
-        completing = asyncio.ensure_future(asyncio.gather(*(self._send(monitor, c, op) for c in completes),
-                                                          return_exceptions=True))
+        completing = asyncio.ensure_future(self._send_all(monitor, op, completes))
         await asyncio.wait((stop,))
         try:
             stop.result()
         except (CommandRefused, MonitorTimeout, ConnectionLost) as exc:
             log.info("stop: %s", exc)
-            _completed(completes, await completing)  # (logged; the next observation shows the jobs)
+            _batch_answers(completes, await completing)  # (logged; the next observation shows the jobs)
             if isinstance(exc, CommandRefused):  # (a dump started since the query)
                 return op, Failure(stop_command, str(exc)), False
             return op, None, True
         faults.point("qmp:stop")  # (the points in the order of QEMU's answers)
         stop_ts = _our_stop(monitor, seen, clock)
         op = self._not_ours_to_resume(op) if stop_ts is None else dataclasses.replace(op, stop_ts=stop_ts)
-        failure, lost = _completed(completes, await completing)
+        failure, lost = _batch_answers(completes, await completing)
         return op, failure, lost
 
-    async def _complete(self, monitor: Monitor, op: Operation, completes: list[Command]
-                        ) -> tuple[Failure | None, bool]:
-        """Send the job-completes together (see :func:`_completed`)."""
-        return _completed(completes, await asyncio.gather(*(self._send(monitor, c, op) for c in completes),
-                                                          return_exceptions=True))
+    async def _send_all(self, monitor: Monitor, op: Operation, batch: list[Command]) -> list[Any]:
+        """Send a batch's commands together (QEMU runs them in order); each one's answer or error."""
+        return await asyncio.gather(*(self._send(monitor, c, op) for c in batch), return_exceptions=True)
+
+    async def _send_batch(self, monitor: Monitor, op: Operation, batch: list[Command]
+                          ) -> tuple[Failure | None, bool]:
+        """:meth:`_send_all`, read by :func:`_batch_answers`."""
+        return _batch_answers(batch, await self._send_all(monitor, op, batch))
 
     async def _stop(self, monitor: Monitor, op: Operation) -> Operation:
         """Pause the guest for the pivot, ``stop`` alone (while a test has a fault armed, or when the
@@ -832,24 +822,25 @@ def _dest_state(disk: DiskRecord) -> str:
 BATCHABLE = frozenset({"job-complete", "job-finalize", "job-cancel", "block-job-cancel"})
 
 
-def _completed(completes: list[Command], results: list[Any]) -> tuple[Failure | None, bool]:
-    """The job-completes' answers: the first refusal, if any, and whether one went unanswered (a
-    timeout or a lost connection; the others may have been answered).
+def _batch_answers(batch: list[Command], results: list[Any]) -> tuple[Failure | None, bool]:
+    """The answers to a batch sent together: the first refusal, if any, and whether one went
+    unanswered (a timeout or a lost connection: the answers after it are not read, the next
+    observation says what happened).
 
     :raise BaseException: what a send raised otherwise."""
-    failure, lost = None, False
-    for command, result in zip(completes, results, strict=True):
+    failure = None
+    for command, result in zip(batch, results, strict=True):
+        if isinstance(result, MonitorTimeout | ConnectionLost):
+            log.info("%s: %s", command.describe(), result)
+            return failure, True
         if isinstance(result, CommandRefused):
             log.info("%s refused: %s", command.describe(), result)
             failure = failure or Failure(command, str(result))
-        elif isinstance(result, MonitorTimeout | ConnectionLost):
-            log.info("%s: %s", command.describe(), result)
-            lost = True
         elif isinstance(result, BaseException):
             raise result
         else:
             faults.point(f"qmp:{command.name}")
-    return failure, lost
+    return failure, False
 
 
 class _Clock:
