@@ -863,6 +863,16 @@ def test_a_page_cache_fill_asked_for_is_reopened_o_direct_before_the_pivot(lab: 
     assert tree.protocol.options["cache.direct"] is True and tree.format is not None
     assert tree.format.options["cache.direct"] is True
     assert has_pattern(str(dest), "qcow2", FILL, 0, 4 * MIB)
+    assert not any("page-cache fill" in w for w in job["warnings"]), job["warnings"]
+    # Asked for where it cannot apply (a bare copy: no process stays to write the page cache out),
+    # it is said at once, with the reason, and DEST is O_DIRECT from the start.
+    bare = bc.ok("copy", "vm", "vda", str(tmp_path / "d2.qcow2"), "--page-cache-fill", "--json").json
+    said = [w for w in bare["warnings"] if "page-cache fill" in w]
+    assert len(said) == 1 and "does nothing here" in said[0] and "--pivot" in said[0], bare["warnings"]
+    dest_nodes = {n["node-name"]: n["cache"]["direct"] for n in vm.cmd("query-named-block-nodes", flat=True)
+                  if n["node-name"].startswith(f"bc-{bare['id']}")}
+    assert len(dest_nodes) == 2 and all(dest_nodes.values()), dest_nodes
+    bc.ok("abort", bare["id"])
 
 
 @pytest.mark.parametrize("point", ["qmp:blockdev-reopen@1", "journal:pivoting@1"])

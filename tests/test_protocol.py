@@ -19,6 +19,7 @@ from blockcopy.protocol import (
     decide,
     in_page_cache_while_copying,
     needs,
+    page_cache_fill_unused,
     qmp,
 )
 from blockcopy.records import Authority, CopyRequest, DiskRecord, Goal, Operation, Outcome, Phase, Stage
@@ -233,6 +234,33 @@ def test_a_direct_destination_is_added_o_direct_unless_a_page_cache_fill_is_aske
     # an O_DIRECT DEST has nothing to write out; one of a fill asked for under another goal is written
     # out all the same (the goal may have been pivot when it was added: see the test below)
     assert in_page_cache_while_copying(o, o.disks[0]) is (case == "copy-goal")
+
+
+@pytest.mark.parametrize("case", ["applies", "finish", "not-asked", "copy-goal", "shallow", "block-device",
+                                  "aio-native", "source-buffered"])
+def test_a_page_cache_fill_that_would_do_nothing_is_said_with_its_reason(case: str) -> None:
+    """`--page-cache-fill` is never a silent no-op: where a DEST would not be filled through the page
+    cache, the plan warns with the reason; exactly where the protocol does fill it, nothing is said."""
+    dest = dataclasses.replace(_direct_dest(0), stage=Stage.ADD)
+    args = dict(dest.dest_args or {})
+    if case == "block-device":
+        args["file"] = {**args["file"], "driver": "host_device"}
+    if case == "aio-native":
+        args["file"] = {**args["file"], "aio": "native"}
+    if case == "source-buffered":
+        args = {**args, "cache": {"direct": False, "no-flush": False},
+                "file": {**args["file"], "cache": {"direct": False, "no-flush": False}}}
+    goal = {"copy-goal": Goal.COPY, "finish": Goal.FINISH}.get(case, Goal.PIVOT)
+    o = dataclasses.replace(op(Phase.STARTING, goal, shallow=case == "shallow", page_cache_fill=case != "not-asked"),
+                            disks=(dataclasses.replace(dest, dest_args=args),))
+    reason = page_cache_fill_unused(o, o.disks[0])
+    added = decide(o, obs(None, nodes=frozenset())).commands[0].args
+    filled = added["file"]["cache"]["direct"] is False and added["cache"]["direct"] is False
+    assert (reason is None) is (case in ("applies", "finish", "not-asked")), reason
+    assert filled is (case in ("applies", "finish", "source-buffered")), added
+    expected = {"copy-goal": "--pivot, --finish", "shallow": "shallow", "block-device": "host_device",
+                "aio-native": "aio=native", "source-buffered": "not O_DIRECT"}.get(case)
+    assert expected is None or (reason is not None and expected in reason), reason
 
 
 def test_a_destination_in_the_page_cache_by_its_own_options_is_written_out_while_copying() -> None:

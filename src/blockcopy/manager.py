@@ -52,6 +52,7 @@ from blockcopy.errors import (
 from blockcopy.journal import Domain, Journal
 from blockcopy.locking import DomainLock
 from blockcopy.monitor import DeviceInfo, Monitor, devices_from_query_block
+from blockcopy.protocol import page_cache_fill_unused
 from blockcopy.qemuproc import QemuProcess
 from blockcopy.records import CopyRequest, DiskRecord, Goal, Operation, Outcome, Phase, Stage
 
@@ -519,13 +520,16 @@ def _plan_disks(request: CopyRequest, qemu: QemuProcess, block: list[dict[str, A
             preallocation=request.preallocation,
             stage=Stage.ADD if request.reuse_external else Stage.CREATE))
     bandwidth = int(request.bandwidth_mib * MIB) if request.bandwidth_mib else 0
-    return Operation(id=op_id, domain=request.domain, goal=request.goal, phase=Phase.STARTING,
+    op = Operation(id=op_id, domain=request.domain, goal=request.goal, phase=Phase.STARTING,
                      qemu_pid=qemu.pid, qemu_start=qemu.start_time, qemu_boot=qemu.boot_id,
                      qemu_pidns=qemu.pid_ns,
                      disks=tuple(disks), mode=request.mode, shallow=request.shallow,
                      reuse_external=request.reuse_external, bandwidth=bandwidth,
                      buf_size=request.buf_size if request.buf_size is not None else default_buf_size(bandwidth),
                      page_cache_fill=request.page_cache_fill, warnings=tuple(warnings))
+    unused = [f"disk {d.name}: the page-cache fill (--page-cache-fill) does nothing here: {reason}"
+              for d in op.disks if (reason := page_cache_fill_unused(op, d))]
+    return dataclasses.replace(op, warnings=(*op.warnings, *unused)) if unused else op
 
 
 def refuse_concluded(op: Operation, goal: Goal) -> None:

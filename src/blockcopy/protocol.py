@@ -403,6 +403,27 @@ def _may_fill_through_page_cache(op: Operation, disk: DiskRecord) -> bool:
             and levels[-1].get("driver") == "file" and not any(n.get("aio") == "native" for n in levels))
 
 
+def page_cache_fill_unused(op: Operation, disk: DiskRecord) -> str | None:
+    """Why a page-cache fill asked for (``op.page_cache_fill``) does nothing for ``disk``, or None
+    where it applies: the conditions of :func:`_copy_through_page_cache`, said to the user at the
+    start (a warning of the job) instead of a silent no-op."""
+    if not op.page_cache_fill:
+        return None
+    levels = _levels(disk.dest_args or {})
+    if not _wants_direct(disk):
+        return "its DEST is not O_DIRECT (the source's cache mode uses the page cache), so it is filled that way anyway"
+    if op.shallow:
+        return "not with a shallow copy"
+    if levels[-1].get("driver") != "file":
+        return f"its DEST is not a file ({levels[-1].get('driver')}): it is O_DIRECT throughout"
+    if any(n.get("aio") == "native" for n in levels):
+        return "its DEST uses aio=native, which needs O_DIRECT from the start"
+    if op.goal not in (Goal.PIVOT, Goal.FINISH):
+        return ("only a copy that waits to pivot or finish (--pivot, --finish) writes the page cache out; a bare "
+                "copy would leave it all to QEMU's flush before `ready`")
+    return None
+
+
 def in_page_cache_while_copying(op: Operation, disk: DiskRecord) -> bool:
     """Whether DEST's file may be written through the host's page cache while the mirror fills it:
     the files the driver writes out while copying (see writeback.py). Its file node journaled
