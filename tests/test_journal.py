@@ -180,6 +180,18 @@ def test_events_are_written_with_their_record_in_order(tmp_path: Path) -> None:
     assert j.last_event_seq() == seqs[-1]
 
 
+def test_a_wait_that_holds_a_ready_job_is_an_event_when_it_begins_and_when_it_ends(tmp_path: Path) -> None:
+    """A pivot held by a memory dump (``Operation.waiting``) reaches the event stream, and so the
+    daemon's clients and their progress bars, not only `status`: its reason, then "" once it ends."""
+    j = Journal(tmp_path)
+    op = j.save(dataclasses.replace(_op(), phase=Phase.COPYING, ready_at=1.0), "planned", new=True)
+    op = j.save(dataclasses.replace(op, waiting="a dump holds the guest"), "wait")
+    op = j.save(op.with_disk(0, progress_current=1))  # unchanged wait: no second event
+    op = j.save(dataclasses.replace(op, phase=Phase.PIVOTING, waiting=""), "pivot")
+    waits = [e.data["reason"] for e in j.events_after(0) if e.kind == "waiting"]
+    assert waits == ["a dump holds the guest", ""]
+
+
 def test_schema_2_journal_is_upgraded_for_request_ids_and_events(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / Journal.FILENAME)
     record = json.dumps(_op().to_dict())

@@ -624,6 +624,9 @@ def _cases() -> list[tuple[Operation, Observation]]:
         authority = Authority.DESTINATION if outcome else None
         o = op(phase, goal, n=2, paused_by_us=paused_by_us, outcome=outcome, authoritative=authority)
         cases.append((o, obs(s0, s1, run_state=run_state, pivoted=piv)))
+        if phase is Phase.COPYING:  # journaled while a memory dump held the pivot
+            cases.append((dataclasses.replace(o, waiting="a dump holds the guest"),
+                          obs(s0, s1, run_state=run_state, pivoted=piv)))
     return cases
 
 
@@ -690,6 +693,10 @@ def _check_invariants(o: Operation, ob: Observation) -> None:
         assert step.record is None or step.record.phase is not Phase.FINALIZING, where
     if step.record is not None:
         assert step.record.id == o.id and step.record.domain == o.domain
+        # what held a ready copy (`waiting`, for `status`) is said only while copying, and only of
+        # a pivot a memory dump holds
+        assert not step.record.waiting or (step.record.phase is Phase.COPYING and ob.run_state == "save-vm"
+                                           and step.record.goal is Goal.PIVOT), where
         if step.record.outcome is not None:
             assert step.record.authoritative is not None, where
         # DONE means nothing of the operation runs in QEMU any more.
@@ -880,8 +887,20 @@ def test_a_pivot_does_not_begin_while_a_memory_dump_holds_the_guest_paused() -> 
     dump's end could resume the guest between job-finalize and the outcome's record. COPYING waits."""
     o = op(Phase.COPYING)
     step = decide(o, obs("ready", run_state="save-vm"))
-    assert step.record is None and not step.commands and step.wait is Wait.COPY
-    after = decide(o, obs("ready", run_state="running"))
+    # the wait is journaled once, for `status` and the event stream; nothing else is decided on it
+    assert step.record is not None and not step.commands and step.wait is Wait.COPY
+    assert step.record.phase is Phase.COPYING and "memory dump" in step.record.waiting
+    waiting = step.record
+    again = decide(waiting, obs("ready", run_state="save-vm"))
+    assert again.record is None and not again.commands and again.wait is Wait.COPY
+    after = decide(waiting, obs("ready", run_state="running"))
     assert after.record is not None and after.record.phase is Phase.PIVOTING and after.record.paused_by_us
+    assert after.record.waiting == ""
+    # the goal changed meanwhile (a wait interrupted keeps the copy): nothing holds the copy any more
+    kept = decide(dataclasses.replace(waiting, goal=Goal.COPY), obs("ready", run_state="save-vm"))
+    assert kept.record is not None and kept.record.waiting == "" and kept.record.phase is Phase.COPYING
+    assert decide(kept.record, obs("ready", run_state="save-vm")).record is None
+    aborted = decide(dataclasses.replace(waiting, goal=Goal.ABORT), obs("ready", run_state="save-vm"))
+    assert aborted.record is not None and aborted.record.phase is Phase.ABORTING and aborted.record.waiting == ""
     finish = decide(op(Phase.COPYING, Goal.FINISH), obs("ready", run_state="save-vm"))
     assert finish.record is not None and finish.record.phase is Phase.FINISHING, "a finish does not touch the guest"

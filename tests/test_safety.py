@@ -715,6 +715,10 @@ def test_a_pivot_waits_for_a_memory_dump_that_holds_the_guest_paused(attached, b
         assert pivot.poll() is None, pivot.communicate()
         assert [j["status"] for j in vm.cmd("query-jobs")] == ["ready"], "no job completed during the dump"
         assert vm.device_node("vda")[1] != str(tmp_path / "d.qcow2")
+        # what holds the pivot is said where users look, not only in the command's --verbose log
+        held = bc.ok("status", job["id"], "--json").json
+        assert held["phase"] == "copying" and "memory dump" in (held["waiting"] or ""), held
+        assert "waiting: the pivot waits for QEMU's memory dump" in bc.ok("status", job["id"]).stdout
     finally:
         os.set_blocking(reader, True)
         while os.read(reader, 1 << 20):  # the dump goes on to its end; QEMU resumes the guest
@@ -722,8 +726,9 @@ def test_a_pivot_waits_for_a_memory_dump_that_holds_the_guest_paused(attached, b
         os.close(reader)
     code, out, err = _finish(pivot)
     assert code == 0, err
-    assert err.count("waiting for QEMU's memory dump to end before the pivot") == 1, err  # seen, and said once
+    assert err.count("the pivot waits for QEMU's memory dump") == 1, err  # seen, and said once
     done = json.loads(out)
     assert done["outcome"] == "pivoted" and done["paused_by_blockcopy"] is True, done
+    assert done["waiting"] is None, done
     assert done["pause_window_ms"] is not None and vm.run_state() == "running"
     assert vm.device_node("vda")[1] == str(tmp_path / "d.qcow2")

@@ -16,6 +16,8 @@ goal        the goal changed (pivot, finish or abort asked; a wait interrupted):
 ready       every mirror of the job is ready: ``ready_at``
 progress    bytes copied (written with the journal's periodic progress saves): ``current``, ``total``
 speed       the speed limit changed: ``bandwidth`` (bytes/s, 0 = unlimited), ``applied``
+waiting     a job whose mirrors are ready waits before its goal, or no longer does: ``reason`` (why;
+            "" when it no longer waits)
 pause       the guest's pause window of the pivot: ``stop_ts``, ``resume_ts``, ``ms`` (QEMU's times)
 outcome     the job ended: ``outcome``, ``authoritative``, ``error``, ``disks`` (name, pivoted)
 ==========  ======================================================================================
@@ -28,7 +30,7 @@ from typing import Any
 
 from blockcopy.records import Operation, Phase, job_state
 
-KINDS = ("created", "state", "goal", "ready", "progress", "speed", "pause", "outcome")
+KINDS = ("created", "state", "goal", "ready", "progress", "speed", "waiting", "pause", "outcome")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ def derive(old: Operation | None, new: Operation, note: str) -> list[tuple[str, 
     current, total = _progress(new)
     if (current, total) != _progress(old) and new.phase in (Phase.STARTING, Phase.COPYING):
         out.append(("progress", {**base, "current": current, "total": total}))
+    if new.waiting != old.waiting:
+        out.append(("waiting", {**base, "reason": new.waiting}))
     if new.pause_window_ms is not None and old.pause_window_ms is None:
         out.append(("pause", {**base, "stop_ts": new.stop_ts, "resume_ts": new.resume_ts,
                               "ms": new.pause_window_ms}))

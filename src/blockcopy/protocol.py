@@ -234,6 +234,8 @@ def decide(op: Operation, obs: Observation) -> Step:
 
 
 def _replace(op: Operation, **changes: Any) -> Operation:
+    if changes.get("phase", Phase.COPYING) is not Phase.COPYING:
+        changes.setdefault("waiting", "")  # (what held a ready copy holds nothing once it moves on)
     return dataclasses.replace(op, **changes)
 
 
@@ -535,19 +537,26 @@ def _copying(op: Operation, obs: Observation) -> Step:
             # A memory dump (dump-guest-memory, detached) pauses the guest itself and resumes it when
             # it ends, at any moment: a pivot begun now would take that pause for its user's and go
             # on without its own, and the dump's end could resume the guest between job-finalize
-            # and the outcome's record. Wait for the dump to end.
-            return Step(wait=Wait.COPY, note="waiting for QEMU's memory dump to end before the pivot")
+            # and the outcome's record. Wait for the dump to end, and say so (journaled once: `status`).
+            if op.waiting != DUMP_WAIT:
+                return Step(record=_replace(op, waiting=DUMP_WAIT), wait=Wait.COPY, note=DUMP_WAIT)
+            return Step(wait=Wait.COPY, note=DUMP_WAIT)
         if op.goal is Goal.PIVOT:
             running = obs.run_state == "running"
             record = _replace(op, phase=Phase.PIVOTING, vm_was_running=running, paused_by_us=running)
             return Step(record=record, note="pivot: every job is ready")
         if op.goal is Goal.FINISH:
             return Step(record=_replace(op, phase=Phase.FINISHING), note="finish: every job is ready")
+    if op.waiting:  # (the goal changed while a dump held the pivot: nothing holds the copy now)
+        return Step(record=_replace(op, waiting=""), wait=Wait.COPY, note="no longer waiting for a memory dump")
     return Step(wait=Wait.COPY, note="copying")
 
 
 #: QEMU's run state while a detached memory dump holds the guest paused; QEMU resumes it itself
 SAVING_VM = "save-vm"
+#: what a pivot held by such a dump says (the journaled ``Operation.waiting``)
+DUMP_WAIT = ("the pivot waits for QEMU's memory dump (dump-guest-memory) to end: the dump holds the guest paused "
+             "and resumes it itself")
 
 
 def _set_speed(op: Operation, obs: Observation) -> Step:

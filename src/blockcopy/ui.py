@@ -35,6 +35,8 @@ def describe_view(view: Mapping[str, Any]) -> str:
         lines.append(f"  {view['reason']}")
     if view["error"]:
         lines.append(f"  error: {view['error']}")
+    if view.get("waiting"):  # (a daemon older than the field does not send it)
+        lines.append(f"  waiting: {view['waiting']}")
     if view["pause_window_ms"] is not None:
         lines.append(f"  guest pause window: {view['pause_window_ms']:.1f} ms")
     lines.extend(f"  warning: {w}" for w in view["warnings"])
@@ -68,7 +70,9 @@ def progress_display(enabled: bool) -> Iterator[ProgressCallback | None]:
         def update(op: Operation) -> None:
             total = sum(d.progress_total for d in op.disks) or None
             current = sum(d.progress_current for d in op.disks)
-            label = "ready" if op.ready_at else "copying"
+            # (called while copying only; a record from the daemon's events has `waiting` when one said so)
+            waiting = getattr(op, "waiting", "")
+            label = "ready, waiting for a memory dump" if waiting else "ready" if op.ready_at else "copying"
             bar.update(task, total=total, completed=current, description=f"{op.id} {label}")
 
         yield update

@@ -347,6 +347,8 @@ class RemoteBackend:
                     on_progress(_progress_record(job, data["current"], data["total"], ready=False))
                 if kind == "ready" and on_progress is not None:
                     on_progress(_progress_record(job, 1, 1, ready=True))
+                if kind == "waiting" and on_progress is not None:
+                    on_progress(_progress_record(job, 1, 1, ready=True, waiting=data["reason"]))
                 if kind in ("ready", "outcome", "state"):
                     view = dict(self.client.call("GET", f"/v1/jobs/{_seg(job)}"))
                     if self._reached(view, wait_until):
@@ -399,7 +401,7 @@ def _urlencode(query: Mapping[str, str]) -> str:
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
-def _progress_record(job: str, current: int, total: int, *, ready: bool) -> Any:
+def _progress_record(job: str, current: int, total: int, *, ready: bool, waiting: str = "") -> Any:
     """What the progress bar reads of a record, from an event."""
     disk = SimpleNamespace(progress_current=current, progress_total=total)
-    return SimpleNamespace(id=job, disks=[disk], ready_at=1.0 if ready else None)
+    return SimpleNamespace(id=job, disks=[disk], ready_at=1.0 if ready else None, waiting=waiting)
