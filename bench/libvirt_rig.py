@@ -18,7 +18,8 @@ master-key secret object, -sandbox, -S), pointed at its own copy of the same sou
 `<qemu:commandline>`), on which this script only listens to QEMU's events: job created / READY /
 STOP / RESUME with QEMU's own timestamps, read the same way for both tools.
 
-throughput: per rep, in a rotating order, each tool after `sync; echo 3 > drop_caches`:
+throughput: per rep, in a rotating order (reversed on odd reps: rep_order), each tool after
+`sync; echo 3 > drop_caches`:
   libvirt     virsh blockcopy DOM vda DEST --wait --pivot --transient-job; sync -f DEST
               (libvirt creates DEST itself, as users run it: blockdev-create, format = the source's)
   qemu-img    qemu-img convert -O qcow2 SRC DEST; sync -f DEST
@@ -696,8 +697,7 @@ def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, alt_bufs: 
     raw: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     label = f"{size_mib} MiB{' half sparse' if sparse else ''} random"
     for rep in range(reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]  # rotating, so position hits all alike
-        for name in order:
+        for name in rep_order(names, rep):
             try:
                 result = tools[name]()
             except (RuntimeError, AssertionError, TimeoutError,
@@ -724,6 +724,18 @@ def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, alt_bufs: 
     for side in (rig.lv, rig.bc):
         (side / "source.qcow2").unlink()
     return summarize_throughput(label, size_mib, raw)
+
+
+def rep_order(names: list[str], rep: int) -> list[str]:
+    """The sides' order in rep ``rep``: rotated by one each rep, so that every side takes every
+    position alike, and reversed on odd reps, so that every side follows more than one other. A
+    plain rotation keeps the cycle: each side would come right after the same side in every rep,
+    and what a side leaves behind (the discard of the GiB it just deleted on a file system mounted
+    with `discard`, the host flushing what it wrote) would always land on the same next side, as
+    the daemon's column right after `blockcopy-1M`'s did in `throughput_rig2_daemon`."""
+    base = names if rep % 2 == 0 else names[::-1]
+    shift = rep % len(base)
+    return base[shift:] + base[:shift]
 
 
 def _median(values: list[float]) -> float | None:

@@ -7,7 +7,7 @@ Not part of `make test`. Issue 11 asks for `blockcopy copy --pivot` at 0.9x the 
 blockcopy around it, on the disk of a VM started as libvirt starts a `cache='none'` qcow2 disk
 (file and qcow2 nodes with cache.direct=on, aio threads, virtio-blk, i440fx; KVM when it works, no
 guest OS), so that the figure for blockcopy can be read against what the job itself
-can do here. Per rep, in a rotating order, each on a fresh VM left until
+can do here. Per rep, in a rotating order (reversed on odd reps), each on a fresh VM left until
 QEMU is idle (libvirt_rig.wait_until_idle), after `sync; echo 3 > drop_caches`:
 
   qemu-img             qemu-img convert -O qcow2 SRC DEST; sync -f DEST (end to end, as users time it)
@@ -59,6 +59,7 @@ from libvirt_rig import (
     drop_caches,
     images_equal,
     make_source,
+    rep_order,
     run,
     timed,
     tool_command,
@@ -164,7 +165,7 @@ def bench(work: Path, reps: int, size_mib: int) -> dict[str, Any]:
     names = ["qemu-img", "blockcopy", *VARIANTS]
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for rep in range(reps):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
+        for name in rep_order(names, rep):
             result = qemu_img(work, source) if name == "qemu-img" else run_tool(work, source, size_mib, accel,
                                                                                name, cli)
             runs[name].append({k: round(v, 3) for k, v in result.items()})

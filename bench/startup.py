@@ -17,7 +17,7 @@ another one served by `blockcopy serve` (same install). Per rep, with the page c
   floor-self the same program without strace, timed by itself (the wall time it prints just
              before it sends): what strace adds to the floor.
 
-The sides run in an order rotated by one each rep.
+The sides run in an order rotated by one each rep and reversed on odd reps (libvirt_rig.rep_order).
 
 QMP commands are seen with `strace --seccomp-bpf -f -ttt` on the sending process (the CLI started
 under it, or the running daemon attached with -p), tracing only sendto/sendmsg/write (the other
@@ -42,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from libvirt_rig import USER_VENV, blockcopy_cli, code_version, drop_caches
+from libvirt_rig import USER_VENV, blockcopy_cli, code_version, drop_caches, rep_order
 
 from blockcopy.vm import DiskSpec, ScratchVM, make_image, pick_accel
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_cli(cli, "attach", "vm2", "--qmp", str(vm2.qmp_socket), "--state-dir", str(served), env=env)
                 for rep in range(args.reps):
                     for temperature in ("cold", "warm"):
-                        for side in SIDES[rep % len(SIDES):] + SIDES[:rep % len(SIDES)]:
+                        for side in rep_order(list(SIDES), rep):
                             state = embedded if side == "embedded" else served
                             domain = "vm" if side == "embedded" else "vm2"
                             extra = ["--no-daemon"] if side == "embedded" else []
