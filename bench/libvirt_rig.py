@@ -18,7 +18,7 @@ master-key secret object, -sandbox, -S), pointed at its own copy of the same sou
 `<qemu:commandline>`), on which this script only listens to QEMU's events: job created / READY /
 STOP / RESUME with QEMU's own timestamps, read the same way for both tools.
 
-throughput: per rep, in a rotating order (reversed on odd reps: rep_order), each tool after
+throughput: per rep, in a balanced order (rep_order: a Williams design), each tool after
 `sync; echo 3 > drop_caches`:
   libvirt     virsh blockcopy DOM vda DEST --wait --pivot --transient-job; sync -f DEST
               (libvirt creates DEST itself, as users run it: blockdev-create, format = the source's)
@@ -36,8 +36,8 @@ throughput: per rep, in a rotating order (reversed on odd reps: rep_order), each
               service is; the command's .pyc files are cold, the interpreter the daemon keeps
               mapped is not): what a CLI user pays per job with the service running (an app that
               speaks HTTP to the daemon does not pay the CLI's start). Both journal progress every
-              2 s (the daemon every 1 s before 783e772). With fewer reps than tools the rotation is
-              not balanced.
+              2 s (the daemon every 1 s before 783e772). With fewer reps than the design's rows
+              (the number of tools, twice that when it is odd) the balance is partial.
   timed end to end (command start -> sync done); mirror phase = job created -> BLOCK_JOB_READY from
   QEMU's event times; every DEST checked equal to the source with `qemu-img compare` afterwards.
   Each VM is first left until QEMU is idle (wait_until_idle: the firmware spins a vCPU for ~5 s
@@ -727,15 +727,22 @@ def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, alt_bufs: 
 
 
 def rep_order(names: list[str], rep: int) -> list[str]:
-    """The sides' order in rep ``rep``: rotated by one each rep, so that every side takes every
-    position alike, and reversed on odd reps, so that every side follows more than one other. A
-    plain rotation keeps the cycle: each side would come right after the same side in every rep,
-    and what a side leaves behind (the discard of the GiB it just deleted on a file system mounted
-    with `discard`, the host flushing what it wrote) would always land on the same next side, as
-    the daemon's column right after `blockcopy-1M`'s did in `throughput_rig2_daemon`."""
-    base = names if rep % 2 == 0 else names[::-1]
-    shift = rep % len(base)
-    return base[shift:] + base[:shift]
+    """The sides' order in rep ``rep``: the rows of a Williams design (a balanced Latin square),
+    one row per rep, cycled. Over n reps (2n when n, the number of sides, is odd) every side takes
+    every position equally often and comes right after every other side equally often. A plain
+    rotation keeps the cycle: each side would come right after the same side in every rep, and what
+    a side leaves behind (the discard of the GiB it just deleted on a file system mounted with
+    `discard`, the host flushing what it wrote) would always land on the same next side, as the
+    daemon's column right after `blockcopy-1M`'s did in `throughput_rig2_daemon`. With fewer reps
+    than rows the balance is partial."""
+    n = len(names)
+    if not n:
+        return []
+    base = [0] + [(j + 1) // 2 if j % 2 else n - j // 2 for j in range(1, n)]
+    rows = n if n % 2 == 0 else 2 * n
+    row = rep % rows
+    order = [names[(b + row) % n] for b in base]
+    return order[::-1] if row >= n else order
 
 
 def _median(values: list[float]) -> float | None:

@@ -17,7 +17,7 @@ another one served by `blockcopy serve` (same install). Per rep, with the page c
   floor-self the same program without strace, timed by itself (the wall time it prints just
              before it sends): what strace adds to the floor.
 
-The sides run in an order rotated by one each rep and reversed on odd reps (libvirt_rig.rep_order).
+The sides run in a balanced order, one row of a Williams design per rep (libvirt_rig.rep_order).
 
 QMP commands are seen with `strace --seccomp-bpf -f -ttt` on the sending process (the CLI started
 under it, or the running daemon attached with -p), tracing only sendto/sendmsg/write (the other

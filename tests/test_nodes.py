@@ -869,6 +869,12 @@ def test_a_page_cache_fill_asked_for_is_reopened_o_direct_before_the_pivot(lab: 
     bare = bc.ok("copy", "vm", "vda", str(tmp_path / "d2.qcow2"), "--page-cache-fill", "--json").json
     said = [w for w in bare["warnings"] if "page-cache fill" in w]
     assert len(said) == 1 and "does nothing here" in said[0] and "--pivot" in said[0], bare["warnings"]
+    journal = Journal(bc.state_dir, create=False)
+    try:
+        planned = journal.get(bare["id"])
+    finally:
+        journal.close()
+    assert planned is not None and planned.page_cache_fill is False, "a pivot asked later must not fill it after all"
     dest_nodes = {n["node-name"]: n["cache"]["direct"] for n in vm.cmd("query-named-block-nodes", flat=True)
                   if n["node-name"].startswith(f"bc-{bare['id']}")}
     assert len(dest_nodes) == 2 and all(dest_nodes.values()), dest_nodes

@@ -23,6 +23,7 @@ from blockcopy.protocol import (
     qmp,
 )
 from blockcopy.records import Authority, CopyRequest, DiskRecord, Goal, Operation, Outcome, Phase, Stage
+from blockcopy.views import operation_view
 
 STATUSES = ("created", "running", "ready", "standby", "waiting", "pending", "aborting", "concluded", None)
 
@@ -258,8 +259,8 @@ def test_a_page_cache_fill_that_would_do_nothing_is_said_with_its_reason(case: s
     filled = added["file"]["cache"]["direct"] is False and added["cache"]["direct"] is False
     assert (reason is None) is (case in ("applies", "finish", "not-asked")), reason
     assert filled is (case in ("applies", "finish", "source-buffered")), added
-    expected = {"copy-goal": "--pivot, --finish", "shallow": "shallow", "block-device": "host_device",
-                "aio-native": "aio=native", "source-buffered": "not O_DIRECT"}.get(case)
+    expected = {"copy-goal": "to pivot or finish", "shallow": "shallow", "block-device": "host_device",
+                "aio-native": "aio=native", "source-buffered": "not to be O_DIRECT"}.get(case)
     assert expected is None or (reason is not None and expected in reason), reason
 
 
@@ -624,9 +625,10 @@ def _cases() -> list[tuple[Operation, Observation]]:
         authority = Authority.DESTINATION if outcome else None
         o = op(phase, goal, n=2, paused_by_us=paused_by_us, outcome=outcome, authoritative=authority)
         cases.append((o, obs(s0, s1, run_state=run_state, pivoted=piv)))
-        if phase is Phase.COPYING:  # journaled while a memory dump held the pivot
-            cases.append((dataclasses.replace(o, waiting="a dump holds the guest"),
-                          obs(s0, s1, run_state=run_state, pivoted=piv)))
+        if phase is Phase.COPYING:  # journaled while a memory dump held the pivot (and with a speed to set)
+            for speed_applied in (True, False):
+                cases.append((dataclasses.replace(o, waiting="a dump holds the guest", speed_applied=speed_applied),
+                              obs(s0, s1, run_state=run_state, pivoted=piv)))
     return cases
 
 
@@ -693,10 +695,12 @@ def _check_invariants(o: Operation, ob: Observation) -> None:
         assert step.record is None or step.record.phase is not Phase.FINALIZING, where
     if step.record is not None:
         assert step.record.id == o.id and step.record.domain == o.domain
-        # what held a ready copy (`waiting`, for `status`) is said only while copying, and only of
-        # a pivot a memory dump holds
-        assert not step.record.waiting or (step.record.phase is Phase.COPYING and ob.run_state == "save-vm"
-                                           and step.record.goal is Goal.PIVOT), where
+    # what held a ready copy (`waiting`, for `status`) is said only while copying, and only of a
+    # pivot a memory dump holds: in the step's record and in the records its commands journal after
+    for record in (step.record, *(c.after for c in step.commands)):
+        assert record is None or not record.waiting or (
+            record.phase is Phase.COPYING and ob.run_state == "save-vm" and record.goal is Goal.PIVOT), where
+    if step.record is not None:
         if step.record.outcome is not None:
             assert step.record.authoritative is not None, where
         # DONE means nothing of the operation runs in QEMU any more.
@@ -902,5 +906,14 @@ def test_a_pivot_does_not_begin_while_a_memory_dump_holds_the_guest_paused() -> 
     assert decide(kept.record, obs("ready", run_state="save-vm")).record is None
     aborted = decide(dataclasses.replace(waiting, goal=Goal.ABORT), obs("ready", run_state="save-vm"))
     assert aborted.record is not None and aborted.record.phase is Phase.ABORTING and aborted.record.waiting == ""
+    # a mirror that leaves `ready` for a moment while the dump lasts does not end the wait (no
+    # record each way, no event each way)
+    assert decide(waiting, obs("standby", run_state="save-vm")).record is None
+    # the dump ended while the jobs are not all ready: said once
+    ended = decide(waiting, obs("running", run_state="running"))
+    assert ended.record is not None and ended.record.waiting == "" and ended.record.phase is Phase.COPYING
+    # what the view shows: only while a pivot is held (not after an interrupted wait made the goal copy)
+    assert "memory dump" in (operation_view(waiting)["waiting"] or "")
+    assert operation_view(dataclasses.replace(waiting, goal=Goal.COPY))["waiting"] is None
     finish = decide(op(Phase.COPYING, Goal.FINISH), obs("ready", run_state="save-vm"))
     assert finish.record is not None and finish.record.phase is Phase.FINISHING, "a finish does not touch the guest"

@@ -544,18 +544,24 @@ def test_page_cache_fill_reaches_the_journaled_job_through_the_daemon(served: An
                                                                       bc: Blockcopy, tmp_path: Path) -> None:
     """`copy --page-cache-fill` through the daemon (its client sends the field only when set, so
     that a daemon older than the option still takes a plain copy) and without it: the journaled
-    job says what was asked, and a plain copy is journaled without the fill."""
+    job says what was asked where it can apply (a job that finishes or pivots from its start); a
+    bare copy is told at once that the fill does nothing for it, and is journaled without it (so
+    that a pivot asked later does not fill it after all)."""
     from blockcopy.journal import Journal
 
     served()
     vm = vm_factory(1)
     bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
-    for n, (flag, expected) in enumerate((([], False), (["--page-cache-fill"], True))):
-        job = bc.ok("copy", "vm", "vda", str(tmp_path / f"d{n}.qcow2"), *flag, "--bandwidth", "1", "--json").json
+    for n, (flags, expected, told) in enumerate((([], False, False), (["--page-cache-fill"], False, True),
+                                                  (["--page-cache-fill", "--finish"], True, False))):
+        job = bc.ok("copy", "vm", "vda", str(tmp_path / f"d{n}.qcow2"), *flags, "--json").json
         journal = Journal(bc.state_dir, create=False)
         try:
             record = journal.get(job["id"])
         finally:
             journal.close()
-        assert record is not None and record.page_cache_fill is expected, (flag, record)
-        bc.ok("abort", job["id"])
+        assert record is not None and record.page_cache_fill is expected, (flags, record)
+        goal_said = [w for w in job["warnings"] if "only a job that is to pivot or finish" in w]
+        assert bool(goal_said) is told, (flags, job["warnings"])
+        if job["outcome"] is None:
+            bc.ok("abort", job["id"])

@@ -52,7 +52,7 @@ from blockcopy.errors import (
 from blockcopy.journal import Domain, Journal
 from blockcopy.locking import DomainLock
 from blockcopy.monitor import DeviceInfo, Monitor, devices_from_query_block
-from blockcopy.protocol import page_cache_fill_unused
+from blockcopy.protocol import fills_for_goal, page_cache_fill_unused
 from blockcopy.qemuproc import QemuProcess
 from blockcopy.records import CopyRequest, DiskRecord, Goal, Operation, Outcome, Phase, Stage
 
@@ -397,7 +397,7 @@ class Manager:
         except Interrupted:
             current = self._operation(op.id)
             if withdraw_goal and current.phase is Phase.COPYING and current.goal in (Goal.PIVOT, Goal.FINISH):
-                self.journal.save(dataclasses.replace(current, goal=Goal.COPY),
+                self.journal.save(dataclasses.replace(current, goal=Goal.COPY, waiting=""),
                                   "interrupted while waiting: the job keeps copying")
             raise
 
@@ -529,7 +529,11 @@ def _plan_disks(request: CopyRequest, qemu: QemuProcess, block: list[dict[str, A
                      page_cache_fill=request.page_cache_fill, warnings=tuple(warnings))
     unused = [f"disk {d.name}: the page-cache fill (--page-cache-fill) does nothing here: {reason}"
               for d in op.disks if (reason := page_cache_fill_unused(op, d))]
-    return dataclasses.replace(op, warnings=(*op.warnings, *unused)) if unused else op
+    if unused:
+        op = dataclasses.replace(op, warnings=(*op.warnings, *unused))
+    if op.page_cache_fill and not fills_for_goal(op.goal):
+        op = dataclasses.replace(op, page_cache_fill=False)  # (said above; a later pivot does not fill)
+    return op
 
 
 def refuse_concluded(op: Operation, goal: Goal) -> None:

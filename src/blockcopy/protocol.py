@@ -394,7 +394,7 @@ def _copy_through_page_cache(op: Operation, disk: DiskRecord) -> bool:
     QEMU's flush before `ready` would then write it all while guest writes wait), no aio=native
     (needs O_DIRECT from the start), no shallow copy (its reopen, which names the backing node, is
     not tested)."""
-    return _may_fill_through_page_cache(op, disk) and op.goal in (Goal.PIVOT, Goal.FINISH)
+    return _may_fill_through_page_cache(op, disk) and fills_for_goal(op.goal)
 
 
 def _may_fill_through_page_cache(op: Operation, disk: DiskRecord) -> bool:
@@ -411,19 +411,30 @@ def page_cache_fill_unused(op: Operation, disk: DiskRecord) -> str | None:
     start (a warning of the job) instead of a silent no-op."""
     if not op.page_cache_fill:
         return None
+    if not fills_for_goal(op.goal):
+        return ("only a job that is to pivot or finish from its start (`copy --pivot` or `--finish`, the API's goal "
+                "pivot or finish) is filled through the page cache, which its command writes out while it waits; "
+                "this one's DEST is O_DIRECT from the start, and stays so if it is pivoted later")
     levels = _levels(disk.dest_args or {})
     if not _wants_direct(disk):
-        return "its DEST is not O_DIRECT (the source's cache mode uses the page cache), so it is filled that way anyway"
+        return ("its DEST is not to be O_DIRECT (its options, the source's or --dest-option's, use the page cache), "
+                "so it is filled through the page cache anyway")
     if op.shallow:
         return "not with a shallow copy"
     if levels[-1].get("driver") != "file":
         return f"its DEST is not a file ({levels[-1].get('driver')}): it is O_DIRECT throughout"
     if any(n.get("aio") == "native" for n in levels):
         return "its DEST uses aio=native, which needs O_DIRECT from the start"
-    if op.goal not in (Goal.PIVOT, Goal.FINISH):
-        return ("only a copy that waits to pivot or finish (--pivot, --finish) writes the page cache out; a bare "
-                "copy would leave it all to QEMU's flush before `ready`")
     return None
+
+
+def fills_for_goal(goal: Goal) -> bool:
+    """Whether a job with this goal from its start may fill its DEST through the page cache: one
+    whose command waits for the copy, and so writes the page cache out meanwhile (a bare `copy`
+    leaves no process behind, and QEMU's flush before `ready` would write it all while guest
+    writes wait). The plan clears ``page_cache_fill`` of any other job, so that a goal changed
+    before DEST is added does not fill it after the job said it would not."""
+    return goal in (Goal.PIVOT, Goal.FINISH)
 
 
 def in_page_cache_while_copying(op: Operation, disk: DiskRecord) -> bool:
@@ -507,6 +518,7 @@ def _mirror_args(op: Operation, disk: DiskRecord) -> dict[str, Any]:
 
 
 def _copying(op: Operation, obs: Observation) -> Step:
+    original = op
     if op.goal is Goal.ABORT:
         return Step(record=_replace(op, phase=Phase.ABORTING), note="abort requested")
     trouble = _job_trouble(op, obs)
@@ -517,6 +529,11 @@ def _copying(op: Operation, obs: Observation) -> Step:
         # copying, or another client's): a pending mirror holds the guest's writes; no pivot now.
         return _abort(op, "a mirror job was completed outside blockcopy's pivot; the copy is cancelled, no disk "
                           "pivoted")
+    # A pivot that a memory dump holds says so (``waiting``, journaled for `status`) while the dump
+    # lasts and the goal is still a pivot; any other record of the copy says nothing holds it.
+    held = op.goal is Goal.PIVOT and obs.run_state == SAVING_VM
+    if op.waiting and not held:
+        op = _replace(op, waiting="")
     if not op.speed_applied:
         return _set_speed(op, obs)
     if all(obs.jobs[d.job_id].status == "ready" for d in op.disks):
@@ -547,8 +564,8 @@ def _copying(op: Operation, obs: Observation) -> Step:
             return Step(record=record, note="pivot: every job is ready")
         if op.goal is Goal.FINISH:
             return Step(record=_replace(op, phase=Phase.FINISHING), note="finish: every job is ready")
-    if op.waiting:  # (the goal changed while a dump held the pivot: nothing holds the copy now)
-        return Step(record=_replace(op, waiting=""), wait=Wait.COPY, note="no longer waiting for a memory dump")
+    if op.waiting != original.waiting:  # (the dump ended, or the goal changed: nothing holds the copy now)
+        return Step(record=op, wait=Wait.COPY, note="no longer waiting for a memory dump")
     return Step(wait=Wait.COPY, note="copying")
 
 

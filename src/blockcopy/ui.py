@@ -43,6 +43,14 @@ def describe_view(view: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def progress_label(op: Operation) -> str:
+    """The progress bar's word for a job that copies (a record, or the daemon's events made one:
+    ``service.client.ProgressFromEvents``)."""
+    if getattr(op, "waiting", ""):
+        return "ready, waiting for a memory dump"
+    return "ready" if op.ready_at else "copying"
+
+
 def _mib(n: float) -> str:
     return f"{n / (1024 * 1024):.1f} MiB"
 
@@ -70,10 +78,7 @@ def progress_display(enabled: bool) -> Iterator[ProgressCallback | None]:
         def update(op: Operation) -> None:
             total = sum(d.progress_total for d in op.disks) or None
             current = sum(d.progress_current for d in op.disks)
-            # (called while copying only; a record from the daemon's events has `waiting` when one said so)
-            waiting = getattr(op, "waiting", "")
-            label = "ready, waiting for a memory dump" if waiting else "ready" if op.ready_at else "copying"
-            bar.update(task, total=total, completed=current, description=f"{op.id} {label}")
+            bar.update(task, total=total, completed=current, description=f"{op.id} {progress_label(op)}")
 
         yield update
 

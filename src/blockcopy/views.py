@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from blockcopy.records import Authority, DiskRecord, Operation, Phase, job_state
+from blockcopy.records import Authority, DiskRecord, Goal, Operation, Phase, job_state
 
 if TYPE_CHECKING:  # (the CLI shows views from the daemon without loading the journal or QMP)
     from blockcopy.journal import Domain
@@ -52,7 +52,7 @@ def operation_view(op: Operation) -> dict[str, Any]:
         "reason": op.reason,
         "error": op.error,
         "warnings": list(op.warnings),
-        "waiting": op.waiting if op.phase is Phase.COPYING and op.waiting else None,
+        "waiting": op.waiting if op.phase is Phase.COPYING and op.goal is Goal.PIVOT and op.waiting else None,
         "progress": _progress(current, total),
         "rate": round(current / elapsed) if elapsed > 0 else None,
         "pause_window_ms": op.pause_window_ms,

@@ -316,7 +316,7 @@ def create_app(daemon: Daemon, *, token: str | None = None, metrics: Metrics | N
                      after: int | None = Query(None, ge=0, le=2**62),
                      job: str | None = Query(None, max_length=200)) -> StreamingResponse:
         """Server-Sent Events: each has ``id`` (its sequence number, kept in the journal), ``event``
-        (the kind: created, state, goal, ready, progress, speed, pause, outcome) and ``data`` (JSON).
+        (the kind: created, state, goal, ready, progress, speed, waiting, pause, outcome) and ``data`` (JSON).
         Reconnect with ``Last-Event-ID`` (or ``after``) to receive every event missed, in order, once."""
         start = after
         if last_event_id is not None:  # a reconnecting EventSource's, which wins over the URL's

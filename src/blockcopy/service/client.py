@@ -341,14 +341,12 @@ class RemoteBackend:
         job = view["id"]
         if self._reached(view, wait_until):
             return view
+        progress = ProgressFromEvents(job, view)
         try:
             for _seq, kind, data in self.client.events(after, job):
-                if kind == "progress" and on_progress is not None:
-                    on_progress(_progress_record(job, data["current"], data["total"], ready=False))
-                if kind == "ready" and on_progress is not None:
-                    on_progress(_progress_record(job, 1, 1, ready=True))
-                if kind == "waiting" and on_progress is not None:
-                    on_progress(_progress_record(job, 1, 1, ready=True, waiting=data["reason"]))
+                record = progress.feed(kind, data)
+                if record is not None and on_progress is not None:
+                    on_progress(record)
                 if kind in ("ready", "outcome", "state"):
                     view = dict(self.client.call("GET", f"/v1/jobs/{_seg(job)}"))
                     if self._reached(view, wait_until):
@@ -401,7 +399,31 @@ def _urlencode(query: Mapping[str, str]) -> str:
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
-def _progress_record(job: str, current: int, total: int, *, ready: bool, waiting: str = "") -> Any:
-    """What the progress bar reads of a record, from an event."""
-    disk = SimpleNamespace(progress_current=current, progress_total=total)
-    return SimpleNamespace(id=job, disks=[disk], ready_at=1.0 if ready else None, waiting=waiting)
+class ProgressFromEvents:
+    """What the progress bar reads of a job's record (``ui.progress_label``), kept from the job's
+    events as they come: each event changes only what it is about (a `progress` event after
+    `ready` leaves the job ready, one after `waiting` leaves it waiting)."""
+
+    def __init__(self, job: str, view: Mapping[str, Any]) -> None:
+        self.job = job
+        progress = view.get("progress") or {}
+        self.current, self.total = progress.get("current", 0), progress.get("total", 0)
+        self.ready = view.get("ready_at") is not None
+        self.waiting = view.get("waiting") or ""  # (a daemon older than the field does not send it)
+
+    def feed(self, kind: str, data: Mapping[str, Any]) -> Any:
+        """The record after event ``kind``, or None when the event changes nothing the bar shows."""
+        if kind == "progress":
+            self.current, self.total = data["current"], data["total"]
+        elif kind == "ready":
+            self.ready = True
+        elif kind == "waiting":
+            self.waiting = data["reason"]
+        elif kind == "state" and data.get("phase") != "copying":
+            self.waiting = ""  # (past the copy nothing holds it; no bar update: the command's wait ends)
+            return None
+        else:
+            return None
+        disk = SimpleNamespace(progress_current=self.current, progress_total=self.total)
+        return SimpleNamespace(id=self.job, disks=[disk], ready_at=1.0 if self.ready else None,
+                               waiting=self.waiting)

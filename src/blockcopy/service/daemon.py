@@ -321,7 +321,7 @@ class Daemon:
                 await self._stop_following(op.id)
                 op = self.manager._operation(op.id)
                 if op.phase is Phase.COPYING and op.goal in (Goal.PIVOT, Goal.FINISH):
-                    op = self.journal.save(dataclasses.replace(op, goal=Goal.COPY),
+                    op = self.journal.save(dataclasses.replace(op, goal=Goal.COPY, waiting=""),
                                            "interrupted while waiting: the job keeps copying")
                 self._follow(op.id)
         return op
