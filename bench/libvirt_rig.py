@@ -36,8 +36,8 @@ throughput: per rep, in a balanced order (rep_order: a Williams design), each to
               service is; the command's .pyc files are cold, the interpreter the daemon keeps
               mapped is not): what a CLI user pays per job with the service running (an app that
               speaks HTTP to the daemon does not pay the CLI's start). Both journal progress every
-              2 s (the daemon every 1 s before 783e772). With fewer reps than the design's rows
-              (the number of tools, twice that when it is odd) the balance is partial.
+              2 s (the daemon every 1 s before 783e772). Unless the reps are a multiple of the
+              design's rows (the number of tools, twice that when it is odd) the balance is partial.
   timed end to end (command start -> sync done); mirror phase = job created -> BLOCK_JOB_READY from
   QEMU's event times; every DEST checked equal to the source with `qemu-img compare` afterwards.
   Each VM is first left until QEMU is idle (wait_until_idle: the firmware spins a vCPU for ~5 s
@@ -729,12 +729,13 @@ def throughput_case(rig: Rig, size_mib: int, sparse: bool, reps: int, alt_bufs: 
 def rep_order(names: list[str], rep: int) -> list[str]:
     """The sides' order in rep ``rep``: the rows of a Williams design (a balanced Latin square),
     one row per rep, cycled. Over n reps (2n when n, the number of sides, is odd) every side takes
-    every position equally often and comes right after every other side equally often. A plain
-    rotation keeps the cycle: each side would come right after the same side in every rep, and what
-    a side leaves behind (the discard of the GiB it just deleted on a file system mounted with
-    `discard`, the host flushing what it wrote) would always land on the same next side, as the
-    daemon's column right after `blockcopy-1M`'s did in `throughput_rig2_daemon`. With fewer reps
-    than rows the balance is partial."""
+    every position equally often and, within a rep, comes right after every other side equally
+    often. A plain rotation keeps the cycle: each side would come right after the same side in every
+    rep, and what a side leaves behind (the discard of the GiB it just deleted on a file system
+    mounted with `discard`, the host flushing what it wrote) would always land on the same next
+    side, as the daemon's column right after `blockcopy-1M`'s did in `throughput_rig2_daemon`.
+    Partial unless the reps are a multiple of the rows (7 reps over 5 or 6 sides are not), and the
+    last side of a rep is followed by the first of the next, which the design does not count."""
     n = len(names)
     if not n:
         return []

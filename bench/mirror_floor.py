@@ -7,8 +7,8 @@ Not part of `make test`. Issue 11 asks for `blockcopy copy --pivot` at 0.9x the 
 blockcopy around it, on the disk of a VM started as libvirt starts a `cache='none'` qcow2 disk
 (file and qcow2 nodes with cache.direct=on, aio threads, virtio-blk, i440fx; KVM when it works, no
 guest OS), so that the figure for blockcopy can be read against what the job itself
-can do here. Per rep, in a balanced order (libvirt_rig.rep_order), each on a fresh VM left until
-QEMU is idle (libvirt_rig.wait_until_idle), after `sync; echo 3 > drop_caches`:
+can do here. Per rep, in a balanced order (libvirt_rig.rep_order; partial: 5 reps over 6 rows),
+each on a fresh VM left until QEMU is idle (libvirt_rig.wait_until_idle), after `sync; echo 3 > drop_caches`:
 
   qemu-img             qemu-img convert -O qcow2 SRC DEST; sync -f DEST (end to end, as users time it)
   blockcopy            blockcopy copy vm virtio-disk0 DEST --pivot; sync -f DEST (end to end; the CLI

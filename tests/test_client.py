@@ -268,7 +268,7 @@ def test_an_empty_job_or_domain_name_is_refused_before_anything_is_asked(tmp_pat
 def test_the_daemons_progress_bar_keeps_what_each_event_does_not_change() -> None:
     """The CLI's bar through the daemon is made from the job's events: a `progress` event after
     `ready` or `waiting` changes the bytes only (it used to show `copying` again), and the wait is
-    said until its end, which a move past copying also means."""
+    said until its end, which a move past copying also means (after which the bar shows nothing new)."""
     view = {"progress": {"current": 0, "total": 100}, "ready_at": None}  # (a daemon without `waiting`)
     bar = ProgressFromEvents("j", view)
     seen = []
@@ -276,10 +276,10 @@ def test_the_daemons_progress_bar_keeps_what_each_event_does_not_change() -> Non
                        ("progress", {"current": 100, "total": 101}), ("waiting", {"reason": "a dump"}),
                        ("progress", {"current": 101, "total": 101}), ("speed", {}), ("waiting", {"reason": ""}),
                        ("waiting", {"reason": "a dump"}), ("state", {"phase": "aborting"}),
-                       ("progress", {"current": 101, "total": 101})):
+                       ("waiting", {"reason": ""}), ("progress", {"current": 101, "total": 101})):
         record = bar.feed(kind, data)
         if record is not None:
             seen.append((progress_label(record), sum(d.progress_current for d in record.disks)))
     assert seen == [("copying", 50), ("ready", 50), ("ready", 100), ("ready, waiting for a memory dump", 100),
                     ("ready, waiting for a memory dump", 101), ("ready", 101),
-                    ("ready, waiting for a memory dump", 101), ("ready", 101)]
+                    ("ready, waiting for a memory dump", 101)]  # (an abort's own `waiting` "" is not the bar's)

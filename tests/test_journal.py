@@ -190,6 +190,11 @@ def test_a_wait_that_holds_a_ready_job_is_an_event_when_it_begins_and_when_it_en
     op = j.save(dataclasses.replace(op, phase=Phase.PIVOTING, waiting=""), "pivot")
     waits = [e.data["reason"] for e in j.events_after(0) if e.kind == "waiting"]
     assert waits == ["a dump holds the guest", ""]
+    # a goal asked or withdrawn outside the protocol (finish, abort, an interrupted wait) takes the
+    # wait with it; a pivot asked again keeps it
+    held = dataclasses.replace(op, phase=Phase.COPYING, waiting="a dump holds the guest")
+    assert [held.with_goal(g).waiting for g in (Goal.COPY, Goal.FINISH, Goal.ABORT)] == ["", "", ""]
+    assert held.with_goal(Goal.PIVOT).waiting == "a dump holds the guest"
 
 
 def test_schema_2_journal_is_upgraded_for_request_ids_and_events(tmp_path: Path) -> None:

@@ -238,7 +238,7 @@ def test_a_direct_destination_is_added_o_direct_unless_a_page_cache_fill_is_aske
 
 
 @pytest.mark.parametrize("case", ["applies", "finish", "not-asked", "copy-goal", "shallow", "block-device",
-                                  "aio-native", "source-buffered"])
+                                  "aio-native", "source-buffered", "buffered-bare"])
 def test_a_page_cache_fill_that_would_do_nothing_is_said_with_its_reason(case: str) -> None:
     """`--page-cache-fill` is never a silent no-op: where a DEST would not be filled through the page
     cache, the plan warns with the reason; exactly where the protocol does fill it, nothing is said."""
@@ -248,19 +248,21 @@ def test_a_page_cache_fill_that_would_do_nothing_is_said_with_its_reason(case: s
         args["file"] = {**args["file"], "driver": "host_device"}
     if case == "aio-native":
         args["file"] = {**args["file"], "aio": "native"}
-    if case == "source-buffered":
+    if case in ("source-buffered", "buffered-bare"):
         args = {**args, "cache": {"direct": False, "no-flush": False},
                 "file": {**args["file"], "cache": {"direct": False, "no-flush": False}}}
-    goal = {"copy-goal": Goal.COPY, "finish": Goal.FINISH}.get(case, Goal.PIVOT)
+    goal = {"copy-goal": Goal.COPY, "buffered-bare": Goal.COPY, "finish": Goal.FINISH}.get(case, Goal.PIVOT)
     o = dataclasses.replace(op(Phase.STARTING, goal, shallow=case == "shallow", page_cache_fill=case != "not-asked"),
                             disks=(dataclasses.replace(dest, dest_args=args),))
     reason = page_cache_fill_unused(o, o.disks[0])
     added = decide(o, obs(None, nodes=frozenset())).commands[0].args
     filled = added["file"]["cache"]["direct"] is False and added["cache"]["direct"] is False
     assert (reason is None) is (case in ("applies", "finish", "not-asked")), reason
-    assert filled is (case in ("applies", "finish", "source-buffered")), added
+    assert filled is (case in ("applies", "finish", "source-buffered", "buffered-bare")), added
+    # (a bare copy of a DEST that is not to be O_DIRECT is told that, not that it is O_DIRECT)
     expected = {"copy-goal": "to pivot or finish", "shallow": "shallow", "block-device": "host_device",
-                "aio-native": "aio=native", "source-buffered": "not to be O_DIRECT"}.get(case)
+                "aio-native": "aio=native", "source-buffered": "not to be O_DIRECT",
+                "buffered-bare": "not to be O_DIRECT"}.get(case)
     assert expected is None or (reason is not None and expected in reason), reason
 
 

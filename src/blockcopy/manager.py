@@ -397,7 +397,7 @@ class Manager:
         except Interrupted:
             current = self._operation(op.id)
             if withdraw_goal and current.phase is Phase.COPYING and current.goal in (Goal.PIVOT, Goal.FINISH):
-                self.journal.save(dataclasses.replace(current, goal=Goal.COPY, waiting=""),
+                self.journal.save(current.with_goal(Goal.COPY),
                                   "interrupted while waiting: the job keeps copying")
             raise
 
@@ -411,7 +411,7 @@ class Manager:
             if goal is not Goal.ABORT and not wait and not ready:
                 raise NotReady(f"job {op_id} is not ready to {goal.value} yet: {_progress_text(op)}. "
                                f"Wait with `blockcopy {goal.value} {op_id} --wait`")
-            op = self.journal.save(dataclasses.replace(op, goal=goal), f"{goal.value} requested")
+            op = self.journal.save(op.with_goal(goal), f"{goal.value} requested")
             return await self._drive(driver, op, Until.DONE)
 
     async def _plan(self, request: CopyRequest, monitor: Monitor) -> Operation:

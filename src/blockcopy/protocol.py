@@ -411,14 +411,14 @@ def page_cache_fill_unused(op: Operation, disk: DiskRecord) -> str | None:
     start (a warning of the job) instead of a silent no-op."""
     if not op.page_cache_fill:
         return None
+    if not _wants_direct(disk):
+        return ("its DEST is not to be O_DIRECT (its options, the source's or --dest-option's, use the page cache), "
+                "so it is filled through the page cache anyway")
     if not fills_for_goal(op.goal):
         return ("only a job that is to pivot or finish from its start (`copy --pivot` or `--finish`, the API's goal "
                 "pivot or finish) is filled through the page cache, which its command writes out while it waits; "
                 "this one's DEST is O_DIRECT from the start, and stays so if it is pivoted later")
     levels = _levels(disk.dest_args or {})
-    if not _wants_direct(disk):
-        return ("its DEST is not to be O_DIRECT (its options, the source's or --dest-option's, use the page cache), "
-                "so it is filled through the page cache anyway")
     if op.shallow:
         return "not with a shallow copy"
     if levels[-1].get("driver") != "file":
@@ -549,7 +549,8 @@ def _copying(op: Operation, obs: Observation) -> Step:
                 return _abort(op, "could not give the destination its O_DIRECT cache mode: QEMU still reports "
                                   "another cache mode after the reopen")
             if reopens:
-                return Step(commands=reopens, wait=Wait.SETTLE, note="reopen the destinations with cache.direct=on")
+                return Step(record=op if op.waiting != original.waiting else None, commands=reopens,
+                            wait=Wait.SETTLE, note="reopen the destinations with cache.direct=on")
         if op.goal is Goal.PIVOT and obs.run_state == SAVING_VM:
             # A memory dump (dump-guest-memory, detached) pauses the guest itself and resumes it when
             # it ends, at any moment: a pivot begun now would take that pause for its user's and go

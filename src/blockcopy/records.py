@@ -143,7 +143,8 @@ class Operation:
     bandwidth: int = 0  # bytes per second, 0 = unlimited
     buf_size: int = 0  # mirror buffer (bytes of data in flight), 0 = QEMU's default
     #: a DEST journaled O_DIRECT is filled through the host's page cache and reopened O_DIRECT once
-    #: ready (``copy --page-cache-fill``); False: O_DIRECT from the start, as the source
+    #: ready (``copy --page-cache-fill``); False: O_DIRECT from the start, as the source. Planned
+    #: False for a job that is not to pivot or finish from its start (protocol.fills_for_goal)
     page_cache_fill: bool = False
     qemu_pid: int | None = None  # the QEMU process the operation runs in (see qemuproc.py)
     qemu_start: int | None = None  # ... and its start time: pid + start time name one process
@@ -192,6 +193,11 @@ class Operation:
         if self.stop_ts is None or self.resume_ts is None:
             return None
         return round((self.resume_ts - self.stop_ts) * 1000.0, 3)
+
+    def with_goal(self, goal: Goal) -> Operation:
+        """This record with another goal (asked for, or withdrawn by an interrupted wait): what held
+        a pivot (``waiting``) holds no other goal, and is not left journaled for one."""
+        return dataclasses.replace(self, goal=goal, waiting=self.waiting if goal is Goal.PIVOT else "")
 
     def with_disk(self, index: int, **changes: Any) -> Operation:
         disks = list(self.disks)

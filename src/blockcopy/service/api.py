@@ -112,7 +112,8 @@ class CopyBody(_Strict):
     cluster_size: int | None = Field(None, gt=0, le=2**31)
     preallocation: str | None = Field(None, max_length=20)
     page_cache_fill: bool = Field(False, description="fill a DEST that is to be O_DIRECT through the host's page "
-                                  "cache and reopen it O_DIRECT once ready, as `--page-cache-fill`")
+                                  "cache and reopen it O_DIRECT once ready, as `--page-cache-fill`; only for goal "
+                                  "pivot or finish (another job is told so in its warnings and journaled without it)")
     request_id: str | None = Field(None, min_length=1, max_length=200, description="idempotency key (or the "
                                    "Idempotency-Key header): the same request again returns the same job")
 

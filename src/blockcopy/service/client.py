@@ -410,18 +410,23 @@ class ProgressFromEvents:
         self.current, self.total = progress.get("current", 0), progress.get("total", 0)
         self.ready = view.get("ready_at") is not None
         self.waiting = view.get("waiting") or ""  # (a daemon older than the field does not send it)
+        self.copying = view.get("phase") in (None, "starting", "copying")
 
     def feed(self, kind: str, data: Mapping[str, Any]) -> Any:
         """The record after event ``kind``, or None when the event changes nothing the bar shows."""
+        if kind == "state":
+            self.copying = data.get("phase") in ("starting", "copying")
+            if not self.copying:
+                self.waiting = ""  # (past the copy nothing holds it; no bar update: the job goes on past it)
+            return None
+        if not self.copying:
+            return None  # (what follows a move past the copy, e.g. the `waiting` "" of an abort, is not the bar's)
         if kind == "progress":
             self.current, self.total = data["current"], data["total"]
         elif kind == "ready":
             self.ready = True
         elif kind == "waiting":
             self.waiting = data["reason"]
-        elif kind == "state" and data.get("phase") != "copying":
-            self.waiting = ""  # (past the copy nothing holds it; no bar update: the command's wait ends)
-            return None
         else:
             return None
         disk = SimpleNamespace(progress_current=self.current, progress_total=self.total)

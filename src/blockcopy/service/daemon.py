@@ -302,7 +302,7 @@ class Daemon:
             await self._stop_following(op.id)
             op = self._concludable(op.id, goal)  # (its task may have ended it meanwhile)
             if op.goal is not goal:
-                op = self.journal.save(dataclasses.replace(op, goal=goal), f"{goal.value} requested")
+                op = self.journal.save(op.with_goal(goal), f"{goal.value} requested")
             self._follow(op.id)
         return await self.wait_end(op.id)
 
@@ -321,7 +321,7 @@ class Daemon:
                 await self._stop_following(op.id)
                 op = self.manager._operation(op.id)
                 if op.phase is Phase.COPYING and op.goal in (Goal.PIVOT, Goal.FINISH):
-                    op = self.journal.save(dataclasses.replace(op, goal=Goal.COPY, waiting=""),
+                    op = self.journal.save(op.with_goal(Goal.COPY),
                                            "interrupted while waiting: the job keeps copying")
                 self._follow(op.id)
         return op
