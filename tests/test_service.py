@@ -41,6 +41,8 @@ def served(tmp_path: Path) -> Any:
     for daemon in daemons:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.kill9()
+        if daemon.log.exists():  # (pytest shows it with a failure only: the daemon's side of a hang)
+            print(f"--- {daemon.log} (last 8000 characters)\n{daemon.log.read_text(errors='replace')[-8000:]}")
 
 
 def _copy_body(vm: ScratchVM, name: str, tmp_path: Path, **extra: Any) -> dict[str, Any]:
