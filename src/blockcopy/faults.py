@@ -48,9 +48,13 @@ def _armed() -> list[tuple[str, int, str]]:
     return faults
 
 
+def _any_armed() -> bool:
+    return bool(os.environ.get(ENV) or os.environ.get(FAULT_ENV))
+
+
 def serial() -> bool:
     """True while a fault is armed (unless SERIAL_ENV is 0): batches then go to QEMU one command at a time."""
-    return bool(os.environ.get(ENV) or os.environ.get(FAULT_ENV)) and os.environ.get(SERIAL_ENV) != "0"
+    return _any_armed() and os.environ.get(SERIAL_ENV) != "0"
 
 
 def fails(name: str) -> bool:
@@ -60,7 +64,7 @@ def fails(name: str) -> bool:
 
 def point(name: str) -> None:
     trace = os.environ.get(TRACE_ENV)
-    if not trace and not (os.environ.get(ENV) or os.environ.get(FAULT_ENV)):
+    if not trace and not _any_armed():
         return
     _seen[name] += 1
     if trace:

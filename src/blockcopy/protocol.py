@@ -400,24 +400,15 @@ def _copy_through_page_cache(op: Operation, disk: DiskRecord) -> bool:
 def _may_fill_through_page_cache(op: Operation, disk: DiskRecord) -> bool:
     """:func:`_copy_through_page_cache` but for the goal, which may change after DEST was added (an
     interrupted wait keeps the copy, `pivot` later asks for the pivot)."""
-    levels = _levels(disk.dest_args or {})
-    return (op.page_cache_fill and _wants_direct(disk) and not op.shallow
-            and levels[-1].get("driver") == "file" and not any(n.get("aio") == "native" for n in levels))
+    return op.page_cache_fill and _disk_refuses_fill(op, disk) is None
 
 
-def page_cache_fill_unused(op: Operation, disk: DiskRecord) -> str | None:
-    """Why a page-cache fill asked for (``op.page_cache_fill``) does nothing for ``disk``, or None
-    where it applies: the conditions of :func:`_copy_through_page_cache`, said to the user at the
-    start (a warning of the job) instead of a silent no-op."""
-    if not op.page_cache_fill:
-        return None
+def _disk_refuses_fill(op: Operation, disk: DiskRecord) -> str | None:
+    """Why ``disk``'s DEST cannot be filled through the page cache whatever the goal, or None: the
+    one list of those conditions, read by the protocol and said to the user alike."""
     if not _wants_direct(disk):
         return ("its DEST is not to be O_DIRECT (its options, the source's or --dest-option's, use the page cache), "
                 "so it is filled through the page cache anyway")
-    if not fills_for_goal(op.goal):
-        return ("only a job that is to pivot or finish from its start (`copy --pivot` or `--finish`, the API's goal "
-                "pivot or finish) is filled through the page cache, which its command writes out while it waits; "
-                "this one's DEST is O_DIRECT from the start, and stays so if it is pivoted later")
     levels = _levels(disk.dest_args or {})
     if op.shallow:
         return "not with a shallow copy"
@@ -426,6 +417,20 @@ def page_cache_fill_unused(op: Operation, disk: DiskRecord) -> str | None:
     if any(n.get("aio") == "native" for n in levels):
         return "its DEST uses aio=native, which needs O_DIRECT from the start"
     return None
+
+
+def page_cache_fill_unused(op: Operation, disk: DiskRecord) -> str | None:
+    """Why a page-cache fill asked for (``op.page_cache_fill``) does nothing for ``disk``, or None
+    where it applies: the conditions of :func:`_copy_through_page_cache`, said to the user at the
+    start (a warning of the job) instead of a silent no-op. The goal's reason is given only for a
+    DEST that is to be O_DIRECT (it says so)."""
+    if not op.page_cache_fill:
+        return None
+    if _wants_direct(disk) and not fills_for_goal(op.goal):
+        return ("only a job that is to pivot or finish from its start (`copy --pivot` or `--finish`, the API's goal "
+                "pivot or finish) is filled through the page cache, which its command writes out while it waits; "
+                "this one's DEST is O_DIRECT from the start, and stays so if it is pivoted later")
+    return _disk_refuses_fill(op, disk)
 
 
 def fills_for_goal(goal: Goal) -> bool:

@@ -159,8 +159,8 @@ class Operation:
     authoritative: Authority | None = None
     error: str | None = None
     reason: str | None = None
-    #: why a job whose every mirror is ready does not go on to its goal yet (a memory dump holds the
-    #: guest paused); "" when nothing holds it. Shown by ``status`` while COPYING, nothing decides on it.
+    #: why a pivot is held while copying (a memory dump holds the guest paused); "" when nothing
+    #: holds it. Shown by ``status`` for a pivot while COPYING; nothing decides on it.
     waiting: str = ""
     warnings: tuple[str, ...] = ()
     created_at: float = 0.0

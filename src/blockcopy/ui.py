@@ -46,7 +46,7 @@ def describe_view(view: Mapping[str, Any]) -> str:
 def progress_label(op: Operation) -> str:
     """The progress bar's word for a job that copies (a record, or the daemon's events made one:
     ``service.client.ProgressFromEvents``)."""
-    if getattr(op, "waiting", ""):
+    if op.waiting:
         return "ready, waiting for a memory dump"
     return "ready" if op.ready_at else "copying"
 
