@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import MIB, Blockcopy, has_pattern, node_names, qemu_jobs, wait_for
 
-from blockcopy.vm import ScratchVM, make_image
+from blockcopy.vm import DiskSpec, ScratchVM, make_image
 
 
 def test_attach_domains_detach(vm_factory, bc: Blockcopy, tmp_path: Path) -> None:
@@ -42,6 +42,24 @@ def test_ctrl_c_while_waiting_leaves_the_job_copying(attached, bc: Blockcopy, tm
     assert bc.ok("recover", "--json").json[0]["state"] == "running"  # recover does not pivot it either
     assert vm.device_node("vda")[1] == vm.disks[0].path
     bc.ok("abort", job["id"])
+
+
+def test_a_vm_not_started_yet_is_refused_with_what_to_do(tmp_path: Path, bc: Blockcopy, accel: str) -> None:
+    """QEMU started with -S (``prelaunch``) is not "being migrated": the error says what it is, and
+    the copy goes once the VM runs."""
+    vm = ScratchVM(tmp_path, [DiskSpec("vda", str(make_image(tmp_path / "s.qcow2", 64 * MIB)))], accel=accel,
+                   extra_args=["-S"])
+    try:
+        bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+        dest = tmp_path / "d.qcow2"
+        refused = bc("copy", "vm", "vda", str(dest), "--pivot")
+        assert refused.returncode == 2, refused.stderr
+        assert "has not started yet" in refused.stderr and "migrated" not in refused.stderr
+        assert qemu_jobs(vm) == [] and not dest.exists() and vm.run_state() == "prelaunch"
+        vm.cmd("cont")
+        assert bc.ok("copy", "vm", "vda", str(dest), "--pivot", "--json").json["outcome"] == "pivoted"
+    finally:
+        vm.kill()
 
 
 def test_legacy_drive_vm_pivots_twice(tmp_path: Path, bc: Blockcopy, accel: str) -> None:

@@ -597,11 +597,18 @@ def _refuse_source(device: DeviceInfo, tree: nodes.NodeTree, named: list[dict[st
 
 
 async def _refuse_migration(monitor: Monitor, domain: str) -> None:
-    """A VM being migrated (or paused for it) is not copied: its disks are about to change hands."""
+    """A VM being migrated (or paused for it) is not copied: its disks are about to change hands.
+
+    Nor is one that has not started (``prelaunch``: QEMU waits for its first ``cont``): the pivot's
+    ``cont`` would start a guest that its manager keeps stopped."""
     state = await monitor.run_state()
     migration = str((await monitor.execute("query-migrate")).get("status", "none"))
-    if state in ("inmigrate", "postmigrate", "finish-migrate", "prelaunch") or migration not in (
-            "none", "completed", "failed", "cancelled"):
+    migrating = migration not in ("none", "completed", "failed", "cancelled")
+    if state == "prelaunch" and not migrating:
+        raise UsageError(f"domain {domain} has not started yet (run state prelaunch: QEMU waits for its first "
+                         "`cont`, as after -S or `virsh start --paused`); start it before copying its disks, or "
+                         "copy them with `qemu-img convert` while no guest runs")
+    if state in ("inmigrate", "postmigrate", "finish-migrate", "prelaunch") or migrating:
         raise UsageError(f"domain {domain} is being migrated (run state {state}, migration {migration}); "
                          "copy its disks before or after the migration, not during it")
 
