@@ -12,7 +12,6 @@ import dataclasses
 import errno
 import logging
 import os
-import secrets
 import stat
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -439,7 +438,7 @@ def _plan_disks(request: CopyRequest, qemu: QemuProcess, block: list[dict[str, A
     argv = nodes.options_from_argv(_cmdline(qemu.pid))
     busy_keys = {(op.domain, d.device_key): op.id for op in active for d in op.disks}
     busy_dests = {os.path.realpath(d.dest_path): op.id for op in active for d in op.disks}
-    op_id = secrets.token_hex(8)  # 64 random bits; and the first save refuses a taken id
+    op_id = os.urandom(8).hex()  # 64 random bits (as secrets.token_hex); the first save refuses a taken id
     disks: list[DiskRecord] = []
     warnings: list[str] = []
     seen_devices: set[str] = set()

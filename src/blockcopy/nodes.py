@@ -104,7 +104,6 @@ import contextlib
 import json
 import mmap
 import os
-import secrets
 import socket
 import stat
 import struct
@@ -719,7 +718,7 @@ def probe_o_direct(dest_path: str) -> bool:
                 os.close(fd)
             return True
         directory = os.path.dirname(os.path.abspath(dest_path))
-        probe = os.path.join(directory, f".blockcopy-odirect-{secrets.token_hex(4)}")
+        probe = os.path.join(directory, f".blockcopy-odirect-{os.urandom(4).hex()}")
         try:
             fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_DIRECT, 0o600)
         except OSError:
