@@ -598,8 +598,10 @@ def _refuse_source(device: DeviceInfo, tree: nodes.NodeTree, named: list[dict[st
 async def _refuse_migration(monitor: Monitor, domain: str) -> None:
     """A VM being migrated (or paused for it) is not copied: its disks are about to change hands.
 
-    Nor is one that has not started (``prelaunch``: QEMU waits for its first ``cont``): the pivot's
-    ``cont`` would start a guest that its manager keeps stopped."""
+    Nor is one that has not started (``prelaunch``: QEMU waits for its first ``cont``): a manager
+    holds a VM there while it still sets it up (libvirt starts every domain that way), and a guest
+    that never ran is copied offline. It gets a message of its own: "being migrated" would send the
+    user looking for a migration that does not exist."""
     state = await monitor.run_state()
     migration = str((await monitor.execute("query-migrate")).get("status", "none"))
     migrating = migration not in ("none", "completed", "failed", "cancelled")
