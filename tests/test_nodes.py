@@ -540,6 +540,22 @@ def ramfs(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+def test_o_direct_probe_never_removes_a_file_it_did_not_create(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                ramfs: Path) -> None:
+    """The probe's scratch name is random, but a file by that name may exist (someone else's):
+    O_EXCL refuses it, and the probe leaves it alone; a file the probe did create on storage that
+    refuses O_DIRECT (ramfs) is removed."""
+    monkeypatch.setattr(nodes.os, "urandom", lambda n: b"\xab" * n)
+    for where in (tmp_path, ramfs):
+        theirs = where / f".blockcopy-odirect-{'ab' * 4}"
+        theirs.write_bytes(b"not the probe's")
+        nodes.probe_o_direct(str(where / "dest.qcow2"))
+        assert theirs.read_bytes() == b"not the probe's"
+        theirs.unlink()
+    assert nodes.probe_o_direct(str(ramfs / "dest.qcow2")) is False
+    assert list(ramfs.iterdir()) == []
+
+
 def test_o_direct_probe_predicts_what_qemu_does(lab: Lab, ramfs: Path, tmp_path: Path) -> None:
     vm = start_config(lab, "direct-native")
     tree = vm.tree("vda")

@@ -101,6 +101,7 @@ O_DIRECT; ramfs does not (both observed on 6.18).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import mmap
 import os
@@ -721,11 +722,13 @@ def probe_o_direct(dest_path: str) -> bool:
         probe = os.path.join(directory, f".blockcopy-odirect-{os.urandom(4).hex()}")
         try:
             fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_DIRECT, 0o600)
-        except OSError:
+        except OSError as exc:
             # Linux creates the file before it checks O_DIRECT (ramfs: EINVAL, file left behind);
-            # O_EXCL and the random name make it ours to remove.
-            with contextlib.suppress(OSError):
-                os.unlink(probe)
+            # O_EXCL and the random name make it ours to remove, unless O_EXCL itself refused
+            # (EEXIST: a file of someone else's by that name).
+            if exc.errno != errno.EEXIST:
+                with contextlib.suppress(OSError):
+                    os.unlink(probe)
             return False
         try:
             os.pwritev(fd, [buf], 0)
