@@ -202,3 +202,53 @@ def test_domain_lock_refuses_a_second_blockcopy(attached, bc: Blockcopy, tmp_pat
     finally:
         proc.kill()
         proc.wait()
+
+
+class _RunStates:
+    """A monitor that answers only the two queries the migration check reads (pure logic: the
+    states below that a real VM reaches are tested against QEMU in test_cli and test_nodes)."""
+
+    def __init__(self, state: str, migration: str) -> None:
+        self.state, self.migration = state, migration
+
+    async def run_state(self) -> str:
+        return self.state
+
+    async def execute(self, command: str) -> dict[str, str]:
+        assert command == "query-migrate"
+        return {} if self.migration == "none" else {"status": self.migration}
+
+
+@pytest.mark.parametrize(("state", "migration", "says"), [
+    ("running", "none", None),
+    ("running", "completed", None),  # (an incoming migration that ended here)
+    ("running", "failed", None),
+    ("paused", "cancelled", None),
+    ("running", "active", ["is being migrated", "before or after the migration"]),
+    ("paused", "setup", ["is being migrated"]),
+    ("prelaunch", "active", ["is being migrated"]),
+    ("finish-migrate", "device", ["is being migrated"]),
+    ("inmigrate", "none", ["waits for an incoming migration", "once the migration has ended"]),
+    ("postmigrate", "completed", ["was migrated away", "copy its disks there"]),
+    ("postmigrate", "failed", ["stopped after a migration", "resume it (QMP `cont`"]),
+    ("prelaunch", "none", ["stopped before its start", "-S", "reset while stopped", "resume it (QMP `cont`",
+                           "qemu-img convert"]),
+])
+def test_each_migration_or_start_state_is_refused_with_what_it_is(state: str, migration: str,
+                                                                   says: list[str] | None) -> None:
+    import asyncio
+
+    from blockcopy.errors import UsageError
+    from blockcopy.manager import _refuse_migration
+
+    if says is None:
+        asyncio.run(_refuse_migration(_RunStates(state, migration), "vm"))  # type: ignore[arg-type]
+        return
+    with pytest.raises(UsageError) as refused:
+        asyncio.run(_refuse_migration(_RunStates(state, migration), "vm"))  # type: ignore[arg-type]
+    message = str(refused.value)
+    assert f"run state {state}, migration {migration}" in message
+    for text in says:
+        assert text in message
+    if "is being migrated" not in says:
+        assert "being migrated" not in message

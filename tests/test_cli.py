@@ -45,8 +45,8 @@ def test_ctrl_c_while_waiting_leaves_the_job_copying(attached, bc: Blockcopy, tm
 
 
 def test_a_vm_not_started_yet_is_refused_with_what_to_do(tmp_path: Path, bc: Blockcopy, accel: str) -> None:
-    """QEMU started with -S (``prelaunch``) is not "being migrated": the error says what it is, and
-    the copy goes once the VM runs."""
+    """QEMU started with -S (``prelaunch``) is not "being migrated": the error says what it is and
+    what to do, and the copy goes once the VM runs."""
     vm = ScratchVM(tmp_path, [DiskSpec("vda", str(make_image(tmp_path / "s.qcow2", 64 * MIB)))], accel=accel,
                    extra_args=["-S"])
     try:
@@ -54,7 +54,8 @@ def test_a_vm_not_started_yet_is_refused_with_what_to_do(tmp_path: Path, bc: Blo
         dest = tmp_path / "d.qcow2"
         refused = bc("copy", "vm", "vda", str(dest), "--pivot")
         assert refused.returncode == 2, refused.stderr
-        assert "has not started yet" in refused.stderr and "migrated" not in refused.stderr
+        assert "stopped before its start" in refused.stderr and "migrated" not in refused.stderr
+        assert "resume it (QMP `cont`" in refused.stderr
         assert qemu_jobs(vm) == [] and not dest.exists() and vm.run_state() == "prelaunch"
         vm.cmd("cont")
         assert bc.ok("copy", "vm", "vda", str(dest), "--pivot", "--json").json["outcome"] == "pivoted"

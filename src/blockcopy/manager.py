@@ -598,20 +598,31 @@ def _refuse_source(device: DeviceInfo, tree: nodes.NodeTree, named: list[dict[st
 async def _refuse_migration(monitor: Monitor, domain: str) -> None:
     """A VM being migrated (or paused for it) is not copied: its disks are about to change hands.
 
-    Nor is one that has not started (``prelaunch``: QEMU waits for its first ``cont``): a manager
-    holds a VM there while it still sets it up (libvirt starts every domain that way), and a guest
-    that never ran is copied offline. It gets a message of its own: "being migrated" would send the
-    user looking for a migration that does not exist."""
+    Nor is one stopped in a state that only a migration or a start leaves: ``inmigrate`` (waiting
+    for an incoming migration), ``postmigrate`` (migrated away, or stopped after a migration that
+    did not finish) and ``prelaunch`` (started with -S and not continued yet, or reset while
+    stopped: a manager holds a VM there while it sets it up, as libvirt starts every domain). Each
+    gets a message that says what it is and what to do: "being migrated" would send the user
+    looking for a migration that does not run."""
     state = await monitor.run_state()
     migration = str((await monitor.execute("query-migrate")).get("status", "none"))
-    migrating = migration not in ("none", "completed", "failed", "cancelled")
-    if state == "prelaunch" and not migrating:
-        raise UsageError(f"domain {domain} has not started yet (run state prelaunch: QEMU waits for its first "
-                         "`cont`, as after -S or `virsh start --paused`); start it before copying its disks, or "
-                         "copy them with `qemu-img convert` while no guest runs")
-    if state in ("inmigrate", "postmigrate", "finish-migrate", "prelaunch") or migrating:
-        raise UsageError(f"domain {domain} is being migrated (run state {state}, migration {migration}); "
+    where = f"run state {state}, migration {migration}"
+    if migration not in ("none", "completed", "failed", "cancelled") or state == "finish-migrate":
+        raise UsageError(f"domain {domain} is being migrated ({where}); "
                          "copy its disks before or after the migration, not during it")
+    if state == "inmigrate":
+        raise UsageError(f"domain {domain} waits for an incoming migration ({where}: QEMU started with -incoming); "
+                         "copy its disks once the migration has ended and the guest runs here")
+    if state == "postmigrate" and migration == "completed":
+        raise UsageError(f"domain {domain} was migrated away ({where}): its guest runs on the destination now; "
+                         "copy its disks there")
+    if state == "postmigrate":
+        raise UsageError(f"domain {domain} is stopped after a migration ({where}); resume it (QMP `cont`, "
+                         "`virsh resume`) and copy again, or copy its disks where the guest runs now")
+    if state == "prelaunch":
+        raise UsageError(f"domain {domain} is stopped before its start ({where}: started with -S and not "
+                         "continued yet, or reset while stopped); resume it (QMP `cont`, `virsh resume`) and copy "
+                         "again, or shut it down and copy its images offline with `qemu-img convert`")
 
 
 def _cmdline(pid: int) -> list[str]:
