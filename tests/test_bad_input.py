@@ -205,7 +205,7 @@ def test_domain_lock_refuses_a_second_blockcopy(attached, bc: Blockcopy, tmp_pat
 
 
 class _RunStates:
-    """A monitor that answers only the two queries the migration check reads (pure logic: the
+    """A monitor that answers only the two questions the migration check asks (pure logic: the
     states below that a real VM reaches are tested against QEMU in test_cli and test_nodes)."""
 
     def __init__(self, state: str, migration: str) -> None:
@@ -214,9 +214,8 @@ class _RunStates:
     async def run_state(self) -> str:
         return self.state
 
-    async def execute(self, command: str) -> dict[str, str]:
-        assert command == "query-migrate"
-        return {} if self.migration == "none" else {"status": self.migration}
+    async def migration_status(self) -> str:
+        return self.migration
 
 
 @pytest.mark.parametrize(("state", "migration", "says"), [

@@ -15,6 +15,7 @@ import pytest
 
 from blockcopy.cli import FAILED, _last_per_key, _to_the_end, main
 from blockcopy.errors import BlockcopyError
+from blockcopy.protocol import MIGRATION_WAIT
 from blockcopy.records import Outcome
 from blockcopy.service.client import (
     BadReply,
@@ -280,6 +281,8 @@ def test_the_daemons_progress_bar_keeps_what_each_event_does_not_change() -> Non
         record = bar.feed(kind, data)
         if record is not None:
             seen.append((progress_label(record), sum(d.progress_current for d in record.disks)))
-    assert seen == [("copying", 50), ("ready", 50), ("ready", 100), ("ready, waiting for a memory dump", 100),
-                    ("ready, waiting for a memory dump", 101), ("ready", 101),
-                    ("ready, waiting for a memory dump", 101)]  # (an abort's own `waiting` "" is not the bar's)
+    dump = "ready, waiting for a memory dump to end"
+    assert seen == [("copying", 50), ("ready", 50), ("ready", 100), (dump, 100), (dump, 101), ("ready", 101),
+                    (dump, 101)]  # (an abort's own `waiting` "" is not the bar's)
+    migrating = ProgressFromEvents("j", view).feed("waiting", {"reason": MIGRATION_WAIT})
+    assert migrating is not None and progress_label(migrating) == "ready, waiting for a migration to end"

@@ -367,6 +367,57 @@ def test_a_refused_stop_is_tried_again_after_a_wait_not_at_once(
         assert len(stops) == 1 and "QEMU refused to pause the guest" in (op.error or ""), (stops, op.error)
 
 
+def test_a_migration_seen_right_before_stop_sends_the_pivot_back_to_copying(
+        vm_factory: VMFactory, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A migration that begins after the copy's last look is seen by the look that goes right
+    before the pivot's `stop` (with the run-state and dump queries): nothing is sent, the pivot goes
+    back to copying, which waits while the migration runs, and pivots once it has ended. Here
+    QEMU's query-migrate is made to say "active" to that one look only."""
+    from blockcopy import CopyRequest, Manager, Outcome
+    from blockcopy.monitor import Monitor
+
+    vm = vm_factory(1)
+    sent: list[str] = []
+    looks = {"before stop": 0, "told": 0}
+    real_execute, real_dump, real_migration = Monitor.execute, Monitor.dump_running, Monitor.migration_status
+
+    async def execute(self: Monitor, command: str, args: Any = None) -> Any:
+        sent.append(command)
+        return await real_execute(self, command, args)
+
+    async def dump_running(self: Monitor) -> bool:
+        looks["before stop"] += 1  # (only the look before `stop` asks for the dump)
+        return await real_dump(self)
+
+    async def migration_status(self: Monitor) -> str:
+        status = await real_migration(self)
+        if looks["before stop"] == 1 and not looks["told"]:  # that look's own query (gathered with query-dump)
+            looks["told"] = 1
+            return "active"
+        return status
+
+    async def scenario() -> Any:
+        manager = Manager(tmp_path / "state")
+        try:
+            await manager.attach("vm", str(vm.qmp_socket))
+            op = await manager.copy(CopyRequest("vm", [("vda", str(tmp_path / "a.qcow2"))]))
+            await manager.wait_ready(op.id)
+            monkeypatch.setattr(Monitor, "execute", execute)
+            monkeypatch.setattr(Monitor, "dump_running", dump_running)
+            monkeypatch.setattr(Monitor, "migration_status", migration_status)
+            return await manager.pivot(op.id), manager.journal.steps(op.id)
+        finally:
+            manager.close()
+
+    op, log = asyncio.run(scenario())
+    assert op.outcome is Outcome.PIVOTED and vm.run_state() == "running", (op.outcome, op.error)
+    assert looks["before stop"] == 2 and sent.count("stop") == 1, (looks, sent)
+    first_stop_look = sent.index("query-dump")
+    assert "job-complete" not in sent[:first_stop_look + 3], sent  # nothing sent after the first look
+    notes = [entry.note for entry in log]
+    assert "a migration began: back to copying until it ends" in notes, notes
+
+
 @pytest.mark.parametrize(("stamped", "step", "ours"), [
     (+0.001, 0.0, True),   # QEMU ran blockcopy's stop after it was sent
     (-0.001, 0.0, False),  # someone else's STOP, stamped before blockcopy sent its stop

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -748,14 +749,18 @@ def test_blockcopy_refuses_a_vm_being_migrated(lab: Lab, tmp_path: Path) -> None
     vm = start_config(lab, "virtio-iothread")
     bc = Blockcopy(tmp_path / "state")
     bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
-    vm.cmd("migrate-set-parameters", **{"max-bandwidth": 1})  # a migration that takes its time
-    vm.cmd("migrate", uri=f"exec:cat > {tmp_path / 'migration'}")
+    stuck = socket.socket(socket.AF_UNIX)  # a migration that runs until cancelled: nobody reads it
+    stuck.bind(str(tmp_path / "migration.sock"))
+    stuck.listen(1)
+    vm.cmd("migrate", uri=f"unix:{tmp_path / 'migration.sock'}")
     try:
+        wait_for(lambda: vm.cmd("query-migrate")["status"] == "active", what="the migration to run")
         result = bc("copy", "vm", "vda", str(tmp_path / "d.qcow2"))
         assert result.returncode == 2 and "is being migrated" in result.stderr
         assert vm.cmd("query-jobs") == [] and not (tmp_path / "d.qcow2").exists()
     finally:
         vm.cmd("migrate_cancel")
+        stuck.close()
 
 
 def test_a_disk_unplugged_during_the_copy_ends_the_job_on_the_source(lab: Lab, tmp_path: Path) -> None:

@@ -10,7 +10,12 @@ import json
 import pytest
 
 from blockcopy.protocol import (
+    DUMP_WAIT,
     LIVE_STATUSES,
+    MIGRATED_STATES,
+    MIGRATION_BEGAN,
+    MIGRATION_ENDED,
+    MIGRATION_WAIT,
     Command,
     Failure,
     JobView,
@@ -607,7 +612,8 @@ def test_late_duplicate_job_complete_refusal_is_ignored() -> None:
 PHASES = [p for p in Phase if p is not Phase.DONE]
 
 
-FAILURES = (None, "stop", "job-complete", "job-finalize", "job-cancel", "block-job-cancel", "cont", "cleanup")
+FAILURES = (None, "stop", "stop-migration", "job-complete", "job-finalize", "job-cancel", "block-job-cancel", "cont",
+            "cleanup")
 
 
 def _failure(kind: str | None) -> Failure | None:
@@ -615,25 +621,31 @@ def _failure(kind: str | None) -> Failure | None:
         return None
     if kind == "cleanup":
         return Failure(qmp("blockdev-del", {"node-name": "src0"}, disk=0, purpose="cleanup"), "in use")
+    if kind == "stop-migration":  # the driver's own refusal, nothing sent (a migration began)
+        return Failure(qmp("stop"), MIGRATION_BEGAN)
     return Failure(qmp(kind, {"id": "job0"}, disk=0), "refused")
 
 
 def _cases() -> list[tuple[Operation, Observation]]:
     cases = []
-    for phase, goal, paused_by_us, (s0, s1), run_state, piv in itertools.product(
-            PHASES, list(Goal), (False, True), itertools.product(STATUSES, repeat=2), ("running", "paused", "save-vm"),
+    for phase, goal, paused_by_us, (s0, s1), (run_state, migration), piv in itertools.product(
+            PHASES, list(Goal), (False, True), itertools.product(STATUSES, repeat=2), RUN_AND_MIGRATION,
             ((False, False), (True, True), (True, False))):
         outcome = Outcome.PIVOTED if phase is Phase.SETTLING else None
         authority = Authority.DESTINATION if outcome else None
         o = op(phase, goal, n=2, paused_by_us=paused_by_us, outcome=outcome, authoritative=authority)
-        cases.append((o, obs(s0, s1, run_state=run_state, pivoted=piv)))
-        if phase is Phase.COPYING:  # journaled while a memory dump held the pivot (and with a speed to set)
-            for speed_applied in (True, False):
-                cases.append((dataclasses.replace(o, waiting="a dump holds the guest", speed_applied=speed_applied),
-                              obs(s0, s1, run_state=run_state, pivoted=piv)))
+        cases.append((o, obs(s0, s1, run_state=run_state, pivoted=piv, migration=migration)))
+        if phase is Phase.COPYING:  # journaled while a dump or a migration held the pivot (and with a speed to set)
+            for speed_applied, held_by in itertools.product((True, False), (DUMP_WAIT, MIGRATION_WAIT)):
+                cases.append((dataclasses.replace(o, waiting=held_by, speed_applied=speed_applied),
+                              obs(s0, s1, run_state=run_state, pivoted=piv, migration=migration)))
     return cases
 
 
+#: run state x query-migrate status: no migration, a memory dump, one running, one switching over
+#: (QEMU sets COMPLETED before the run state moves on), a VM migrated away, one resumed here after
+RUN_AND_MIGRATION = (("running", "none"), ("paused", "none"), ("save-vm", "none"), ("running", "active"),
+                     ("finish-migrate", "completed"), ("postmigrate", "completed"), ("running", "completed"))
 CASES = _cases()
 
 
@@ -667,7 +679,8 @@ def _check_invariants(o: Operation, ob: Observation) -> None:
     step = decide(o, ob)
     cmds = names(step.commands)
     where = (f"{o.phase} goal={o.goal} paused_by_us={o.paused_by_us} forced={o.forced} {dict(ob.jobs)} "
-             f"{ob.run_state} stalled={ob.stalled} failure={ob.failure}")
+             f"{ob.run_state} migration={ob.migration} stalled={ob.stalled} failure={ob.failure}")
+    migrating = ob.migration not in MIGRATION_ENDED or ob.run_state in MIGRATED_STATES
     # What the journal says when the commands run: a step's record is written first.
     journaled = step.record if step.record is not None else o
     live = [j for j in ob.jobs.values() if j.status in LIVE_STATUSES | {"aborting"}]
@@ -701,7 +714,22 @@ def _check_invariants(o: Operation, ob: Observation) -> None:
     # pivot a memory dump holds: in the step's record and in the records its commands journal after
     for record in (step.record, *(c.after for c in step.commands)):
         assert record is None or not record.waiting or (
-            record.phase is Phase.COPYING and ob.run_state == "save-vm" and record.goal is Goal.PIVOT), where
+            record.phase is Phase.COPYING and record.goal is Goal.PIVOT
+            and (ob.run_state == "save-vm" or migrating)), where
+    # A migration takes the guest to a QEMU that opens what its own command line names: no pivot
+    # begins while one runs or once it has taken the guest away (COPYING waits; PIVOTING does not
+    # read query-migrate, the pause counts: the driver looks right before `stop` and refuses it
+    # then, and the run state of a switch-over is read), and a guest it stopped is never resumed.
+    if o.phase is Phase.COPYING and migrating and o.goal is Goal.PIVOT:
+        assert step.record is None or step.record.phase in (Phase.COPYING, Phase.ABORTING), where
+    began = ob.failure is not None and ob.failure.message == MIGRATION_BEGAN
+    if o.phase is Phase.PIVOTING and (began or ob.run_state in MIGRATED_STATES) and not any(
+            _uses(ob, d) for d in o.disks):
+        assert not {"stop", "job-complete", "job-finalize", "cont"} & set(cmds), where
+        assert step.record is not None and step.record.phase in (Phase.COPYING, Phase.ABORTING), where
+        assert not step.record.paused_by_us, where
+        if all(j.status == "ready" for j in ob.jobs.values()) and len(ob.jobs) == 2:
+            assert step.record.phase is Phase.COPYING, where
     if step.record is not None:
         if step.record.outcome is not None:
             assert step.record.authoritative is not None, where
@@ -770,6 +798,7 @@ def _restricted(o: Operation, ob: Observation) -> Observation:
     wanted = needs(o)
     return dataclasses.replace(
         ob, run_state=ob.run_state if "status" in wanted else "",
+        migration=ob.migration if "migration" in wanted else "",
         jobs=ob.jobs if "jobs" in wanted else {},
         device_nodes=ob.device_nodes if "block" in wanted else {},
         nodes=ob.nodes if "nodes" in wanted else frozenset(),

@@ -693,6 +693,93 @@ def test_a_file_that_appears_at_dest_while_it_is_made_aborts_the_copy_cleanly(at
     assert qemu_jobs(vm) == [] and vm.run_state() == "running"
 
 
+def _held_by_migration(bc: Blockcopy, job: str, pivot: subprocess.Popen[str]) -> None:
+    """Waits until the journal says the pivot waits for a migration (read from the journal, not
+    with `status`: without a daemon, a command that holds the job while the pivot starts makes the
+    pivot refuse to run, as it should)."""
+    from blockcopy.journal import Journal
+    from blockcopy.records import Phase
+
+    journal = Journal(bc.state_dir, create=False)
+    try:
+        def held() -> bool:
+            op = journal.get(job)
+            return (op is not None and op.phase is Phase.COPYING and "migration" in op.waiting) or \
+                pivot.poll() is not None
+
+        wait_for(held, what="the pivot to wait for the migration")
+    finally:
+        journal.close()
+    assert pivot.poll() is None, pivot.communicate()
+
+
+def test_a_pivot_waits_while_a_migration_runs(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    """A migration takes the guest to a QEMU that opens the disks its own command line names: a
+    pivot during one would leave every write after it on a DEST the other side never opens. The
+    migration here goes to a socket that nobody reads, so it runs until the test cancels it: the
+    pivot must wait (no job completed, the device on the source, `status` says why), then pivot
+    once it has ended."""
+    vm = attached(1)
+    job = bc.ok("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--wait", "--json").json
+    stuck = socket.socket(socket.AF_UNIX)
+    stuck.bind(str(tmp_path / "migration.sock"))
+    stuck.listen(1)  # (the kernel takes the connection; its buffers fill, and the migration waits)
+    vm.cmd("migrate", uri=f"unix:{tmp_path / 'migration.sock'}")
+    pivot: subprocess.Popen[str] | None = None
+    try:
+        wait_for(lambda: vm.cmd("query-migrate")["status"] == "active", what="the migration to run")
+        pivot = subprocess.Popen(bc.argv("pivot", job["id"], "--wait", "--json", "--verbose"), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=bc.env)
+        _SPAWNED.append(pivot)
+        _held_by_migration(bc, job["id"], pivot)
+        assert [j["status"] for j in vm.cmd("query-jobs")] == ["ready"], "no job completed during the migration"
+        assert vm.device_node("vda")[1] == vm.disks[0].path and vm.run_state() == "running"
+        assert "waiting: the pivot waits for the VM's migration to end" in bc.ok("status", job["id"]).stdout
+    finally:
+        vm.cmd("migrate_cancel")
+        stuck.close()
+    code, out, err = _finish(pivot)
+    assert code == 0, err
+    assert err.count("the pivot waits for the VM's migration to end") == 1, err  # seen, and said once
+    done = json.loads(out)
+    assert done["outcome"] == "pivoted" and done["paused_by_blockcopy"] is True and done["waiting"] is None, done
+    assert vm.device_node("vda")[1] == str(tmp_path / "d.qcow2") and vm.run_state() == "running"
+
+
+@pytest.mark.parametrize("then", ["qemu-exits", "resumed-here"])
+def test_a_vm_migrated_away_is_not_pivoted_unless_its_guest_runs_here_again(
+        attached, bc: Blockcopy, tmp_path: Path, then: str) -> None:
+    """Once the VM has migrated away, its guest runs elsewhere on the source image (what the other
+    QEMU's command line names): a pivot of this QEMU's device would journal DEST as the disk while
+    the guest writes the source. The pivot waits. When this QEMU exits (as libvirt ends it after a
+    migration) the job ends not pivoted, the source named; when the guest is resumed here instead
+    (libvirt does that when the destination fails to take over), the mirror still runs and the
+    pivot goes on. On the code before, the pivot journaled "pivoted", DEST authoritative."""
+    vm = attached(1)
+    job = bc.ok("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--wait", "--json").json
+    vm.cmd("migrate", uri=f"exec:cat > {tmp_path / 'migration'}")
+    wait_for(lambda: vm.cmd("query-migrate")["status"] == "completed" and vm.run_state() == "postmigrate",
+             what="the migration to end")
+    pivot = subprocess.Popen(bc.argv("pivot", job["id"], "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=bc.env)
+    _SPAWNED.append(pivot)
+    _held_by_migration(bc, job["id"], pivot)
+    assert vm.device_node("vda")[1] == vm.disks[0].path
+    if then == "qemu-exits":
+        vm.kill()
+    else:
+        vm.cmd("cont")
+    code, out, err = _finish(pivot)
+    done = json.loads(out)
+    if then == "qemu-exits":
+        assert code == 0 and done["outcome"] == "not-pivoted" and done["authoritative"] == "source", (done, err)
+        assert not any(d["pivoted"] for d in done["disks"]), done
+    else:
+        assert code == 0 and done["outcome"] == "pivoted" and done["authoritative"] == "destination", (done, err)
+        assert vm.device_node("vda")[1] == str(tmp_path / "d.qcow2") and vm.run_state() == "running"
+        assert qemu_jobs(vm) == []
+
+
 def test_a_pivot_waits_for_a_memory_dump_that_holds_the_guest_paused(attached, bc: Blockcopy, tmp_path: Path) -> None:
     """A detached dump-guest-memory pauses the guest itself (run state `save-vm`) and resumes it
     when the dump ends, whenever that is. A pivot begun meanwhile would take that pause for a

@@ -36,6 +36,9 @@ from blockcopy.errors import (
 from blockcopy.journal import Journal
 from blockcopy.monitor import FDSET_OPAQUE_PREFIX, ON_QUEUED, CommandRefused, Monitor, fdset_path
 from blockcopy.protocol import (
+    MIGRATED_STATES,
+    MIGRATION_BEGAN,
+    MIGRATION_ENDED,
     SAVING_VM,
     Command,
     Failure,
@@ -614,14 +617,21 @@ class Driver:
         the job-completes behind the refused ``stop``: PIVOTING then gives the pivot up if the
         guest runs again by its next look.
 
+        ``query-migrate`` goes with those two queries (outside the pause): a migration begun since
+        the copy's last look, or switching over, sends nothing either (``MIGRATION_BEGAN``: PIVOTING
+        goes back to COPYING, which waits it out).
+
         Returns the record, the first refusal, and whether the connection failed on the way (then
         the next observation says what happened).
 
         :raise MonitorTimeout, ConnectionLost: before anything was journaled (a ``stop`` sent
             alone during a dump may have reached QEMU)."""
-        state, dumping = await asyncio.gather(monitor.run_state(), monitor.dump_running())
+        state, dumping, migration = await asyncio.gather(monitor.run_state(), monitor.dump_running(),
+                                                         monitor.migration_status())
         if state == SAVING_VM:  # a dump began since the last look: nothing is sent (PIVOTING goes back)
             return op, Failure(stop_command, "a memory dump holds the guest paused"), False
+        if migration not in MIGRATION_ENDED or state in MIGRATED_STATES:  # nothing is sent (PIVOTING goes back)
+            return op, Failure(stop_command, MIGRATION_BEGAN), False
         if state != "running":
             op = self._not_ours_to_resume(op)
             failure, lost = await self._send_batch(monitor, op, completes)
@@ -893,11 +903,12 @@ def _batchable(command: Command) -> bool:
 
 
 def _messages(commands: tuple[Command, ...]) -> int:
-    """How many QMP messages carrying out ``commands`` sends at most: one per QMP command, three for
-    ``stop`` (the run-state and dump queries first, see ``Driver._stop_then``), three for adding DEST (add-fd,
-    blockdev-add, remove-fd after a refusal), none for other file work. An observation waits for
-    that many: fewer sent only delays it to the step's end, never ahead of the commands."""
-    return sum(3 if c.name == "stop" else 1 if c.kind == "qmp" else 3 if c.kind == "add-dest" else 0
+    """How many QMP messages carrying out ``commands`` sends at most: one per QMP command, four for
+    ``stop`` (the run-state, dump and migration queries first, see ``Driver._stop_then``), three for
+    adding DEST (add-fd, blockdev-add, remove-fd after a refusal), none for other file work. An
+    observation waits for that many: fewer sent only delays it to the step's end, never ahead of
+    the commands."""
+    return sum(4 if c.name == "stop" else 1 if c.kind == "qmp" else 3 if c.kind == "add-dest" else 0
                for c in commands)
 
 

@@ -16,7 +16,7 @@ goal        the goal changed (pivot, finish or abort asked; a wait interrupted):
 ready       every mirror of the job is ready: ``ready_at``
 progress    bytes copied (written with the journal's periodic progress saves): ``current``, ``total``
 speed       the speed limit changed: ``bandwidth`` (bytes/s, 0 = unlimited), ``applied``
-waiting     a pivot is held (a memory dump holds the guest), or no longer is: ``reason`` (why; ""
+waiting     a pivot is held (a memory dump holds the guest, or a migration runs), or no longer is: ``reason`` (why; ""
             when it no longer waits)
 pause       the guest's pause window of the pivot: ``stop_ts``, ``resume_ts``, ``ms`` (QEMU's times)
 outcome     the job ended: ``outcome``, ``authoritative``, ``error``, ``disks`` (name, pivoted)

@@ -51,7 +51,7 @@ from blockcopy.errors import (
 from blockcopy.journal import Domain, Journal
 from blockcopy.locking import DomainLock
 from blockcopy.monitor import DeviceInfo, Monitor, devices_from_query_block
-from blockcopy.protocol import fills_for_goal, page_cache_fill_unused
+from blockcopy.protocol import MIGRATION_ENDED, fills_for_goal, page_cache_fill_unused
 from blockcopy.qemuproc import QemuProcess
 from blockcopy.records import CopyRequest, DiskRecord, Goal, Operation, Outcome, Phase, Stage
 
@@ -605,9 +605,9 @@ async def _refuse_migration(monitor: Monitor, domain: str) -> None:
     gets a message that says what it is and what to do: "being migrated" would send the user
     looking for a migration that does not run."""
     state = await monitor.run_state()
-    migration = str((await monitor.execute("query-migrate")).get("status", "none"))
+    migration = await monitor.migration_status()
     where = f"run state {state}, migration {migration}"
-    if migration not in ("none", "completed", "failed", "cancelled") or state == "finish-migrate":
+    if migration not in MIGRATION_ENDED or state == "finish-migrate":
         raise UsageError(f"domain {domain} is being migrated ({where}); "
                          "copy its disks before or after the migration, not during it")
     if state == "inmigrate":

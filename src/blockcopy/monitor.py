@@ -293,6 +293,11 @@ class Monitor:
         except CommandRefused:
             return False
 
+    async def migration_status(self) -> str:
+        """query-migrate's ``status``: "none" when this QEMU never migrated, "active" and the like
+        while a migration runs, "completed", "failed" or "cancelled" after one."""
+        return str((await self.execute("query-migrate")).get("status", "none"))
+
     async def jobs(self) -> dict[str, JobView]:
         result = await self.execute("query-jobs")
         return {j["id"]: JobView(j["id"], j["status"], int(j.get("current-progress", 0)),
@@ -313,8 +318,9 @@ class Monitor:
         empty. Raises like :meth:`execute`; whether QEMU is gone is the caller's question."""
         # Sent together (QMP pipelines commands and answers them in order): one round trip
         # instead of up to four, which counts while the guest is paused.
-        run_state, jobs, block, named, fdsets, graph = await asyncio.gather(
+        run_state, migration, jobs, block, named, fdsets, graph = await asyncio.gather(
             self.run_state() if "status" in needs else _value(""),
+            self.migration_status() if "migration" in needs else _value(""),
             self.jobs() if "jobs" in needs else _value({}),
             self.block() if "block" in needs else _value([]),
             self.named_nodes() if "nodes" in needs or "graph" in needs else _value([]),
@@ -327,7 +333,7 @@ class Monitor:
         in_use = {str(n.get("file")) for n in named}
         node_cache = {str(n["node-name"]): (bool((n.get("cache") or {}).get("direct")), str(n.get("file", "")))
                       for n in named if n.get("node-name")}
-        return Observation(alive=True, run_state=run_state, jobs=jobs, device_nodes=device_nodes,
+        return Observation(alive=True, run_state=run_state, migration=migration, jobs=jobs, device_nodes=device_nodes,
                            device_images=device_images, node_cache=node_cache,
                            nodes=frozenset(str(n["node-name"]) for n in named if n.get("node-name")),
                            unused_fdsets=frozenset(i for i in fdsets if fdset_path(i) not in in_use),

@@ -29,12 +29,13 @@ COPYING       sends a journaled speed change (``block-job-set-speed``) until    
               pivot, ``blockdev-reopen`` of a DEST filled through the page       ABORTING
               cache (``page_cache_fill``) with its journaled cache mode
               (re-observed, no record); then follows ``op.goal`` (a pivot
-              not while a memory dump holds the guest: ``save-vm``)
+              not while a memory dump holds the guest, ``save-vm``, nor while
+              a migration runs; none at all once the VM migrated away)
 PIVOTING      one step: fsync the images, ``stop`` a running VM (its run state   FINALIZING,
               was journaled on entry), ``job-complete`` each job; then waits     ABORTING
               until *every* job is ``pending`` (all or nothing) with the guest   or COPYING
-              not running; back to COPYING if a memory dump began before any
-              job was completed, ABORTING after
+              not running; back to COPYING if a memory dump or a migration
+              began before any job was completed, ABORTING after
 FINALIZING    journaled, then in the same step ``job-finalize`` each: the       SETTLING
               point of no return; only goes forward from here; outcome from
               ``query-block``
@@ -109,6 +110,9 @@ class Observation:
 
     alive: bool
     run_state: str = "running"  # query-status "status"
+    #: query-migrate "status" ("none": no migration ever); read only while a pivot is wanted
+    #: (``needs``: "migration"), "" when not read
+    migration: str = ""
     jobs: Mapping[str, JobView] = field(default_factory=dict)
     device_nodes: Mapping[str, str] = field(default_factory=dict)  # device_key -> root node name
     #: device_key -> the node right below the device's filters (x-debug-query-block-graph); read
@@ -193,7 +197,7 @@ DONE_STEP = Step(note="done")
 
 #: What each phase's decision reads from QEMU. The driver queries only these, which keeps the
 #: observations inside the guest's pause short (each query is a QMP round trip).
-ALL_QUERIES = frozenset({"status", "jobs", "block", "nodes", "fdsets"})
+ALL_QUERIES = frozenset({"status", "jobs", "block", "nodes", "fdsets", "migration"})
 _NEEDS = {
     Phase.STARTING: frozenset({"jobs", "nodes"}),
     Phase.COPYING: frozenset({"status", "jobs", "block"}),  # + "nodes" before a pivot's reopen (needs())
@@ -216,6 +220,8 @@ def needs(op: Operation) -> frozenset[str]:
         # each node's cache mode, for the reopen (not on every poll otherwise; without a page-cache
         # fill DEST was added with its journaled cache mode and is never reopened)
         wanted = wanted | {"nodes"}
+    if op.phase is Phase.COPYING and op.goal is Goal.PIVOT:
+        wanted = wanted | {"migration"}  # a pivot waits out a migration (not read inside the pause)
     if "block" in wanted and any(d.replaces for d in op.disks):
         wanted = wanted | {"graph"}  # which image a filter sits on: only the block graph says
     return wanted
@@ -534,9 +540,9 @@ def _copying(op: Operation, obs: Observation) -> Step:
         # copying, or another client's): a pending mirror holds the guest's writes; no pivot now.
         return _abort(op, "a mirror job was completed outside blockcopy's pivot; the copy is cancelled, no disk "
                           "pivoted")
-    # A pivot that a memory dump holds says so (``waiting``, journaled for `status`) while the dump
-    # lasts and the goal is still a pivot; any other record of the copy says nothing holds it.
-    held = op.goal is Goal.PIVOT and obs.run_state == SAVING_VM
+    # A pivot that a memory dump or a migration holds says so (``waiting``, journaled for `status`)
+    # while it lasts and the goal is still a pivot; any other record of the copy says nothing holds it.
+    held = op.goal is Goal.PIVOT and (obs.run_state == SAVING_VM or _migrating(obs))
     if op.waiting and not held:
         op = _replace(op, waiting="")
     if not op.speed_applied:
@@ -564,14 +570,25 @@ def _copying(op: Operation, obs: Observation) -> Step:
             if op.waiting != DUMP_WAIT:
                 return Step(record=_replace(op, waiting=DUMP_WAIT), wait=Wait.COPY, note=DUMP_WAIT)
             return Step(wait=Wait.COPY, note=DUMP_WAIT)
+        if op.goal is Goal.PIVOT and _migrating(obs):
+            # A migration takes the guest to another QEMU that opens the disks its own command line
+            # names: a pivot now would leave the guest's writes after it on a DEST the other side
+            # never opens, and one after the VM has migrated away would journal DEST while the
+            # guest writes the source elsewhere. Wait until the guest can run here again (the
+            # migration failed or was cancelled; or it was resumed here, as libvirt does when the
+            # destination fails to take over), or this QEMU exits (not pivoted: the source, which
+            # the other side opened), and say so (journaled once: `status`).
+            if op.waiting != MIGRATION_WAIT:
+                return Step(record=_replace(op, waiting=MIGRATION_WAIT), wait=Wait.COPY, note=MIGRATION_WAIT)
+            return Step(wait=Wait.COPY, note=MIGRATION_WAIT)
         if op.goal is Goal.PIVOT:
             running = obs.run_state == "running"
             record = _replace(op, phase=Phase.PIVOTING, vm_was_running=running, paused_by_us=running)
             return Step(record=record, note="pivot: every job is ready")
         if op.goal is Goal.FINISH:
             return Step(record=_replace(op, phase=Phase.FINISHING), note="finish: every job is ready")
-    if op.waiting != original.waiting:  # (the dump ended, or the goal changed: nothing holds the copy now)
-        return Step(record=op, wait=Wait.COPY, note="no longer waiting for a memory dump")
+    if op.waiting != original.waiting:  # (the dump or migration ended, or the goal changed: nothing holds it now)
+        return Step(record=op, wait=Wait.COPY, note=f"no longer waiting: {original.waiting}")
     return Step(wait=Wait.COPY, note="copying")
 
 
@@ -580,6 +597,29 @@ SAVING_VM = "save-vm"
 #: what a pivot held by such a dump says (the journaled ``Operation.waiting``)
 DUMP_WAIT = ("the pivot waits for QEMU's memory dump (dump-guest-memory) to end: the dump holds the guest paused "
              "and resumes it itself")
+#: what a pivot held by a migration says
+MIGRATION_WAIT = ("the pivot waits for the VM's migration to end and its guest to run here (query-migrate, run state): "
+                  "the QEMU a VM migrates to opens the disks its own command line names, not DEST. Cancel the "
+                  "migration (QMP migrate_cancel, virsh domjobabort) or abort the copy (blockcopy abort JOB); a VM "
+                  "that migrated away ends the job not pivoted once this QEMU exits")
+#: the driver's refusal of a pivot's ``stop`` when a migration began since the copy's last look
+#: (nothing was sent): PIVOTING goes back to COPYING, which waits the migration out
+MIGRATION_BEGAN = "a migration of the VM began: no pause, no pivot while it runs"
+#: query-migrate statuses of no migration running
+MIGRATION_ENDED = frozenset({"", "none", "completed", "failed", "cancelled"})
+#: run states of a VM that a migration is switching over or took away: its guest does not run
+#: here, and QEMU sets them after the status (COMPLETED comes first, POSTMIGRATE after it)
+MIGRATED_STATES = frozenset({"finish-migrate", "postmigrate"})
+#: journaled (a warning) when a migration runs once the pivot is done
+MIGRATION_AFTER_PIVOT = ("a migration of the VM runs: the QEMU it migrates to opens the disks its own command line "
+                         "names, not DEST, and would lose the guest's writes since the pivot; cancel it (QMP "
+                         "migrate_cancel, virsh domjobabort) unless that QEMU is configured with DEST")
+
+
+def _migrating(obs: Observation) -> bool:
+    """A migration runs, or has stopped the guest here for good (switched over, or ended with the
+    guest elsewhere): read from query-migrate and the run state together."""
+    return obs.migration not in MIGRATION_ENDED or obs.run_state in MIGRATED_STATES
 
 
 def _set_speed(op: Operation, obs: Observation) -> Step:
@@ -602,6 +642,20 @@ def _pivoting(op: Operation, obs: Observation) -> Step:
         # A device switched although the journal does not say FINALIZING: another client's
         # job-finalize. The pivot can only go forward now; journal that first.
         return Step(record=_replace(op, phase=Phase.FINALIZING), note="a device switched: go forward")
+    began = (obs.failure is not None and obs.failure.command.name == "stop"
+             and obs.failure.message == MIGRATION_BEGAN)
+    if began or obs.run_state in MIGRATED_STATES:
+        # A migration began since the copy's last look (the driver's look right before `stop`
+        # saw it, and sent nothing), or stopped the guest for its switch-over: with no job
+        # completed, back to copying, which waits it out (MIGRATION_WAIT); with one completed, the
+        # pivot is given up. Not resumed by blockcopy either way: the migration decides where the
+        # guest runs next, and a `cont` here would run it on both sides.
+        if all((j := _job(op, obs, d)) is not None and j.status == "ready" for d in op.disks):
+            return Step(record=_replace(op, phase=Phase.COPYING, paused_by_us=False, vm_was_running=None),
+                        note="a migration began: back to copying until it ends")
+        return _abort(_replace(op, paused_by_us=False),
+                      "pivot abandoned, no disk pivoted: a migration of the VM began during the pivot (the guest "
+                      "is not resumed by blockcopy: the migration decides where it runs next)")
     trouble = _job_trouble(op, obs)
     if trouble:
         return _abort(op, f"pivot failed, no disk pivoted: {trouble}")
@@ -797,6 +851,10 @@ def _settling(op: Operation, obs: Observation) -> Step:
         if obs.run_state == "paused":
             return Step(commands=(qmp("cont", after=after),), note="resume the guest")
         return Step(record=after, note="guest already running")
+    if op.outcome is Outcome.PIVOTED and _migrating(obs) and MIGRATION_AFTER_PIVOT not in op.warnings:
+        # One that began inside the pivot (after the copy's last look, or the look right before
+        # `stop`): too late to hold the pivot, not too late to stop the migration.
+        return Step(record=_replace(op, warnings=(*op.warnings, MIGRATION_AFTER_PIVOT)), note=MIGRATION_AFTER_PIVOT)
     if failure is not None and failure.command.purpose == "cleanup" and failure.command.disk is not None:
         index = failure.command.disk
         record = op.with_disk(index, cleaned=True)

@@ -46,8 +46,8 @@ def describe_view(view: Mapping[str, Any]) -> str:
 def progress_label(op: Operation) -> str:
     """The progress bar's word for a job that copies (a record, or the daemon's events made one:
     ``service.client.ProgressFromEvents``)."""
-    if op.waiting:
-        return "ready, waiting for a memory dump"
+    if op.waiting:  # (the journaled reason: protocol.DUMP_WAIT or MIGRATION_WAIT)
+        return f"ready, waiting for {'a migration' if 'migration' in op.waiting else 'a memory dump'} to end"
     return "ready" if op.ready_at else "copying"
 
 
