@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -159,7 +158,8 @@ class Operation:
     authoritative: Authority | None = None
     error: str | None = None
     reason: str | None = None
-    #: why a pivot is held while copying (a memory dump holds the guest paused); "" when nothing
+    #: why a pivot is held while copying (a memory dump holds the guest paused, or a migration
+    #: runs: protocol.DUMP_WAIT, MIGRATION_WAIT); "" when nothing
     #: holds it. Shown by ``status`` for a pivot while COPYING; nothing decides on it.
     waiting: str = ""
     warnings: tuple[str, ...] = ()
@@ -309,4 +309,6 @@ class CopyRequest:
         fields["goal"] = self.goal.value
         fields["dest_options"] = dict(self.dest_options)
         text = json.dumps(fields, sort_keys=True, default=str)
+        import hashlib  # (here: only a request with an idempotency key needs it, not every command's start)
+
         return hashlib.sha256(text.encode()).hexdigest()
