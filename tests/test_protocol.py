@@ -13,6 +13,7 @@ from blockcopy.protocol import (
     DUMP_WAIT,
     LIVE_STATUSES,
     MIGRATED_STATES,
+    MIGRATION_AFTER_PIVOT,
     MIGRATION_BEGAN,
     MIGRATION_ENDED,
     MIGRATION_WAIT,
@@ -948,3 +949,18 @@ def test_a_pivot_does_not_begin_while_a_memory_dump_holds_the_guest_paused() -> 
     assert operation_view(dataclasses.replace(waiting, goal=Goal.COPY))["waiting"] is None
     finish = decide(op(Phase.COPYING, Goal.FINISH), obs("ready", run_state="save-vm"))
     assert finish.record is not None and finish.record.phase is Phase.FINISHING, "a finish does not touch the guest"
+
+
+def test_a_migration_that_runs_after_the_pivot_is_reported_once() -> None:
+    """One that began inside the pivot (too late to hold it): once the outcome is `pivoted`, the job
+    says so in its warnings, once, with what to do; a job that did not pivot says nothing of it."""
+    done = op(Phase.SETTLING, outcome=Outcome.PIVOTED, authoritative=Authority.DESTINATION, resumed=True)
+    step = decide(done, obs("concluded", pivoted=(True,), migration="active"))
+    assert step.record is not None and step.record.warnings == (MIGRATION_AFTER_PIVOT,) and not step.commands
+    assert "migrate_cancel" in MIGRATION_AFTER_PIVOT
+    again = decide(step.record, obs("concluded", pivoted=(True,), migration="active"))
+    assert again.record is None or again.record.warnings == (MIGRATION_AFTER_PIVOT,)
+    assert names(again.commands) == ["job-dismiss"]  # the cleanup goes on
+    not_pivoted = dataclasses.replace(done, outcome=Outcome.NOT_PIVOTED, authoritative=Authority.SOURCE)
+    assert MIGRATION_AFTER_PIVOT not in (decide(not_pivoted, obs("concluded", migration="active")).record
+                                         or not_pivoted).warnings
