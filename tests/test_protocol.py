@@ -646,7 +646,8 @@ def _cases() -> list[tuple[Operation, Observation]]:
 #: run state x query-migrate status: no migration, a memory dump, one running, one switching over
 #: (QEMU sets COMPLETED before the run state moves on), a VM migrated away, one resumed here after
 RUN_AND_MIGRATION = (("running", "none"), ("paused", "none"), ("save-vm", "none"), ("running", "active"),
-                     ("finish-migrate", "completed"), ("postmigrate", "completed"), ("running", "completed"))
+                     ("paused", "active"), ("finish-migrate", "completed"), ("postmigrate", "completed"),
+                     ("postmigrate", "failed"), ("running", "completed"))
 CASES = _cases()
 
 
@@ -685,9 +686,11 @@ def _check_invariants(o: Operation, ob: Observation) -> None:
     # What the journal says when the commands run: a step's record is written first.
     journaled = step.record if step.record is not None else o
     live = [j for j in ob.jobs.values() if j.status in LIVE_STATUSES | {"aborting"}]
-    # The guest is resumed only once the outcome is journaled, and only if blockcopy paused it.
+    # The guest is resumed only once the outcome is journaled, only if blockcopy paused it, and only
+    # while it is still paused (one that a migration took over would run on both sides).
     if "cont" in cmds:
         assert journaled.outcome is not None and journaled.paused_by_us, where
+        assert ob.run_state == "paused", where
     # blockcopy pauses only in PIVOTING, and only a guest it decided to pause.
     if "stop" in cmds:
         assert journaled.phase is Phase.PIVOTING and journaled.paused_by_us, where
@@ -964,3 +967,50 @@ def test_a_migration_that_runs_after_the_pivot_is_reported_once() -> None:
     not_pivoted = dataclasses.replace(done, outcome=Outcome.NOT_PIVOTED, authoritative=Authority.SOURCE)
     assert MIGRATION_AFTER_PIVOT not in (decide(not_pivoted, obs("concluded", migration="active")).record
                                          or not_pivoted).warnings
+
+
+def test_a_guest_blockcopy_paused_is_never_resumed_once_a_migration_took_it_over() -> None:
+    """blockcopy's `stop` went out (stop_ts journaled), then a migration switched the guest over:
+    the pivot is given up with the job-completes already sent (not back to copying), the guest is
+    not resumed (a `cont` in postmigrate re-activates the images and runs it here as well as on the
+    other side), and the job says so, with what to do. The same at the outcome: `cont` only to a
+    guest still paused; SETTLING tells what became of any other."""
+    paused = op(Phase.PIVOTING, paused_by_us=True, stop_ts=1.0)
+    for run_state in ("finish-migrate", "postmigrate"):
+        step = decide(paused, obs("ready", run_state=run_state))
+        assert step.record is not None and step.record.phase is Phase.ABORTING and not step.commands
+        assert not step.record.paused_by_us and "migration" in (step.record.error or "")
+        assert any(run_state in w and "resume it where it runs now" in w for w in step.record.warnings)
+    # (nothing sent yet: back to copying, which waits the migration out)
+    assert decide(op(Phase.PIVOTING, paused_by_us=True), obs("ready", run_state="postmigrate")).record.phase \
+        is Phase.COPYING  # type: ignore[union-attr]
+    finalizing = op(Phase.FINALIZING, paused_by_us=True, stop_ts=1.0)
+    concluded = decide(finalizing, obs("concluded", pivoted=(True,), run_state="postmigrate"))
+    assert concluded.record is not None and concluded.record.outcome is Outcome.PIVOTED
+    assert "cont" not in names(concluded.commands)
+    settled = decide(concluded.record, obs("concluded", pivoted=(True,), run_state="postmigrate",
+                                           migration="completed"))
+    assert settled.record is not None and "cont" not in names(settled.commands) and settled.record.resumed
+    assert any("postmigrate" in w and "does not resume it" in w for w in settled.record.warnings)
+    # still paused: resumed with the outcome, as ever
+    normal = decide(finalizing, obs("concluded", pivoted=(True,), run_state="paused"))
+    assert names(normal.commands) == ["cont"]
+
+
+def test_the_wait_for_a_migration_says_what_holds_it() -> None:
+    """Running, switched over, migrated away, or left stopped by a migration that did not finish:
+    each says what to do, and a change of reason is journaled."""
+    copying = op(Phase.COPYING)
+    texts = {}
+    for run_state, migration in (("running", "active"), ("postmigrate", "completed"), ("postmigrate", "failed")):
+        step = decide(copying, obs("ready", run_state=run_state, migration=migration))
+        assert step.record is not None and step.record.phase is Phase.COPYING and not step.commands
+        texts[(run_state, migration)] = step.record.waiting
+        assert "migrat" in step.record.waiting and ("cont" in step.record.waiting or "migrate_cancel" in
+                                                     step.record.waiting)
+    assert len(set(texts.values())) == 3
+    assert "exits" in texts[("postmigrate", "completed")] and "did not finish" in texts[("postmigrate", "failed")]
+    held = decide(copying, obs("ready", run_state="running", migration="active")).record
+    assert held is not None
+    changed = decide(held, obs("ready", run_state="postmigrate", migration="completed"))
+    assert changed.record is not None and changed.record.waiting == texts[("postmigrate", "completed")]

@@ -736,8 +736,10 @@ def test_a_pivot_waits_while_a_migration_runs(attached, bc: Blockcopy, tmp_path:
         assert vm.device_node("vda")[1] == vm.disks[0].path and vm.run_state() == "running"
         assert "waiting: the pivot waits for the VM's migration to end" in bc.ok("status", job["id"]).stdout
     finally:
-        vm.cmd("migrate_cancel")
-        stuck.close()
+        try:
+            vm.cmd("migrate_cancel")
+        finally:
+            stuck.close()
     code, out, err = _finish(pivot)
     assert code == 0, err
     assert err.count("the pivot waits for the VM's migration to end") == 1, err  # seen, and said once

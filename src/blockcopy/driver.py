@@ -699,11 +699,13 @@ class Driver:
         last look is theirs to resume, not blockcopy's: that is journaled before the jobs are
         completed (see :func:`_our_stop`).
 
-        :raise CommandRefused: a memory dump holds the guest paused (nothing was sent: PIVOTING
-            goes back to COPYING on the next look)."""
-        state = await monitor.run_state()
+        :raise CommandRefused: a memory dump holds the guest paused, or a migration runs or took the
+            guest (nothing was sent: PIVOTING goes back to COPYING on the next look)."""
+        state, migration = await asyncio.gather(monitor.run_state(), monitor.migration_status())
         if state == SAVING_VM:  # a dump began since the last look: the step ends here (PIVOTING goes back)
             raise CommandRefused("stop", "GenericError", "a memory dump holds the guest paused")
+        if migration not in MIGRATION_ENDED or state in MIGRATED_STATES:  # as in _stop_then
+            raise CommandRefused("stop", "GenericError", MIGRATION_BEGAN)
         if state != "running":
             return self._not_ours_to_resume(op)
         return await self._stop_now(monitor, op)

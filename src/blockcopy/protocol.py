@@ -30,12 +30,13 @@ COPYING       sends a journaled speed change (``block-job-set-speed``) until    
               cache (``page_cache_fill``) with its journaled cache mode
               (re-observed, no record); then follows ``op.goal`` (a pivot
               not while a memory dump holds the guest, ``save-vm``, nor while
-              a migration runs; none at all once the VM migrated away)
+              a migration runs or has stopped the guest here: it waits)
 PIVOTING      one step: fsync the images, ``stop`` a running VM (its run state   FINALIZING,
               was journaled on entry), ``job-complete`` each job; then waits     ABORTING
               until *every* job is ``pending`` (all or nothing) with the guest   or COPYING
               not running; back to COPYING if a memory dump or a migration
-              began before any job was completed, ABORTING after
+              began while every job is still ready (and, for a migration,
+              before blockcopy's ``stop`` went out), ABORTING after
 FINALIZING    journaled, then in the same step ``job-finalize`` each: the       SETTLING
               point of no return; only goes forward from here; outcome from
               ``query-block``
@@ -202,9 +203,11 @@ _NEEDS = {
     Phase.STARTING: frozenset({"jobs", "nodes"}),
     Phase.COPYING: frozenset({"status", "jobs", "block"}),  # + "nodes" before a pivot's reopen (needs())
     Phase.PIVOTING: frozenset({"status", "jobs", "block"}),
-    Phase.FINALIZING: frozenset({"jobs", "block"}),  # forward only: the run state does not matter
-    Phase.FINISHING: frozenset({"jobs", "block", "nodes"}),
-    Phase.ABORTING: frozenset({"jobs", "block"}),
+    # forward only; the run state says whether the guest blockcopy paused may be resumed (``cont``
+    # goes only to a guest still paused: one a migration took over would run on both sides)
+    Phase.FINALIZING: frozenset({"status", "jobs", "block"}),
+    Phase.FINISHING: frozenset({"status", "jobs", "block", "nodes"}),
+    Phase.ABORTING: frozenset({"status", "jobs", "block"}),
     Phase.SETTLING: ALL_QUERIES,
     Phase.DONE: frozenset(),
 }
@@ -307,8 +310,9 @@ def _conclude(op: Operation, obs: Observation, *, on_success: Outcome, reason: s
         outcome, authority, error = on_success, Authority.SOURCE, None
     record = _replace(record, phase=Phase.SETTLING, outcome=outcome, authoritative=authority,
                       error=error, reason=reason)
-    if record.paused_by_us and not record.resumed:
-        # The outcome is written first (the step's record); only then is the guest resumed.
+    if record.paused_by_us and not record.resumed and obs.run_state == "paused":
+        # The outcome is written first (the step's record); only then is the guest resumed. (Not
+        # paused any more: SETTLING says what became of it.)
         resume = qmp("cont", after=_replace(record, resumed=True))
         return Step(record=record, commands=(resume,), note=f"outcome {outcome}")
     return Step(record=record, note=f"outcome {outcome}")
@@ -548,20 +552,6 @@ def _copying(op: Operation, obs: Observation) -> Step:
     if not op.speed_applied:
         return _set_speed(op, obs)
     if all(obs.jobs[d.job_id].status == "ready" for d in op.disks):
-        if op.goal is Goal.PIVOT:
-            # A DEST filled through the page cache (--page-cache-fill) gets the source's cache mode.
-            # (A finish closes and fsyncs DEST; a copy kept ready is reopened when it is pivoted.)
-            reopens = tuple(qmp("blockdev-reopen", {"options": _reopened_options(d, obs)}, disk=i)
-                            for i, d in enumerate(op.disks) if _needs_direct(d, obs))
-            failure = obs.failure
-            if reopens and failure is not None and failure.command.name == "blockdev-reopen":
-                return _abort(op, f"could not give the destination its O_DIRECT cache mode: {failure.message}")
-            if reopens and obs.stalled:
-                return _abort(op, "could not give the destination its O_DIRECT cache mode: QEMU still reports "
-                                  "another cache mode after the reopen")
-            if reopens:
-                return Step(record=op if op.waiting != original.waiting else None, commands=reopens,
-                            wait=Wait.SETTLE, note="reopen the destinations with cache.direct=on")
         if op.goal is Goal.PIVOT and obs.run_state == SAVING_VM:
             # A memory dump (dump-guest-memory, detached) pauses the guest itself and resumes it when
             # it ends, at any moment: a pivot begun now would take that pause for its user's and go
@@ -577,10 +567,26 @@ def _copying(op: Operation, obs: Observation) -> Step:
             # guest writes the source elsewhere. Wait until the guest can run here again (the
             # migration failed or was cancelled; or it was resumed here, as libvirt does when the
             # destination fails to take over), or this QEMU exits (not pivoted: the source, which
-            # the other side opened), and say so (journaled once: `status`).
-            if op.waiting != MIGRATION_WAIT:
-                return Step(record=_replace(op, waiting=MIGRATION_WAIT), wait=Wait.COPY, note=MIGRATION_WAIT)
-            return Step(wait=Wait.COPY, note=MIGRATION_WAIT)
+            # the other side opened), and say so (journaled once: `status`). Checked before the
+            # reopen of a page-cache-filled DEST: a migrated VM's nodes are inactive.
+            why = _migration_wait(obs)
+            if op.waiting != why:
+                return Step(record=_replace(op, waiting=why), wait=Wait.COPY, note=why)
+            return Step(wait=Wait.COPY, note=why)
+        if op.goal is Goal.PIVOT:
+            # A DEST filled through the page cache (--page-cache-fill) gets the source's cache mode.
+            # (A finish closes and fsyncs DEST; a copy kept ready is reopened when it is pivoted.)
+            reopens = tuple(qmp("blockdev-reopen", {"options": _reopened_options(d, obs)}, disk=i)
+                            for i, d in enumerate(op.disks) if _needs_direct(d, obs))
+            failure = obs.failure
+            if reopens and failure is not None and failure.command.name == "blockdev-reopen":
+                return _abort(op, f"could not give the destination its O_DIRECT cache mode: {failure.message}")
+            if reopens and obs.stalled:
+                return _abort(op, "could not give the destination its O_DIRECT cache mode: QEMU still reports "
+                                  "another cache mode after the reopen")
+            if reopens:
+                return Step(record=op if op.waiting != original.waiting else None, commands=reopens,
+                            wait=Wait.SETTLE, note="reopen the destinations with cache.direct=on")
         if op.goal is Goal.PIVOT:
             running = obs.run_state == "running"
             record = _replace(op, phase=Phase.PIVOTING, vm_was_running=running, paused_by_us=running)
@@ -597,11 +603,19 @@ SAVING_VM = "save-vm"
 #: what a pivot held by such a dump says (the journaled ``Operation.waiting``)
 DUMP_WAIT = ("the pivot waits for QEMU's memory dump (dump-guest-memory) to end: the dump holds the guest paused "
              "and resumes it itself")
-#: what a pivot held by a migration says
-MIGRATION_WAIT = ("the pivot waits for the VM's migration to end and its guest to run here (query-migrate, run state): "
-                  "the QEMU a VM migrates to opens the disks its own command line names, not DEST. Cancel the "
-                  "migration (QMP migrate_cancel, virsh domjobabort) or abort the copy (blockcopy abort JOB); a VM "
-                  "that migrated away ends the job not pivoted once this QEMU exits")
+#: what a pivot held by a running migration says (see _migration_wait for the others)
+MIGRATION_WAIT = ("the pivot waits for the VM's migration to end (query-migrate): the QEMU a VM migrates to opens the "
+                  "disks its own command line names, not DEST. Cancel the migration (QMP migrate_cancel, virsh "
+                  "domjobabort) or abort the copy (blockcopy abort JOB)")
+#: ... by a VM that a completed migration (or a save to a file) left stopped here
+MIGRATED_WAIT = ("the pivot waits for the guest to run here again: the VM was migrated away or saved to a file "
+                 "(run state postmigrate, migration completed), and whatever runs it next opens the disks its own "
+                 "configuration names. Resume it here (QMP cont, virsh resume) to pivot, or abort the copy (blockcopy "
+                 "abort JOB); the job ends not pivoted if this QEMU exits")
+#: ... by a VM that a migration that did not finish left stopped here
+MIGRATION_FAILED_WAIT = ("the pivot waits for the guest to run here again: a migration that did not finish left it "
+                         "stopped (run state postmigrate). Resume it (QMP cont, virsh resume) to pivot, or abort "
+                         "the copy (blockcopy abort JOB)")
 #: the driver's refusal of a pivot's ``stop`` when a migration began since the copy's last look
 #: (nothing was sent): PIVOTING goes back to COPYING, which waits the migration out
 MIGRATION_BEGAN = "a migration of the VM began: no pause, no pivot while it runs"
@@ -614,6 +628,23 @@ MIGRATED_STATES = frozenset({"finish-migrate", "postmigrate"})
 MIGRATION_AFTER_PIVOT = ("a migration of the VM runs: the QEMU it migrates to opens the disks its own command line "
                          "names, not DEST, and would lose the guest's writes since the pivot; cancel it (QMP "
                          "migrate_cancel, virsh domjobabort) unless that QEMU is configured with DEST")
+#: ... when one has already taken the VM away once the pivot is done
+MIGRATED_AFTER_PIVOT = ("the VM was migrated away (or saved) after the pivot: whatever runs it next opens the disks "
+                        "its own configuration names; unless that is DEST, it lacks the guest's writes since the "
+                        "pivot: point it at DEST before the guest runs there")
+#: journaled (a warning) when a guest that blockcopy paused is in another state than paused by then
+TAKEN_OVER = ("blockcopy paused the guest for the pivot, and QEMU's run state is now {state}, not paused (a "
+              "migration or something else took it over): blockcopy does not resume it; resume it where it runs "
+              "now (QMP cont, virsh resume) once its state allows")
+
+
+def _migration_wait(obs: Observation) -> str:
+    """What a pivot held by a migration says, from query-migrate and the run state together."""
+    if obs.run_state == "postmigrate" and obs.migration == "completed":
+        return MIGRATED_WAIT
+    if obs.run_state == "postmigrate":
+        return MIGRATION_FAILED_WAIT
+    return MIGRATION_WAIT
 
 
 def _migrating(obs: Observation) -> bool:
@@ -643,19 +674,22 @@ def _pivoting(op: Operation, obs: Observation) -> Step:
         # job-finalize. The pivot can only go forward now; journal that first.
         return Step(record=_replace(op, phase=Phase.FINALIZING), note="a device switched: go forward")
     began = (obs.failure is not None and obs.failure.command.name == "stop"
-             and obs.failure.message == MIGRATION_BEGAN)
+             and MIGRATION_BEGAN in obs.failure.message)
     if began or obs.run_state in MIGRATED_STATES:
         # A migration began since the copy's last look (the driver's look right before `stop`
         # saw it, and sent nothing), or stopped the guest for its switch-over: with no job
         # completed, back to copying, which waits it out (MIGRATION_WAIT); with one completed, the
         # pivot is given up. Not resumed by blockcopy either way: the migration decides where the
         # guest runs next, and a `cont` here would run it on both sides.
-        if all((j := _job(op, obs, d)) is not None and j.status == "ready" for d in op.disks):
+        sent = op.paused_by_us and op.stop_ts is not None  # (its stop went out, the job-completes behind it)
+        if not sent and all((j := _job(op, obs, d)) is not None and j.status == "ready" for d in op.disks):
             return Step(record=_replace(op, phase=Phase.COPYING, paused_by_us=False, vm_was_running=None),
                         note="a migration began: back to copying until it ends")
-        return _abort(_replace(op, paused_by_us=False),
-                      "pivot abandoned, no disk pivoted: a migration of the VM began during the pivot (the guest "
-                      "is not resumed by blockcopy: the migration decides where it runs next)")
+        trouble = _job_trouble(op, obs)
+        error = "pivot abandoned, no disk pivoted: a migration of the VM began during the pivot" + (
+            f" ({trouble})" if trouble else "")
+        warnings = (*op.warnings, TAKEN_OVER.format(state=obs.run_state or "unknown")) if sent else op.warnings
+        return _abort(_replace(op, paused_by_us=False, warnings=warnings), error)
     trouble = _job_trouble(op, obs)
     if trouble:
         return _abort(op, f"pivot failed, no disk pivoted: {trouble}")
@@ -850,11 +884,17 @@ def _settling(op: Operation, obs: Observation) -> Step:
             return Step(record=_replace(after, warnings=(*op.warnings, warning)), note="resume refused")
         if obs.run_state == "paused":
             return Step(commands=(qmp("cont", after=after),), note="resume the guest")
-        return Step(record=after, note="guest already running")
-    if op.outcome is Outcome.PIVOTED and _migrating(obs) and MIGRATION_AFTER_PIVOT not in op.warnings:
+        if obs.run_state == "running":
+            return Step(record=after, note="guest already running")
+        warning = TAKEN_OVER.format(state=obs.run_state)
+        return Step(record=_replace(after, warnings=(*op.warnings, warning)), note=warning)
+    if (op.outcome is Outcome.PIVOTED and _migrating(obs)
+            and not {MIGRATION_AFTER_PIVOT, MIGRATED_AFTER_PIVOT} & set(op.warnings)):
         # One that began inside the pivot (after the copy's last look, or the look right before
-        # `stop`): too late to hold the pivot, not too late to stop the migration.
-        return Step(record=_replace(op, warnings=(*op.warnings, MIGRATION_AFTER_PIVOT)), note=MIGRATION_AFTER_PIVOT)
+        # `stop`): too late to hold the pivot; a running one can still be stopped, a completed one
+        # left a destination to point at DEST.
+        warning = MIGRATED_AFTER_PIVOT if obs.migration == "completed" else MIGRATION_AFTER_PIVOT
+        return Step(record=_replace(op, warnings=(*op.warnings, warning)), note=warning)
     if failure is not None and failure.command.purpose == "cleanup" and failure.command.disk is not None:
         index = failure.command.disk
         record = op.with_disk(index, cleaned=True)
