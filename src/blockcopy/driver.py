@@ -628,10 +628,9 @@ class Driver:
             alone during a dump may have reached QEMU)."""
         state, dumping, migration = await asyncio.gather(monitor.run_state(), monitor.dump_running(),
                                                          monitor.migration_status())
-        if state == SAVING_VM:  # a dump began since the last look: nothing is sent (PIVOTING goes back)
-            return op, Failure(stop_command, "a memory dump holds the guest paused"), False
-        if migration not in MIGRATION_ENDED or state in MIGRATED_STATES:  # nothing is sent (PIVOTING goes back)
-            return op, Failure(stop_command, MIGRATION_BEGAN), False
+        held = _no_pause_now(state, migration)
+        if held is not None:  # a dump or a migration since the last look: nothing is sent (PIVOTING goes back)
+            return op, Failure(stop_command, held), False
         if state != "running":
             op = self._not_ours_to_resume(op)
             failure, lost = await self._send_batch(monitor, op, completes)
@@ -702,10 +701,9 @@ class Driver:
         :raise CommandRefused: a memory dump holds the guest paused, or a migration runs or took the
             guest (nothing was sent: PIVOTING goes back to COPYING on the next look)."""
         state, migration = await asyncio.gather(monitor.run_state(), monitor.migration_status())
-        if state == SAVING_VM:  # a dump began since the last look: the step ends here (PIVOTING goes back)
-            raise CommandRefused("stop", "GenericError", "a memory dump holds the guest paused")
-        if migration not in MIGRATION_ENDED or state in MIGRATED_STATES:  # as in _stop_then
-            raise CommandRefused("stop", "GenericError", MIGRATION_BEGAN)
+        held = _no_pause_now(state, migration)
+        if held is not None:  # a dump or a migration since the last look: the step ends here (PIVOTING goes back)
+            raise CommandRefused("stop", "GenericError", held)
         if state != "running":
             return self._not_ours_to_resume(op)
         return await self._stop_now(monitor, op)
@@ -902,6 +900,17 @@ def _completes_behind_stop(batch: list[Command]) -> bool:
 def _batchable(command: Command) -> bool:
     # While a test has a fault armed, each command goes alone, so that a fault can fall between two.
     return command.kind == "qmp" and command.name in BATCHABLE and command.after is None and not faults.serial()
+
+
+def _no_pause_now(state: str, migration: str) -> str | None:
+    """Why the pivot's ``stop`` is not sent now, read from the look right before it, or None: a
+    memory dump holds the guest (``save-vm``), or a migration runs or has stopped the guest here
+    (the protocol then goes back to COPYING, which waits either out)."""
+    if state == SAVING_VM:
+        return "a memory dump holds the guest paused"
+    if migration not in MIGRATION_ENDED or state in MIGRATED_STATES:
+        return MIGRATION_BEGAN
+    return None
 
 
 def _messages(commands: tuple[Command, ...]) -> int:
