@@ -44,7 +44,8 @@ FINISHING     ``block-job-cancel`` of ready jobs (no pivot; DEST consistent),   
               then ``job-finalize``
 ABORTING      ``job-cancel`` every job; outcome not-pivoted or failed            SETTLING
 SETTLING      the outcome record is written, and in the same step ``cont`` if    DONE
-              blockcopy paused the VM; then, each step for all disks,
+              blockcopy paused the VM and it is still paused (any other run
+              state: a warning, no ``cont``); then, each step for all disks,
               ``job-dismiss`` and ``blockdev-del`` of one node no device uses
               (top first), then ``remove-fd`` of unused fd sets
 DONE          nothing
