@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import threading
@@ -441,3 +442,17 @@ def test_a_stop_is_blockcopys_only_if_stamped_after_it_was_sent(stamped: float, 
 
     clock._offset -= step  # the offset moves with the step: time.time() jumped by `step` since sent_at
     assert (_our_stop(Events(), 0, clock) is not None) is ours  # type: ignore[arg-type]
+
+
+def test_a_pivot_sent_back_to_copying_forgets_its_stop_time() -> None:
+    """The driver carries the times it measured into each decided record, but a pivot that went back
+    to copying paused nothing that stands: a stop time kept would tell the next pivot attempt that
+    its own `stop` went out (protocol._pivoting reads it so)."""
+    from blockcopy.driver import _carry_driver_facts
+
+    current = Operation(id="op", domain="vm", goal=Goal.PIVOT, phase=Phase.PIVOTING, disks=(), stop_ts=5.0,
+                        resume_ts=6.0)
+    back = _carry_driver_facts(dataclasses.replace(current, phase=Phase.COPYING), current)
+    assert back.stop_ts is None and back.resume_ts is None
+    onward = _carry_driver_facts(dataclasses.replace(current, phase=Phase.FINALIZING), current)
+    assert onward.stop_ts == 5.0 and onward.resume_ts == 6.0

@@ -1014,3 +1014,16 @@ def test_the_wait_for_a_migration_says_what_holds_it() -> None:
     assert held is not None
     changed = decide(held, obs("ready", run_state="postmigrate", migration="completed"))
     assert changed.record is not None and changed.record.waiting == texts[("postmigrate", "completed")]
+
+
+def test_a_pivot_whose_completes_went_out_is_given_up_under_a_migration_even_without_a_stop_time() -> None:
+    """The stop's time is not journaled before the next record (a crash may lose it): jobs that
+    left `ready` also show that blockcopy's stop and completes went out. A refusal by the look
+    before `stop` (nothing sent, the guest ran) goes back to copying without a word of a pause."""
+    paused = op(Phase.PIVOTING, paused_by_us=True)  # no stop_ts
+    step = decide(paused, obs("pending", run_state="postmigrate"))
+    assert step.record is not None and step.record.phase is Phase.ABORTING and not step.record.paused_by_us
+    assert any("postmigrate" in w and "does not resume it" in w for w in step.record.warnings)
+    refused = Failure(qmp("stop"), f"QEMU refused stop: {MIGRATION_BEGAN}")
+    back = decide(dataclasses.replace(paused, stop_ts=5.0), obs("ready", failure=refused))
+    assert back.record is not None and back.record.phase is Phase.COPYING and not back.record.warnings

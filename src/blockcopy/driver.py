@@ -984,6 +984,9 @@ def _carry_driver_facts(decided: Operation, current: Operation) -> Operation:
     disks = tuple(dataclasses.replace(d, progress_current=c.progress_current, progress_total=c.progress_total,
                                       job_status=c.job_status, dest_dev=c.dest_dev, dest_ino=c.dest_ino)
                   for d, c in zip(decided.disks, current.disks, strict=True))
-    return dataclasses.replace(decided, disks=disks, ready_at=current.ready_at, stop_ts=current.stop_ts,
-                               resume_ts=current.resume_ts, created_at=current.created_at,
-                               updated_at=current.updated_at)
+    # A pivot sent back to copying paused nothing that stands: its stop's time would tell the next
+    # pivot that its own `stop` went out (protocol._pivoting reads stop_ts so).
+    back = decided.phase is Phase.COPYING
+    return dataclasses.replace(decided, disks=disks, ready_at=current.ready_at,
+                               stop_ts=None if back else current.stop_ts, resume_ts=None if back else current.resume_ts,
+                               created_at=current.created_at, updated_at=current.updated_at)

@@ -682,14 +682,22 @@ def _pivoting(op: Operation, obs: Observation) -> Step:
         # completed, back to copying, which waits it out (MIGRATION_WAIT); with one completed, the
         # pivot is given up. Not resumed by blockcopy either way: the migration decides where the
         # guest runs next, and a `cont` here would run it on both sides.
-        sent = op.paused_by_us and op.stop_ts is not None  # (its stop went out, the job-completes behind it)
-        if not sent and all((j := _job(op, obs, d)) is not None and j.status == "ready" for d in op.disks):
+        all_ready = all((j := _job(op, obs, d)) is not None and j.status == "ready" for d in op.disks)
+        # Its stop went out, the job-completes behind it: the stop's time says so, and so do jobs
+        # that left `ready` (completes go only behind blockcopy's stop, or to a guest seen paused;
+        # the time is not journaled before the next record, and a crash may have lost it).
+        # (A refusal by the look before `stop` means the guest ran then: nothing of blockcopy's paused it.)
+        sent = op.paused_by_us and not began and (op.stop_ts is not None or not all_ready)
+        if not sent and all_ready:
             return Step(record=_replace(op, phase=Phase.COPYING, paused_by_us=False, vm_was_running=None),
                         note="a migration began: back to copying until it ends")
         trouble = _job_trouble(op, obs)
         error = "pivot abandoned, no disk pivoted: a migration of the VM began during the pivot" + (
             f" ({trouble})" if trouble else "")
-        warnings = (*op.warnings, TAKEN_OVER.format(state=obs.run_state or "unknown")) if sent else op.warnings
+        left = (TAKEN_OVER.format(state=obs.run_state) if obs.run_state in MIGRATED_STATES else
+                "blockcopy paused the guest for the pivot, and a migration of the VM began: blockcopy does not "
+                "resume it; resume it where it runs once the migration has ended (QMP cont, virsh resume)")
+        warnings = (*op.warnings, left) if sent else op.warnings
         return _abort(_replace(op, paused_by_us=False, warnings=warnings), error)
     trouble = _job_trouble(op, obs)
     if trouble:
