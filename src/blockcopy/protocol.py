@@ -678,10 +678,10 @@ def _pivoting(op: Operation, obs: Observation) -> Step:
              and MIGRATION_BEGAN in obs.failure.message)
     if began or obs.run_state in MIGRATED_STATES:
         # A migration began since the copy's last look (the driver's look right before `stop`
-        # saw it, and sent nothing), or stopped the guest for its switch-over: with no job
-        # completed, back to copying, which waits it out (MIGRATION_WAIT); with one completed, the
-        # pivot is given up. Not resumed by blockcopy either way: the migration decides where the
-        # guest runs next, and a `cont` here would run it on both sides.
+        # saw it, and sent nothing), or stopped the guest for its switch-over: with nothing of the
+        # pivot sent, back to copying, which waits it out (_migration_wait); once blockcopy's stop
+        # and completes went out, the pivot is given up. Not resumed by blockcopy either way (a
+        # `cont` here would run the guest on both sides); a guest it paused gets a warning.
         all_ready = all((j := _job(op, obs, d)) is not None and j.status == "ready" for d in op.disks)
         # Its stop went out, the job-completes behind it: the stop's time says so, and so do jobs
         # that left `ready` (completes go only behind blockcopy's stop, or to a guest seen paused;

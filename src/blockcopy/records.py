@@ -158,8 +158,8 @@ class Operation:
     authoritative: Authority | None = None
     error: str | None = None
     reason: str | None = None
-    #: why a pivot is held while copying (a memory dump holds the guest paused, or a migration
-    #: runs: protocol.DUMP_WAIT, MIGRATION_WAIT); "" when nothing
+    #: why a pivot is held while copying (a memory dump holds the guest paused, or a migration runs
+    #: or stopped the guest here: protocol.DUMP_WAIT, _migration_wait's texts); "" when nothing
     #: holds it. Shown by ``status`` for a pivot while COPYING; nothing decides on it.
     waiting: str = ""
     warnings: tuple[str, ...] = ()
