@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,6 +229,32 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+@contextmanager
+def migration_that_runs(vm: ScratchVM, workdir: Path) -> Iterator[None]:
+    """A migration of ``vm`` that stays active until the block ends, then is cancelled.
+
+    Two things keep it from ever completing, whatever the host's socket buffers: the stream goes
+    to a unix socket nobody reads, and it is throttled to QEMU 7.2's smallest real rate (10 B/s:
+    QEMU allows max-bandwidth/10 bytes per 100 ms, and 0 would mean no limit), so its first pass
+    over the guest's RAM would take half an hour. Without the throttle the stream (about 0.25 MB
+    for a 64 MiB guest, mostly zero pages) can fit in a large socket buffer: QEMU then enters
+    the migration's completion with the big QEMU lock held, blocks writing the device state, and
+    the monitor hangs (a CI run on a fresh machine saw `migrate_cancel` time out that way)."""
+    vm.cmd("migrate-set-parameters", **{"max-bandwidth": 10})
+    stuck = socket.socket(socket.AF_UNIX)
+    stuck.bind(str(workdir / "migration.sock"))
+    stuck.listen(1)  # (the kernel takes the connection; nobody ever reads it)
+    try:
+        vm.cmd("migrate", uri=f"unix:{workdir / 'migration.sock'}")
+        try:
+            wait_for(lambda: vm.cmd("query-migrate")["status"] == "active", what="the migration to run")
+            yield
+        finally:
+            vm.cmd("migrate_cancel")
+    finally:
+        stuck.close()
 
 
 def qemu_jobs(vm: ScratchVM) -> list[dict[str, Any]]:

@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Blockcopy, wait_for
+from conftest import Blockcopy, migration_that_runs, wait_for
 from vmconfigs import (
     BACKEND_BPS,
     CONFIGS,
@@ -749,18 +748,10 @@ def test_blockcopy_refuses_a_vm_being_migrated(lab: Lab, tmp_path: Path) -> None
     vm = start_config(lab, "virtio-iothread")
     bc = Blockcopy(tmp_path / "state")
     bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
-    stuck = socket.socket(socket.AF_UNIX)  # a migration that runs until cancelled: nobody reads it
-    stuck.bind(str(tmp_path / "migration.sock"))
-    stuck.listen(1)
-    vm.cmd("migrate", uri=f"unix:{tmp_path / 'migration.sock'}")
-    try:
-        wait_for(lambda: vm.cmd("query-migrate")["status"] == "active", what="the migration to run")
+    with migration_that_runs(vm, tmp_path):
         result = bc("copy", "vm", "vda", str(tmp_path / "d.qcow2"))
         assert result.returncode == 2 and "is being migrated" in result.stderr
         assert vm.cmd("query-jobs") == [] and not (tmp_path / "d.qcow2").exists()
-    finally:
-        vm.cmd("migrate_cancel")
-        stuck.close()
 
 
 def test_a_disk_unplugged_during_the_copy_ends_the_job_on_the_source(lab: Lab, tmp_path: Path) -> None:

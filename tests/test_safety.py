@@ -20,6 +20,7 @@ from conftest import (
     Blockcopy,
     guest_reads,
     has_pattern,
+    migration_that_runs,
     node_names,
     process_state,
     qemu_jobs,
@@ -716,18 +717,13 @@ def _held_by_migration(bc: Blockcopy, job: str, pivot: subprocess.Popen[str]) ->
 def test_a_pivot_waits_while_a_migration_runs(attached, bc: Blockcopy, tmp_path: Path) -> None:
     """A migration takes the guest to a QEMU that opens the disks its own command line names: a
     pivot during one would leave every write after it on a DEST the other side never opens. The
-    migration here goes to a socket that nobody reads, so it runs until the test cancels it: the
+    migration here runs until the test cancels it (conftest.migration_that_runs): the
     pivot must wait (no job completed, the device on the source, `status` says why), then pivot
     once it has ended."""
     vm = attached(1)
     job = bc.ok("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--wait", "--json").json
-    stuck = socket.socket(socket.AF_UNIX)
-    stuck.bind(str(tmp_path / "migration.sock"))
-    stuck.listen(1)  # (the kernel takes the connection; its buffers fill, and the migration waits)
-    vm.cmd("migrate", uri=f"unix:{tmp_path / 'migration.sock'}")
     pivot: subprocess.Popen[str] | None = None
-    try:
-        wait_for(lambda: vm.cmd("query-migrate")["status"] == "active", what="the migration to run")
+    with migration_that_runs(vm, tmp_path):
         pivot = subprocess.Popen(bc.argv("pivot", job["id"], "--wait", "--json", "--verbose"), stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, env=bc.env)
         _SPAWNED.append(pivot)
@@ -735,11 +731,6 @@ def test_a_pivot_waits_while_a_migration_runs(attached, bc: Blockcopy, tmp_path:
         assert [j["status"] for j in vm.cmd("query-jobs")] == ["ready"], "no job completed during the migration"
         assert vm.device_node("vda")[1] == vm.disks[0].path and vm.run_state() == "running"
         assert "waiting: the pivot waits for the VM's migration to end" in bc.ok("status", job["id"]).stdout
-    finally:
-        try:
-            vm.cmd("migrate_cancel")
-        finally:
-            stuck.close()
     code, out, err = _finish(pivot)
     assert code == 0, err
     assert err.count("the pivot waits for the VM's migration to end") == 1, err  # seen, and said once
