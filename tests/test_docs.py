@@ -1,0 +1,75 @@
+"""The README's command and option tables match the command line (pure: no QEMU).
+
+Users read the tables, scripts are written from them: an option the parser takes and the README
+does not list, or the reverse, is a doc bug that review once found only by eye (a `copy` row that
+had drifted out of its table into a paragraph)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from blockcopy.cli import build_parser
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def _table_after(marker: str) -> list[str]:
+    """The rows of the first Markdown table from the line `marker` on (header and rule excluded)."""
+    lines = README.splitlines()
+    start = lines.index(marker)
+    rows: list[str] = []
+    for line in lines[start:]:
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows:
+            break
+    return rows[2:]
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _options(parser: argparse.ArgumentParser, hidden: set[str]) -> set[str]:
+    return {s for a in parser._actions for s in a.option_strings
+            if s.startswith("--") and a.help is not argparse.SUPPRESS and s not in hidden}
+
+
+def _first_cells(rows: list[str]) -> str:
+    return "\n".join(row.split(" | ")[0] for row in rows)
+
+
+GLOBAL = {"--help", "--json", "--state-dir", "--verbose", "--qmp-timeout", "--transition-timeout", "--socket",
+          "--no-daemon", "--version"}
+
+
+def test_every_command_has_a_row_in_the_commands_table_and_every_row_a_command() -> None:
+    rows = _table_after("| command | what it does |")
+    named = {re.match(r"\| `(\w+)", row).group(1) for row in rows}  # type: ignore[union-attr]
+    assert named == set(_subparsers())
+
+
+def test_every_copy_option_is_in_the_copy_options_table_and_every_row_is_an_option() -> None:
+    rows = _table_after("`copy` options:")
+    in_table = set(re.findall(r"`(--[a-z-]+)", _first_cells(rows)))
+    assert in_table == _options(_subparsers()["copy"], GLOBAL) - {"--disk"}  # (--disk: in the commands table)
+    assert "--disk DISK=DEST" in README
+
+
+def test_every_option_of_every_command_is_in_the_readme() -> None:
+    missing = {f"{name} {opt}" for name, parser in [("blockcopy", build_parser()), *_subparsers().items()]
+               for opt in _options(parser, set()) - {"--help", "--version"}
+               if not re.search(rf"[`\[ ]{opt}(?![\w-])", README)}
+    assert missing == set()
+
+
+def test_every_option_of_the_commands_table_exists() -> None:
+    parsers = _subparsers()
+    for row in _table_after("| command | what it does |"):
+        command = re.match(r"\| `(\w+)", row).group(1)  # type: ignore[union-attr]
+        for opt in re.findall(r"\[?(--[a-z-]+)", row.split(" | ")[0]):
+            assert opt in _options(parsers[command], set()), (command, opt)
