@@ -184,6 +184,10 @@ class Driver:
         self._sent_once = set() if sent_once is None else sent_once
         self._guarding = False  # this driver holds pivot_guard
         self._stopped = False  # the run was cancelled: a file step's thread that outlives it journals nothing
+        # Jobs whose record this driver journaled as "blockcopy pauses the guest" (paused_by_us) and
+        # whose `stop` it has not sent yet: a guest found paused before that `stop` went out was
+        # paused by someone else (see _completes_without_our_stop). After a crash this is unknown.
+        self._stop_unsent: set[str] = set()
 
     @property
     def monitor(self) -> Monitor | None:
@@ -356,6 +360,7 @@ class Driver:
                 op = self._save(step.record, op, step.note)
                 last_progress_save = time.monotonic()  # the record carries the progress too
             commands = self._not_sent_yet(op, step.commands)
+            op = self._completes_without_our_stop(op, commands)
             if step.observe_at_once and commands and not faults.serial():
                 # QEMU answers in order: queries sent right behind the commands see their effect.
                 queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -492,7 +497,25 @@ class Driver:
         return op, None, identical
 
     def _save(self, decided: Operation, current: Operation, note: str) -> Operation:
-        return self.journal.save(_carry_driver_facts(decided, current), note)
+        saved = self.journal.save(_carry_driver_facts(decided, current), note)
+        if saved.paused_by_us and not current.paused_by_us:
+            self._stop_unsent.add(saved.id)
+        elif not saved.paused_by_us:
+            self._stop_unsent.discard(saved.id)
+        return saved
+
+    def _completes_without_our_stop(self, op: Operation, commands: tuple[Command, ...]) -> Operation:
+        """The record to send ``commands`` with. A pivot journals that blockcopy pauses the guest
+        (``paused_by_us``) before it looks at the guest again; when that look finds it paused
+        already, the step is the job-completes alone and no `stop` of blockcopy's ever went out:
+        someone else paused the guest in between (``virsh suspend``), and it is theirs to resume.
+        Journaled before the completes go, as the look right before a `stop` does. Only this driver
+        knows its `stop` is unsent: after a crash at that point the journal cannot tell this pause
+        from blockcopy's own, and recovery resumes the guest (README: Known limits)."""
+        if (op.id in self._stop_unsent and op.paused_by_us and any(c.name == "job-complete" for c in commands)
+                and not any(c.name == "stop" for c in commands)):
+            return self._not_ours_to_resume(op)
+        return op
 
     async def _observe(self, op: Operation, failure: Failure | None, identical: tuple[bool, ...] | None,
                        stalled: bool) -> Observation:
@@ -662,6 +685,8 @@ class Driver:
             ON_QUEUED.reset(token)
         stop.add_done_callback(_retrieved)  # (read below; this only keeps asyncio from logging it as lost)
         await asyncio.wait((stop_queued, stop), return_when=asyncio.FIRST_COMPLETED)
+        if stop_queued.done():
+            self._stop_unsent.discard(op.id)  # (QEMU may have it now)
         if not stop_queued.done():  # it never got to QEMU (the connection was gone): raises
             try:
                 await stop
@@ -716,6 +741,7 @@ class Driver:
         :raise MonitorTimeout, ConnectionLost: as :meth:`Monitor.execute`."""
         faults.point("run-state")
         seen, clock = monitor.event_seq, _Clock()
+        self._stop_unsent.discard(op.id)  # (QEMU may have it from now on)
         await monitor.execute("stop")
         stop_ts = _our_stop(monitor, seen, clock)
         if stop_ts is None:
@@ -723,6 +749,7 @@ class Driver:
         return dataclasses.replace(op, stop_ts=stop_ts)
 
     def _not_ours_to_resume(self, op: Operation) -> Operation:
+        self._stop_unsent.discard(op.id)
         if not op.paused_by_us:
             return op
         warning = ("the guest was paused by someone else just before blockcopy's pause for the pivot: blockcopy "
