@@ -836,6 +836,43 @@ def test_crash_points_on_a_throttled_iothread_direct_pair(lab: Lab, tmp_path: Pa
             assert vm.cmd("qom-get", path=f"/machine/peripheral/{d}", property="iothread") == "/objects/iop"
 
 
+def test_recovery_never_completes_a_filtered_mirror_a_second_time(lab: Lab, tmp_path: Path) -> None:
+    """QEMU 7.2 aborts, and the guest dies with it, on a second job-complete of a mirror that
+    `replaces` the image below a filter (mirror.c sets its replace blocker again). blockcopy is
+    killed right after QEMU took its job-complete while the job is still `ready`: a backlog of
+    scattered guest writes (background mode) that the mirror reads through the throttle filter,
+    turned down to 4 IOPS. `recover` must see that QEMU has the complete (the image's replace
+    blocker), not send it again, and pivot once the backlog is copied (review 38: the code before
+    sent it again, and QEMU aborted)."""
+    vm = start_config(lab, "throttle-filter")
+    bc = Blockcopy(tmp_path / "state")
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    dest = tmp_path / "d.qcow2"
+    job = bc.ok("copy", "vm", "vda", str(dest), "--mode", "background", "--wait", "--json").json
+    vm.cmd("qom-set", path="/objects/tg0", property="limits", value={"iops-total": 4})
+    chunks = [8 * MIB + k * 256 * 1024 for k in range(24)]  # one read each: never adjacent
+    for offset in chunks:  # queued at 4 IOPS; blockcopy's `stop` drains them (a drain lifts the limit)
+        out = vm.io("vda", f"aio_write -P 0x61 {offset} 64k")
+        assert "error" not in out.lower(), out
+    crashed = bc("pivot", job["id"], crash_at="qmp:job-complete@1")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert [j["status"] for j in vm.cmd("query-jobs")] == ["ready"], "killed with the complete taken, still copying"
+    result = bc("recover", "--json", "--verbose", timeout=180)
+    assert vm.alive(), f"QEMU died ({vm.process.returncode}): a second job-complete"
+    assert result.returncode == 0, result.stderr
+    assert "has the job-complete of" in result.stderr and "already: not sent again" in result.stderr
+    done = bc.ok("status", job["id"], "--json").json
+    assert (done["outcome"], done["authoritative"]) == ("pivoted", "destination"), done
+    assert vm.run_state() == "running" and vm.cmd("query-jobs") == []
+    assert [f.name for f in vm.tree("vda").filters] == ["vda-throttle"] and vm.tree("vda").image.name.startswith("bc-")
+    vm.cmd("stop")  # (flushes: the image file shows every write)
+    assert all(has_pattern(str(dest), "qcow2", 0x61, offset, 65536) for offset in chunks), "the backlog on DEST"
+    vm.cmd("cont")
+    # A pivot that begins in the command asks nothing of the kind: no extra round trip in the pause.
+    again = bc.ok("copy", "vm", "vda", str(tmp_path / "e.qcow2"), "--pivot", "--json", "--verbose")
+    assert again.json["outcome"] == "pivoted" and "does QEMU have a job-complete" not in again.stderr
+
+
 def test_a_destination_of_an_o_direct_disk_is_o_direct_while_it_is_copied(lab: Lab, tmp_path: Path) -> None:
     """By default DEST gets the source's cache mode from the start, as libvirt opens it: no host page
     cache fills with the copy (what `cache='none'` is chosen for), and on libvirt's rig the guest's

@@ -188,6 +188,9 @@ class Driver:
         # whose `stop` it has not sent yet: a guest found paused before that `stop` went out was
         # paused by someone else (see _completes_without_our_stop). After a crash this is unknown.
         self._stop_unsent: set[str] = set()
+        # Jobs whose pivot this driver began (journaled PIVOTING): every job-complete of that pivot
+        # went through it, and _not_sent_yet knows them (see _not_taken_yet).
+        self._pivot_began_here: set[str] = set()
 
     @property
     def monitor(self) -> Monitor | None:
@@ -359,7 +362,7 @@ class Driver:
             if step.record is not None:
                 op = self._save(step.record, op, step.note)
                 last_progress_save = time.monotonic()  # the record carries the progress too
-            commands = self._not_sent_yet(op, step.commands)
+            commands = await self._not_taken_yet(op, self._not_sent_yet(op, step.commands))
             op = self._completes_without_our_stop(op, commands)
             if step.observe_at_once and commands and not faults.serial():
                 # QEMU answers in order: queries sent right behind the commands see their effect.
@@ -403,6 +406,35 @@ class Driver:
                 await self._wait(self.poll_interval, seen, counted_on)
             elif wait is Wait.SETTLE:
                 await self._wait(0.5, seen, counted_on)
+
+    async def _not_taken_yet(self, op: Operation, commands: tuple[Command, ...]) -> tuple[Command, ...]:
+        """``commands`` without a job-complete that QEMU has taken already, for a mirror that
+        replaces a node below filters (QEMU 7.2 aborts on a second one: Monitor.complete_taken).
+        Asked only in a pivot that this driver did not begin (a recovery after a crash, a retry):
+        in one it began, every complete went through it and `_not_sent_yet` knows. A complete
+        QEMU has counts as sent; the step then waits for QEMU to act on it (the job leaves `ready`
+        once it has copied what is left), within the transition time limit. A connection that
+        fails while asking keeps the command back; the next observation says what happened."""
+        if op.id in self._pivot_began_here or self.monitor is None:
+            return commands
+        kept: list[Command] = []
+        for command in commands:
+            disk = op.disks[command.disk] if command.disk is not None else None
+            if command.name == "job-complete" and disk is not None and disk.replaces:
+                log.info("job %s: does QEMU have a job-complete of %s already (a pivot this process did not "
+                         "begin)?", op.id, disk.job_id)
+                try:
+                    taken = await self.monitor.complete_taken(disk.replaces)
+                except (MonitorTimeout, ConnectionLost) as exc:
+                    log.info("job %s: could not ask whether QEMU has the job-complete of %s: %s", op.id,
+                             disk.job_id, exc)
+                    continue
+                if taken:
+                    log.info("job %s: QEMU has the job-complete of %s already: not sent again", op.id, disk.job_id)
+                    self._sent_once.add(_once_key(op, command))
+                    continue
+            kept.append(command)
+        return tuple(kept)
 
     def _not_sent_yet(self, op: Operation, commands: tuple[Command, ...]) -> tuple[Command, ...]:
         """The step's commands without the `once` commands this process already sent (see
@@ -498,6 +530,8 @@ class Driver:
 
     def _save(self, decided: Operation, current: Operation, note: str) -> Operation:
         saved = self.journal.save(_carry_driver_facts(decided, current), note)
+        if saved.phase is Phase.PIVOTING and current.phase is not Phase.PIVOTING:
+            self._pivot_began_here.add(saved.id)
         if saved.paused_by_us and not current.paused_by_us:
             self._stop_unsent.add(saved.id)
         elif not saved.paused_by_us:

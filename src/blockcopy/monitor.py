@@ -293,6 +293,26 @@ class Monitor:
         except CommandRefused:
             return False
 
+    async def complete_taken(self, replaced_node: str) -> bool:
+        """Whether QEMU has taken a ``job-complete`` of the mirror that replaces ``replaced_node``
+        (a mirror with ``replaces``: filters above the image), while the job may still be `ready`
+        copying what is left. QEMU 7.2 aborts on a second one (``mirror_complete`` sets its replace
+        blocker again, and the error API asserts it is unset), so a complete that may have gone out
+        before (a crash, another process) is asked about first.
+
+        No query reports it; the blocker does: ``mirror_complete`` blocks every operation on the
+        node it replaces, with the reason "block device is in use by block-job-complete".
+        ``blockdev-snapshot`` checks a node's blockers before anything else it does (after a drain
+        and, when not blocked, a flush of that node), and is refused either way: its overlay
+        names a node that cannot exist (a space is not allowed in QEMU's names). Nothing changes.
+
+        :raise MonitorTimeout, ConnectionLost: as :meth:`execute`."""
+        try:
+            await self.execute("blockdev-snapshot", {"node": replaced_node, "overlay": "no such node"})
+        except CommandRefused as exc:
+            return "block-job-complete" in exc.description
+        raise MonitorError(f"QEMU took a blockdev-snapshot of {replaced_node} onto a node that cannot exist")
+
     async def migration_status(self) -> str:
         """query-migrate's ``status``: "none" when this QEMU never migrated, "active" and the like
         while a migration runs, "completed", "failed" or "cancelled" after one."""
