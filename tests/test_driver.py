@@ -456,3 +456,40 @@ def test_a_pivot_sent_back_to_copying_forgets_its_stop_time() -> None:
     assert back.stop_ts is None and back.resume_ts is None
     onward = _carry_driver_facts(dataclasses.replace(current, phase=Phase.FINALIZING), current)
     assert onward.stop_ts == 5.0 and onward.resume_ts == 6.0
+
+
+def test_a_finish_cancelled_after_its_soft_cancel_runs_to_its_end_first(vm_factory: VMFactory, tmp_path: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finish's soft cancel turns the mirror `pending`, and QEMU drains the source while a job is
+    pending: the guest's disk I/O waits until job-finalize. A run cancelled right after QEMU took
+    the cancel (the daemon stopping, an app cancelling its call) must end the finish first, as a
+    pivot under way does (review 38: the run ended there, and a job left pending held the guest's
+    writes until some later command). QEMU is read at once, before the loop runs anything else."""
+    from blockcopy import CopyRequest, Manager
+    from blockcopy.monitor import Monitor
+
+    vm = vm_factory(1)
+    real_execute = Monitor.execute
+    running: list[asyncio.Task[Any]] = []
+
+    async def execute(self: Monitor, command: str, args: Any = None) -> Any:
+        result = await real_execute(self, command, args)
+        if command == "block-job-cancel":
+            running[0].cancel()
+        return result
+
+    async def scenario() -> list[str]:
+        manager = Manager(tmp_path / "state")
+        try:
+            await manager.attach("vm", str(vm.qmp_socket))
+            op = await manager.copy(CopyRequest("vm", [("vda", str(tmp_path / "a.qcow2"))]))
+            await manager.wait_ready(op.id)
+            monkeypatch.setattr(Monitor, "execute", execute)
+            running.append(asyncio.ensure_future(manager.finish(op.id)))
+            with pytest.raises(asyncio.CancelledError):
+                await running[0]
+            return [j["status"] for j in vm.cmd("query-jobs")]  # (blocking: nothing else runs meanwhile)
+        finally:
+            manager.close()
+
+    assert asyncio.run(scenario()) == [], "the finish left its job in QEMU: the guest's disk I/O may wait"

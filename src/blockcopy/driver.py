@@ -65,13 +65,21 @@ _PAUSE_PHASES = frozenset({Phase.PIVOTING, Phase.FINALIZING, Phase.ABORTING, Pha
 
 
 def _mid_pivot(op: Operation) -> bool:
-    """A pivot is under way (jobs may be pending, which drains the source): it runs to its end."""
+    """A pivot is under way: its run holds the domain's pivot guard."""
     return holds_guest(op) or op.phase in (Phase.PIVOTING, Phase.FINALIZING)
 
 
 def holds_guest(op: Operation) -> bool:
     """The journal says blockcopy paused the guest for a pivot and has not resumed it yet."""
     return op.paused_by_us and not op.resumed and op.phase in _PAUSE_PHASES
+
+
+def must_end_first(op: Operation) -> bool:
+    """The guest may wait on this operation: blockcopy paused it for a pivot, or a pivot or finish
+    is under way, and a job of it may be `pending`, when QEMU drains its source and the guest's
+    writes to that disk wait until job-finalize (a finish's soft cancel gets there while the guest
+    runs). Such a run, once cancelled, goes on to its end first, and recovery takes these first."""
+    return holds_guest(op) or op.phase in (Phase.PIVOTING, Phase.FINALIZING, Phase.FINISHING)
 
 
 class Until(enum.Enum):
@@ -216,9 +224,9 @@ class Driver:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             self._stopped = True
-            while not task.done() and _mid_pivot(self._last_saved(op)):
-                log.warning("job %s: cancelled while the guest is paused for its pivot: finishing the pivot "
-                            "first", op.id)
+            while not task.done() and must_end_first(self._last_saved(op)):
+                log.warning("job %s: cancelled during its pivot or finish, which may hold the guest (paused, or "
+                            "its disk's writes waiting on a pending job): ending it first", op.id)
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(task)
             if not task.done():

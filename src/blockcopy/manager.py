@@ -31,7 +31,7 @@ from blockcopy.defaults import (
     default_buf_size,
     default_state_dir,
 )
-from blockcopy.driver import Driver, Link, ProgressCallback, Until, holds_guest
+from blockcopy.driver import Driver, Link, ProgressCallback, Until, holds_guest, must_end_first
 from blockcopy.errors import (
     BlockcopyError,
     DomainBusy,
@@ -341,7 +341,7 @@ class Manager:
             domain = self._domain(name)  # again, under the lock: a detach may have come first
             link = await self._open_link(domain)
             unfinished = _guests_held_first(self.journal.operations(domain=name, unfinished=True))
-            if isinstance(link.error, MonitorBusy) and not (unfinished and holds_guest(unfinished[0])):
+            if isinstance(link.error, MonitorBusy) and not any(holds_guest(op) for op in unfinished):
                 # (A guest that blockcopy holds paused goes on below: the driver retries a QEMU that
                 # does not answer for the time limit, then says plainly that the guest stays paused.)
                 if unfinished:
@@ -686,8 +686,9 @@ def _stat_or_none(path: str) -> os.stat_result | None:
 
 
 def _guests_held_first(ops: Sequence[Operation]) -> list[Operation]:
-    """Operations that hold a guest paused first, then the rest, each in creation order."""
-    return sorted(ops, key=lambda op: not holds_guest(op))
+    """Operations that may hold a guest (paused, or its disk's writes waiting on a pending job)
+    first, then the rest, each in creation order."""
+    return sorted(ops, key=lambda op: not must_end_first(op))
 
 
 #: The longest path a unix socket can have (sun_path, less its terminating NUL).

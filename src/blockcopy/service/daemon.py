@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from blockcopy.defaults import COMMAND_TIMEOUT, TRANSITION_TIMEOUT
-from blockcopy.driver import Driver, Link, ProgressCallback, Until, holds_guest
+from blockcopy.driver import Driver, Link, ProgressCallback, Until, holds_guest, must_end_first
 from blockcopy.errors import (
     BlockcopyError,
     DomainBusy,
@@ -158,7 +158,7 @@ class Daemon:
         self._background.append(asyncio.create_task(self._prune_events_daily()))
         busy = [domain.name for domain in self.journal.domains() if not self._take(domain.name)]
         unfinished = self.journal.operations(unfinished=True)
-        for op in sorted(unfinished, key=lambda o: not holds_guest(o)):
+        for op in sorted(unfinished, key=lambda o: not must_end_first(o)):
             if op.domain not in self.hubs:
                 continue  # (adopted once recovery here is done)
             self.recovery_runs += 1
