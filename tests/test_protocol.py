@@ -17,6 +17,7 @@ from blockcopy.protocol import (
     MIGRATION_BEGAN,
     MIGRATION_ENDED,
     MIGRATION_WAIT,
+    RESUMABLE_STATES,
     Command,
     Failure,
     JobView,
@@ -645,9 +646,10 @@ def _cases() -> list[tuple[Operation, Observation]]:
 
 #: run state x query-migrate status: no migration, a memory dump, one running, one switching over
 #: (QEMU sets COMPLETED before the run state moves on), a VM migrated away, one resumed here after
+#: it, and a guest reset while stopped (prelaunch)
 RUN_AND_MIGRATION = (("running", "none"), ("paused", "none"), ("save-vm", "none"), ("running", "active"),
                      ("paused", "active"), ("finish-migrate", "completed"), ("postmigrate", "completed"),
-                     ("postmigrate", "failed"), ("running", "completed"))
+                     ("postmigrate", "failed"), ("running", "completed"), ("prelaunch", "none"))
 CASES = _cases()
 
 
@@ -690,7 +692,7 @@ def _check_invariants(o: Operation, ob: Observation) -> None:
     # while it is still paused (one that a migration took over would run on both sides).
     if "cont" in cmds:
         assert journaled.outcome is not None and journaled.paused_by_us, where
-        assert ob.run_state == "paused", where
+        assert ob.run_state in RESUMABLE_STATES, where
     # blockcopy pauses only in PIVOTING, and only a guest it decided to pause.
     if "stop" in cmds:
         assert journaled.phase is Phase.PIVOTING and journaled.paused_by_us, where
@@ -995,6 +997,23 @@ def test_a_guest_blockcopy_paused_is_never_resumed_once_a_migration_took_it_over
     # still paused: resumed with the outcome, as ever
     normal = decide(finalizing, obs("concluded", pivoted=(True,), run_state="paused"))
     assert names(normal.commands) == ["cont"]
+
+
+def test_a_guest_reset_during_blockcopys_pause_is_resumed() -> None:
+    """QEMU 7.2 puts a guest reset while stopped (`system_reset`, `virsh reset`, or the guest's
+    own reboot request handled during the pause) in `prelaunch`, from which `cont` runs it. A guest
+    blockcopy paused is resumed from there with the outcome, as from `paused` (review 38: it was
+    left stopped, with a warning blaming a migration)."""
+    finalizing = op(Phase.FINALIZING, paused_by_us=True, stop_ts=1.0)
+    concluded = decide(finalizing, obs("concluded", pivoted=(True,), run_state="prelaunch"))
+    assert concluded.record is not None and concluded.record.outcome is Outcome.PIVOTED
+    assert names(concluded.commands) == ["cont"] and not concluded.record.warnings
+    settling = dataclasses.replace(concluded.record, resumed=False)  # (a crash before the cont went out)
+    step = decide(settling, obs("concluded", pivoted=(True,), run_state="prelaunch"))
+    assert names(step.commands) == ["cont"]
+    # a guest the user had paused (and reset) is left as it is
+    theirs = decide(op(Phase.FINALIZING), obs("concluded", pivoted=(True,), run_state="prelaunch"))
+    assert "cont" not in names(theirs.commands)
 
 
 def test_the_wait_for_a_migration_says_what_holds_it() -> None:

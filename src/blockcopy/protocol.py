@@ -311,7 +311,7 @@ def _conclude(op: Operation, obs: Observation, *, on_success: Outcome, reason: s
         outcome, authority, error = on_success, Authority.SOURCE, None
     record = _replace(record, phase=Phase.SETTLING, outcome=outcome, authoritative=authority,
                       error=error, reason=reason)
-    if record.paused_by_us and not record.resumed and obs.run_state == "paused":
+    if record.paused_by_us and not record.resumed and obs.run_state in RESUMABLE_STATES:
         # The outcome is written first (the step's record); only then is the guest resumed. (Not
         # paused any more: SETTLING says what became of it.)
         resume = qmp("cont", after=_replace(record, resumed=True))
@@ -634,6 +634,12 @@ MIGRATED_AFTER_PIVOT = ("the VM was migrated away (or saved) after the pivot: wh
                         "its own configuration names; unless that is DEST, it lacks the guest's writes since the "
                         "pivot: point it at DEST before the guest runs there")
 #: journaled (a warning) when a guest that blockcopy paused is in another state than paused by then
+#: Run states a guest that blockcopy paused may be resumed from with `cont`: paused, or
+#: `prelaunch`, where QEMU 7.2 puts a guest reset while it was stopped (a `system_reset`, or the
+#: guest's own reboot request, handled during the pause); `cont` runs it from there. Any other
+#: state (a migration's) is not blockcopy's to leave.
+RESUMABLE_STATES = frozenset({"paused", "prelaunch"})
+
 TAKEN_OVER = ("blockcopy paused the guest for the pivot, and QEMU's run state is now {state}, not paused (a "
               "migration or something else took it over): blockcopy does not resume it; resume it where it runs "
               "now (QMP cont, virsh resume) once its state allows")
@@ -891,7 +897,7 @@ def _settling(op: Operation, obs: Observation) -> Step:
         if failure is not None and failure.command.name == "cont":
             warning = f"could not resume the guest: {failure.message}; resume it with QMP 'cont'"
             return Step(record=_replace(after, warnings=(*op.warnings, warning)), note="resume refused")
-        if obs.run_state == "paused":
+        if obs.run_state in RESUMABLE_STATES:
             return Step(commands=(qmp("cont", after=after),), note="resume the guest")
         if obs.run_state == "running":
             return Step(record=after, note="guest already running")
