@@ -905,7 +905,7 @@ def test_a_page_cache_fill_asked_for_is_reopened_o_direct_before_the_pivot(lab: 
     dest = tmp_path / "d.qcow2"
     done = bc.ok("copy", "vm", "vda", str(dest), "--pivot", "--page-cache-fill", "--json", "--verbose")
     job = done.json
-    assert (job["outcome"], job["authoritative"]) == ("pivoted", "destination")
+    assert (job["outcome"], job["authoritative"]) == ("pivoted", "destination") and job["page_cache_fill"] is True
     # (re-observed, never journaled: the step is in the verbose log, not in `status --log`)
     assert "reopen the destinations with cache.direct=on" in done.stderr
     tree = vm.tree("vda")
@@ -924,6 +924,7 @@ def test_a_page_cache_fill_asked_for_is_reopened_o_direct_before_the_pivot(lab: 
     finally:
         journal.close()
     assert planned is not None and planned.page_cache_fill is False, "a pivot asked later must not fill it after all"
+    assert bare["page_cache_fill"] is False  # (the view says what the journal holds)
     dest_nodes = {n["node-name"]: n["cache"]["direct"] for n in vm.cmd("query-named-block-nodes", flat=True)
                   if n["node-name"].startswith(f"bc-{bare['id']}")}
     assert len(dest_nodes) == 2 and all(dest_nodes.values()), dest_nodes

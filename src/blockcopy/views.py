@@ -47,6 +47,7 @@ def operation_view(op: Operation) -> dict[str, Any]:
         "reuse_external": op.reuse_external,
         "bandwidth": op.bandwidth,
         "buf_size": op.buf_size,
+        "page_cache_fill": op.page_cache_fill,
         "outcome": op.outcome.value if op.outcome else None,
         "authoritative": op.authoritative.value if op.authoritative else None,
         "reason": op.reason,
