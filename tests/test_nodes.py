@@ -1154,7 +1154,31 @@ def test_blockcopy_refuses_a_destination_that_shares_storage_with_the_source(lab
         bc2.ok("attach", "vm", "--qmp", str(vm2.qmp_socket))
         result = bc2("copy", "vm", "vda", over_file, "--reuse-external", "--format", "raw", "--pivot")
         assert result.returncode == 2 and "shares storage with" in result.stderr, result.stderr
-        assert vm.cmd("query-jobs") == [] and vm2.cmd("query-jobs") == []
+        # The other way round (review 39): the VM runs on the loop device, DEST is the file behind
+        # it. QEMU locks the device, not the file: only the storage check sees it.
+        behind = lab.image("behind.raw", size=16 * MIB, fmt="raw")
+        loop = subprocess.run(["losetup", "--find", "--show", behind], check=True, capture_output=True,
+                              text=True).stdout.strip()
+        loops.append(loop)
+        vm3 = lab.start(VMConfig("loop", (Disk("vda", loop, format="raw", protocol="host_device"),)),
+                        workdir=tmp_path)
+        bc3 = Blockcopy(tmp_path / "state3")
+        bc3.ok("attach", "vm", "--qmp", str(vm3.qmp_socket))
+        before = Path(behind).read_bytes()
+        result = bc3("copy", "vm", "vda", behind, "--reuse-external", "--format", "raw", "--pivot")
+        assert result.returncode == 2 and "shares storage with" in result.stderr, result.stderr
+        assert Path(behind).read_bytes() == before
+        # The same file under another name, where QEMU takes no lock (locking=off).
+        unlocked = lab.image("unlocked.raw", size=16 * MIB, fmt="raw")
+        vm4 = lab.start(VMConfig("nolock", (Disk("vda", unlocked, format="raw", file_opts={"locking": "off"}),)),
+                        workdir=tmp_path)
+        alias = tmp_path / "alias.raw"
+        os.link(unlocked, alias)
+        bc4 = Blockcopy(tmp_path / "state4")
+        bc4.ok("attach", "vm", "--qmp", str(vm4.qmp_socket))
+        result = bc4("copy", "vm", "vda", str(alias), "--reuse-external", "--format", "raw", "--pivot")
+        assert result.returncode == 2 and "shares storage with" in result.stderr, result.stderr
+        assert all(v.cmd("query-jobs") == [] for v in (vm, vm2, vm3, vm4))
     finally:
         for vm_ in list(lab.vms):
             vm_.kill()

@@ -811,11 +811,14 @@ def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest, dest
     is_block = stat.S_ISBLK(before.st_mode)
     if is_block:
         _refuse_held_block_device(dest, real)
-        for other in sources:
-            if images.overlaps(real, other):
-                raise UsageError(f"--reuse-external: block device {dest} shares storage with {other}, an image of "
-                                 "this VM (a partition and its disk, a device-mapper or md device and what it is "
-                                 "built on, a loop device and its file): writing it would change that image")
+    # By what the data lives on, not by name or lock: the same file under another name (a hard link,
+    # a bind mount) of a source opened with locking=off, or the file behind a loop device the VM
+    # uses, carries no lock that `locked_by` could see (review 39: both were mirrored onto).
+    for other in sources:
+        if images.overlaps(real, other):
+            raise UsageError(f"--reuse-external: {dest} shares storage with {other}, an image of this VM (the same "
+                             "file under another name, a partition and its disk, a device-mapper or md device and "
+                             "what it is built on, a loop device and its file): writing it would change that image")
     if is_block and dest_format == "raw":
         size = _block_size(real)
         if size < device.virtual_size:
