@@ -109,6 +109,42 @@ def test_shallow_reuse_external_refuses_a_destination_with_another_base(vm_facto
     assert dest.read_bytes() == before and qemu_jobs(vm) == [] and bc.ok("jobs", "--json").json == []
 
 
+def test_shallow_reuse_external_refuses_a_destination_with_data_of_its_own(vm_factory, bc: Blockcopy,
+                                                                          tmp_path: Path) -> None:
+    """A shallow mirror (QEMU 7.2: sync top) writes only what the source's top layer holds and does
+    not clear its target: a prepared DEST with clusters of its own (one left by another VM over the
+    same shared base) would show them to this guest wherever its own top layer holds nothing
+    (review 39: the guest read 0xee where its base holds 0x0b, on the code before)."""
+    vm, base = _backed_vm(vm_factory, tmp_path)
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    dest = tmp_path / "prepared.qcow2"
+    make_image(dest, 64 * MIB, backing=base)
+    written = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xee 0 1M", str(dest)], capture_output=True,
+                             text=True, check=False)
+    assert written.returncode == 0, written.stderr
+    before = dest.read_bytes()
+    result = bc("copy", "vm", "vda", str(dest), "--shallow", "--reuse-external", "--pivot")
+    assert result.returncode == 2 and "holds data of its own" in result.stderr, result.stderr
+    assert dest.read_bytes() == before and qemu_jobs(vm) == [] and bc.ok("jobs", "--json").json == []
+    assert guest_reads(vm, "vda", 0x0B, 0, MIB)
+
+
+def test_reuse_external_refuses_a_qcow2_destination_with_an_external_data_file(attached, bc: Blockcopy,
+                                                                               tmp_path: Path) -> None:
+    """A qcow2 header can name an external data file, which QEMU opens by that path, read-write,
+    past every check blockcopy makes on DEST itself: a full copy would write the guest's disk over
+    whatever file the header names (review 39: it did, on the code before)."""
+    attached(1)
+    victim = tmp_path / "victim.raw"
+    dest = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={victim}", str(dest), str(64 * MIB)],
+                   check=True)
+    victim.write_bytes(b"\x5c" * (64 * MIB))  # (after: qemu-img create made it empty)
+    result = bc("copy", "vm", "vda", str(dest), "--reuse-external", "--pivot")
+    assert result.returncode == 2 and "external data file" in result.stderr, result.stderr
+    assert victim.read_bytes() == b"\x5c" * (64 * MIB)
+
+
 # --- the review's data loss: QEMU gone after job-finalize, the guest resumed by someone else -----
 
 

@@ -32,6 +32,7 @@ class ImageInfo:
     virtual_size: int
     backing_file: str | None  # as QEMU resolves it (full-backing-filename)
     backing_format: str | None = None
+    data_file: str | None = None  # a qcow2 image's external data file, as its header names it
 
 
 def image_opts(path: str, fmt: str) -> str:
@@ -61,8 +62,21 @@ def info(path: str, fmt: str | None = None) -> ImageInfo:
     if proc.returncode != 0:
         raise ImageError(f"cannot read image {path}: {proc.stderr.strip()}")
     data = json.loads(proc.stdout)
+    specific = (data.get("format-specific") or {}).get("data") or {}
     return ImageInfo(path, str(data["format"]), int(data["virtual-size"]), data.get("full-backing-filename"),
-                     data.get("backing-filename-format"))
+                     data.get("backing-filename-format"), specific.get("data-file"))
+
+
+def own_layer_allocated(path: str) -> bool:
+    """Whether a qcow2 image holds any cluster of its own (data, or zeroes that hide its backing
+    file), read without opening its backing file. A shallow mirror (QEMU 7.2: ``sync: top``) does
+    not clear its target first: whatever the target's own layer holds where the source's top layer
+    holds nothing stays visible to the guest after the pivot."""
+    spec = {"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": path, "locking": "off"}}
+    proc = _run([QEMU_IMG, "map", "--output=json", "json:" + json.dumps(spec)])
+    if proc.returncode != 0:
+        raise ImageError(f"cannot read the allocation of {path}: {proc.stderr.strip()}")
+    return any(extent.get("present") for extent in json.loads(proc.stdout))
 
 
 def open_identified(path: str, identity: tuple[int, int]) -> int:

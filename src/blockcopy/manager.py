@@ -801,6 +801,22 @@ def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest, dest
             raise UsageError(f"--reuse-external: {dest} is not a readable {dest_format} image: {exc}") from None
         raise UsageError(f"--reuse-external: {dest} is a {found} image, not {dest_format}; "
                          f"pass --format {found} or use a {dest_format} image") from None
+    if info.data_file is not None:
+        raise UsageError(f"--reuse-external: {dest} keeps its data in an external data file ({info.data_file}), "
+                         "which QEMU would open by that path, past blockcopy's checks: use an image without one "
+                         f"(qemu-img create -f {dest_format} without data_file)")
+    if request.shallow:
+        try:
+            holds_data = images.own_layer_allocated(real)
+        except images.ImageError as exc:
+            raise UsageError(f"--shallow --reuse-external: {exc}") from None
+        if holds_data:
+            # QEMU 7.2's shallow mirror (sync: top) copies only what the source's top layer holds
+            # and does not clear its target: DEST's own clusters would show through (review 39).
+            raise UsageError(f"--shallow --reuse-external: {dest} holds data of its own, which the guest would read "
+                             "wherever its own top layer holds nothing (a shallow copy writes only that layer). Use an "
+                             "empty image over the same backing file (qemu-img create -f qcow2 -b BACKING -F FORMAT "
+                             "DEST), or drop --shallow")
     after = os.lstat(real)
     if (before.st_dev, before.st_ino) != (after.st_dev, after.st_ino):
         raise UsageError(f"--reuse-external: {dest} was replaced while blockcopy checked it; try again")
