@@ -251,3 +251,46 @@ def test_each_migration_or_start_state_is_refused_with_what_it_is(state: str, mi
         assert text in message
     if "is being migrated" not in says:
         assert "being migrated" not in message
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--owner", "99999999999"], "owner ids must be between 0 and"),
+    (["--owner", "4294967295"], "owner ids must be between 0 and"),  # (-1 to chown: "leave unchanged")
+    (["--trailing-slash"], "names a directory"),
+    (["--long-name"], "at most 255 bytes"),
+], ids=["owner-overflow", "owner-minus-one", "dest-ending-in-a-slash", "dest-name-too-long"])
+def test_bad_destination_settings_are_refused_before_anything_is_journaled(
+        attached, bc: Blockcopy, tmp_path: Path, args: list[str], message: str) -> None:
+    """Review 39: each of these passed planning. An owner id beyond 32 bits made os.fchown raise
+    OverflowError after the job was journaled (a traceback, and every later command on the domain
+    crashed the same way); 2**32 - 1 silently left the owner as it was; a DEST ending in '/' was a
+    traceback; a file name longer than the file system takes failed only at link(2), exit 7."""
+    vm = attached(1)
+    dest = str(tmp_path / "d.qcow2")
+    if args == ["--trailing-slash"]:
+        dest, args = str(tmp_path / "newdir") + "/", []
+    elif args == ["--long-name"]:
+        dest, args = str(tmp_path / ("d" * 300 + ".qcow2")), []
+    result = bc("copy", "--no-daemon", "vm", "vda", dest, *args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    _nothing_started(vm, bc)
+    assert not any(p.name.startswith("d") and p.suffix == ".qcow2" for p in tmp_path.iterdir())
+
+
+def test_metadata_preallocation_of_a_raw_destination_by_the_sources_format_is_refused(
+        vm_factory, bc: Blockcopy, tmp_path: Path) -> None:
+    """Without --format, DEST takes the source's format: for a raw disk, `--preallocation metadata`
+    (qcow2 only) was found out only by qemu-img, after the job was journaled (exit 7)."""
+    raw = make_image(tmp_path / "src.raw", 16 * MIB, fmt="raw")
+    vm = vm_factory([DiskSpec("vda", str(raw), "raw")])
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    result = bc("copy", "vm", "vda", str(tmp_path / "d.raw"), "--preallocation", "metadata")
+    assert result.returncode == 2 and "--format qcow2" in result.stderr, result.stderr
+    _nothing_started(vm, bc)
+
+
+def test_a_tcp_port_out_of_range_is_a_clear_error(bc: Blockcopy, tmp_path: Path) -> None:
+    result = bc("serve", "--listen", ":70000", "--tls-cert", str(tmp_path / "c"), "--tls-key", str(tmp_path / "k"),
+                "--token-file", str(tmp_path / "t"), timeout=60)
+    assert result.returncode == 2 and "port from 1 to 65535" in result.stderr and "Traceback" not in result.stderr, \
+        result.stderr

@@ -1129,6 +1129,53 @@ def _device_node(sysfs_dev: str, path: Path) -> str:
     return str(path)
 
 
+def test_block_devices_are_compared_through_host_device(lab: Lab, tmp_path: Path) -> None:
+    """After QEMU dies mid-pivot blockcopy compares source and DEST (`both` when they match). QEMU
+    7.2's `file` driver refuses a block device: every comparison with one said "differ", and a job
+    was judged `unknown` or `source` where both held the same data (review 39)."""
+    files = [lab.image(f"same{i}.raw", size=4 * MIB, fmt="raw") for i in (1, 2)]
+    for f in files:
+        with open(f, "r+b") as out:
+            out.write(b"\x42" * MIB)
+    loops: list[str] = []
+    try:
+        for f in files:
+            loops.append(subprocess.run(["losetup", "--find", "--show", f], check=True, capture_output=True,
+                                        text=True).stdout.strip())
+        assert images.compare(loops[0], "raw", loops[1], "raw")
+        assert images.compare(loops[0], "raw", files[1], "raw")
+        with open(files[1], "r+b") as out:
+            out.write(b"\x43")
+        assert not images.compare(loops[0], "raw", loops[1], "raw")
+    finally:
+        for dev in loops:
+            subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_a_larger_device_for_a_disk_without_a_format_node_is_refused(lab: Lab, tmp_path: Path) -> None:
+    """A raw DEST on a larger device is limited to the disk's size by its raw format node's `size`.
+    A disk whose image is its host_device node itself has no such node: the mirror failed after the
+    job was journaled ("different sizes", exit 7). It is refused at planning, saying what to use."""
+    small = lab.image("small.raw", size=8 * MIB, fmt="raw")
+    large = lab.image("large.raw", size=16 * MIB, fmt="raw")
+    loops: list[str] = []
+    try:
+        for f in (small, large):
+            loops.append(subprocess.run(["losetup", "--find", "--show", f], check=True, capture_output=True,
+                                        text=True).stdout.strip())
+        vm = lab.start(VMConfig("bare", (Disk("vda", loops[0], format="", protocol="host_device"),)))
+        bc = Blockcopy(tmp_path / "state")
+        bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+        result = bc("copy", "vm", "vda", loops[1], "--reuse-external", "--format", "raw", "--pivot")
+        assert result.returncode == 2 and "exactly that size" in result.stderr, result.stderr
+        assert vm.cmd("query-jobs") == [] and bc.ok("jobs", "--json").json == []
+    finally:
+        for vm_ in list(lab.vms):
+            vm_.kill()
+        for dev in loops:
+            subprocess.run(["losetup", "-d", dev], check=False)
+
+
 def test_blockcopy_refuses_a_destination_that_shares_storage_with_the_source(lab: Lab, tmp_path: Path) -> None:
     """A partition and its disk, a loop device and its file: QEMU's locks and O_EXCL do not see
     these (QEMU opens its source without O_EXCL), and the mirror would write over the source."""

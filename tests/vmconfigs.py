@@ -91,9 +91,11 @@ class VMConfig:
                     backing = {"backing": f"{disk.id}-base-fmt"}
                 args += ["-blockdev", json.dumps({"driver": disk.protocol, "filename": disk.path,
                                                   "node-name": f"{disk.id}-file", **ro, **disk.file_opts})]
-                args += ["-blockdev", json.dumps({"driver": disk.format, "file": f"{disk.id}-file",
-                                                  "node-name": f"{disk.id}-fmt", **ro, **backing, **disk.fmt_opts})]
-                top = f"{disk.id}-fmt"
+                top = f"{disk.id}-file"
+                if disk.format:  # (empty: the protocol node is the disk's image, with no format node)
+                    args += ["-blockdev", json.dumps({"driver": disk.format, "file": f"{disk.id}-file",
+                                                      "node-name": f"{disk.id}-fmt", **ro, **backing, **disk.fmt_opts})]
+                    top = f"{disk.id}-fmt"
                 if disk.copy_on_read:
                     args += ["-blockdev", json.dumps({"driver": "copy-on-read", "file": top,
                                                       "node-name": f"{disk.id}-cor"})]

@@ -36,9 +36,14 @@ class ImageInfo:
 
 
 def image_opts(path: str, fmt: str) -> str:
-    """An --image-opts string that reads ``path`` without taking QEMU's image locks."""
+    """An --image-opts string that reads ``path`` without taking QEMU's image locks (protocol
+    ``host_device`` for a block device: QEMU 7.2's ``file`` refuses one)."""
     escaped = path.replace(",", ",,")
-    return f"driver={fmt},file.driver=file,file.filename={escaped},file.locking=off"
+    try:
+        protocol = "host_device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
+    except OSError:
+        protocol = "file"  # (qemu-img then says why it cannot open it)
+    return f"driver={fmt},file.driver={protocol},file.filename={escaped},file.locking=off"
 
 
 def _run(args: list[str], *, timeout: float = 600.0,

@@ -463,6 +463,9 @@ def _plan_disks(request: CopyRequest, qemu: QemuProcess, block: list[dict[str, A
             raise UsageError(f"disk {device.name}: {exc}") from None
         _refuse_source(device, tree, named, request, argv)
         dest_format = request.format or device.format
+        if request.preallocation == "metadata" and dest_format == "raw" and not request.reuse_external:
+            raise UsageError(f"--preallocation metadata is for qcow2 destinations, and disk {device.name}'s is raw "
+                             "(the source's format): pass --format qcow2, or take off, falloc or full")
         if tree.format is None and dest_format != "raw":
             raise UsageError(f"disk {device.name} is a raw {tree.protocol.driver} node without a format node; "
                              "its destination must be raw (--format raw)")
@@ -492,6 +495,11 @@ def _plan_disks(request: CopyRequest, qemu: QemuProcess, block: list[dict[str, A
         dest_args = _without_auto_read_only(dest_args)
         if is_block and dest_format == "raw" and _block_size(real) > device.virtual_size:
             # The guest must see the disk it had, not the whole (larger) device.
+            if tree.format is None:
+                raise UsageError(f"--reuse-external: block device {dest} is larger than disk {device.name} "
+                                 f"({device.virtual_size} bytes), whose image is its {tree.protocol.driver} node "
+                                 "itself, with no raw format node to limit what the guest sees (QEMU refuses a "
+                                 "mirror between sizes): use a device of exactly that size")
             dest_args = _raw_size(dest_args, device.virtual_size)
         refusal = nodes.o_direct_refusal(dest_args, dest, nodes.probe_o_direct(dest))
         if refusal:
@@ -695,6 +703,12 @@ def _guests_held_first(ops: Sequence[Operation]) -> list[Operation]:
 UNIX_PATH_MAX = 107
 
 
+#: The longest file name Linux file systems take (a longer one fails only at link(2), after the
+#: job was journaled); the largest uid or gid (2**32 - 1 is -1, "unchanged", to chown).
+NAME_MAX = 255
+MAX_ID = 2**32 - 2
+
+
 def _check_path(what: str, path: str) -> None:
     if not path or "\0" in path:
         raise UsageError(f"{what} must be a non-empty path without NUL characters, not {path!r}")
@@ -705,6 +719,12 @@ def _check_options(request: CopyRequest) -> None:
         raise UsageError("name at least one disk to copy: --disk DISK=DEST")
     for disk, dest in request.targets:
         _check_path("a destination", dest)
+        name = os.path.basename(dest)
+        if name in ("", ".", ".."):
+            raise UsageError(f"destination {dest!r} names a directory; give the path of the image file, e.g. "
+                             f"{os.path.join(dest, 'disk.qcow2')}")
+        if len(os.fsencode(name)) > NAME_MAX:
+            raise UsageError(f"destination {dest!r}: a file name has at most {NAME_MAX} bytes; choose a shorter one")
         if not disk or "\0" in disk:
             raise UsageError(f"a disk must be named by a non-empty qdev id, drive id or node name, not {disk!r}")
     if "auto-read-only" in request.dest_options:
@@ -728,6 +748,8 @@ def _check_options(request: CopyRequest) -> None:
     if request.cluster_size is not None and not (512 <= request.cluster_size <= 2 * MIB
                                                  and request.cluster_size & (request.cluster_size - 1) == 0):
         raise UsageError(f"cluster size must be a power of two from 512 bytes to 2 MiB, not {request.cluster_size}")
+    if request.owner is not None and not all(0 <= i <= MAX_ID for i in request.owner):
+        raise UsageError(f"owner ids must be between 0 and {MAX_ID}, not {request.owner[0]}:{request.owner[1]}")
     if request.mode_bits is not None and not 0 <= request.mode_bits <= 0o777:
         raise UsageError(f"file mode must be between 0000 and 0777, not {request.mode_bits:o}")
     key = request.client_key

@@ -192,19 +192,26 @@ def _open_to_group(state_dir: Path, run_dir: Path, group: int) -> None:
     os.chmod(state_dir, stat.S_IMODE(os.stat(state_dir).st_mode) | 0o711)
 
 
-def bind_tcp(address: str) -> socket.socket:
+def parse_listen(address: str) -> tuple[str, int]:
+    """``--listen HOST:PORT`` (``HOST`` empty: 127.0.0.1; IPv6 in brackets).
+
+    :raise UsageError: not HOST:PORT, or a port out of range."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise UsageError(f"--listen takes HOST:PORT, not {address!r}")
-    host = host.strip("[]") or "127.0.0.1"
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--listen takes HOST:PORT with a port from 1 to 65535, not {address!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def bind_tcp(address: str) -> socket.socket:
+    host, port = parse_listen(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, int(port)))
+        sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise UsageError(f"cannot listen on {address}: {exc.strerror}") from None
+        raise UsageError(f"cannot listen on {address}: {exc.strerror or exc}") from None
     sock.listen(128)
     return sock
 
@@ -255,6 +262,8 @@ async def serve(options: ServeOptions) -> int:
     if options.listen and not (options.tls_cert and options.tls_key and options.token_file):
         raise UsageError("--listen needs --tls-cert, --tls-key and --token-file: the TCP listener is TLS with a "
                          "bearer token only")
+    if options.listen:
+        parse_listen(options.listen)  # (before any file is read)
     token = _token(options.token_file) if options.listen and options.token_file else None
     # From here on SIGTERM stops the daemon in order: recovery under way (a pivot) is finished first.
     stop = asyncio.Event()
