@@ -315,3 +315,23 @@ def test_the_wal_is_emptied_as_a_pivot_begins_so_the_pauses_commits_do_not_grow_
     before = wal.stat().st_size
     op = other.save(dataclasses.replace(op, phase=Phase.PIVOTING), "pivot")
     assert wal.stat().st_size > before
+
+
+def test_a_new_journals_name_is_made_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite fsyncs the journal's file, not the directory entry that names it: a new journal's
+    directory is fsynced once, or a power cut could lose the file with every record in it."""
+    import stat as stat_
+
+    synced: list[bool] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(stat_.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    Journal(tmp_path / "state").close()
+    assert True in synced, "the state directory was never fsynced"
+    synced.clear()
+    Journal(tmp_path / "state").close()  # (an existing journal: nothing to do)
+    assert True not in synced

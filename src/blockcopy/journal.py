@@ -107,9 +107,16 @@ class Journal:
             st = os.stat(state_dir)
             if st.st_uid == os.geteuid() and st.st_mode & 0o066:
                 os.chmod(state_dir, stat.S_IMODE(st.st_mode) & ~0o066)
+            new = not os.path.lexists(self.path)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             os.fchmod(fd, 0o600)
             os.close(fd)
+            if new:  # its name is as durable as its records (SQLite syncs the file, not its directory)
+                dir_fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
