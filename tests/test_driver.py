@@ -309,6 +309,8 @@ def test_a_later_run_of_a_job_in_the_same_process_does_not_send_a_once_command_a
                 await monitor.close()
             later = manager._driver(Link(str(vm.qmp_socket), connect=None))  # type: ignore[arg-type]
             assert later._not_sent_yet(op, (complete,)) == ()
+            # (and what else the first run did: the pivots it began, the stops it has not sent; review 40)
+            assert later._done is first._done
             other = Manager(tmp_path / "state2")  # another process's manager, as after a crash: sent again
             try:
                 assert other._driver(Link(str(vm.qmp_socket), connect=None))._not_sent_yet(  # type: ignore[arg-type]
@@ -493,3 +495,25 @@ def test_a_finish_cancelled_after_its_soft_cancel_runs_to_its_end_first(vm_facto
             manager.close()
 
     assert asyncio.run(scenario()) == [], "the finish left its job in QEMU: the guest's disk I/O may wait"
+
+
+def test_recovery_takes_held_guests_first_then_what_may_hold_one() -> None:
+    """`recover` and the daemon's start run jobs one after another, each to its end: a guest that
+    blockcopy holds paused goes first, then a pivot or finish that may leave a job pending (the
+    guest's writes waiting), then the rest. An older finish must not run before another domain's
+    paused guest (review 40: one tier put them in creation order)."""
+    from blockcopy.driver import must_end_first, recovery_order
+    from blockcopy.records import DiskRecord
+
+    def disk(**changes: Any) -> DiskRecord:
+        return DiskRecord(name="vda", device_key="vda", source_node="n", source_file="/s", source_format="qcow2",
+                          source_file_node=None, virtual_size=1, dest_path="/d", dest_format="qcow2", dest_node="b",
+                          job_id="j", **changes)
+
+    finishing = Operation(id="a", domain="x", goal=Goal.FINISH, phase=Phase.FINISHING, disks=(disk(),))
+    copying = Operation(id="b", domain="x", goal=Goal.COPY, phase=Phase.COPYING, disks=(disk(),))
+    held = Operation(id="c", domain="y", goal=Goal.PIVOT, phase=Phase.FINALIZING, disks=(disk(),), paused_by_us=True)
+    assert [o.id for o in sorted([finishing, copying, held], key=recovery_order)] == ["c", "a", "b"]
+    # A finish whose mirrors were seen ending holds nothing: closing and syncing DEST is not waited for.
+    closing = dataclasses.replace(finishing, disks=(disk(mirror_ended=True),))
+    assert must_end_first(finishing) and not must_end_first(closing)

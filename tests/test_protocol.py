@@ -17,7 +17,6 @@ from blockcopy.protocol import (
     MIGRATION_BEGAN,
     MIGRATION_ENDED,
     MIGRATION_WAIT,
-    RESUMABLE_STATES,
     Command,
     Failure,
     JobView,
@@ -692,7 +691,8 @@ def _check_invariants(o: Operation, ob: Observation) -> None:
     # while it is still paused (one that a migration took over would run on both sides).
     if "cont" in cmds:
         assert journaled.outcome is not None and journaled.paused_by_us, where
-        assert ob.run_state in RESUMABLE_STATES, where
+        assert ob.run_state == "paused" or (ob.run_state == "prelaunch" and ob.migration not in ("", "completed")), \
+            where
     # blockcopy pauses only in PIVOTING, and only a guest it decided to pause.
     if "stop" in cmds:
         assert journaled.phase is Phase.PIVOTING and journaled.paused_by_us, where
@@ -1002,15 +1002,20 @@ def test_a_guest_blockcopy_paused_is_never_resumed_once_a_migration_took_it_over
 def test_a_guest_reset_during_blockcopys_pause_is_resumed() -> None:
     """QEMU 7.2 puts a guest reset while stopped (`system_reset`, `virsh reset`, or the guest's
     own reboot request handled during the pause) in `prelaunch`, from which `cont` runs it. A guest
-    blockcopy paused is resumed from there with the outcome, as from `paused` (review 38: it was
-    left stopped, with a warning blaming a migration)."""
+    blockcopy paused is resumed from there right after the outcome (review 38: it was left
+    stopped, with a warning blaming a migration), once query-migrate says no migration completed:
+    QEMU also lets a migrated-away VM be reset into prelaunch (review 40)."""
     finalizing = op(Phase.FINALIZING, paused_by_us=True, stop_ts=1.0)
     concluded = decide(finalizing, obs("concluded", pivoted=(True,), run_state="prelaunch"))
     assert concluded.record is not None and concluded.record.outcome is Outcome.PIVOTED
-    assert names(concluded.commands) == ["cont"] and not concluded.record.warnings
-    settling = dataclasses.replace(concluded.record, resumed=False)  # (a crash before the cont went out)
-    step = decide(settling, obs("concluded", pivoted=(True,), run_state="prelaunch"))
+    assert "cont" not in names(concluded.commands) and not concluded.record.warnings  # (no migration status yet)
+    assert needs(concluded.record) >= {"status", "migration"}
+    step = decide(concluded.record, obs("concluded", pivoted=(True,), run_state="prelaunch", migration="none"))
     assert names(step.commands) == ["cont"]
+    migrated = decide(concluded.record, obs("concluded", pivoted=(True,), run_state="prelaunch",
+                                            migration="completed"))
+    assert "cont" not in names(migrated.commands) and migrated.record is not None
+    assert any("prelaunch" in w and "does not resume it" in w for w in migrated.record.warnings)
     # a guest the user had paused (and reset) is left as it is
     theirs = decide(op(Phase.FINALIZING), obs("concluded", pivoted=(True,), run_state="prelaunch"))
     assert "cont" not in names(theirs.commands)

@@ -124,9 +124,32 @@ def test_shallow_reuse_external_refuses_a_destination_with_data_of_its_own(vm_fa
     assert written.returncode == 0, written.stderr
     before = dest.read_bytes()
     result = bc("copy", "vm", "vda", str(dest), "--shallow", "--reuse-external", "--pivot")
-    assert result.returncode == 2 and "holds data of its own" in result.stderr, result.stderr
+    assert result.returncode == 2 and "holds clusters of its own" in result.stderr, result.stderr
     assert dest.read_bytes() == before and qemu_jobs(vm) == [] and bc.ok("jobs", "--json").json == []
     assert guest_reads(vm, "vda", 0x0B, 0, MIB)
+
+
+def test_shallow_reuse_external_onto_a_qcow2_overlay_on_a_block_device(vm_factory, bc: Blockcopy,
+                                                                      tmp_path: Path) -> None:
+    """oVirt's way: a qcow2 overlay on a logical volume (a loop device here), over the same base.
+    The check that DEST's own layer is empty must read a block device (review 40: it opened it
+    with QEMU's `file` driver, which refuses one, and every such copy was refused)."""
+    vm, base = _backed_vm(vm_factory, tmp_path)
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    backing_file = tmp_path / "lv.img"
+    with open(backing_file, "wb") as f:
+        f.truncate(80 * MIB)
+    device = subprocess.run(["losetup", "--find", "--show", str(backing_file)], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    try:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", device,
+                        str(64 * MIB)], check=True)
+        result = bc.ok("copy", "vm", "vda", device, "--shallow", "--reuse-external", "--pivot", "--json").json
+        assert result["outcome"] == "pivoted"
+        assert guest_reads(vm, "vda", 0x0B, 0, 8 * MIB) and guest_reads(vm, "vda", 0x0C, 16 * MIB, MIB)
+    finally:
+        vm.kill()
+        subprocess.run(["losetup", "-d", device], check=False)
 
 
 def test_reuse_external_refuses_a_qcow2_destination_with_an_external_data_file(attached, bc: Blockcopy,

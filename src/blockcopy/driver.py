@@ -75,11 +75,22 @@ def holds_guest(op: Operation) -> bool:
 
 
 def must_end_first(op: Operation) -> bool:
-    """The guest may wait on this operation: blockcopy paused it for a pivot, or a pivot or finish
-    is under way, and a job of it may be `pending`, when QEMU drains its source and the guest's
-    writes to that disk wait until job-finalize (a finish's soft cancel gets there while the guest
-    runs). Such a run, once cancelled, goes on to its end first, and recovery takes these first."""
-    return holds_guest(op) or op.phase in (Phase.PIVOTING, Phase.FINALIZING, Phase.FINISHING)
+    """The guest may wait on this operation: blockcopy paused it for a pivot, or a pivot is under
+    way, or a finish whose mirrors have not all been seen ending: a job of it may be `pending`
+    (or turn so: a finish's soft-cancelled mirror does once it has copied what is left), when QEMU
+    drains its source and the guest's writes to that disk wait until job-finalize. Such a run,
+    once cancelled, goes on until this is false (the transition time limit bounds it), and
+    recovery takes these right after the guests blockcopy holds paused. A finish's closing of
+    DEST and its fsync hold nothing, and are not waited for."""
+    if holds_guest(op) or op.phase in (Phase.PIVOTING, Phase.FINALIZING):
+        return True
+    return op.phase is Phase.FINISHING and not all(d.mirror_ended for d in op.disks)
+
+
+def recovery_order(op: Operation) -> tuple[bool, bool]:
+    """Sort key: the guests blockcopy holds paused first, then what else may hold a guest
+    (:func:`must_end_first`), then the rest; each run goes to its end before the next."""
+    return not holds_guest(op), not must_end_first(op)
 
 
 class Until(enum.Enum):
@@ -164,22 +175,35 @@ class Link:
                               f"does not answer ({self.error or 'no answer'})")
 
 
+@dataclasses.dataclass
+class DoneHere:
+    """What this process did to QEMU for its jobs that the journal does not say (a crash forgets
+    it). A Manager's drivers share one (the daemon has one Manager), so that a later run of a job
+    (the daemon's retry, another call of the Python API) knows it as the run that did it."""
+
+    #: the `once` commands sent, as (op id, command, args): never sent again. One counts as sent
+    #: once it is queued: should the connection drop before QEMU read it, a later run does not send
+    #: it either, and the step ends at the transition time limit (a pivot is then given up).
+    once: set[tuple[str, str, str]] = dataclasses.field(default_factory=set)
+    #: jobs whose pivot began here (PIVOTING journaled): every job-complete of it went out from
+    #: here, so ``once`` knows them (see Driver._not_taken_yet)
+    pivots: set[str] = dataclasses.field(default_factory=set)
+    #: jobs journaled as "blockcopy pauses the guest" (paused_by_us) whose `stop` has not gone out:
+    #: a guest found paused before it did was paused by someone else (Driver._completes_without_our_stop)
+    stop_unsent: set[str] = dataclasses.field(default_factory=set)
+
+
 class Driver:
     def __init__(self, journal: Journal, link: Link, *, on_progress: ProgressCallback | None = None,
                  poll_interval: float = 1.0, interrupt: asyncio.Event | None = None,
                  transition_timeout: float = TRANSITION_TIMEOUT, pivot_guard: asyncio.Lock | None = None,
-                 progress_save_interval: float = PROGRESS_SAVE_INTERVAL,
-                 sent_once: set[tuple[str, str, str]] | None = None) -> None:
+                 progress_save_interval: float = PROGRESS_SAVE_INTERVAL, done_here: DoneHere | None = None) -> None:
         """``pivot_guard``: held from the step that begins a pivot to the end of the run, where
         several drivers share a domain (the daemon): two pivots must not pause and resume one guest
         in turn. (A command takes the domain's lock file for all it does instead.)
 
-        ``sent_once``: the `once` commands sent so far, as (op id, command, args); a Manager's set,
-        shared by its drivers (the daemon has one Manager), so that a later run of a job (the
-        daemon's retry, a second call of the Python API) does not send them again. A command counts
-        as sent once it is queued: should the connection drop before QEMU read it, the later run
-        does not send it either, and the step ends at the transition time limit (a pivot is then
-        given up, no disk pivoted). Default: this driver's own."""
+        ``done_here``: what this process did (see DoneHere); a Manager's, shared by its drivers.
+        Default: this driver's own."""
         self.journal = journal
         self.pivot_guard = pivot_guard
         self.progress_save_interval = progress_save_interval
@@ -189,16 +213,9 @@ class Driver:
         self.poll_interval = poll_interval
         self.transition_timeout = transition_timeout
         self._writeback: asyncio.Task[None] | None = None
-        self._sent_once = set() if sent_once is None else sent_once
+        self._done = DoneHere() if done_here is None else done_here
         self._guarding = False  # this driver holds pivot_guard
         self._stopped = False  # the run was cancelled: a file step's thread that outlives it journals nothing
-        # Jobs whose record this driver journaled as "blockcopy pauses the guest" (paused_by_us) and
-        # whose `stop` it has not sent yet: a guest found paused before that `stop` went out was
-        # paused by someone else (see _completes_without_our_stop). After a crash this is unknown.
-        self._stop_unsent: set[str] = set()
-        # Jobs whose pivot this driver began (journaled PIVOTING): every job-complete of that pivot
-        # went through it, and _not_sent_yet knows them (see _not_taken_yet).
-        self._pivot_began_here: set[str] = set()
 
     @property
     def monitor(self) -> Monitor | None:
@@ -418,17 +435,23 @@ class Driver:
     async def _not_taken_yet(self, op: Operation, commands: tuple[Command, ...]) -> tuple[Command, ...]:
         """``commands`` without a job-complete that QEMU has taken already, for a mirror that
         replaces a node below filters (QEMU 7.2 aborts on a second one: Monitor.complete_taken).
-        Asked only in a pivot that this driver did not begin (a recovery after a crash, a retry):
-        in one it began, every complete went through it and `_not_sent_yet` knows. A complete
-        QEMU has counts as sent; the step then waits for QEMU to act on it (the job leaves `ready`
-        once it has copied what is left), within the transition time limit. A connection that
-        fails while asking keeps the command back; the next observation says what happened."""
-        if op.id in self._pivot_began_here or self.monitor is None:
+        Asked only in a pivot that did not begin in this process (a recovery after a crash): in
+        one that did, every complete went out from here and `_not_sent_yet` knows. Asked only of a
+        guest that does not run: the question drains every disk and flushes the replaced image,
+        which `sync-images` and `stop` keep short; in a step that pauses the guest first, such a
+        complete is held back and asked about by the next step. A complete QEMU has counts as sent;
+        the step then waits for QEMU to act on it (the job leaves `ready` once it has copied what is
+        left), within the transition time limit. A connection that fails while asking holds the
+        command back; the next observation says what happened."""
+        if op.id in self._done.pivots or self.monitor is None:
             return commands
+        pausing = any(c.name == "stop" for c in commands)
         kept: list[Command] = []
         for command in commands:
             disk = op.disks[command.disk] if command.disk is not None else None
             if command.name == "job-complete" and disk is not None and disk.replaces:
+                if pausing:
+                    continue
                 log.info("job %s: does QEMU have a job-complete of %s already (a pivot this process did not "
                          "begin)?", op.id, disk.job_id)
                 try:
@@ -439,7 +462,7 @@ class Driver:
                     continue
                 if taken:
                     log.info("job %s: QEMU has the job-complete of %s already: not sent again", op.id, disk.job_id)
-                    self._sent_once.add(_once_key(op, command))
+                    self._done.once.add(_once_key(op, command))
                     continue
             kept.append(command)
         return tuple(kept)
@@ -447,7 +470,7 @@ class Driver:
     def _not_sent_yet(self, op: Operation, commands: tuple[Command, ...]) -> tuple[Command, ...]:
         """The step's commands without the `once` commands this process already sent (see
         :meth:`_send`)."""
-        return tuple(c for c in commands if not (c.once and _once_key(op, c) in self._sent_once))
+        return tuple(c for c in commands if not (c.once and _once_key(op, c) in self._done.once))
 
     async def _send(self, monitor: Monitor, command: Command, op: Operation) -> Any:
         """``monitor.execute`` of a QMP command. A `once` command counts as sent from the moment its
@@ -458,7 +481,7 @@ class Driver:
         key, step = _once_key(op, command), ON_QUEUED.get()
 
         def queued() -> None:
-            self._sent_once.add(key)
+            self._done.once.add(key)
             if step is not None:
                 step()
 
@@ -539,11 +562,11 @@ class Driver:
     def _save(self, decided: Operation, current: Operation, note: str) -> Operation:
         saved = self.journal.save(_carry_driver_facts(decided, current), note)
         if saved.phase is Phase.PIVOTING and current.phase is not Phase.PIVOTING:
-            self._pivot_began_here.add(saved.id)
+            self._done.pivots.add(saved.id)
         if saved.paused_by_us and not current.paused_by_us:
-            self._stop_unsent.add(saved.id)
+            self._done.stop_unsent.add(saved.id)
         elif not saved.paused_by_us:
-            self._stop_unsent.discard(saved.id)
+            self._done.stop_unsent.discard(saved.id)
         return saved
 
     def _completes_without_our_stop(self, op: Operation, commands: tuple[Command, ...]) -> Operation:
@@ -554,7 +577,7 @@ class Driver:
         Journaled before the completes go, as the look right before a `stop` does. Only this driver
         knows its `stop` is unsent: after a crash at that point the journal cannot tell this pause
         from blockcopy's own, and recovery resumes the guest (README: Known limits)."""
-        if (op.id in self._stop_unsent and op.paused_by_us and any(c.name == "job-complete" for c in commands)
+        if (op.id in self._done.stop_unsent and op.paused_by_us and any(c.name == "job-complete" for c in commands)
                 and not any(c.name == "stop" for c in commands)):
             return self._not_ours_to_resume(op)
         return op
@@ -650,8 +673,8 @@ class Driver:
             await asyncio.to_thread(fsync_image, op.disks[command.disk].dest_path)
             return op, None
         if command.kind == "compare-images":
-            same = [await asyncio.to_thread(_same_data, d.source_file, d.source_format, d.dest_path, d.dest_format)
-                    for d in op.disks]
+            same = [await asyncio.to_thread(_same_data, d.source_file, d.source_format, d.dest_path, d.dest_format,
+                                            d.virtual_size) for d in op.disks]
             return op, tuple(same)
         monitor = self.monitor
         if monitor is None:
@@ -728,7 +751,7 @@ class Driver:
         stop.add_done_callback(_retrieved)  # (read below; this only keeps asyncio from logging it as lost)
         await asyncio.wait((stop_queued, stop), return_when=asyncio.FIRST_COMPLETED)
         if stop_queued.done():
-            self._stop_unsent.discard(op.id)  # (QEMU may have it now)
+            self._done.stop_unsent.discard(op.id)  # (QEMU may have it now)
         if not stop_queued.done():  # it never got to QEMU (the connection was gone): raises
             try:
                 await stop
@@ -783,7 +806,7 @@ class Driver:
         :raise MonitorTimeout, ConnectionLost: as :meth:`Monitor.execute`."""
         faults.point("run-state")
         seen, clock = monitor.event_seq, _Clock()
-        self._stop_unsent.discard(op.id)  # (QEMU may have it from now on)
+        self._done.stop_unsent.discard(op.id)  # (QEMU may have it from now on)
         await monitor.execute("stop")
         stop_ts = _our_stop(monitor, seen, clock)
         if stop_ts is None:
@@ -791,7 +814,7 @@ class Driver:
         return dataclasses.replace(op, stop_ts=stop_ts)
 
     def _not_ours_to_resume(self, op: Operation) -> Operation:
-        self._stop_unsent.discard(op.id)
+        self._done.stop_unsent.discard(op.id)
         if not op.paused_by_us:
             return op
         warning = ("the guest was paused by someone else just before blockcopy's pause for the pivot: blockcopy "
@@ -1037,11 +1060,11 @@ def _sync_files(paths: Iterable[str]) -> None:
             log.info("fsync %s: %s", path, exc)
 
 
-def _same_data(src: str, src_fmt: str, dst: str, dst_fmt: str) -> bool:
+def _same_data(src: str, src_fmt: str, dst: str, dst_fmt: str, size: int) -> bool:
     if not os.path.exists(dst):
         return False
     try:
-        return images.compare(src, src_fmt, dst, dst_fmt)
+        return images.compare(src, src_fmt, dst, dst_fmt, size=size)
     except images.ImageError:
         return False
 

@@ -35,15 +35,22 @@ class ImageInfo:
     data_file: str | None = None  # a qcow2 image's external data file, as its header names it
 
 
-def image_opts(path: str, fmt: str) -> str:
+def image_opts(path: str, fmt: str, *, size: int | None = None) -> str:
     """An --image-opts string that reads ``path`` without taking QEMU's image locks (protocol
-    ``host_device`` for a block device: QEMU 7.2's ``file`` refuses one)."""
+    ``host_device`` for a block device: QEMU 7.2's ``file`` refuses one). ``size``: a raw image's
+    first bytes only (a disk on a larger block device)."""
     escaped = path.replace(",", ",,")
+    limit = f",size={size}" if size is not None and fmt == "raw" else ""
+    return f"driver={fmt}{limit},file.driver={_protocol(path)},file.filename={escaped},file.locking=off"
+
+
+def _protocol(path: str) -> str:
+    """QEMU's protocol driver for ``path``: ``host_device`` for a block device (QEMU 7.2's ``file``
+    refuses one), else ``file``."""
     try:
-        protocol = "host_device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
+        return "host_device" if stat.S_ISBLK(os.stat(path).st_mode) else "file"
     except OSError:
-        protocol = "file"  # (qemu-img then says why it cannot open it)
-    return f"driver={fmt},file.driver={protocol},file.filename={escaped},file.locking=off"
+        return "file"  # (qemu-img then says why it cannot open it)
 
 
 def _run(args: list[str], *, timeout: float = 600.0,
@@ -77,7 +84,7 @@ def own_layer_allocated(path: str) -> bool:
     file), read without opening its backing file. A shallow mirror (QEMU 7.2: ``sync: top``) does
     not clear its target first: whatever the target's own layer holds where the source's top layer
     holds nothing stays visible to the guest after the pivot."""
-    spec = {"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": path, "locking": "off"}}
+    spec = {"driver": "qcow2", "backing": None, "file": {"driver": _protocol(path), "filename": path, "locking": "off"}}
     proc = _run([QEMU_IMG, "map", "--output=json", "json:" + json.dumps(spec)])
     if proc.returncode != 0:
         raise ImageError(f"cannot read the allocation of {path}: {proc.stderr.strip()}")
@@ -238,10 +245,11 @@ def _make_image(fd: int, path: str, fmt: str, size: int, backing_file: str | Non
         raise ImageError(f"cannot create {path}: {proc.stderr.strip()}")
 
 
-def compare(path_a: str, fmt_a: str, path_b: str, fmt_b: str) -> bool:
-    """True when both images hold the same guest-visible data. Raises when either is unreadable."""
-    proc = _run([QEMU_IMG, "compare", "-q", "--image-opts", image_opts(path_a, fmt_a),
-                 image_opts(path_b, fmt_b)])
+def compare(path_a: str, fmt_a: str, path_b: str, fmt_b: str, *, size: int | None = None) -> bool:
+    """True when both images hold the same guest-visible data (``size``: the disk's, which a raw
+    image on a larger block device holds in its first bytes). Raises when either is unreadable."""
+    proc = _run([QEMU_IMG, "compare", "-q", "--image-opts", image_opts(path_a, fmt_a, size=size),
+                 image_opts(path_b, fmt_b, size=size)])
     if proc.returncode in (0, 1):
         return proc.returncode == 0
     raise ImageError(f"cannot compare {path_a} and {path_b}: {proc.stderr.strip()}")

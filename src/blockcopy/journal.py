@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import sqlite3
@@ -115,6 +116,9 @@ class Journal:
                 dir_fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
                     os.fsync(dir_fd)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:  # (file systems that cannot sync a directory say so)
+                        raise
                 finally:
                     os.close(dir_fd)
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)

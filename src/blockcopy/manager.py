@@ -31,7 +31,7 @@ from blockcopy.defaults import (
     default_buf_size,
     default_state_dir,
 )
-from blockcopy.driver import Driver, Link, ProgressCallback, Until, holds_guest, must_end_first
+from blockcopy.driver import DoneHere, Driver, Link, ProgressCallback, Until, holds_guest, recovery_order
 from blockcopy.errors import (
     BlockcopyError,
     DomainBusy,
@@ -78,8 +78,9 @@ class Manager:
         self.command_timeout = command_timeout
         self.transition_timeout = transition_timeout
         self.interrupt = asyncio.Event()  # set it (e.g. on SIGINT) to stop waiting for a copy; cleared then
-        # The `once` commands its drivers sent (see Driver): a later run of a job must not repeat them.
-        self.sent_once: set[tuple[str, str, str]] = set()
+        # What its drivers did to QEMU that the journal does not say (see DoneHere): a later run of a
+        # job knows it.
+        self.done_here = DoneHere()
 
     def close(self) -> None:
         self.journal.close()
@@ -386,7 +387,7 @@ class Manager:
 
     def _driver(self, link: Link, on_progress: ProgressCallback | None = None) -> Driver:
         return Driver(self.journal, link, on_progress=on_progress, interrupt=self.interrupt,
-                      transition_timeout=self.transition_timeout, sent_once=self.sent_once)
+                      transition_timeout=self.transition_timeout, done_here=self.done_here)
 
     async def _drive(self, driver: Driver, op: Operation, until: Until, *, withdraw_goal: bool = True) -> Operation:
         """Run ``op``; an interrupted wait withdraws a --pivot/--finish wish of the command that waits
@@ -694,9 +695,8 @@ def _stat_or_none(path: str) -> os.stat_result | None:
 
 
 def _guests_held_first(ops: Sequence[Operation]) -> list[Operation]:
-    """Operations that may hold a guest (paused, or its disk's writes waiting on a pending job)
-    first, then the rest, each in creation order."""
-    return sorted(ops, key=lambda op: not must_end_first(op))
+    """Operations in recovery order (driver.recovery_order), each group in creation order."""
+    return sorted(ops, key=recovery_order)
 
 
 #: The longest path a unix socket can have (sun_path, less its terminating NUL).
@@ -835,8 +835,9 @@ def _check_destination(dest: str, device: DeviceInfo, request: CopyRequest, dest
         if holds_data:
             # QEMU 7.2's shallow mirror (sync: top) copies only what the source's top layer holds
             # and does not clear its target: DEST's own clusters would show through (review 39).
-            raise UsageError(f"--shallow --reuse-external: {dest} holds data of its own, which the guest would read "
-                             "wherever its own top layer holds nothing (a shallow copy writes only that layer). Use an "
+            raise UsageError(f"--shallow --reuse-external: {dest} holds clusters of its own (data or zeroes), which "
+                             "the guest would read wherever its own top layer holds nothing (a shallow copy writes "
+                             "only that layer). Use an "
                              "empty image over the same backing file (qemu-img create -f qcow2 -b BACKING -F FORMAT "
                              "DEST), or drop --shallow")
     after = os.lstat(real)

@@ -302,9 +302,10 @@ class Monitor:
 
         No query reports it; the blocker does: ``mirror_complete`` blocks every operation on the
         node it replaces, with the reason "block device is in use by block-job-complete".
-        ``blockdev-snapshot`` checks a node's blockers before anything else it does (after a drain
-        and, when not blocked, a flush of that node), and is refused either way: its overlay
-        names a node that cannot exist (a space is not allowed in QEMU's names). Nothing changes.
+        ``blockdev-snapshot`` checks a node's blockers before it does anything that stays, and is
+        refused either way: its overlay names a node that cannot exist (a space is not allowed in
+        QEMU's names). On its way it drains every disk (a transaction) and, when the node is not
+        blocked, flushes it: ask with the guest paused, where that is short.
 
         :raise MonitorTimeout, ConnectionLost: as :meth:`execute`."""
         try:

@@ -217,7 +217,8 @@ _NEEDS = {
 def needs(op: Operation) -> frozenset[str]:
     """The QEMU queries whose answers :func:`decide` reads for ``op`` now."""
     if op.phase is Phase.SETTLING and op.paused_by_us and not op.resumed:
-        return frozenset({"status"})  # resume first, as fast as possible; clean up afterwards
+        # resume first, as fast as possible; clean up afterwards (query-migrate: see resumable)
+        return frozenset({"status", "migration"})
     wanted = _NEEDS[op.phase]
     if (op.phase is Phase.COPYING and op.goal is Goal.PIVOT and op.page_cache_fill
             and any(_wants_direct(d) for d in op.disks)):
@@ -311,9 +312,9 @@ def _conclude(op: Operation, obs: Observation, *, on_success: Outcome, reason: s
         outcome, authority, error = on_success, Authority.SOURCE, None
     record = _replace(record, phase=Phase.SETTLING, outcome=outcome, authoritative=authority,
                       error=error, reason=reason)
-    if record.paused_by_us and not record.resumed and obs.run_state in RESUMABLE_STATES:
+    if record.paused_by_us and not record.resumed and obs.run_state == "paused":
         # The outcome is written first (the step's record); only then is the guest resumed. (Not
-        # paused any more: SETTLING says what became of it.)
+        # paused any more: SETTLING says what became of it, and resumes one reset meanwhile.)
         resume = qmp("cont", after=_replace(record, resumed=True))
         return Step(record=record, commands=(resume,), note=f"outcome {outcome}")
     return Step(record=record, note=f"outcome {outcome}")
@@ -634,11 +635,13 @@ MIGRATED_AFTER_PIVOT = ("the VM was migrated away (or saved) after the pivot: wh
                         "its own configuration names; unless that is DEST, it lacks the guest's writes since the "
                         "pivot: point it at DEST before the guest runs there")
 #: journaled (a warning) when a guest that blockcopy paused is in another state than paused by then
-#: Run states a guest that blockcopy paused may be resumed from with `cont`: paused, or
-#: `prelaunch`, where QEMU 7.2 puts a guest reset while it was stopped (a `system_reset`, or the
-#: guest's own reboot request, handled during the pause); `cont` runs it from there. Any other
-#: state (a migration's) is not blockcopy's to leave.
-RESUMABLE_STATES = frozenset({"paused", "prelaunch"})
+def resumable(obs: Observation) -> bool:
+    """Whether a guest that blockcopy paused may be resumed with `cont`: paused, or in `prelaunch`,
+    where QEMU 7.2 puts a guest reset while it was stopped (a `system_reset`, or the guest's own
+    reboot request, handled during the pause), unless a migration completed (QEMU also lets a
+    migrated-away VM go from postmigrate to prelaunch, and `cont` would run it here as well as on
+    the other side). Any other state (a migration's) is not blockcopy's to leave."""
+    return obs.run_state == "paused" or (obs.run_state == "prelaunch" and obs.migration not in ("", "completed"))
 
 TAKEN_OVER = ("blockcopy paused the guest for the pivot, and QEMU's run state is now {state}, not paused (a "
               "migration or something else took it over): blockcopy does not resume it; resume it where it runs "
@@ -897,7 +900,7 @@ def _settling(op: Operation, obs: Observation) -> Step:
         if failure is not None and failure.command.name == "cont":
             warning = f"could not resume the guest: {failure.message}; resume it with QMP 'cont'"
             return Step(record=_replace(after, warnings=(*op.warnings, warning)), note="resume refused")
-        if obs.run_state in RESUMABLE_STATES:
+        if resumable(obs):
             return Step(commands=(qmp("cont", after=after),), note="resume the guest")
         if obs.run_state == "running":
             return Step(record=after, note="guest already running")

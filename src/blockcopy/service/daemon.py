@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from blockcopy.defaults import COMMAND_TIMEOUT, TRANSITION_TIMEOUT
-from blockcopy.driver import Driver, Link, ProgressCallback, Until, holds_guest, must_end_first
+from blockcopy.driver import Driver, Link, ProgressCallback, Until, holds_guest, recovery_order
 from blockcopy.errors import (
     BlockcopyError,
     DomainBusy,
@@ -109,7 +109,7 @@ class ResidentManager(Manager):
         # Progress is journaled (and so sent as an event) as often as without the daemon, every
         # driver.PROGRESS_SAVE_INTERVAL: each save is an fsync (the daemon used 1 s before).
         return Driver(self.journal, link, on_progress=on_progress, interrupt=None,
-                      transition_timeout=self.transition_timeout, pivot_guard=guard, sent_once=self.sent_once)
+                      transition_timeout=self.transition_timeout, pivot_guard=guard, done_here=self.done_here)
 
 
 @dataclasses.dataclass
@@ -158,7 +158,7 @@ class Daemon:
         self._background.append(asyncio.create_task(self._prune_events_daily()))
         busy = [domain.name for domain in self.journal.domains() if not self._take(domain.name)]
         unfinished = self.journal.operations(unfinished=True)
-        for op in sorted(unfinished, key=lambda o: not must_end_first(o)):
+        for op in sorted(unfinished, key=recovery_order):
             if op.domain not in self.hubs:
                 continue  # (adopted once recovery here is done)
             self.recovery_runs += 1
