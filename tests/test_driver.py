@@ -517,3 +517,33 @@ def test_recovery_takes_held_guests_first_then_what_may_hold_one() -> None:
     # A finish whose mirrors were seen ending holds nothing: closing and syncing DEST is not waited for.
     closing = dataclasses.replace(finishing, disks=(disk(mirror_ended=True),))
     assert must_end_first(finishing) and not must_end_first(closing)
+    # An abort may be cancelling the pending jobs of a pivot it gave up (review 41).
+    assert must_end_first(dataclasses.replace(copying, phase=Phase.ABORTING))
+
+
+def test_what_this_process_did_decides_only_for_its_own_pivots(tmp_path: Any) -> None:
+    """DoneHere, read by the records a driver saves (review 41). A pivot given up before its `stop`
+    went out paused nothing: the abort's record says so, and its end resumes no guest. A job first
+    seen here already pivoting (recovered) whose pivot went back to copying and begins again may
+    have had job-completes sent by the process before: it never counts as a pivot begun here, so
+    a filtered mirror's complete is asked about first."""
+    from blockcopy.driver import DoneHere
+    from blockcopy.journal import Journal
+
+    journal = Journal(tmp_path / "state")
+    try:
+        done = DoneHere()
+        driver = Driver(journal, Link("/nonexistent", connect=None), done_here=done)  # type: ignore[arg-type]
+        journal.add_domain("d", "/nonexistent.qmp")
+        copying = journal.save(Operation(id="a", domain="d", goal=Goal.PIVOT, phase=Phase.COPYING, disks=()), new=True)
+        pivoting = driver._save(dataclasses.replace(copying, phase=Phase.PIVOTING, paused_by_us=True), copying, "pivot")
+        assert "a" in done.pivots and "a" in done.stop_unsent
+        aborting = driver._save(dataclasses.replace(pivoting, phase=Phase.ABORTING), pivoting, "abort")
+        assert not aborting.paused_by_us and not journal.get("a").paused_by_us  # type: ignore[union-attr]
+        inherited = journal.save(Operation(id="b", domain="d", goal=Goal.PIVOT, phase=Phase.COPYING, disks=()),
+                                 new=True)
+        done.inherited.add("b")
+        driver._save(dataclasses.replace(inherited, phase=Phase.PIVOTING), inherited, "pivot again")
+        assert "b" not in done.pivots
+    finally:
+        journal.close()

@@ -648,7 +648,8 @@ def _cases() -> list[tuple[Operation, Observation]]:
 #: it, and a guest reset while stopped (prelaunch)
 RUN_AND_MIGRATION = (("running", "none"), ("paused", "none"), ("save-vm", "none"), ("running", "active"),
                      ("paused", "active"), ("finish-migrate", "completed"), ("postmigrate", "completed"),
-                     ("postmigrate", "failed"), ("running", "completed"), ("prelaunch", "none"))
+                     ("postmigrate", "failed"), ("running", "completed"), ("prelaunch", "none"),
+                     ("prelaunch", "completed"))
 CASES = _cases()
 
 
@@ -691,8 +692,8 @@ def _check_invariants(o: Operation, ob: Observation) -> None:
     # while it is still paused (one that a migration took over would run on both sides).
     if "cont" in cmds:
         assert journaled.outcome is not None and journaled.paused_by_us, where
-        assert ob.run_state == "paused" or (ob.run_state == "prelaunch" and ob.migration not in ("", "completed")), \
-            where
+        assert ob.run_state == "paused" or (ob.run_state == "prelaunch" and ob.migration in ("none", "failed",
+                                                                                              "cancelled")), where
     # blockcopy pauses only in PIVOTING, and only a guest it decided to pause.
     if "stop" in cmds:
         assert journaled.phase is Phase.PIVOTING and journaled.paused_by_us, where
@@ -1019,6 +1020,20 @@ def test_a_guest_reset_during_blockcopys_pause_is_resumed() -> None:
     # a guest the user had paused (and reset) is left as it is
     theirs = decide(op(Phase.FINALIZING), obs("concluded", pivoted=(True,), run_state="prelaunch"))
     assert "cont" not in names(theirs.commands)
+
+
+def test_a_user_paused_guest_resumed_after_some_jobs_were_completed_gives_the_pivot_up_at_once() -> None:
+    """The jobs already pending hold their disks' writes; the pivot could only be given up once all
+    were (finalizing would let the guest write to DEST before the outcome is journaled), so it is
+    given up at once, sending no further job-complete (review 41: one more went out, with the
+    guest running)."""
+    users = op(Phase.PIVOTING, n=2)
+    step = decide(users, obs("pending", "ready", run_state="running"))
+    assert step.record is not None and step.record.phase is Phase.ABORTING and not step.commands
+    assert "resumed by someone else" in (step.record.error or "")
+    # blockcopy's own pause, undone by someone: paused again, as before
+    ours = decide(op(Phase.PIVOTING, n=2, paused_by_us=True), obs("pending", "ready", run_state="running"))
+    assert "stop" in names(ours.commands)
 
 
 def test_the_wait_for_a_migration_says_what_holds_it() -> None:

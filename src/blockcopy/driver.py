@@ -82,8 +82,8 @@ def must_end_first(op: Operation) -> bool:
     once cancelled, goes on until this is false (the transition time limit bounds it), and
     recovery takes these right after the guests blockcopy holds paused. A finish's closing of
     DEST and its fsync hold nothing, and are not waited for."""
-    if holds_guest(op) or op.phase in (Phase.PIVOTING, Phase.FINALIZING):
-        return True
+    if holds_guest(op) or op.phase in (Phase.PIVOTING, Phase.FINALIZING, Phase.ABORTING):
+        return True  # (an abort may have pending jobs of a pivot it gave up to cancel)
     return op.phase is Phase.FINISHING and not all(d.mirror_ended for d in op.disks)
 
 
@@ -188,6 +188,10 @@ class DoneHere:
     #: jobs whose pivot began here (PIVOTING journaled): every job-complete of it went out from
     #: here, so ``once`` knows them (see Driver._not_taken_yet)
     pivots: set[str] = dataclasses.field(default_factory=set)
+    #: jobs first seen here already past COPYING (recovered after a crash): a pivot of theirs that
+    #: went back to copying and begins again here may have had job-completes sent by the process
+    #: before, so it is never counted in ``pivots``
+    inherited: set[str] = dataclasses.field(default_factory=set)
     #: jobs journaled as "blockcopy pauses the guest" (paused_by_us) whose `stop` has not gone out:
     #: a guest found paused before it did was paused by someone else (Driver._completes_without_our_stop)
     stop_unsent: set[str] = dataclasses.field(default_factory=set)
@@ -235,17 +239,23 @@ class Driver:
         Cancelling the calling task during a pivot does not stop the pivot: it runs to its end (the
         transition time limit bounds it), then the cancellation goes on.
         """
+        if op.phase in (Phase.PIVOTING, Phase.FINALIZING) and op.id not in self._done.pivots:
+            self._done.inherited.add(op.id)
         task = asyncio.ensure_future(self._run_guarded(op, until))
         self._stopped = False
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             self._stopped = True
+            told = False
             while not task.done() and must_end_first(self._last_saved(op)):
-                log.warning("job %s: cancelled during its pivot or finish, which may hold the guest (paused, or "
-                            "its disk's writes waiting on a pending job): ending it first", op.id)
+                if not told:
+                    log.warning("job %s: cancelled during its pivot or finish, which may hold the guest (paused, "
+                                "or its disk's writes waiting on a pending job): going on until it holds nothing",
+                                op.id)
+                    told = True
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(task)
+                    await asyncio.wait((task,), timeout=0.2)  # (looked at again as each record is saved)
             if not task.done():
                 task.cancel()
             with contextlib.suppress(BaseException):
@@ -560,8 +570,13 @@ class Driver:
         return op, None, identical
 
     def _save(self, decided: Operation, current: Operation, note: str) -> Operation:
+        if decided.paused_by_us and decided.phase is not Phase.PIVOTING and decided.id in self._done.stop_unsent:
+            # A pivot given up before its `stop` went out paused nothing: a guest paused now is
+            # someone else's, not to be resumed by the abort's end.
+            decided = dataclasses.replace(decided, paused_by_us=False)
         saved = self.journal.save(_carry_driver_facts(decided, current), note)
-        if saved.phase is Phase.PIVOTING and current.phase is not Phase.PIVOTING:
+        if (saved.phase is Phase.PIVOTING and current.phase is not Phase.PIVOTING
+                and saved.id not in self._done.inherited):
             self._done.pivots.add(saved.id)
         if saved.paused_by_us and not current.paused_by_us:
             self._done.stop_unsent.add(saved.id)

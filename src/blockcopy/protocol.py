@@ -640,8 +640,10 @@ def resumable(obs: Observation) -> bool:
     where QEMU 7.2 puts a guest reset while it was stopped (a `system_reset`, or the guest's own
     reboot request, handled during the pause), unless a migration completed (QEMU also lets a
     migrated-away VM go from postmigrate to prelaunch, and `cont` would run it here as well as on
-    the other side). Any other state (a migration's) is not blockcopy's to leave."""
-    return obs.run_state == "paused" or (obs.run_state == "prelaunch" and obs.migration not in ("", "completed"))
+    the other side; nor while one runs). Any other state (a migration's) is not blockcopy's to
+    leave."""
+    return obs.run_state == "paused" or (obs.run_state == "prelaunch" and obs.migration in ("none", "failed",
+                                                                                            "cancelled"))
 
 TAKEN_OVER = ("blockcopy paused the guest for the pivot, and QEMU's run state is now {state}, not paused (a "
               "migration or something else took it over): blockcopy does not resume it; resume it where it runs "
@@ -728,6 +730,11 @@ def _pivoting(op: Operation, obs: Observation) -> Step:
                         note="a memory dump paused the guest: back to copying until it ends")
         return _abort(op, "pivot abandoned, no disk pivoted: a memory dump paused the guest during the pivot (QEMU "
                           "resumes it when the dump ends)")
+    if running and not op.paused_by_us and any(s in ("waiting", "pending") for s in statuses):
+        # A guest its user had paused was resumed after some jobs were completed: their disks'
+        # writes wait while the jobs are pending, and the pivot could only be given up once all
+        # are (finalizing would let it write to DEST before the outcome is journaled). At once.
+        return _abort(op, "pivot abandoned, no disk pivoted: the guest was resumed by someone else during the pivot")
     if all(s == "pending" for s in statuses):  # checked before `stalled`: all pending wins
         if running and failure is not None and failure.command.name == "stop":
             # QEMU refused the pause with the job-completes already behind it (QEMU 7.2 refuses
