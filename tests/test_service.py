@@ -439,6 +439,27 @@ def test_ctrl_c_of_a_wait_through_the_daemon_withdraws_only_that_pivot(served: A
     assert vm.device_node("vda")[0] == "vda-fmt"  # still on the source: the pivot was withdrawn
 
 
+def test_ctrl_c_of_a_wait_through_the_daemon_keeps_a_pivot_an_app_asked_for(served: Any, vm_factory: VMFactory,
+                                                                            bc: Blockcopy, tmp_path: Path) -> None:
+    """An app asked for the pivot (the API's goal); an operator's `pivot --wait` interrupted with
+    Ctrl-C stops waiting and leaves it (review 42: the CLI withdrew it, and the app's pivot never
+    happened)."""
+    daemon = served()
+    vm = vm_factory(1)
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    job = daemon.ok("POST", "/v1/jobs", _copy_body(vm, "vm", tmp_path, bandwidth_mib=0.25, goal="pivot"))
+    assert job["goal"] == "pivot"
+    waiting = bc.spawn("pivot", job["id"], "--wait")
+    time.sleep(2)  # (its request is waiting in the daemon)
+    waiting.send_signal(signal.SIGINT)
+    _out, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 130, err
+    assert daemon.ok("GET", f"/v1/jobs/{job['id']}")["goal"] == "pivot", "the app's pivot was withdrawn"
+    bc.ok("speed", job["id"], "0")
+    wait_for(lambda: daemon.ok("GET", f"/v1/jobs/{job['id']}")["outcome"] is not None, 60, "the app's pivot")
+    assert daemon.ok("GET", f"/v1/jobs/{job['id']}")["outcome"] == "pivoted"
+
+
 def test_a_detach_queued_before_a_copy_makes_the_copy_fail_cleanly(served: Any, vm_factory: VMFactory,
                                                                   tmp_path: Path) -> None:
     daemon = served()

@@ -154,7 +154,8 @@ class Manager:
         async with self._session(request.domain, on_progress) as (monitor, driver):
             if self._replayed(request) is not None:  # (sent twice at once: the other one won)
                 replayed = self._operation(self._replayed(request) or "")
-                return (await self._drive(driver, replayed, until) if self.reconciles else replayed), False
+                return (await self._drive(driver, replayed, until, withdraw_goal=False) if self.reconciles
+                        else replayed), False
             op = await self._plan(request, self._running(request.domain, monitor))
             _refuse_busy(op, self.journal.operations(unfinished=True))  # again: planning ran in a thread
             op = dataclasses.replace(op, client_key=request.client_key,
@@ -187,7 +188,7 @@ class Manager:
         if op.finished or until is Until.STARTED or not self.reconciles:
             return op  # (in the daemon, the job's own task drives it)
         async with self._session(op.domain, on_progress) as (_monitor, driver):
-            return await self._drive(driver, self._operation(op.id), until)
+            return await self._drive(driver, self._operation(op.id), until, withdraw_goal=False)
 
     async def set_speed(self, op_id: str, bandwidth_mib: float) -> Operation:
         """Change the copy speed limit of an unfinished job (0: unlimited). Journaled first, then
@@ -221,7 +222,7 @@ class Manager:
     async def wait_ready(self, op_id: str, *, on_progress: ProgressCallback | None = None) -> Operation:
         op = self._operation(op_id)
         async with self._session(op.domain, on_progress) as (_monitor, driver):
-            return await self._drive(driver, self._operation(op_id), Until.READY)
+            return await self._drive(driver, self._operation(op_id), Until.READY, withdraw_goal=False)
 
     async def status(self, op_id: str) -> Operation:
         """The operation, reconciled with QEMU when possible, else as last journaled."""
@@ -391,7 +392,8 @@ class Manager:
 
     async def _drive(self, driver: Driver, op: Operation, until: Until, *, withdraw_goal: bool = True) -> Operation:
         """Run ``op``; an interrupted wait withdraws a --pivot/--finish wish of the command that waits
-        (``withdraw_goal``), never a goal journaled earlier that `recover` carries out."""
+        (``withdraw_goal``: the call journaled that goal itself), never a goal journaled earlier
+        (by another command, an app, the same request sent before), which `recover` carries out."""
         try:
             return await driver.run(op, until)
         except Interrupted:
@@ -411,8 +413,9 @@ class Manager:
             if goal is not Goal.ABORT and not wait and not ready:
                 raise NotReady(f"job {op_id} is not ready to {goal.value} yet: {_progress_text(op)}. "
                                f"Wait with `blockcopy {goal.value} {op_id} --wait`")
+            asked_here = op.goal is not goal  # (a goal journaled earlier, e.g. by an app, is not this wait's)
             op = self.journal.save(op.with_goal(goal), f"{goal.value} requested")
-            return await self._drive(driver, op, Until.DONE)
+            return await self._drive(driver, op, Until.DONE, withdraw_goal=asked_here)
 
     async def _plan(self, request: CopyRequest, monitor: Monitor) -> Operation:
         """Check every input against QEMU and the journal; nothing is touched before this passes."""

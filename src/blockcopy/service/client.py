@@ -326,13 +326,16 @@ class RemoteBackend:
             return self._follow(view, after, wait_until, on_progress)
 
     @contextlib.contextmanager
-    def _interruptible(self, job: str) -> Iterator[None]:
+    def _interruptible(self, job: str, *, withdraw: bool = True) -> Iterator[None]:
         """Ctrl-C while waiting: as without the daemon, the wait's pivot or finish is withdrawn (one
-        under way runs to its end) and the job keeps copying; exit 130."""
+        under way runs to its end) and the job keeps copying; exit 130. ``withdraw`` False: the
+        goal was journaled before this command asked for it (by an app, another command), and
+        stays."""
         try:
             yield
         except KeyboardInterrupt:
-            self.client.call("POST", f"/v1/jobs/{_seg(job)}/keep-copying")
+            if withdraw:
+                self.client.call("POST", f"/v1/jobs/{_seg(job)}/keep-copying")
             raise Interrupted(f"stopped waiting; job {job} keeps running in QEMU") from None
 
     def _follow(self, view: dict[str, Any], after: int, wait_until: str,
@@ -372,7 +375,8 @@ class RemoteBackend:
         query = {"wait": True} if wait and goal != "abort" else None
         if goal == "abort":
             return dict(self.client.call("POST", f"/v1/jobs/{_seg(job)}/abort"))
-        with self._interruptible(job):
+        asked_before = bool(query) and self.client.call("GET", f"/v1/jobs/{_seg(job)}")["goal"] == goal
+        with self._interruptible(job, withdraw=not asked_before):
             return dict(self.client.call("POST", f"/v1/jobs/{_seg(job)}/{goal}", query=query))
 
     async def recover(self, domain: str | None, wait: bool, on_progress: Callable[[Any], None] | None
