@@ -145,3 +145,16 @@ def test_global_options_work_before_and_after_the_subcommand(vm_factory, bc: Blo
     after = bc.ok("domains", "--state-dir", str(elsewhere), "--json").json
     assert before == after and [d["domain"] for d in before] == ["a"]
     assert not bc.state_dir.exists()  # the environment's state dir was not used
+
+
+def test_a_speed_qemu_refuses_is_an_error_without_the_daemon_too(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    """README (Speed): a limit QEMU refuses is an error, exit 2, and a line in the job's warnings,
+    with the daemon or without (review 42: without it the command exited 0). 1e13 MiB/s is beyond
+    QEMU's int64 bytes/s."""
+    attached(1)
+    job = bc.ok("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--bandwidth", "1", "--json").json
+    result = bc("--no-daemon", "speed", job["id"], "1e13")
+    assert result.returncode == 2 and "QEMU refused the new speed" in result.stderr, (result.returncode, result.stderr)
+    status = bc.ok("status", job["id"], "--json").json
+    assert any("could not change the speed" in w for w in status["warnings"]), status["warnings"]
+    bc.ok("abort", job["id"])

@@ -194,7 +194,8 @@ class Manager:
         """Change the copy speed limit of an unfinished job (0: unlimited). Journaled first, then
         sent to QEMU (``block-job-set-speed``); recovery sends it again if a crash came between.
 
-        :raise UsageError: unknown or finished job, a job past its copy, or a negative speed.
+        :raise UsageError: unknown or finished job, a job past its copy, a negative speed, or one
+            that QEMU refused (journaled in the job's warnings, not retried).
         """
         if not bandwidth_mib >= 0 or bandwidth_mib == float("inf"):
             raise UsageError(f"speed must be a number of MiB/s, 0 for unlimited, not {bandwidth_mib}")
@@ -206,7 +207,12 @@ class Manager:
             bandwidth = round(bandwidth_mib * MIB)
             op = self.journal.save(dataclasses.replace(op, bandwidth=bandwidth, speed_applied=False),
                                    f"speed {bandwidth_mib:g} MiB/s requested")
-            return await self._drive(driver, op, Until.STARTED)
+            warnings = len(op.warnings)
+            op = await self._drive(driver, op, Until.STARTED)
+            refused = [w for w in op.warnings[warnings:] if "could not change the speed" in w]
+            if refused:  # (as the daemon answers it)
+                raise UsageError(f"job {op.id}: QEMU refused the new speed ({refused[0]})")
+            return op
 
     async def pivot(self, op_id: str, *, wait: bool = False,
                     on_progress: ProgressCallback | None = None) -> Operation:
