@@ -1186,6 +1186,36 @@ def test_a_larger_device_for_a_disk_without_a_format_node_is_refused(lab: Lab, t
             subprocess.run(["losetup", "-d", dev], check=False)
 
 
+def test_a_raw_disk_moves_onto_a_larger_device_limited_to_its_size_and_a_smaller_one_is_refused(
+        lab: Lab, tmp_path: Path) -> None:
+    """README: a raw DEST on a larger block device is limited to the disk's size (raw `size`), a
+    smaller one is refused (review 42: every block-device DEST in the tests had the disk's size)."""
+    files = {name: lab.image(f"{name}.raw", size=size, fmt="raw")
+             for name, size in (("disk", 8 * MIB), ("larger", 16 * MIB), ("smaller", 4 * MIB))}
+    loops: dict[str, str] = {}
+    try:
+        for name, f in files.items():
+            loops[name] = subprocess.run(["losetup", "--find", "--show", f], check=True, capture_output=True,
+                                         text=True).stdout.strip()
+        vm = lab.start(VMConfig("sized", (Disk("vda", loops["disk"], format="raw", protocol="host_device"),)))
+        bc = Blockcopy(tmp_path / "state")
+        bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+        refused = bc("copy", "vm", "vda", loops["smaller"], "--reuse-external", "--format", "raw", "--pivot")
+        assert refused.returncode == 2 and "less than disk vda" in refused.stderr, refused.stderr
+        assert bc.ok("jobs", "--json").json == [] and vm.cmd("query-jobs") == []
+        done = bc.ok("copy", "vm", "vda", loops["larger"], "--reuse-external", "--format", "raw", "--pivot",
+                     "--json").json
+        assert done["outcome"] == "pivoted"
+        entry = vm.block_entry("vda")
+        assert entry["inserted"]["image"]["virtual-size"] == 8 * MIB, "the guest sees the disk it had"
+        assert done["disks"][0]["destination"] == loops["larger"] and vm.tree("vda").protocol.driver == "host_device"
+    finally:
+        for vm_ in list(lab.vms):
+            vm_.kill()
+        for dev in loops.values():
+            subprocess.run(["losetup", "-d", dev], check=False)
+
+
 def test_blockcopy_refuses_a_destination_that_shares_storage_with_the_source(lab: Lab, tmp_path: Path) -> None:
     """A partition and its disk, a loop device and its file: QEMU's locks and O_EXCL do not see
     these (QEMU opens its source without O_EXCL), and the mirror would write over the source."""
