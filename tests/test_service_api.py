@@ -3,6 +3,7 @@ TLS listener, systemd readiness. A real daemon process; QEMU only where a reques
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -277,6 +278,60 @@ def test_a_daemon_told_to_stop_mid_finish_ends_the_finish_first(tmp_path: Path, 
     assert vm.cmd("query-jobs") == [], "the daemon left the job pending: the guest's disk I/O waits"
     job = Blockcopy(tmp_path / "state").ok("jobs", "--json", "--no-daemon").json[-1]
     assert (job["state"], job["outcome"], job["authoritative"]) == ("concluded", "not-pivoted", "source"), job
+
+
+def test_the_event_stream_says_gap_only_to_a_client_that_asked_for_pruned_events(tmp_path: Path,
+                                                                                 vm_factory: VMFactory) -> None:
+    """README (Events): without `after` or `Last-Event-ID` the stream starts at the first event the
+    journal holds; a client that asks for older (pruned) ones first gets `gap` with `oldest`; the
+    header wins over `?after` (review 42: a client that asked for nothing got `gap` once any event
+    had been pruned)."""
+    import http.client
+
+    from service import UnixHTTPConnection, read_events
+
+    from blockcopy.journal import Journal
+
+    vm = vm_factory(1)
+    daemon = Served(tmp_path / "state").start()
+    try:
+        daemon.ok("POST", "/v1/domains", {"name": "vm", "qmp_socket": str(vm.qmp_socket)})
+        first = daemon.ok("POST", "/v1/jobs", {"domain": "vm", "disks": [{"disk": "vda", "destination":
+                                                                           str(tmp_path / "a.qcow2")}]})
+        daemon.ok("POST", f"/v1/jobs/{first['id']}/abort")
+        journal = Journal(tmp_path / "state", create=False)
+        try:
+            assert journal.prune_events(-1) > 0  # (every event so far: older than now + 1 s)
+        finally:
+            journal.close()
+        second = daemon.ok("POST", "/v1/jobs", {"domain": "vm", "disks": [{"disk": "vda", "destination":
+                                                                            str(tmp_path / "b.qcow2")}]})
+
+        def first_events(path: str, headers: dict[str, str] | None = None) -> list[tuple[int, str, Any]]:
+            conn = UnixHTTPConnection(str(daemon.socket), 10.0)
+            try:
+                conn.request("GET", path, headers=headers or {})
+                response = conn.getresponse()
+                assert response.status == 200
+                out = []
+                with contextlib.suppress(TimeoutError, OSError, http.client.HTTPException):
+                    for event in read_events(iter(response.readline, b"")):
+                        out.append(event)
+                        if len(out) == 2:
+                            break
+                return out
+            finally:
+                conn.close()
+
+        fresh = first_events("/v1/events")
+        assert fresh and fresh[0][1] != "gap" and fresh[0][2]["job"] == second["id"], fresh
+        asked = first_events("/v1/events?after=0")
+        assert asked[0][1] == "gap" and asked[0][2]["oldest"] == fresh[0][0], asked
+        header_wins = first_events("/v1/events?after=0", {"Last-Event-ID": str(fresh[0][0])})
+        assert header_wins and header_wins[0][1] != "gap" and header_wins[0][0] > fresh[0][0], header_wins
+        daemon.ok("POST", f"/v1/jobs/{second['id']}/abort")
+    finally:
+        assert daemon.stop() == 0
 
 
 def test_storage_that_hangs_under_one_domain_keeps_no_other_waiting(tmp_path: Path, vm_factory: VMFactory,

@@ -325,16 +325,19 @@ def create_app(daemon: Daemon, *, token: str | None = None, metrics: Metrics | N
                 raise UsageError(f"Last-Event-ID must be an event's sequence number, not {last_event_id!r}")
             start = int(last_event_id)
         job_id = daemon.manager._operation(job).id if job is not None else None
-        return StreamingResponse(_stream(daemon, request, start or 0, job_id), media_type="text/event-stream",
+        return StreamingResponse(_stream(daemon, request, start, job_id), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     return app
 
 
-async def _stream(daemon: Daemon, request: Request, seq: int, job: str | None) -> AsyncIterator[str]:
+async def _stream(daemon: Daemon, request: Request, after: int | None, job: str | None) -> AsyncIterator[str]:
+    """``after`` None: from the first event the journal holds (no `gap`: nothing was asked for that
+    is gone)."""
     yield "retry: 1000\n\n"
     quiet = 0.0
     oldest = daemon.journal.oldest_event_seq()
+    seq = after if after is not None else (oldest - 1 if oldest is not None else 0)
     if oldest is not None and seq < oldest - 1:
         # Events older than the retention were pruned: say so, rather than skip them silently.
         data = json.dumps({"after": seq, "oldest": oldest, "detail": "events before 'oldest' were pruned; "
