@@ -7,6 +7,7 @@ had drifted out of its table into a paragraph)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from pathlib import Path
 
@@ -89,3 +90,33 @@ def test_the_default_mode_is_write_blocking_everywhere() -> None:
     assert Operation(id="x", domain="d", goal=Goal.COPY, phase=Phase.STARTING, disks=()).mode == "write-blocking"
     assert CopyBody(domain="vm", disks=[{"disk": "vda", "destination": "/d.qcow2"}]).mode == "write-blocking"
     assert "`--mode write-blocking\\|background` | default `write-blocking`" in README
+
+
+def _json_bullet(first: str) -> set[str]:
+    """The backticked names of the `--json` interface's bullet that begins with ``first``."""
+    section = README[README.index("## The `--json` interface"):README.index("## Python API")]
+    bullet = next(b for b in section.split("\n- ") if b.startswith(first))
+    return set(re.findall(r"`([a-z_]+)`", bullet))
+
+
+def test_every_json_field_is_documented() -> None:
+    """Field names are stable and documented (README: The --json interface): a field added, or
+    renamed, without the README saying so fails here (review 42: ten fields no test named)."""
+    from blockcopy import views
+    from blockcopy.journal import Domain
+    from blockcopy.monitor import DeviceInfo
+    from blockcopy.records import DiskRecord, Goal, Operation, Phase
+
+    disk = DiskRecord(name="vda", device_key="vda", source_node="n", source_file="/s", source_format="qcow2",
+                      source_file_node=None, virtual_size=1, dest_path="/d", dest_format="qcow2", dest_node="b",
+                      job_id="j")
+    view = views.operation_view(Operation(id="x", domain="d", goal=Goal.COPY, phase=Phase.COPYING, disks=(disk,)))
+    documented = _json_bullet("`status`")
+    assert set(view) - documented == set()
+    assert set(view["disks"][0]) - documented == set()
+    assert set(view["progress"]) - documented == set()
+    device = DeviceInfo(**{f.name: () if f.name == "backing_chain" else None  # type: ignore[arg-type]
+                           for f in dataclasses.fields(DeviceInfo)})
+    assert set(views.device_view(device)) - _json_bullet("`disks`") == set()
+    domain = Domain(**{f.name: None for f in dataclasses.fields(Domain)})  # type: ignore[arg-type]
+    assert set(views.domain_view(domain)) - _json_bullet("`domains`") == set()
