@@ -334,6 +334,48 @@ def test_the_event_stream_says_gap_only_to_a_client_that_asked_for_pruned_events
         assert daemon.stop() == 0
 
 
+def test_metrics_agree_with_the_journal_and_survive_a_restart(tmp_path: Path, vm_factory: VMFactory) -> None:
+    """README (Metrics): jobs by state, outcomes, bytes copied and pause windows come from the
+    journal at each scrape (so a restart keeps them); QMP round trips are counted in memory
+    (review 42: no test read /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape(daemon: Served) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        reply = daemon.call("GET", "/metrics")
+        assert reply.status == 200 and reply.headers["content-type"].startswith("text/plain")
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(reply.body) for sample in family.samples}
+
+    vm = vm_factory(1)
+    daemon = Served(tmp_path / "state").start()
+    try:
+        daemon.ok("POST", "/v1/domains", {"name": "vm", "qmp_socket": str(vm.qmp_socket)})
+        job = daemon.ok("POST", "/v1/jobs", {"domain": "vm", "goal": "pivot",
+                                             "disks": [{"disk": "vda", "destination": str(tmp_path / "d.qcow2")}]})
+        wait_for(lambda: daemon.ok("GET", f"/v1/jobs/{job['id']}")["outcome"] is not None, 60, "the pivot")
+        done = daemon.ok("GET", f"/v1/jobs/{job['id']}")
+        seen = scrape(daemon)
+        assert seen[("blockcopy_jobs", (("state", "concluded"),))] == 1
+        assert seen[("blockcopy_job_outcomes_total", (("outcome", "pivoted"),))] == 1
+        assert seen[("blockcopy_domains", ())] == 1
+        assert seen[("blockcopy_pause_window_seconds_count", ())] == 1
+        assert abs(seen[("blockcopy_pause_window_seconds_sum", ())] - done["pause_window_ms"] / 1000) < 1e-6
+        assert seen[("blockcopy_copied_bytes_total", ())] == done["progress"]["current"] > 0
+        assert seen[("blockcopy_qmp_round_trip_seconds_count", (("command", "job-complete"),))] >= 1
+    finally:
+        assert daemon.stop() == 0
+    again = Served(tmp_path / "state").start()
+    try:
+        after = scrape(again)
+        for key in (("blockcopy_jobs", (("state", "concluded"),)),
+                    ("blockcopy_job_outcomes_total", (("outcome", "pivoted"),)),
+                    ("blockcopy_pause_window_seconds_count", ()), ("blockcopy_copied_bytes_total", ())):
+            assert after[key] == seen[key], key
+        assert ("blockcopy_qmp_round_trip_seconds_count", (("command", "job-complete"),)) not in after
+    finally:
+        assert again.stop() == 0
+
+
 def test_storage_that_hangs_under_one_domain_keeps_no_other_waiting(tmp_path: Path, vm_factory: VMFactory,
                                                                      served_file: Any) -> None:
     hung = served_file(64 * 1024 * 1024)
