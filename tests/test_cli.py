@@ -158,3 +158,16 @@ def test_a_speed_qemu_refuses_is_an_error_without_the_daemon_too(attached, bc: B
     status = bc.ok("status", job["id"], "--json").json
     assert any("could not change the speed" in w for w in status["warnings"]), status["warnings"]
     bc.ok("abort", job["id"])
+
+
+def test_jobs_and_recover_keep_to_the_domain_asked(attached, bc: Blockcopy, tmp_path: Path) -> None:
+    """`jobs --domain` and `recover --domain` (README: Commands) list and touch that domain's jobs
+    only (review 42: no test gave --domain)."""
+    attached(1, name="vm")
+    attached(1, name="other")
+    mine = bc.ok("copy", "vm", "vda", str(tmp_path / "a.qcow2"), "--bandwidth", "1", "--json").json
+    theirs = bc.ok("copy", "other", "vda", str(tmp_path / "b.qcow2"), "--bandwidth", "1", "--json").json
+    assert [j["id"] for j in bc.ok("jobs", "--domain", "other", "--json").json] == [theirs["id"]]
+    assert [j["id"] for j in bc.ok("recover", "--domain", "vm", "--no-wait", "--json").json] == [mine["id"]]
+    for job in (mine, theirs):
+        bc.ok("abort", job["id"])

@@ -1036,6 +1036,23 @@ def test_a_user_paused_guest_resumed_after_some_jobs_were_completed_gives_the_pi
     assert "stop" in names(ours.commands)
 
 
+def test_a_suspended_guest_is_pivoted_as_one_its_user_paused() -> None:
+    """README (Known limits): QEMU 7.2's `stop` does not hold a guest suspended to RAM, so
+    blockcopy sends none and resumes nothing; should the guest wake with jobs pending, the pivot is
+    given up (review 42: `suspended` was in no protocol test)."""
+    copying = op(Phase.COPYING, Goal.PIVOT)
+    begin = decide(copying, obs("ready", run_state="suspended", migration="none"))
+    assert begin.record is not None and begin.record.phase is Phase.PIVOTING and not begin.record.paused_by_us
+    step = decide(begin.record, obs("ready", run_state="suspended"))
+    assert names(step.commands) == ["job-complete"]
+    finalize = decide(begin.record, obs("pending", run_state="suspended"))
+    assert finalize.record is not None and finalize.record.phase is Phase.FINALIZING
+    concluded = decide(finalize.record, obs("concluded", pivoted=(True,), run_state="suspended"))
+    assert "cont" not in names(concluded.commands)
+    woke = decide(op(Phase.PIVOTING, n=2), obs("pending", "ready", run_state="running"))
+    assert woke.record is not None and woke.record.phase is Phase.ABORTING
+
+
 def test_the_wait_for_a_migration_says_what_holds_it() -> None:
     """Running, switched over, migrated away, or left stopped by a migration that did not finish:
     each says what to do, and a change of reason is journaled."""

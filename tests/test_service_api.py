@@ -64,6 +64,9 @@ def test_bad_requests_get_a_clear_4xx_and_the_daemon_goes_on(daemon: Served) -> 
     _problem(daemon.call("POST", "/v1/domains", {"name": "vm", "qmp_socket": "/" + "s" * 200}), 400, "longer")
     _problem(daemon.call("POST", "/v1/domains", {"name": "vm", "qmp_socket": "/nonexistent.qmp"}), 409,
              "nothing listens")
+    _problem(daemon.call("POST", "/v1/jobs", {"domain": "vm", "disks": [{"disk": "vda", "destination": "/x"}],
+                                              "request_id": "one"}, headers={"Idempotency-Key": "two"}),
+             400, "Idempotency-Key header and request_id differ")  # (README: Idempotency)
     reply = daemon.call("POST", "/v1/domains", {"name": "a/b", "qmp_socket": "/x"})
     _problem(reply, 400, "invalid domain name")
     assert reply.body["exit_code"] == 2 and reply.body["error"] == "UsageError"  # the CLI's code
