@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import pytest
 from conftest import MIB, Blockcopy, has_pattern, node_names, qemu_jobs, wait_for
 
 from blockcopy.vm import DiskSpec, ScratchVM, make_image
@@ -44,31 +45,39 @@ def test_ctrl_c_while_waiting_leaves_the_job_copying(attached, bc: Blockcopy, tm
     bc.ok("abort", job["id"])
 
 
-def test_ctrl_c_of_a_wait_keeps_a_pivot_journaled_before_it(attached, bc: Blockcopy, tmp_path: Path) -> None:
-    """The pivot was asked for before (here by a `copy --pivot` killed while copying; an app's
-    request is the same): a later `pivot --wait` interrupted with Ctrl-C stops waiting and leaves
-    that goal, which `recover` carries out (README: Exit status). Review 42: it was withdrawn."""
+@pytest.mark.parametrize("before", ["pivot", "finish"])
+def test_ctrl_c_of_a_wait_keeps_a_goal_journaled_before_it(attached, bc: Blockcopy, tmp_path: Path,
+                                                           before: str) -> None:
+    """The goal was asked for before (here by a `copy --pivot` or `--finish` killed while copying; an
+    app's request is the same): a later `pivot --wait` interrupted with Ctrl-C stops waiting and
+    leaves that goal (or puts it back, when its pivot had replaced it), which `recover` carries out
+    (README: Exit status). Review 42: it was withdrawn; review 43: a finish was lost."""
     from blockcopy.journal import Journal
 
     vm = attached(1)
-    crashed = bc("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--pivot", "--bandwidth", "0.25",
+    crashed = bc("copy", "vm", "vda", str(tmp_path / "d.qcow2"), f"--{before}", "--bandwidth", "0.25",
                  crash_at="journal:copying")
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     job = bc.ok("jobs", "--json").json[0]
-    assert job["goal"] == "pivot" and job["state"] == "running"
+    assert job["goal"] == before and job["state"] == "running"
     waiting = bc.spawn("pivot", job["id"], "--wait")
-    journal = Journal(bc.state_dir, create=False)
     try:
-        wait_for(lambda: any(s.note == "pivot requested" for s in journal.steps(job["id"])), what="the wait")
+        journal = Journal(bc.state_dir, create=False)
+        try:
+            wait_for(lambda: any(s.note == "pivot requested" for s in journal.steps(job["id"])), what="the wait")
+        finally:
+            journal.close()
+        waiting.send_signal(signal.SIGINT)
+        _out, err = waiting.communicate(timeout=30)
     finally:
-        journal.close()
-    waiting.send_signal(signal.SIGINT)
-    _out, err = waiting.communicate(timeout=30)
-    assert waiting.returncode == 130, err
-    assert bc.ok("status", job["id"], "--json").json["goal"] == "pivot", "a goal asked before was withdrawn"
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 130 and "keeps running" in err, err
+    assert bc.ok("status", job["id"], "--json").json["goal"] == before, "a goal asked before was withdrawn"
     bc.ok("speed", job["id"], "0")
-    assert bc.ok("recover", "--json").json[0]["outcome"] == "pivoted"
-    assert vm.device_node("vda")[1] == str(tmp_path / "d.qcow2")
+    done = bc.ok("recover", "--json").json[0]
+    assert done["outcome"] == ("pivoted" if before == "pivot" else "not-pivoted"), done
+    assert vm.device_node("vda")[1] == (str(tmp_path / "d.qcow2") if before == "pivot" else vm.disks[0].path)
 
 
 def test_a_vm_not_started_yet_is_refused_with_what_to_do(tmp_path: Path, bc: Blockcopy, accel: str) -> None:

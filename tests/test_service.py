@@ -439,25 +439,32 @@ def test_ctrl_c_of_a_wait_through_the_daemon_withdraws_only_that_pivot(served: A
     assert vm.device_node("vda")[0] == "vda-fmt"  # still on the source: the pivot was withdrawn
 
 
-def test_ctrl_c_of_a_wait_through_the_daemon_keeps_a_pivot_an_app_asked_for(served: Any, vm_factory: VMFactory,
-                                                                            bc: Blockcopy, tmp_path: Path) -> None:
-    """An app asked for the pivot (the API's goal); an operator's `pivot --wait` interrupted with
-    Ctrl-C stops waiting and leaves it (review 42: the CLI withdrew it, and the app's pivot never
-    happened)."""
+@pytest.mark.parametrize("before", ["pivot", "finish"])
+def test_ctrl_c_of_a_wait_through_the_daemon_keeps_a_goal_an_app_asked_for(served: Any, vm_factory: VMFactory,
+                                                                           bc: Blockcopy, tmp_path: Path,
+                                                                           before: str) -> None:
+    """An app asked for the pivot or finish (the API's goal); an operator's `pivot --wait`
+    interrupted with Ctrl-C stops waiting and leaves the app's goal, or puts it back when its
+    pivot replaced it (reviews 42-43: the CLI withdrew it, and the app's goal was lost; the
+    daemon now withdraws only what the request with the CLI's token journaled)."""
     daemon = served()
     vm = vm_factory(1)
     bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
-    job = daemon.ok("POST", "/v1/jobs", _copy_body(vm, "vm", tmp_path, bandwidth_mib=0.25, goal="pivot"))
-    assert job["goal"] == "pivot"
+    job = daemon.ok("POST", "/v1/jobs", _copy_body(vm, "vm", tmp_path, bandwidth_mib=0.25, goal=before))
+    assert job["goal"] == before
     waiting = bc.spawn("pivot", job["id"], "--wait")
-    time.sleep(2)  # (its request is waiting in the daemon)
-    waiting.send_signal(signal.SIGINT)
-    _out, err = waiting.communicate(timeout=30)
-    assert waiting.returncode == 130, err
-    assert daemon.ok("GET", f"/v1/jobs/{job['id']}")["goal"] == "pivot", "the app's pivot was withdrawn"
+    try:
+        time.sleep(3)  # (its request is waiting in the daemon; "keeps running" below says it was)
+        waiting.send_signal(signal.SIGINT)
+        _out, err = waiting.communicate(timeout=30)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 130 and "keeps running" in err, err
+    assert daemon.ok("GET", f"/v1/jobs/{job['id']}")["goal"] == before, "the app's goal was withdrawn"
     bc.ok("speed", job["id"], "0")
-    wait_for(lambda: daemon.ok("GET", f"/v1/jobs/{job['id']}")["outcome"] is not None, 60, "the app's pivot")
-    assert daemon.ok("GET", f"/v1/jobs/{job['id']}")["outcome"] == "pivoted"
+    wait_for(lambda: daemon.ok("GET", f"/v1/jobs/{job['id']}")["outcome"] is not None, 60, "the app's goal")
+    assert daemon.ok("GET", f"/v1/jobs/{job['id']}")["outcome"] == ("pivoted" if before == "pivot" else "not-pivoted")
 
 
 def test_a_domain_a_command_holds_at_the_daemons_start_is_adopted_when_the_command_ends(
@@ -466,7 +473,7 @@ def test_a_domain_a_command_holds_at_the_daemons_start_is_adopted_when_the_comma
     holds is adopted when the command ends, and its jobs are followed from then on: here the killed
     command's pivot is carried out by the daemon with nobody asking it anything but GETs (review
     42: no test started the daemon while a command held a domain)."""
-    vm = vm_factory(1, size=8 * MIB)
+    vm = vm_factory(1, size=16 * MIB)
     bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
     waiting = bc.spawn("copy", "vm", "vda", str(tmp_path / "d.qcow2"), "--pivot", "--bandwidth", "1")
     lock = bc.state_dir / "locks" / "vm.lock"
@@ -477,6 +484,7 @@ def test_a_domain_a_command_holds_at_the_daemons_start_is_adopted_when_the_comma
     assert (job["state"], job["goal"]) == ("running", "pivot")
     waiting.kill()  # (its lock goes with it; the journal keeps the pivot asked)
     waiting.wait(timeout=30)
+    assert daemon.ok("GET", f"/v1/jobs/{job['id']}")["outcome"] is None, "the command pivoted before it was killed"
     wait_for(lambda: daemon.ok("GET", f"/v1/jobs/{job['id']}")["outcome"] is not None, 90, "the daemon's pivot")
     assert daemon.ok("GET", f"/v1/jobs/{job['id']}")["outcome"] == "pivoted"
     assert vm.device_node("vda")[1] == str(tmp_path / "d.qcow2")

@@ -370,8 +370,10 @@ class Journal:
         return int(row[0]) if row[0] is not None else None
 
     def last_event_seq(self) -> int:
-        row = self._db.execute("SELECT MAX(seq) FROM events").fetchone()
-        return int(row[0] or 0)
+        """The sequence number of the last event ever written, kept or pruned (AUTOINCREMENT's
+        counter: numbers are never reused), 0 when none was."""
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        return int(row[0]) if row is not None else 0
 
     def prune_events(self, keep_seconds: float) -> int:
         """Forget events older than ``keep_seconds`` (the sequence numbers go on). Returns how many."""

@@ -154,7 +154,7 @@ class Manager:
         async with self._session(request.domain, on_progress) as (monitor, driver):
             if self._replayed(request) is not None:  # (sent twice at once: the other one won)
                 replayed = self._operation(self._replayed(request) or "")
-                return (await self._drive(driver, replayed, until, withdraw_goal=False) if self.reconciles
+                return (await self._drive(driver, replayed, until, withdraw_to=None) if self.reconciles
                         else replayed), False
             op = await self._plan(request, self._running(request.domain, monitor))
             _refuse_busy(op, self.journal.operations(unfinished=True))  # again: planning ran in a thread
@@ -164,7 +164,7 @@ class Manager:
                                        + ", ".join(f"{d.name} -> {d.dest_path}" for d in op.disks), new=True)
             if not self.reconciles:
                 return op, True
-            return await self._drive(driver, op, until), True
+            return await self._drive(driver, op, until, withdraw_to=Goal.COPY), True
 
     def _replayed(self, request: CopyRequest) -> str | None:
         """The id of the job that ``request``'s idempotency key created already, if any.
@@ -188,7 +188,7 @@ class Manager:
         if op.finished or until is Until.STARTED or not self.reconciles:
             return op  # (in the daemon, the job's own task drives it)
         async with self._session(op.domain, on_progress) as (_monitor, driver):
-            return await self._drive(driver, self._operation(op.id), until, withdraw_goal=False)
+            return await self._drive(driver, self._operation(op.id), until, withdraw_to=None)
 
     async def set_speed(self, op_id: str, bandwidth_mib: float) -> Operation:
         """Change the copy speed limit of an unfinished job (0: unlimited). Journaled first, then
@@ -208,7 +208,7 @@ class Manager:
             op = self.journal.save(dataclasses.replace(op, bandwidth=bandwidth, speed_applied=False),
                                    f"speed {bandwidth_mib:g} MiB/s requested")
             warnings = len(op.warnings)
-            op = await self._drive(driver, op, Until.STARTED)
+            op = await self._drive(driver, op, Until.STARTED, withdraw_to=None)
             refused = [w for w in op.warnings[warnings:] if "could not change the speed" in w]
             if refused:  # (as the daemon answers it)
                 raise UsageError(f"job {op.id}: QEMU refused the new speed ({refused[0]})")
@@ -228,7 +228,7 @@ class Manager:
     async def wait_ready(self, op_id: str, *, on_progress: ProgressCallback | None = None) -> Operation:
         op = self._operation(op_id)
         async with self._session(op.domain, on_progress) as (_monitor, driver):
-            return await self._drive(driver, self._operation(op_id), Until.READY, withdraw_goal=False)
+            return await self._drive(driver, self._operation(op_id), Until.READY, withdraw_to=None)
 
     async def status(self, op_id: str) -> Operation:
         """The operation, reconciled with QEMU when possible, else as last journaled."""
@@ -282,7 +282,7 @@ class Manager:
                             for op in self.journal.operations(domain=name, unfinished=True):
                                 if op.goal is not Goal.COPY:
                                     try:
-                                        await self._drive(driver, op, Until.DONE, withdraw_goal=False)
+                                        await self._drive(driver, op, Until.DONE, withdraw_to=None)
                                     except TransitionStalled as exc:  # the domain's other jobs go on
                                         problems.setdefault(name, exc)
                 except (DomainBusy, MonitorError, TransitionStalled, GuestLeftPaused) as exc:
@@ -396,17 +396,20 @@ class Manager:
         return Driver(self.journal, link, on_progress=on_progress, interrupt=self.interrupt,
                       transition_timeout=self.transition_timeout, done_here=self.done_here)
 
-    async def _drive(self, driver: Driver, op: Operation, until: Until, *, withdraw_goal: bool = True) -> Operation:
-        """Run ``op``; an interrupted wait withdraws a --pivot/--finish wish of the command that waits
-        (``withdraw_goal``: the call journaled that goal itself), never a goal journaled earlier
-        (by another command, an app, the same request sent before), which `recover` carries out."""
+    async def _drive(self, driver: Driver, op: Operation, until: Until, *, withdraw_to: Goal | None) -> Operation:
+        """Run ``op``; an interrupted wait withdraws the --pivot/--finish wish of the command that
+        waits, putting back the goal it replaced (``withdraw_to``; None: the call journaled no
+        goal), never a goal journaled earlier (by another command, an app, the same request sent
+        before), which `recover` carries out."""
         try:
             return await driver.run(op, until)
         except Interrupted:
             current = self._operation(op.id)
-            if withdraw_goal and current.phase is Phase.COPYING and current.goal in (Goal.PIVOT, Goal.FINISH):
-                self.journal.save(current.with_goal(Goal.COPY),
-                                  "interrupted while waiting: the job keeps copying")
+            if (withdraw_to is not None and current.phase is Phase.COPYING and current.goal is not withdraw_to
+                    and current.goal in (Goal.PIVOT, Goal.FINISH)):
+                self.journal.save(current.with_goal(withdraw_to),
+                                  "interrupted while waiting: the job keeps copying" if withdraw_to is Goal.COPY
+                                  else f"interrupted while waiting: the {withdraw_to.value} asked before stands")
             raise
 
     async def _conclude(self, op_id: str, goal: Goal, *, wait: bool,
@@ -419,9 +422,11 @@ class Manager:
             if goal is not Goal.ABORT and not wait and not ready:
                 raise NotReady(f"job {op_id} is not ready to {goal.value} yet: {_progress_text(op)}. "
                                f"Wait with `blockcopy {goal.value} {op_id} --wait`")
-            asked_here = op.goal is not goal  # (a goal journaled earlier, e.g. by an app, is not this wait's)
+            # (a goal journaled earlier, e.g. by an app, is not this wait's to withdraw; one it
+            # replaces is put back)
+            withdraw_to = op.goal if op.goal is not goal else None
             op = self.journal.save(op.with_goal(goal), f"{goal.value} requested")
-            return await self._drive(driver, op, Until.DONE, withdraw_goal=asked_here)
+            return await self._drive(driver, op, Until.DONE, withdraw_to=withdraw_to)
 
     async def _plan(self, request: CopyRequest, monitor: Monitor) -> Operation:
         """Check every input against QEMU and the journal; nothing is touched before this passes."""

@@ -57,6 +57,12 @@ _STATUS: list[tuple[type[BlockcopyError], int]] = [
 ]
 
 
+
+#: A token the CLI sends with a request that journals a pivot or finish, and with the keep-copying
+#: of its interrupted wait: only the goal that request journaled is withdrawn.
+ASKED_BY: Any = Query(None, max_length=64, pattern=r"^[0-9a-f]{1,64}$",
+                      description="a token (hex) naming this request, for POST /v1/jobs/{job}/keep-copying")
+
 def status_of(exc: BlockcopyError) -> int:
     return next((status for kind, status in _STATUS if isinstance(exc, kind)), 500)
 
@@ -252,7 +258,8 @@ def create_app(daemon: Daemon, *, token: str | None = None, metrics: Metrics | N
 
     @app.post("/v1/jobs", tags=["jobs"], status_code=201)
     async def create_job(body: CopyBody, response: Response,
-                         idempotency_key: str | None = Header(None, max_length=200)) -> dict[str, Any]:
+                         idempotency_key: str | None = Header(None, max_length=200),
+                         asked_by: str | None = ASKED_BY) -> dict[str, Any]:
         """Start a copy. With a request id (``Idempotency-Key`` or ``request_id``), sending the same
         request again returns the job it created (200, ``Idempotent-Replayed: true``) and starts
         nothing; another request under that id is refused (409)."""
@@ -266,7 +273,7 @@ def create_app(daemon: Daemon, *, token: str | None = None, metrics: Metrics | N
             owner=(body.owner.uid, body.owner.gid) if body.owner else None, mode_bits=body.file_mode,
             cluster_size=body.cluster_size, preallocation=body.preallocation,
             page_cache_fill=body.page_cache_fill, client_key=idempotency_key or body.request_id)
-        op, created = await daemon.copy(request)
+        op, created = await daemon.copy(request, asked_by=asked_by)
         response.headers["Location"] = f"/v1/jobs/{op.id}"
         if not created:
             response.status_code = 200
@@ -283,15 +290,15 @@ def create_app(daemon: Daemon, *, token: str | None = None, metrics: Metrics | N
         return data
 
     @app.post("/v1/jobs/{job}/pivot", tags=["jobs"])
-    async def pivot(job: str, wait: bool = False) -> dict[str, Any]:
+    async def pivot(job: str, wait: bool = False, asked_by: str | None = ASKED_BY) -> dict[str, Any]:
         """Switch the guest to the destinations (all disks together); returns the ended job.
         ``wait``: a job that is not ready yet is pivoted once ready (else 409)."""
-        return views.operation_view(await daemon.conclude(job, Goal.PIVOT, wait=wait))
+        return views.operation_view(await daemon.conclude(job, Goal.PIVOT, wait=wait, asked_by=asked_by))
 
     @app.post("/v1/jobs/{job}/finish", tags=["jobs"])
-    async def finish(job: str, wait: bool = False) -> dict[str, Any]:
+    async def finish(job: str, wait: bool = False, asked_by: str | None = ASKED_BY) -> dict[str, Any]:
         """End the mirrors leaving consistent copies; the guest stays on the sources."""
-        return views.operation_view(await daemon.conclude(job, Goal.FINISH, wait=wait))
+        return views.operation_view(await daemon.conclude(job, Goal.FINISH, wait=wait, asked_by=asked_by))
 
     @app.post("/v1/jobs/{job}/abort", tags=["jobs"])
     async def abort(job: str) -> dict[str, Any]:
@@ -299,10 +306,11 @@ def create_app(daemon: Daemon, *, token: str | None = None, metrics: Metrics | N
         return views.operation_view(await daemon.conclude(job, Goal.ABORT, wait=True))
 
     @app.post("/v1/jobs/{job}/keep-copying", tags=["jobs"])
-    async def keep_copying(job: str) -> dict[str, Any]:
+    async def keep_copying(job: str, asked_by: str | None = ASKED_BY) -> dict[str, Any]:
         """Withdraw a pivot or finish that has not begun: the job keeps copying (what the CLI does
-        when a wait is interrupted). One under way runs to its end."""
-        return views.operation_view(await daemon.keep_copying(job))
+        when a wait is interrupted). One under way runs to its end. ``asked_by``: only the goal
+        that the request sent with this token journaled (the goal it replaced is put back)."""
+        return views.operation_view(await daemon.keep_copying(job, asked_by=asked_by))
 
     @app.post("/v1/jobs/{job}/speed", tags=["jobs"])
     async def speed(job: str, body: SpeedBody) -> dict[str, Any]:
@@ -337,8 +345,10 @@ async def _stream(daemon: Daemon, request: Request, after: int | None, job: str 
     yield "retry: 1000\n\n"
     quiet = 0.0
     oldest = daemon.journal.oldest_event_seq()
-    seq = after if after is not None else (oldest - 1 if oldest is not None else 0)
-    if oldest is not None and seq < oldest - 1:
+    if oldest is None:  # none kept: the next one to come (sequence numbers go on after a prune)
+        oldest = daemon.journal.last_event_seq() + 1
+    seq = after if after is not None else oldest - 1
+    if seq < oldest - 1:
         # Events older than the retention were pruned: say so, rather than skip them silently.
         data = json.dumps({"after": seq, "oldest": oldest, "detail": "events before 'oldest' were pruned; "
                            "read every job's state with GET /v1/jobs"})

@@ -315,10 +315,12 @@ class RemoteBackend:
             "request_id": fields["client_key"]}
         if fields.get("page_cache_fill"):  # only when asked: a daemon older than the option refuses the field
             body["page_cache_fill"] = True
-        view = dict(self.client.call("POST", "/v1/jobs", {k: v for k, v in body.items() if v is not None}))
+        token = os.urandom(8).hex()
+        view = dict(self.client.call("POST", "/v1/jobs", {k: v for k, v in body.items() if v is not None},
+                                     query={"asked_by": token}))
         if wait_until == "started" or view["outcome"] is not None:
             return view
-        with self._interruptible(view["id"]):
+        with self._interruptible(view["id"], token):
             # The request goes first (it starts QEMU's work); then where the event stream stands, then
             # the job as of then: what it did before is in the view, what it does after is on the stream.
             after = int(self.client.call("GET", "/v1/health")["last_event"])
@@ -326,16 +328,15 @@ class RemoteBackend:
             return self._follow(view, after, wait_until, on_progress)
 
     @contextlib.contextmanager
-    def _interruptible(self, job: str, *, withdraw: bool = True) -> Iterator[None]:
+    def _interruptible(self, job: str, token: str) -> Iterator[None]:
         """Ctrl-C while waiting: as without the daemon, the wait's pivot or finish is withdrawn (one
-        under way runs to its end) and the job keeps copying; exit 130. ``withdraw`` False: the
-        goal was journaled before this command asked for it (by an app, another command), and
-        stays."""
+        under way runs to its end) and the job keeps copying; exit 130. Only the goal that this
+        command's request (``token``) journaled: one journaled before it (by an app, another
+        command, the same request sent before) stays, and one it replaced is put back."""
         try:
             yield
         except KeyboardInterrupt:
-            if withdraw:
-                self.client.call("POST", f"/v1/jobs/{_seg(job)}/keep-copying")
+            self.client.call("POST", f"/v1/jobs/{_seg(job)}/keep-copying", query={"asked_by": token})
             raise Interrupted(f"stopped waiting; job {job} keeps running in QEMU") from None
 
     def _follow(self, view: dict[str, Any], after: int, wait_until: str,
@@ -372,12 +373,12 @@ class RemoteBackend:
 
     async def conclude(self, job: str, goal: str, wait: bool, on_progress: Callable[[Any], None] | None
                        ) -> dict[str, Any]:
-        query = {"wait": True} if wait and goal != "abort" else None
         if goal == "abort":
             return dict(self.client.call("POST", f"/v1/jobs/{_seg(job)}/abort"))
-        asked_before = bool(query) and self.client.call("GET", f"/v1/jobs/{_seg(job)}")["goal"] == goal
-        with self._interruptible(job, withdraw=not asked_before):
-            return dict(self.client.call("POST", f"/v1/jobs/{_seg(job)}/{goal}", query=query))
+        token = os.urandom(8).hex()
+        with self._interruptible(job, token):
+            return dict(self.client.call("POST", f"/v1/jobs/{_seg(job)}/{goal}",
+                                         query={"wait": True if wait else None, "asked_by": token}))
 
     async def recover(self, domain: str | None, wait: bool, on_progress: Callable[[Any], None] | None
                       ) -> list[dict[str, Any]]:

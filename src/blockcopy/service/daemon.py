@@ -144,6 +144,9 @@ class Daemon:
         self.streams_closed = False
         self.started_at = time.time()
         self.recovery_runs = 0  # runs of a job's driver at start and after a failed run
+        # job id -> (the token of the request that journaled its pivot or finish, the goal before):
+        # what keep-copying may withdraw (forgotten at a restart: the goal then stays)
+        self._asked: dict[str, tuple[str, Goal]] = {}
 
     # --- life --------------------------------------------------------------------------------------
 
@@ -271,7 +274,7 @@ class Daemon:
 
     # --- jobs --------------------------------------------------------------------------------------
 
-    async def copy(self, request: CopyRequest) -> tuple[Operation, bool]:
+    async def copy(self, request: CopyRequest, *, asked_by: str | None = None) -> tuple[Operation, bool]:
         """Plan and journal a copy; its task (the one owner of a job) starts it, and this returns
         once it has started (destinations made, mirrors running) or ended. Returns the job and
         whether it is new (False: ``request``'s request id had created it; nothing was started).
@@ -280,11 +283,13 @@ class Daemon:
             or what stopped the start (the task retries it).
         """
         op, created = await self.manager.copy_or_replay(request, until=Until.STARTED)
+        if created and asked_by is not None and request.goal in (Goal.PIVOT, Goal.FINISH):
+            self._asked[op.id] = (asked_by, Goal.COPY)
         self._follow(op.id)
         op = await self.wait_for(op.id, lambda o: o.phase is not Phase.STARTING or o.finished)
         return op, created
 
-    async def conclude(self, op_id: str, goal: Goal, *, wait: bool) -> Operation:
+    async def conclude(self, op_id: str, goal: Goal, *, wait: bool, asked_by: str | None = None) -> Operation:
         """Journal ``goal`` (pivot, finish, abort) and have the job's task carry it out; return when
         the job has ended (a pivot or finish of a job that is not ready: refused unless ``wait``).
 
@@ -302,6 +307,8 @@ class Daemon:
             await self._stop_following(op.id)
             op = self._concludable(op.id, goal)  # (its task may have ended it meanwhile)
             if op.goal is not goal:
+                if asked_by is not None:
+                    self._asked[op.id] = (asked_by, op.goal)
                 op = self.journal.save(op.with_goal(goal), f"{goal.value} requested")
             self._follow(op.id)
         return await self.wait_end(op.id)
@@ -311,18 +318,29 @@ class Daemon:
         refuse_concluded(op, goal)
         return op
 
-    async def keep_copying(self, op_id: str) -> Operation:
+    async def keep_copying(self, op_id: str, *, asked_by: str | None = None) -> Operation:
         """Withdraw a pivot or finish that has not begun (a CLI wait interrupted): the job keeps
-        copying. A pivot or finish under way runs to its end. :raise NotFound."""
+        copying. A pivot or finish under way runs to its end. ``asked_by``: only the goal that the
+        request with that token journaled, and the goal it replaced is put back (a goal journaled
+        before it, by an app or another command, stays; so does one after a daemon restart, which
+        forgets the tokens). :raise NotFound."""
         op = self.manager._operation(op_id)
         async with self.hub(op.domain).lock:
             op = self.manager._operation(op.id)
-            if op.phase is Phase.COPYING and op.goal in (Goal.PIVOT, Goal.FINISH):
+            back = Goal.COPY
+            if asked_by is not None:
+                mine = self._asked.get(op.id)
+                if mine is None or mine[0] != asked_by:
+                    return op
+                back = mine[1]
+            if op.phase is Phase.COPYING and op.goal in (Goal.PIVOT, Goal.FINISH) and op.goal is not back:
                 await self._stop_following(op.id)
                 op = self.manager._operation(op.id)
-                if op.phase is Phase.COPYING and op.goal in (Goal.PIVOT, Goal.FINISH):
-                    op = self.journal.save(op.with_goal(Goal.COPY),
-                                           "interrupted while waiting: the job keeps copying")
+                if op.phase is Phase.COPYING and op.goal in (Goal.PIVOT, Goal.FINISH) and op.goal is not back:
+                    self._asked.pop(op.id, None)
+                    op = self.journal.save(op.with_goal(back),
+                                           "interrupted while waiting: the job keeps copying" if back is Goal.COPY
+                                           else f"interrupted while waiting: the {back.value} asked before stands")
                 self._follow(op.id)
         return op
 
