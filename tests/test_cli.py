@@ -73,6 +73,7 @@ def test_ctrl_c_of_a_wait_keeps_a_goal_journaled_before_it(attached, bc: Blockco
         if waiting.poll() is None:
             waiting.kill()
     assert waiting.returncode == 130 and "keeps running" in err, err
+    assert f"the {before} asked before it stands" in err, err
     assert bc.ok("status", job["id"], "--json").json["goal"] == before, "a goal asked before was withdrawn"
     bc.ok("speed", job["id"], "0")
     done = bc.ok("recover", "--json").json[0]

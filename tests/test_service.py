@@ -454,17 +454,70 @@ def test_ctrl_c_of_a_wait_through_the_daemon_keeps_a_goal_an_app_asked_for(serve
     assert job["goal"] == before
     waiting = bc.spawn("pivot", job["id"], "--wait")
     try:
-        time.sleep(3)  # (its request is waiting in the daemon; "keeps running" below says it was)
+        if before == "finish":  # (its pivot replaces the finish: seen)
+            wait_for(lambda: daemon.ok("GET", f"/v1/jobs/{job['id']}")["goal"] == "pivot", 30, "the CLI's pivot")
+        else:
+            time.sleep(3)  # (nothing to see: the goal is the same; "keeps running" below says it waited)
         waiting.send_signal(signal.SIGINT)
         _out, err = waiting.communicate(timeout=30)
     finally:
         if waiting.poll() is None:
             waiting.kill()
     assert waiting.returncode == 130 and "keeps running" in err, err
+    assert f"the {before} asked before it stands" in err, err
     assert daemon.ok("GET", f"/v1/jobs/{job['id']}")["goal"] == before, "the app's goal was withdrawn"
     bc.ok("speed", job["id"], "0")
     wait_for(lambda: daemon.ok("GET", f"/v1/jobs/{job['id']}")["outcome"] is not None, 60, "the app's goal")
     assert daemon.ok("GET", f"/v1/jobs/{job['id']}")["outcome"] == ("pivoted" if before == "pivot" else "not-pivoted")
+
+
+def test_interrupted_waits_through_the_daemon_withdraw_only_their_own_goals(served: Any, vm_factory: VMFactory,
+                                                                             bc: Blockcopy, tmp_path: Path) -> None:
+    """Review 44. Two operators' waits on one job, a pivot then a finish, both interrupted (the
+    pivot's first): the job keeps copying, not pivoted by the first wait's goal put back. Then an
+    app asks for a finish while a CLI's pivot waits: the CLI's Ctrl-C leaves the app's finish."""
+    import threading
+
+    daemon = served()
+    vm = vm_factory(1)
+    bc.ok("attach", "vm", "--qmp", str(vm.qmp_socket))
+    job = daemon.ok("POST", "/v1/jobs", _copy_body(vm, "vm", tmp_path, bandwidth_mib=0.25))
+    url = f"/v1/jobs/{job['id']}"
+    spawned: list[Any] = []
+
+    def wait_on(goal: str) -> Any:
+        proc = bc.spawn(goal, job["id"], "--wait")
+        spawned.append(proc)
+        wait_for(lambda: daemon.ok("GET", url)["goal"] == goal, 30, f"the {goal} asked")
+        return proc
+
+    def interrupt(proc: Any) -> str:
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130 and "keeps running" in err, err
+        return str(err)
+
+    try:
+        first, second = wait_on("pivot"), wait_on("finish")
+        interrupt(first)
+        assert daemon.ok("GET", url)["goal"] == "finish", "the later wait's finish stands"
+        interrupt(second)
+        assert daemon.ok("GET", url)["goal"] == "copy", "two interrupted waits leave what stood before both"
+        third = wait_on("pivot")
+        replies: list[Any] = []
+        app = threading.Thread(target=lambda: replies.append(daemon.call("POST", f"{url}/finish?wait=true",
+                                                                         timeout=120)))
+        app.start()
+        wait_for(lambda: daemon.ok("GET", url)["goal"] == "finish", 30, "the app's finish")
+        assert "the finish asked before it stands" in interrupt(third)
+        assert daemon.ok("GET", url)["goal"] == "finish", "the app's finish was withdrawn"
+        bc.ok("speed", job["id"], "0")
+        app.join(timeout=120)
+        assert replies and replies[0].status == 200 and replies[0].body["outcome"] == "not-pivoted", replies
+    finally:
+        for proc in spawned:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def test_a_domain_a_command_holds_at_the_daemons_start_is_adopted_when_the_command_ends(

@@ -369,6 +369,13 @@ class Journal:
         row = self._db.execute("SELECT MIN(seq) FROM events").fetchone()
         return int(row[0]) if row[0] is not None else None
 
+    def event_bounds(self) -> tuple[int | None, int]:
+        """(the oldest event kept or None, the last ever written), read together: a writer in
+        between cannot make the pair disagree."""
+        row = self._db.execute("SELECT (SELECT MIN(seq) FROM events), "
+                               "(SELECT seq FROM sqlite_sequence WHERE name = 'events')").fetchone()
+        return (None if row[0] is None else int(row[0])), int(row[1] or 0)
+
     def last_event_seq(self) -> int:
         """The sequence number of the last event ever written, kept or pruned (AUTOINCREMENT's
         counter: numbers are never reused), 0 when none was."""

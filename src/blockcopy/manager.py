@@ -403,13 +403,18 @@ class Manager:
         before), which `recover` carries out."""
         try:
             return await driver.run(op, until)
-        except Interrupted:
+        except Interrupted as exc:
             current = self._operation(op.id)
             if (withdraw_to is not None and current.phase is Phase.COPYING and current.goal is not withdraw_to
                     and current.goal in (Goal.PIVOT, Goal.FINISH)):
-                self.journal.save(current.with_goal(withdraw_to),
-                                  "interrupted while waiting: the job keeps copying" if withdraw_to is Goal.COPY
-                                  else f"interrupted while waiting: the {withdraw_to.value} asked before stands")
+                current = self.journal.save(current.with_goal(withdraw_to),
+                                            "interrupted while waiting: the job keeps copying"
+                                            if withdraw_to is Goal.COPY
+                                            else f"interrupted while waiting: the {withdraw_to.value} asked before "
+                                                 "stands")
+            if current.goal in (Goal.PIVOT, Goal.FINISH) and current.outcome is None:
+                raise Interrupted(f"{exc}; the {current.goal.value} asked before it stands (carried out once the "
+                                  "copy is ready)") from exc
             raise
 
     async def _conclude(self, op_id: str, goal: Goal, *, wait: bool,

@@ -344,9 +344,8 @@ async def _stream(daemon: Daemon, request: Request, after: int | None, job: str 
     is gone)."""
     yield "retry: 1000\n\n"
     quiet = 0.0
-    oldest = daemon.journal.oldest_event_seq()
-    if oldest is None:  # none kept: the next one to come (sequence numbers go on after a prune)
-        oldest = daemon.journal.last_event_seq() + 1
+    kept, last = daemon.journal.event_bounds()
+    oldest = kept if kept is not None else last + 1  # (none kept: the next to come; numbers go on)
     seq = after if after is not None else oldest - 1
     if seq < oldest - 1:
         # Events older than the retention were pruned: say so, rather than skip them silently.

@@ -277,6 +277,13 @@ def read_events(lines: Iterable[bytes]) -> Iterator[tuple[int, str, dict[str, An
             data += line[5:].strip()
 
 
+def _standing(view: Mapping[str, Any]) -> str:
+    """What an interrupted wait leaves: a pivot or finish asked before it stands."""
+    goal = view.get("goal")
+    return f"; the {goal} asked before it stands (carried out once the copy is ready)" \
+        if goal in ("pivot", "finish") and view.get("outcome") is None else ""
+
+
 def _q(value: Any) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
@@ -336,8 +343,8 @@ class RemoteBackend:
         try:
             yield
         except KeyboardInterrupt:
-            self.client.call("POST", f"/v1/jobs/{_seg(job)}/keep-copying", query={"asked_by": token})
-            raise Interrupted(f"stopped waiting; job {job} keeps running in QEMU") from None
+            view = self.client.call("POST", f"/v1/jobs/{_seg(job)}/keep-copying", query={"asked_by": token})
+            raise Interrupted(f"stopped waiting; job {job} keeps running in QEMU{_standing(view)}") from None
 
     def _follow(self, view: dict[str, Any], after: int, wait_until: str,
                 on_progress: Callable[[Any], None] | None) -> dict[str, Any]:

@@ -113,6 +113,17 @@ class ResidentManager(Manager):
 
 
 @dataclasses.dataclass
+class _Asked:
+    """A goal that a CLI wait journaled through the daemon (``token``: its request's ``asked_by``)
+    and the goal it replaced; ``withdrawn`` once that wait was interrupted."""
+
+    token: str
+    goal: Goal
+    back: Goal
+    withdrawn: bool = False
+
+
+@dataclasses.dataclass
 class TaskState:
     task: asyncio.Task[None]
     error: BlockcopyError | None = None  # why the last run stopped short of the job's end
@@ -144,9 +155,9 @@ class Daemon:
         self.streams_closed = False
         self.started_at = time.time()
         self.recovery_runs = 0  # runs of a job's driver at start and after a failed run
-        # job id -> (the token of the request that journaled its pivot or finish, the goal before):
-        # what keep-copying may withdraw (forgotten at a restart: the goal then stays)
-        self._asked: dict[str, tuple[str, Goal]] = {}
+        # job id -> the goals that CLI waits journaled, in order (see _Asked): what keep-copying may
+        # withdraw (forgotten at a restart: the goal then stays)
+        self._asked: dict[str, list[_Asked]] = {}
 
     # --- life --------------------------------------------------------------------------------------
 
@@ -284,7 +295,7 @@ class Daemon:
         """
         op, created = await self.manager.copy_or_replay(request, until=Until.STARTED)
         if created and asked_by is not None and request.goal in (Goal.PIVOT, Goal.FINISH):
-            self._asked[op.id] = (asked_by, Goal.COPY)
+            self._asked[op.id] = [_Asked(asked_by, request.goal, Goal.COPY)]
         self._follow(op.id)
         op = await self.wait_for(op.id, lambda o: o.phase is not Phase.STARTING or o.finished)
         return op, created
@@ -306,9 +317,11 @@ class Daemon:
                                f"{goal.value} {op.id} --wait` (API: ?wait=true)")
             await self._stop_following(op.id)
             op = self._concludable(op.id, goal)  # (its task may have ended it meanwhile)
+            if asked_by is None:
+                self._asked.pop(op.id, None)  # an app's (or an older client's) goal: nobody withdraws it
+            elif op.goal is not goal:
+                self._asked.setdefault(op.id, []).append(_Asked(asked_by, goal, op.goal))
             if op.goal is not goal:
-                if asked_by is not None:
-                    self._asked[op.id] = (asked_by, op.goal)
                 op = self.journal.save(op.with_goal(goal), f"{goal.value} requested")
             self._follow(op.id)
         return await self.wait_end(op.id)
@@ -329,20 +342,37 @@ class Daemon:
             op = self.manager._operation(op.id)
             back = Goal.COPY
             if asked_by is not None:
-                mine = self._asked.get(op.id)
-                if mine is None or mine[0] != asked_by:
+                back_to = self._withdraw(op, asked_by)
+                if back_to is None:
                     return op
-                back = mine[1]
+                back = back_to
             if op.phase is Phase.COPYING and op.goal in (Goal.PIVOT, Goal.FINISH) and op.goal is not back:
                 await self._stop_following(op.id)
                 op = self.manager._operation(op.id)
                 if op.phase is Phase.COPYING and op.goal in (Goal.PIVOT, Goal.FINISH) and op.goal is not back:
-                    self._asked.pop(op.id, None)
                     op = self.journal.save(op.with_goal(back),
                                            "interrupted while waiting: the job keeps copying" if back is Goal.COPY
                                            else f"interrupted while waiting: the {back.value} asked before stands")
                 self._follow(op.id)
         return op
+
+    def _withdraw(self, op: Operation, token: str) -> Goal | None:
+        """The goal to journal when the CLI wait of ``token`` is interrupted, or None to change
+        nothing: its own goal was replaced by a later wait's (which stands) or is unknown (an app
+        asked for the goal since, the daemon restarted). Waits that were withdrawn below the top are
+        skipped when the top one is: two interrupted waits leave what stood before both."""
+        stack = self._asked.get(op.id, [])
+        mine = next((a for a in stack if a.token == token), None)
+        if mine is None or not stack or stack[-1].goal is not op.goal:
+            return None  # (the journaled goal is not the last wait's: another path changed it)
+        mine.withdrawn = True
+        if stack[-1] is not mine:
+            return None
+        while stack and stack[-1].withdrawn:
+            back = stack.pop().back
+        if not stack:
+            self._asked.pop(op.id, None)
+        return stack[-1].goal if stack else back
 
     async def set_speed(self, op_id: str, bandwidth_mib: float) -> Operation:
         """Journal a new speed limit (0: none); the job's task sends it to QEMU.
