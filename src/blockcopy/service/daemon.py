@@ -487,6 +487,7 @@ class Daemon:
         while not self.closing:
             op = self.journal.get(op_id)
             if op is None or op.finished:
+                self._asked.pop(op_id, None)  # (no wait of it is left to withdraw anything)
                 return
             try:
                 link = await self._link(op.domain)
