@@ -215,8 +215,9 @@ class DaemonClient:
     def call(self, method: str, path: str, body: Any = None, *, headers: Mapping[str, str] | None = None,
              query: Mapping[str, Any] | None = None) -> Any:
         """One request; the decoded JSON reply. :raise BlockcopyError: the daemon's error, as the CLI's."""
-        if query:
-            path += "?" + _urlencode({k: _q(v) for k, v in query.items() if v is not None})
+        given = {k: _q(v) for k, v in (query or {}).items() if v is not None}
+        if given:
+            path += "?" + _urlencode(given)
         data = json.dumps(body).encode() if body is not None else None
         sock = None
         try:
@@ -322,9 +323,10 @@ class RemoteBackend:
             "request_id": fields["client_key"]}
         if fields.get("page_cache_fill"):  # only when asked: a daemon older than the option refuses the field
             body["page_cache_fill"] = True
-        token = os.urandom(8).hex()
+        token = os.urandom(8).hex()  # (names the goal this request journals: see _interruptible)
+        asks = fields["goal"] in ("pivot", "finish")
         view = dict(self.client.call("POST", "/v1/jobs", {k: v for k, v in body.items() if v is not None},
-                                     query={"asked_by": token}))
+                                     query={"asked_by": token if asks else None}))
         if wait_until == "started" or view["outcome"] is not None:
             return view
         with self._interruptible(view["id"], token):
