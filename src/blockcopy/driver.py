@@ -236,7 +236,8 @@ class Driver:
         :raise JournalError: the journal could not be written (nothing was done for that step).
         :raise Interrupted: ``interrupt`` was set while waiting for a copy.
 
-        Cancelling the calling task during a pivot does not stop the pivot: it runs to its end (the
+        Cancelling the calling task during a pivot, an abort, or a finish whose mirrors have not
+        all ended does not stop it: it runs on until it holds nothing (:func:`must_end_first`; the
         transition time limit bounds it), then the cancellation goes on.
         """
         if op.phase in (Phase.PIVOTING, Phase.FINALIZING) and op.id not in self._done.pivots:

@@ -53,7 +53,7 @@ from blockcopy.locking import DomainLock
 from blockcopy.monitor import DeviceInfo, Monitor, devices_from_query_block
 from blockcopy.protocol import MIGRATION_ENDED, fills_for_goal, page_cache_fill_unused
 from blockcopy.qemuproc import QemuProcess
-from blockcopy.records import CopyRequest, DiskRecord, Goal, Operation, Outcome, Phase, Stage
+from blockcopy.records import CopyRequest, DiskRecord, Goal, Operation, Outcome, Phase, Stage, withdrawn_note
 
 log = logging.getLogger(__name__)
 
@@ -407,11 +407,7 @@ class Manager:
             current = self._operation(op.id)
             if (withdraw_to is not None and current.phase is Phase.COPYING and current.goal is not withdraw_to
                     and current.goal in (Goal.PIVOT, Goal.FINISH)):
-                current = self.journal.save(current.with_goal(withdraw_to),
-                                            "interrupted while waiting: the job keeps copying"
-                                            if withdraw_to is Goal.COPY
-                                            else f"interrupted while waiting: the {withdraw_to.value} asked before "
-                                                 "stands")
+                current = self.journal.save(current.with_goal(withdraw_to), withdrawn_note(withdraw_to))
             if current.goal in (Goal.PIVOT, Goal.FINISH) and current.outcome is None:
                 raise Interrupted(f"{exc}; the {current.goal.value} asked before it stands (carried out once the "
                                   "copy is ready)") from exc

@@ -265,6 +265,12 @@ _STATE_BY_PHASE = {
 }
 
 
+def withdrawn_note(back: Goal) -> str:
+    """The journal's note when an interrupted wait withdraws its pivot or finish, putting ``back`` back."""
+    return ("interrupted while waiting: the job keeps copying" if back is Goal.COPY
+            else f"interrupted while waiting: the {back.value} asked before stands")
+
+
 def job_state(op: Operation) -> str:
     """QEMU-style job state for the whole operation: created, running, ready, pivoting, ... concluded
     (what `jobs` shows and events say)."""

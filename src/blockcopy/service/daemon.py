@@ -39,7 +39,7 @@ from blockcopy.journal import Domain
 from blockcopy.locking import DomainLock
 from blockcopy.manager import Manager, refuse_concluded
 from blockcopy.monitor import DeviceInfo, Monitor
-from blockcopy.records import CopyRequest, Goal, Operation, Phase
+from blockcopy.records import CopyRequest, Goal, Operation, Phase, withdrawn_note
 
 log = logging.getLogger(__name__)
 
@@ -350,9 +350,7 @@ class Daemon:
                 await self._stop_following(op.id)
                 op = self.manager._operation(op.id)
                 if op.phase is Phase.COPYING and op.goal in (Goal.PIVOT, Goal.FINISH) and op.goal is not back:
-                    op = self.journal.save(op.with_goal(back),
-                                           "interrupted while waiting: the job keeps copying" if back is Goal.COPY
-                                           else f"interrupted while waiting: the {back.value} asked before stands")
+                    op = self.journal.save(op.with_goal(back), withdrawn_note(back))
                 self._follow(op.id)
         return op
 
