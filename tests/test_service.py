@@ -503,6 +503,14 @@ def test_interrupted_waits_through_the_daemon_withdraw_only_their_own_goals(serv
         assert daemon.ok("GET", url)["goal"] == "finish", "the later wait's finish stands"
         interrupt(second)
         assert daemon.ok("GET", url)["goal"] == "copy", "two interrupted waits leave what stood before both"
+        # An older CLI's keep-copying (no token) withdraws whatever stands, and forgets the waits:
+        # a later wait's Ctrl-C then withdraws its own pivot (review 45: a stale entry kept it).
+        stale = wait_on("pivot")
+        assert daemon.ok("POST", f"{url}/keep-copying")["goal"] == "copy"
+        again = wait_on("pivot")
+        interrupt(again)
+        assert daemon.ok("GET", url)["goal"] == "copy", "a stale wait's entry kept the pivot"
+        interrupt(stale)
         third = wait_on("pivot")
         replies: list[Any] = []
         app = threading.Thread(target=lambda: replies.append(daemon.call("POST", f"{url}/finish?wait=true",

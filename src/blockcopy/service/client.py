@@ -282,7 +282,7 @@ def _standing(view: Mapping[str, Any]) -> str:
     """What an interrupted wait leaves: a pivot or finish asked before it stands."""
     goal = view.get("goal")
     return f"; the {goal} asked before it stands (carried out once the copy is ready)" \
-        if goal in ("pivot", "finish") and view.get("outcome") is None else ""
+        if goal in ("pivot", "finish") and view.get("phase") == "copying" else ""
 
 
 def _q(value: Any) -> str:

@@ -112,6 +112,23 @@ class ResidentManager(Manager):
                       transition_timeout=self.transition_timeout, pivot_guard=guard, done_here=self.done_here)
 
 
+def _withdrawal(stack: list[_Asked], token: str, goal: Goal) -> tuple[Goal, list[_Asked]] | None:
+    """What the interrupted CLI wait of ``token`` leaves, the job's goal being ``goal``: (the goal to
+    journal, the stack after), or None to change nothing (no wait of that token journaled the goal
+    the job has, or another path changed the goal since: an app, a daemon restart). A wait below
+    the top is marked withdrawn, and the goal stays; when the top one is withdrawn, the waits
+    withdrawn below it go too: two interrupted waits leave what stood before both. Pure: the
+    caller keeps the stack only once the goal is journaled."""
+    mine = next((i for i, a in enumerate(stack) if a.token == token), None)
+    if mine is None or stack[-1].goal is not goal:
+        return None
+    kept = [dataclasses.replace(a, withdrawn=a.withdrawn or i == mine) for i, a in enumerate(stack)]
+    back = goal
+    while kept and kept[-1].withdrawn:
+        back = kept.pop().back
+    return back, kept
+
+
 @dataclasses.dataclass
 class _Asked:
     """A goal that a CLI wait journaled through the daemon (``token``: its request's ``asked_by``)
@@ -317,12 +334,13 @@ class Daemon:
                                f"{goal.value} {op.id} --wait` (API: ?wait=true)")
             await self._stop_following(op.id)
             op = self._concludable(op.id, goal)  # (its task may have ended it meanwhile)
-            if asked_by is None:
-                self._asked.pop(op.id, None)  # an app's (or an older client's) goal: nobody withdraws it
-            elif op.goal is not goal:
-                self._asked.setdefault(op.id, []).append(_Asked(asked_by, goal, op.goal))
+            before = op.goal
             if op.goal is not goal:
                 op = self.journal.save(op.with_goal(goal), f"{goal.value} requested")
+            if asked_by is None:
+                self._asked.pop(op.id, None)  # an app's (or an older client's) goal: nobody withdraws it
+            elif before is not goal:  # (once journaled: the stack says what the journal holds)
+                self._asked.setdefault(op.id, []).append(_Asked(asked_by, goal, before))
             self._follow(op.id)
         return await self.wait_end(op.id)
 
@@ -340,37 +358,26 @@ class Daemon:
         op = self.manager._operation(op_id)
         async with self.hub(op.domain).lock:
             op = self.manager._operation(op.id)
-            back = Goal.COPY
-            if asked_by is not None:
-                back_to = self._withdraw(op, asked_by)
-                if back_to is None:
+            stack = self._asked.get(op.id, [])
+            back: Goal
+            kept: list[_Asked]
+            if asked_by is None:  # (an older CLI: whatever pivot or finish stands, as before tokens)
+                back, kept = Goal.COPY, []
+            else:
+                withdrawal = _withdrawal(stack, asked_by, op.goal)
+                if withdrawal is None:
                     return op
-                back = back_to
+                back, kept = withdrawal
             if op.phase is Phase.COPYING and op.goal in (Goal.PIVOT, Goal.FINISH) and op.goal is not back:
                 await self._stop_following(op.id)
                 op = self.manager._operation(op.id)
                 if op.phase is Phase.COPYING and op.goal in (Goal.PIVOT, Goal.FINISH) and op.goal is not back:
                     op = self.journal.save(op.with_goal(back), withdrawn_note(back))
+                    self._asked[op.id] = kept  # (once journaled: the stack says what the journal holds)
                 self._follow(op.id)
+            elif op.goal is back or op.finished:
+                self._asked[op.id] = kept  # (nothing to journal: a later wait's goal stands, or it ended)
         return op
-
-    def _withdraw(self, op: Operation, token: str) -> Goal | None:
-        """The goal to journal when the CLI wait of ``token`` is interrupted, or None to change
-        nothing: its own goal was replaced by a later wait's (which stands) or is unknown (an app
-        asked for the goal since, the daemon restarted). Waits that were withdrawn below the top are
-        skipped when the top one is: two interrupted waits leave what stood before both."""
-        stack = self._asked.get(op.id, [])
-        mine = next((a for a in stack if a.token == token), None)
-        if mine is None or not stack or stack[-1].goal is not op.goal:
-            return None  # (the journaled goal is not the last wait's: another path changed it)
-        mine.withdrawn = True
-        if stack[-1] is not mine:
-            return None
-        while stack and stack[-1].withdrawn:
-            back = stack.pop().back
-        if not stack:
-            self._asked.pop(op.id, None)
-        return stack[-1].goal if stack else back
 
     async def set_speed(self, op_id: str, bandwidth_mib: float) -> Operation:
         """Journal a new speed limit (0: none); the job's task sends it to QEMU.
