@@ -231,6 +231,19 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "
         time.sleep(0.05)
 
 
+def interrupt_wait(proc: subprocess.Popen[str]) -> str:
+    """Ctrl-C to a blockcopy command that waits: it must stop waiting (exit 130) and say the job
+    keeps running. Returns its stderr; the process is killed should it not end."""
+    try:
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "keeps running" in err, err
+    return str(err)
+
+
 @contextmanager
 def migration_that_runs(vm: ScratchVM, workdir: Path) -> Iterator[None]:
     """A migration of ``vm`` that stays active until the block ends, then is cancelled.

@@ -370,6 +370,15 @@ def test_a_refused_stop_is_tried_again_after_a_wait_not_at_once(
         assert len(stops) == 1 and "QEMU refused to pause the guest" in (op.error or ""), (stops, op.error)
 
 
+async def _ready_copy(manager: Any, vm: Any, tmp_path: Any) -> Operation:
+    """A copy of the VM's vda through ``manager``, once ready (the scenarios below go on from there)."""
+    from blockcopy import CopyRequest
+
+    await manager.attach("vm", str(vm.qmp_socket))
+    op = await manager.copy(CopyRequest("vm", [("vda", str(tmp_path / "a.qcow2"))]))
+    return await manager.wait_ready(op.id)  # type: ignore[no-any-return]
+
+
 def test_a_migration_seen_right_before_stop_sends_the_pivot_back_to_copying(
         vm_factory: VMFactory, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A migration that begins after the copy's last look is seen by the look that goes right
@@ -377,7 +386,7 @@ def test_a_migration_seen_right_before_stop_sends_the_pivot_back_to_copying(
     goes back to copying, which looks again (COPYING's own hold is tested with a real migration in
     test_safety). Here QEMU's query-migrate is made to say "active" to that one look only, so the
     copy's next look finds none and the pivot goes on."""
-    from blockcopy import CopyRequest, Manager, Outcome
+    from blockcopy import Manager, Outcome
     from blockcopy.monitor import Monitor
 
     vm = vm_factory(1)
@@ -403,9 +412,7 @@ def test_a_migration_seen_right_before_stop_sends_the_pivot_back_to_copying(
     async def scenario() -> Any:
         manager = Manager(tmp_path / "state")
         try:
-            await manager.attach("vm", str(vm.qmp_socket))
-            op = await manager.copy(CopyRequest("vm", [("vda", str(tmp_path / "a.qcow2"))]))
-            await manager.wait_ready(op.id)
+            op = await _ready_copy(manager, vm, tmp_path)
             monkeypatch.setattr(Monitor, "execute", execute)
             monkeypatch.setattr(Monitor, "dump_running", dump_running)
             monkeypatch.setattr(Monitor, "migration_status", migration_status)
@@ -467,7 +474,7 @@ def test_a_finish_cancelled_after_its_soft_cancel_runs_to_its_end_first(vm_facto
     the cancel (the daemon stopping, an app cancelling its call) must end the finish first, as a
     pivot under way does (review 38: the run ended there, and a job left pending held the guest's
     writes until some later command). QEMU is read at once, before the loop runs anything else."""
-    from blockcopy import CopyRequest, Manager
+    from blockcopy import Manager
     from blockcopy.monitor import Monitor
 
     vm = vm_factory(1)
@@ -483,9 +490,7 @@ def test_a_finish_cancelled_after_its_soft_cancel_runs_to_its_end_first(vm_facto
     async def scenario() -> list[str]:
         manager = Manager(tmp_path / "state")
         try:
-            await manager.attach("vm", str(vm.qmp_socket))
-            op = await manager.copy(CopyRequest("vm", [("vda", str(tmp_path / "a.qcow2"))]))
-            await manager.wait_ready(op.id)
+            op = await _ready_copy(manager, vm, tmp_path)
             monkeypatch.setattr(Monitor, "execute", execute)
             running.append(asyncio.ensure_future(manager.finish(op.id)))
             with pytest.raises(asyncio.CancelledError):

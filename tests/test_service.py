@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MIB, Blockcopy, VMFactory, guest_reads, wait_for
+from conftest import MIB, Blockcopy, VMFactory, guest_reads, interrupt_wait, wait_for
 from service import EventLog, Served
 
 from blockcopy.vm import ScratchVM
@@ -458,12 +458,8 @@ def test_ctrl_c_of_a_wait_through_the_daemon_keeps_a_goal_an_app_asked_for(serve
             wait_for(lambda: daemon.ok("GET", f"/v1/jobs/{job['id']}")["goal"] == "pivot", 30, "the CLI's pivot")
         else:
             time.sleep(3)  # (nothing to see: the goal is the same; "keeps running" below says it waited)
-        waiting.send_signal(signal.SIGINT)
-        _out, err = waiting.communicate(timeout=30)
     finally:
-        if waiting.poll() is None:
-            waiting.kill()
-    assert waiting.returncode == 130 and "keeps running" in err, err
+        err = interrupt_wait(waiting)
     assert f"the {before} asked before it stands" in err, err
     assert daemon.ok("GET", f"/v1/jobs/{job['id']}")["goal"] == before, "the app's goal was withdrawn"
     bc.ok("speed", job["id"], "0")
@@ -491,33 +487,27 @@ def test_interrupted_waits_through_the_daemon_withdraw_only_their_own_goals(serv
         wait_for(lambda: daemon.ok("GET", url)["goal"] == goal, 30, f"the {goal} asked")
         return proc
 
-    def interrupt(proc: Any) -> str:
-        proc.send_signal(signal.SIGINT)
-        _out, err = proc.communicate(timeout=30)
-        assert proc.returncode == 130 and "keeps running" in err, err
-        return str(err)
-
     try:
         first, second = wait_on("pivot"), wait_on("finish")
-        interrupt(first)
+        interrupt_wait(first)
         assert daemon.ok("GET", url)["goal"] == "finish", "the later wait's finish stands"
-        interrupt(second)
+        interrupt_wait(second)
         assert daemon.ok("GET", url)["goal"] == "copy", "two interrupted waits leave what stood before both"
         # An older CLI's keep-copying (no token) withdraws whatever stands, and forgets the waits:
         # a later wait's Ctrl-C then withdraws its own pivot (review 45: a stale entry kept it).
         stale = wait_on("pivot")
         assert daemon.ok("POST", f"{url}/keep-copying")["goal"] == "copy"
         again = wait_on("pivot")
-        interrupt(again)
+        interrupt_wait(again)
         assert daemon.ok("GET", url)["goal"] == "copy", "a stale wait's entry kept the pivot"
-        interrupt(stale)
+        interrupt_wait(stale)
         third = wait_on("pivot")
         replies: list[Any] = []
         app = threading.Thread(target=lambda: replies.append(daemon.call("POST", f"{url}/finish?wait=true",
                                                                          timeout=120)))
         app.start()
         wait_for(lambda: daemon.ok("GET", url)["goal"] == "finish", 30, "the app's finish")
-        assert "the finish asked before it stands" in interrupt(third)
+        assert "the finish asked before it stands" in interrupt_wait(third)
         assert daemon.ok("GET", url)["goal"] == "finish", "the app's finish was withdrawn"
         bc.ok("speed", job["id"], "0")
         app.join(timeout=120)

@@ -365,10 +365,6 @@ class Journal:
                                 (seq, limit))
         return [events.Event(row[0], row[1], row[2], row[3], json.loads(row[4])) for row in rows]
 
-    def oldest_event_seq(self) -> int | None:
-        row = self._db.execute("SELECT MIN(seq) FROM events").fetchone()
-        return int(row[0]) if row[0] is not None else None
-
     def event_bounds(self) -> tuple[int | None, int]:
         """(the oldest event kept or None, the last ever written), read together: a writer in
         between cannot make the pair disagree."""
@@ -379,8 +375,7 @@ class Journal:
     def last_event_seq(self) -> int:
         """The sequence number of the last event ever written, kept or pruned (AUTOINCREMENT's
         counter: numbers are never reused), 0 when none was."""
-        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
-        return int(row[0]) if row is not None else 0
+        return self.event_bounds()[1]
 
     def prune_events(self, keep_seconds: float) -> int:
         """Forget events older than ``keep_seconds`` (the sequence numbers go on). Returns how many."""
